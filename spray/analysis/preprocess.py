@@ -1,0 +1,207 @@
+"""Turn per-sample relevance heatmaps into the vectors that SpRAy clusters.
+
+Three steps, in this order:
+
+1. **Sum pooling** to a coarse grid (default 16x16). SpRAy compares *where* a model looks,
+   not pixel detail; pooling removes high-frequency LRP noise and makes the vectors short
+   enough for a kNN graph. Sum (not mean) pooling keeps the total relevance of a region.
+2. **Sign handling**: keep signed relevance (``"signed"``, SpRAy's original choice), its
+   positive part (``"positive"``: only evidence *for* the class) or its magnitude
+   (``"absolute"``).
+3. **Normalisation per sample** (``"l2"``, ``"max"``, ``"sum"`` or ``"none"``), so that
+   samples with strong and weak relevance are compared by the *shape* of their maps.
+
+Two-dimensional input ``(n, d)`` (e.g. concept relevances) skips pooling and is treated as
+maps of shape ``(1, d)``.
+
+Bad input is caught here, before any graph is built: non-finite rows raise
+:class:`AnalysisInputError` naming them; rows whose map carries no spatial information
+(constant maps, or maps that sign handling turns to all zeros) are flagged in
+``Preprocessed.constant`` so the caller can leave them out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+RELEVANCE_MODES = ("signed", "positive", "absolute")
+NORMALISATIONS = ("l2", "max", "sum", "none")
+DEFAULT_POOLED_SIZE = (16, 16)
+
+# Samples read, pooled and converted to float64 at a time: bounds memory for large classes.
+_CHUNK = 512
+
+
+class AnalysisInputError(ValueError):
+    """The heatmaps (or the analysis parameters) cannot be analysed as given."""
+
+
+@dataclass
+class Preprocessed:
+    """Heatmaps made ready for SpRAy.
+
+    Attributes:
+        vectors: (n, h*w) float32 analysis vectors: pooled, sign-handled, normalised.
+        pooled: (n, h, w) float32 pooled and sign-handled maps, *not* normalised
+            (the artifact score builds its own relevance distributions from them).
+        constant: (n,) bool, True where the map carries no spatial information: constant
+            input, or all zeros after sign handling. Their vectors are all zeros.
+    """
+
+    vectors: np.ndarray
+    pooled: np.ndarray
+    constant: np.ndarray
+
+    @property
+    def map_shape(self) -> tuple[int, int]:
+        return int(self.pooled.shape[1]), int(self.pooled.shape[2])
+
+
+def pooled_shape(height: int, width: int, size: tuple[int, int] | None) -> tuple[int, int]:
+    """Target grid for maps of ``height`` x ``width``: ``size`` per axis, never upsampled.
+
+    ``size=None`` keeps the input resolution.
+    """
+    if size is None:
+        return height, width
+    return min(int(size[0]), height), min(int(size[1]), width)
+
+
+def pooling_matrix(length: int, bins: int) -> np.ndarray:
+    """(bins, length) 0/1 matrix that sums ``length`` cells into ``bins`` adaptive bins.
+
+    Bin ``i`` covers cells ``floor(i*length/bins)`` to ``ceil((i+1)*length/bins) - 1``, the
+    same bins as adaptive average pooling; when ``length`` is not a multiple of ``bins``
+    neighbouring bins share a boundary cell.
+    """
+    starts = (np.arange(bins) * length) // bins
+    stops = -((-(np.arange(1, bins + 1)) * length) // bins)  # ceil division
+    cells = np.arange(length)
+    return ((cells >= starts[:, None]) & (cells < stops[:, None])).astype(np.float64)
+
+
+def sum_pool(maps: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Adaptive sum pooling of (n, H, W) maps to (n, h, w), in float64."""
+    maps = np.asarray(maps, dtype=np.float64)
+    height, width = maps.shape[1:]
+    if (height, width) == tuple(shape):
+        return maps.copy()
+    rows = pooling_matrix(height, shape[0])
+    cols = pooling_matrix(width, shape[1])
+    return np.einsum("ih,nhw,jw->nij", rows, maps, cols, optimize=True)
+
+
+def apply_relevance_mode(maps: np.ndarray, mode: str) -> np.ndarray:
+    """Signed relevance as is, its positive part, or its absolute value."""
+    if mode == "signed":
+        return maps
+    if mode == "positive":
+        return np.maximum(maps, 0.0)
+    if mode == "absolute":
+        return np.abs(maps)
+    raise AnalysisInputError(f"relevance mode must be one of {RELEVANCE_MODES}, got {mode!r}.")
+
+
+def normalise_rows(vectors: np.ndarray, method: str) -> np.ndarray:
+    """Scale each row by its L2 norm, max |value|, sum of |values|, or not at all.
+
+    Rows with a zero scale stay all zeros (no division by zero).
+    """
+    if method == "none":
+        return vectors
+    if method == "l2":
+        scale = np.linalg.norm(vectors, axis=1)
+    elif method == "max":
+        scale = np.abs(vectors).max(axis=1)
+    elif method == "sum":
+        scale = np.abs(vectors).sum(axis=1)
+    else:
+        raise AnalysisInputError(
+            f"normalisation must be one of {NORMALISATIONS}, got {method!r}."
+        )
+    safe = np.where(scale > 0, scale, 1.0)
+    return vectors / safe[:, None]
+
+
+def _describe_rows(positions: np.ndarray, rows: np.ndarray | None, limit: int = 10) -> str:
+    named = positions if rows is None else np.asarray(rows)[positions]
+    shown = ", ".join(str(int(r)) for r in named[:limit])
+    more = f", ... ({len(named) - limit} more)" if len(named) > limit else ""
+    return f"[{shown}{more}]"
+
+
+def preprocess(
+    heatmaps: Any,
+    pooled_size: tuple[int, int] | None = DEFAULT_POOLED_SIZE,
+    relevance: str = "signed",
+    normalisation: str = "l2",
+    rows: np.ndarray | None = None,
+) -> Preprocessed:
+    """Pool, sign-handle and normalise heatmaps into analysis vectors.
+
+    Args:
+        heatmaps: (n, H, W) signed relevance maps, or (n, d) relevance vectors; a NumPy
+            array or anything sliceable along the first axis with a ``shape`` (e.g. an
+            ``h5py`` dataset). Read in chunks, so it is never held in float64 at once.
+        pooled_size: target grid (h, w), capped at (H, W); ``None`` keeps (H, W).
+            Ignored for (n, d) input.
+        relevance: ``"signed"``, ``"positive"`` or ``"absolute"``.
+        normalisation: ``"l2"``, ``"max"``, ``"sum"`` or ``"none"``, per sample.
+        rows: attribution-file row index per sample, used only to name bad rows in errors.
+
+    Raises:
+        AnalysisInputError: on NaN/Inf values (naming how many rows and which), an input
+            of the wrong rank, or an unknown mode.
+    """
+    shape = tuple(heatmaps.shape)
+    if len(shape) not in (2, 3):
+        raise AnalysisInputError(
+            f"heatmaps must have shape (n, H, W) or (n, d), got shape {shape}."
+        )
+    if relevance not in RELEVANCE_MODES:
+        raise AnalysisInputError(
+            f"relevance mode must be one of {RELEVANCE_MODES}, got {relevance!r}."
+        )
+    if normalisation not in NORMALISATIONS:
+        raise AnalysisInputError(
+            f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}."
+        )
+    n = shape[0]
+    if rows is not None and len(rows) != n:
+        raise AnalysisInputError(f"got {n} heatmaps but {len(rows)} row indices.")
+    if len(shape) == 2:
+        in_shape, out_shape = (1, shape[1]), (1, shape[1])
+    else:
+        in_shape = (shape[1], shape[2])
+        out_shape = pooled_shape(shape[1], shape[2], pooled_size)
+
+    pooled = np.empty((n, *out_shape), dtype=np.float64)
+    finite = np.ones(n, dtype=bool)
+    constant = np.zeros(n, dtype=bool)
+    for start in range(0, n, _CHUNK):
+        stop = min(start + _CHUNK, n)
+        block = np.asarray(heatmaps[start:stop], dtype=np.float64).reshape(-1, *in_shape)
+        flat = block.reshape(len(block), -1)
+        finite[start:stop] = np.isfinite(flat).all(axis=1)
+        constant[start:stop] = np.ptp(np.where(np.isfinite(flat), flat, 0.0), axis=1) == 0
+        pooled[start:stop] = apply_relevance_mode(sum_pool(block, out_shape), relevance)
+
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise AnalysisInputError(
+            f"{len(bad)} of {n} heatmaps contain NaN or Inf values, rows "
+            f"{_describe_rows(bad, rows)}; re-run the attribution for these samples or "
+            "leave them out of the analysis."
+        )
+    flat = pooled.reshape(n, -1)
+    constant |= ~np.any(flat != 0, axis=1)
+    vectors = normalise_rows(flat, normalisation)
+    vectors[constant] = 0.0
+    return Preprocessed(
+        vectors=vectors.astype(np.float32),
+        pooled=pooled.astype(np.float32),
+        constant=constant,
+    )

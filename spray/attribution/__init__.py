@@ -1,0 +1,1 @@
+"""Attribution stage: LRP heatmaps and per-channel concept relevances for a whole dataset."""

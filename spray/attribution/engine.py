@@ -1,0 +1,172 @@
+"""The dataset pass: explain every sample in batches and stream the results to HDF5.
+
+Resumable: results go to ``attributions.h5.partial`` chunk by chunk (one chunk per batch);
+a re-run with the same inputs (same fingerprint) computes only the missing chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from spray.attribution.lrp import AttributionConfigError, Explainer, make_composite, resolve_layers
+from spray.data.source import DataSource
+from spray.store.attributions import AttributionLayout, AttributionWriter
+
+log = logging.getLogger(__name__)
+
+
+class BadInputError(ValueError):
+    """A sample the model cannot be explained on (NaN/Inf pixels, wrong shape)."""
+
+
+@dataclass(frozen=True)
+class AttributionSettings:
+    """How to explain: composite, canonizers, concept layers, target rule, batch size."""
+
+    composite: str = "epsilon_plus_flat"
+    canonizers: tuple[str, ...] = ("merge_batchnorm",)
+    layers: tuple[str, ...] = ()
+    target: str = "label"
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.target not in ("label", "prediction"):
+            raise AttributionConfigError(f"target must be 'label' or 'prediction', got {self.target!r}.")
+        if self.batch_size < 1:
+            raise AttributionConfigError(f"batch_size must be at least 1, got {self.batch_size}.")
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Hash of a model's architecture and weights (part of the attribution file's fingerprint)."""
+    digest = hashlib.sha256(repr(model).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _check_batch(images: np.ndarray, rows: np.ndarray, sample_ids: Sequence[str], expected: tuple[int, ...]) -> None:
+    if images.shape[1:] != expected:
+        raise BadInputError(
+            f"sample {sample_ids[int(rows[0])]!r}: image shape {images.shape[1:]} differs from the dataset's "
+            f"{expected}; resize it in the dataset's preprocessing."
+        )
+    bad = ~np.isfinite(images).reshape(len(images), -1).all(axis=1)
+    if bad.any():
+        names = [sample_ids[int(r)] for r in rows[bad]][:5]
+        raise BadInputError(
+            f"{int(bad.sum())} image(s) contain NaN or Inf, e.g. {names}; fix or remove them from the dataset."
+        )
+
+
+def _check_model(model: nn.Module, source: DataSource) -> int:
+    """Run one sample through the model and check its output against the class count."""
+    sample = torch.from_numpy(source.read(np.array([0])))
+    with torch.no_grad():
+        try:
+            output = model.eval()(sample)
+        except RuntimeError as error:
+            raise AttributionConfigError(
+                f"the model cannot run on the dataset's images of shape {tuple(sample.shape[1:])}: {error}"
+            ) from error
+    n_classes = len(source.class_names)
+    if output.ndim != 2 or output.shape[1] != n_classes:
+        raise AttributionConfigError(
+            f"the model returns shape {tuple(output.shape[1:])} per sample but the dataset has {n_classes} "
+            "classes; give a model with one output per class, or the matching class list."
+        )
+    return n_classes
+
+
+def attribute_dataset(
+    source: DataSource,
+    model: nn.Module,
+    settings: AttributionSettings,
+    out_path: Path,
+    data_fingerprint: str,
+    progress: bool = True,
+) -> Path:
+    """Explain every sample of ``source`` and write ``out_path`` (see ``spray.store.attributions``).
+
+    Returns the finished file's path. Interrupted runs resume from ``out_path.partial``.
+    """
+    n_classes = _check_model(model, source)
+    layer_modules = resolve_layers(model, settings.layers)
+    first = source.read(np.array([0]))
+    image_shape = tuple(first.shape[1:])
+    concept_channels = _probe_channels(model, first, layer_modules)
+    metadata = {
+        "model": type(model).__name__,
+        "composite": settings.composite,
+        "canonizers": list(settings.canonizers),
+        "layers": list(settings.layers),
+        "target": settings.target,
+        "class_names": list(source.class_names),
+    }
+    fingerprint = hashlib.sha256(
+        json.dumps({"data": data_fingerprint, "model": model_fingerprint(model), **metadata, "batch": settings.batch_size}, sort_keys=True).encode()
+    ).hexdigest()[:16]
+    layout = AttributionLayout(
+        n_samples=len(source),
+        heatmap_shape=image_shape[1:],
+        n_classes=n_classes,
+        concept_channels=concept_channels,
+        chunk_size=settings.batch_size,
+        fingerprint=fingerprint,
+        metadata=metadata,
+    )
+    writer = AttributionWriter(Path(out_path), layout, source.labels, source.sample_ids)
+    try:
+        pending = writer.pending_chunks()
+        composite = make_composite(settings.composite, settings.canonizers)
+        bar = tqdm(total=len(source), desc="attribution", unit="img", disable=not progress, initial=len(source) - sum(len(writer.chunk_rows(c)) for c in pending))
+        with Explainer(model, composite, settings.layers) as explainer:
+            for chunk in pending:
+                rows = writer.chunk_rows(chunk)
+                images = source.read(rows)
+                _check_batch(images, rows, source.sample_ids, image_shape)
+                x = torch.from_numpy(images)
+                if settings.target == "label":
+                    targets = torch.from_numpy(np.asarray(source.labels[rows], dtype=np.int64))
+                else:
+                    with torch.no_grad():
+                        targets = model(x).argmax(1)
+                result = explainer.explain(x, targets)
+                writer.write_chunk(
+                    chunk,
+                    result.heatmaps.numpy(),
+                    result.logits.numpy(),
+                    targets.numpy(),
+                    {name: value.numpy() for name, value in result.concepts.items()},
+                )
+                bar.update(len(rows))
+        bar.close()
+        return writer.finish()
+    finally:
+        writer.close()
+
+
+def _probe_channels(model: nn.Module, sample: np.ndarray, layers: dict[str, nn.Module]) -> dict[str, int]:
+    """Number of channels at each concept layer, from one forward pass."""
+    channels: dict[str, int] = {}
+    handles = [
+        module.register_forward_hook(lambda _m, _i, out, name=name: channels.__setitem__(name, int(out.shape[1])))
+        for name, module in layers.items()
+    ]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.from_numpy(sample))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return channels

@@ -1,0 +1,85 @@
+"""The ``spray`` command line: ``demo``, ``audit``, ``check`` and ``validate``.
+
+Exit codes: 0 success (for ``check``: no flag), 1 a flag was raised (``check`` only),
+2 an error (bad job spec, missing file, a model that does not fit the data...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_FLAGGED, EXIT_ERROR = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spray", description="Dataset-wide Clever Hans detection for PyTorch image classifiers.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every stage's progress")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="audit the embedded Clever Hans demo (dataset and model built in)")
+    demo.add_argument("--output", default="reports", help="folder that receives demo/ (default: reports)")
+    demo.add_argument("--n-per-class", type=int, default=600, help="training images per class (default: 600)")
+    demo.add_argument("--clean", action="store_true", help="plant no artifact (a clean model should raise no flag)")
+
+    for name, text in (("audit", "run an audit from a job spec"), ("check", "audit and exit 1 when a flag is raised")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("job", type=Path, help="job spec (TOML)")
+
+    validate = commands.add_parser("validate", help="check a job spec without running it")
+    validate.add_argument("job", type=Path, help="job spec (TOML)")
+    return parser
+
+
+def _print_summary(result: object, elapsed: float) -> None:
+    from spray.audit import AuditResult
+
+    assert isinstance(result, AuditResult)
+    flags = result.summary["flags"]
+    print(f"report:  {result.report}")
+    print(f"summary: {result.summary_path}")
+    for key, value in result.facts.items():
+        print(f"{key}: {value}")
+    print(f"flags: {len(flags)}")
+    for flag in flags[:5]:
+        print(f"  class {flag['class_name']!r} cluster {flag['cluster_id']}: {flag['size']} samples, score {flag['artifact_score']:.3f}")
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"time: {elapsed:.1f}s ({stages}); peak memory {peak_mib:.0f} MiB")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``spray`` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from spray.jobs import JobSpecError, demo_job, load_job
+    from spray.store.common import StoreError
+
+    started = time.perf_counter()
+    try:
+        if args.command == "demo":
+            spec = demo_job(args.output, n_per_class=args.n_per_class, artifact_fraction=0.0 if args.clean else 0.3)
+        else:
+            spec = load_job(args.job)
+        if args.command == "validate":
+            print(f"{args.job}: valid; output goes to {spec.output_dir}")
+            return EXIT_OK
+        from spray.audit import run_audit
+
+        result = run_audit(spec, progress=not args.no_progress)
+    except (JobSpecError, StoreError, ValueError, OSError) as error:
+        print(f"spray: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    _print_summary(result, time.perf_counter() - started)
+    if args.command == "check":
+        return EXIT_FLAGGED if result.summary["flags"] else EXIT_OK
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Dataset sources: the embedded Clever Hans demo and (later) users' own data."""

@@ -1,0 +1,90 @@
+"""Dataset sources as seen by the attribution stage: rows of images, labels and ids.
+
+A source is anything with ``len()``, ``class_names``, ``sample_ids``, ``labels`` and
+``read(rows)``; rows are integers in ``0..len-1``. ``H5Source`` reads the ViRelAy input
+layout (``data`` N×C×H×W, ``label`` N) that spray also writes for the demo.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import h5py
+import numpy as np
+
+from spray.store.common import StoreError, atomic_h5
+
+
+class DataSource(Protocol):
+    """What the attribution engine needs from a dataset."""
+
+    class_names: list[str]
+    sample_ids: list[str]
+    labels: np.ndarray
+
+    def __len__(self) -> int: ...
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Images (len(rows), C, H, W) float32 for ascending ``rows``."""
+        ...
+
+
+@dataclass
+class ArraySource:
+    """An in-memory dataset (images N×C×H×W float32)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    sample_ids: list[str]
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self.images[rows], dtype=np.float32)
+
+
+def write_input_h5(path: Path, images: np.ndarray, labels: np.ndarray, sample_ids: list[str], class_names: list[str]) -> None:
+    """Write a dataset in the ViRelAy input layout (``data``, ``label``) plus ids and class names."""
+    with atomic_h5(Path(path)) as handle:
+        handle.create_dataset("data", data=images.astype(np.float32), chunks=(min(64, len(images)), *images.shape[1:]), compression="gzip", compression_opts=1)
+        handle.create_dataset("label", data=labels.astype(np.int64))
+        handle.create_dataset("sample_id", data=np.array(sample_ids, dtype=object), dtype=h5py.string_dtype())
+        handle.attrs["class_names"] = json.dumps(list(class_names))
+
+
+class H5Source:
+    """A dataset stored in the ViRelAy input layout; images are read lazily per batch."""
+
+    def __init__(self, path: Path, class_names: list[str] | None = None) -> None:
+        self.path = Path(path)
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as error:
+            raise StoreError(f"{self.path}: cannot open as HDF5 ({error}); check the path or re-create the file.") from error
+        for key in ("data", "label"):
+            if key not in self._file:
+                raise StoreError(f"{self.path}: dataset '{key}' missing; the input layout needs 'data' (N×C×H×W) and 'label' (N).")
+        self._data = self._file["data"]
+        self.labels = np.asarray(self._file["label"][...], dtype=np.int64)
+        if len(self.labels) != self._data.shape[0]:
+            raise StoreError(f"{self.path}: 'data' has {self._data.shape[0]} rows but 'label' has {len(self.labels)}.")
+        if "sample_id" in self._file:
+            self.sample_ids = [s.decode() if isinstance(s, bytes) else str(s) for s in self._file["sample_id"][...]]
+        else:
+            self.sample_ids = [str(i) for i in range(len(self.labels))]
+        stored = json.loads(self._file.attrs.get("class_names", "null"))
+        self.class_names = list(class_names or stored or [str(i) for i in range(int(self.labels.max()) + 1)])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self._data[np.asarray(rows)], dtype=np.float32)
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,235 @@
+"""Job specs: TOML files in ``jobs/`` parsed into validated, typed configuration.
+
+A job spec has the sections ``[job]``, ``[data]``, ``[model]``, ``[attribution]``,
+``[analysis]`` and ``[report]``; every key is optional except ``job.name``. Unknown keys,
+wrong types and impossible values are rejected with the file, line and key named.
+Relative paths are resolved against the directory of the job file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+class JobSpecError(ValueError):
+    """A job spec that cannot be run; the message names the file, line and key, and the fix."""
+
+
+@dataclass
+class JobSection:
+    """``[job]``: name (also the output folder name), output root, seed."""
+
+    name: str = ""
+    output: str = "../reports"
+    seed: int = 0
+
+
+@dataclass
+class DataSection:
+    """``[data]``: where the samples come from. ``source = "demo"`` generates the demo set."""
+
+    source: str = "demo"
+    n_per_class: int = 600
+    artifact_class: int = 1
+    artifact_fraction: float = 0.3
+
+
+@dataclass
+class ModelSection:
+    """``[model]``: which model to audit. ``source = "demo"`` trains (and caches) the demo CNN."""
+
+    source: str = "demo"
+    epochs: int = 8
+
+
+@dataclass
+class AttributionSection:
+    """``[attribution]``: LRP composite, canonizers, concept layers, explained target, batch size."""
+
+    composite: str = "epsilon_plus_flat"
+    canonizers: list[str] = field(default_factory=lambda: ["merge_batchnorm"])
+    layers: list[str] = field(default_factory=list)
+    target: str = "label"
+    batch_size: int = 64
+
+
+@dataclass
+class AnalysisSection:
+    """``[analysis]``: SpRAy parameters (see ``spray.analysis.pipeline.SprayConfig``)."""
+
+    pooled_size: int = 16
+    normalisation: str = "l2"
+    n_neighbors: int = 10
+    n_eigen: int = 32
+    max_clusters: int = 8
+    embedding: str = "umap"
+    threshold: float | None = None
+
+
+@dataclass
+class ReportSection:
+    """``[report]``: how many samples a grid shows."""
+
+    samples_per_grid: int = 24
+
+
+@dataclass
+class JobSpec:
+    """A whole validated job spec; ``path`` is the TOML file it came from (None for built-ins)."""
+
+    job: JobSection
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    attribution: AttributionSection = field(default_factory=AttributionSection)
+    analysis: AnalysisSection = field(default_factory=AnalysisSection)
+    report: ReportSection = field(default_factory=ReportSection)
+    path: Path | None = None
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent if self.path else Path.cwd()
+
+    @property
+    def output_dir(self) -> Path:
+        """``<output>/<name>``: every file of the job is written below it."""
+        return (self.base_dir / self.job.output).resolve() / self.job.name
+
+    def resolve(self, relative: str) -> Path:
+        """A path from the spec, relative to the job file's directory."""
+        return (self.base_dir / relative).resolve()
+
+
+SECTIONS: dict[str, type] = {
+    "job": JobSection,
+    "data": DataSection,
+    "model": ModelSection,
+    "attribution": AttributionSection,
+    "analysis": AnalysisSection,
+    "report": ReportSection,
+}
+
+
+def _line_of(text: str, section: str, key: str | None) -> int | None:
+    """1-based line of ``key`` inside ``[section]`` (or of the header when key is None)."""
+    current = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        header = re.match(r"^\[([^\]]+)\]", stripped)
+        if header:
+            current = header.group(1).strip()
+            if key is None and current == section:
+                return number
+            continue
+        if current == section and key is not None and re.match(rf"^{re.escape(key)}\s*=", stripped):
+            return number
+    return None
+
+
+def _where(source: str, text: str, section: str, key: str | None = None) -> str:
+    line = _line_of(text, section, key)
+    return f"{source}:{line}" if line else source
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "") if typing.get_origin(annotation) else getattr(annotation, "__name__", str(annotation))
+
+
+def _build_section(cls: type, values: dict[str, Any], source: str, text: str, section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key, value in values.items():
+        if key not in names:
+            raise JobSpecError(
+                f"{_where(source, text, section, key)}: unknown key '{key}' in [{section}]; valid keys: {', '.join(names)}."
+            )
+        if not _type_ok(value, hints[key]):
+            raise JobSpecError(
+                f"{_where(source, text, section, key)}: [{section}] {key} must be {_type_name(hints[key])}, "
+                f"got {type(value).__name__} {value!r}."
+            )
+    converted = {k: float(v) if hints[k] is float else v for k, v in values.items()}
+    return cls(**converted)
+
+
+def parse_job(text: str, source: str = "<job>", path: Path | None = None) -> JobSpec:
+    """Parse and validate a job spec's TOML text; ``source`` names it in error messages."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise JobSpecError(f"{source}: not valid TOML: {error}.") from error
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise JobSpecError(
+                f"{_where(source, text, section)}: unknown section [{section}]; valid sections: {', '.join(SECTIONS)}."
+            )
+        if not isinstance(values, dict):
+            raise JobSpecError(f"{source}: '{section}' must be a [section] table, got {type(values).__name__}.")
+    built = {name: _build_section(cls, raw.get(name, {}), source, text, name) for name, cls in SECTIONS.items()}
+    spec = JobSpec(**built, path=path)
+    _check_values(spec, source, text)
+    return spec
+
+
+def _check_values(spec: JobSpec, source: str, text: str) -> None:
+    name = spec.job.name
+    if not SAFE_NAME.match(name) or name in (".", ".."):
+        raise JobSpecError(
+            f"{_where(source, text, 'job', 'name')}: job.name {name!r} must be 1-100 letters, digits, '.', '_' or '-' "
+            "(it names the output folder), starting with a letter or digit."
+        )
+    if spec.data.source != "demo":
+        raise JobSpecError(f"{_where(source, text, 'data', 'source')}: data.source must be 'demo', got {spec.data.source!r}.")
+    if spec.model.source != "demo":
+        raise JobSpecError(f"{_where(source, text, 'model', 'source')}: model.source must be 'demo', got {spec.model.source!r}.")
+    from spray.data.demo import DemoConfig  # the demo's own checks, reported with the spec's line
+
+    try:
+        DemoConfig(n_per_class=spec.data.n_per_class, artifact_class=spec.data.artifact_class, artifact_fraction=spec.data.artifact_fraction)
+    except ValueError as error:
+        key = str(error).split(" ", 1)[0]
+        raise JobSpecError(f"{_where(source, text, 'data', key)}: [data] {error}") from error
+    if spec.attribution.batch_size < 1:
+        raise JobSpecError(f"{_where(source, text, 'attribution', 'batch_size')}: batch_size must be at least 1.")
+
+
+def load_job(path: Path) -> JobSpec:
+    """Read and validate the job spec at ``path``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise JobSpecError(f"{path}: cannot read the job spec ({error.strerror}); check the path.") from error
+    return parse_job(text, source=str(path), path=path.resolve())
+
+
+def demo_job(output: Path | str = "reports", name: str = "demo", **data_overrides: Any) -> JobSpec:
+    """The built-in demo audit (what ``spray demo`` runs), writing to ``<output>/<name>``."""
+    output_path = Path(output).resolve()
+    spec = JobSpec(job=JobSection(name=name, output=str(output_path)), data=DataSection(**data_overrides))
+    spec.attribution.layers = ["features.conv3", "features.conv4"]
+    return spec

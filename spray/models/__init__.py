@@ -1,0 +1,1 @@
+"""Model sources: the demo network and (later) users' own models."""

@@ -1,0 +1,71 @@
+"""What the report stage needs to know about one audit, gathered from the stage files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from spray.analysis.result import ClassAnalysis
+
+
+@dataclass
+class ArtifactCheck:
+    """Evidence that the model uses an artifact: stamp it on other classes' images.
+
+    Attributes:
+        target_class: the class the artifact is suspected to push predictions toward.
+        n_images: how many images of other classes were stamped.
+        flip_rate: share of those images whose prediction changed to ``target_class``.
+        mean_prob_before / mean_prob_after: mean softmax probability of ``target_class``
+            before and after stamping.
+        description: what was stamped (shown in the report).
+    """
+
+    target_class: int
+    n_images: int
+    flip_rate: float
+    mean_prob_before: float
+    mean_prob_after: float
+    description: str = ""
+
+
+@dataclass
+class ReportContext:
+    """Everything the HTML report and ``summary.json`` are rendered from.
+
+    Array-like fields may be NumPy arrays or open ``h5py`` datasets; the report only
+    indexes them with ascending integer row arrays. Every string that comes from the
+    dataset (class names, sample ids, metadata values) must be escaped in HTML.
+
+    Attributes:
+        job_name: name of the audit (used in titles and the output folder name).
+        created: ISO-8601 timestamp of the audit.
+        class_names: one name per class index.
+        sample_ids: one id per attribution row (file name, index, ...).
+        labels: true label per row.
+        predictions: predicted class per row.
+        images: (N, C, H, W) float images in [0, 1] for display (C is 1 or 3).
+        heatmaps: (N, H, W) signed LRP heatmaps at input resolution (or pooled).
+        analyses: SpRAy results, one per analysed class (and optionally dataset-wide).
+        threshold: artifact-score threshold used for flags.
+        metadata: free-form facts shown in the report header (model, composite, dataset...).
+        artifact_check: optional stamping evidence (the demo provides one).
+        ground_truth_rows: optional rows known to carry the planted artifact (demo only);
+            when given, the report shows each flag's precision and recall against them.
+    """
+
+    job_name: str
+    created: str
+    class_names: list[str]
+    sample_ids: list[str]
+    labels: Any
+    predictions: Any
+    images: Any
+    heatmaps: Any
+    analyses: list[ClassAnalysis]
+    threshold: float
+    metadata: dict[str, str] = field(default_factory=dict)
+    artifact_check: ArtifactCheck | None = None
+    ground_truth_rows: np.ndarray | None = None

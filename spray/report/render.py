@@ -1,0 +1,87 @@
+"""Write an audit's report folder: ``index.html`` (self-contained) and ``summary.json``.
+
+``index.html`` carries its CSS inline and its pictures as ``data:`` URIs, runs no
+scripts and loads nothing from the network (its Content-Security-Policy forbids it), so
+it can be mailed, attached to a CI run or opened offline. Templates live in
+``spray/report/templates`` and are rendered by jinja2 with autoescaping on: every dataset
+string (class names, sample ids, metadata) reaches the page escaped.
+
+Only the two fixed file names are written, inside the resolved ``out_dir``; no file
+name is ever built from dataset strings. Both files are written atomically.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from pathlib import Path
+
+import jinja2
+
+from spray.report.context import ReportContext
+from spray.report.summary import build_summary, write_summary, write_text_atomic
+from spray.report.views import ReportLimits, build_page
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+REPORT_FILE = "index.html"
+SUMMARY_FILE = "summary.json"
+
+
+def render_report(
+    context: ReportContext,
+    out_dir: str | os.PathLike[str],
+    limits: ReportLimits = ReportLimits(),
+) -> Path:
+    """Render the report of one audit into ``out_dir`` and return the path of ``index.html``.
+
+    Args:
+        context: the audit's results and the arrays to draw pictures from.
+        out_dir: folder to write into; created if missing.
+        limits: caps on the sample grids (see ``ReportLimits``).
+
+    Raises:
+        NotADirectoryError: ``out_dir`` exists and is not a folder.
+    """
+    folder = Path(out_dir).resolve()
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder}: exists and is not a folder; choose another out_dir.")
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = build_summary(context)
+    page = build_page(context, summary, limits)
+    html = environment().get_template("report.html").render(page=page)
+    write_summary(folder / SUMMARY_FILE, summary)
+    report = folder / REPORT_FILE
+    write_text_atomic(report, html)
+    return report
+
+
+@functools.cache
+def environment() -> jinja2.Environment:
+    """The jinja2 environment: templates from the package, autoescape on, strict names."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["num"] = format_number
+    env.filters["pct"] = format_percent
+    return env
+
+
+def format_number(value: float | int | None, digits: int = 3) -> str:
+    """A score for people: ``digits`` decimals, ``n/a`` for missing or non-finite values."""
+    if value is None or not math.isfinite(float(value)):
+        return "n/a"
+    if isinstance(value, int):
+        return str(value)
+    return f"{float(value):.{digits}f}"
+
+
+def format_percent(value: float | None, digits: int = 1) -> str:
+    """A share in [0, 1] as a percentage, ``n/a`` when missing."""
+    if value is None or not math.isfinite(float(value)):
+        return "n/a"
+    return f"{100.0 * float(value):.{digits}f}%"

@@ -1,0 +1,289 @@
+"""``summary.json``: the machine-readable result of an audit, for CI gates and scripts.
+
+The file is UTF-8 JSON, written atomically, and identical for identical inputs (no
+timestamps of its own, keys of free-form maps sorted). Non-finite numbers are written as
+``null``, so any JSON parser reads it. Schema (version 1)::
+
+    {
+      "schema_version": 1,              # int; bumped on any incompatible change
+      "job": str,                       # audit name
+      "created": str,                   # ISO-8601 time the audit ran
+      "threshold": float | null,        # artifact-score threshold used for flags
+      "n_samples": int,                 # rows in the attribution file
+      "class_names": [str, ...],        # one per class index
+      "metadata": {str: str | number | bool | null},   # header facts, keys sorted
+      "artifact_check": null | {        # stamping evidence, when the audit ran one
+        "target_class": int,
+        "target_class_name": str,
+        "n_images": int,                # images of other classes that were stamped
+        "flip_rate": float | null,      # share whose prediction flipped to the target
+        "mean_prob_before": float | null,   # mean softmax prob. of the target class
+        "mean_prob_after": float | null,
+        "description": str              # what was stamped
+      },
+      "ground_truth": null | {          # planted-artifact rows (demo audits only)
+        "n_rows": int
+      },
+      "classes": [                      # one per analysis, by (class_index, space)
+        {
+          "class_index": int,           # -1 for a dataset-wide analysis
+          "class_name": str,
+          "space": str,                 # "heatmap", "concept:<layer>", ...
+          "analysable": bool,
+          "reason": str,                # why not analysable; "" otherwise
+          "n_samples": int,             # rows analysed
+          "n_clusters": int,            # chosen by the eigengap
+          "eigenvalues": [float | null, ...],   # smallest Laplacian eigenvalues, ascending
+          "clusters": [                 # highest artifact_score first
+            {
+              "cluster_id": int,
+              "size": int,
+              "artifact_score": float | null,
+              "flagged": bool,          # artifact_score >= threshold
+              "score_components": {str: float | null},  # keys sorted
+              "member_ids": [str, ...], # sample ids, aligned with member_rows
+              "member_rows": [int, ...],    # rows in the attribution file, ascending
+              "precision": float | null,    # only with ground truth: share of members
+                                            #   that carry the planted artifact
+              "recall": float | null        # only with ground truth: share of the
+                                            #   analysed rows carrying the artifact
+                                            #   that fell into this cluster
+            }, ...
+          ]
+        }, ...
+      ],
+      "flags": [                        # every flagged cluster, highest score first
+        {                               #   (ties: class_index, space, cluster_id)
+          "class_index": int, "class_name": str, "space": str, "cluster_id": int,
+          "size": int, "artifact_score": float | null,
+          "member_ids": [str, ...], "member_rows": [int, ...],
+          "precision": float | null, "recall": float | null   # only with ground truth
+        }, ...
+      ]
+    }
+
+A CI gate can fail a build with ``len(summary["flags"]) > 0``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spray.analysis.result import ClassAnalysis, ClusterResult
+from spray.report.context import ArtifactCheck, ReportContext
+from spray.report.rows import texts_at
+
+SCHEMA_VERSION = 1
+
+
+def build_summary(context: ReportContext) -> dict[str, Any]:
+    """Collect the audit's results into the ``summary.json`` structure described above."""
+    truth = _truth_rows(context)
+    analyses = sorted_analyses(context.analyses)
+    classes = [_class_entry(context, analysis, truth) for analysis in analyses]
+    flags = [
+        _flag_entry(entry, cluster)
+        for entry in classes
+        for cluster in entry["clusters"]
+        if cluster["flagged"]
+    ]
+    flags.sort(key=_flag_order)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "job": str(context.job_name),
+        "created": str(context.created),
+        "threshold": finite_or_none(context.threshold),
+        "n_samples": len(context.sample_ids),
+        "class_names": [str(name) for name in context.class_names],
+        "metadata": {
+            str(key): _json_scalar(context.metadata[key])
+            for key in sorted(context.metadata, key=str)
+        },
+        "artifact_check": _check_entry(context.artifact_check, context.class_names),
+        "ground_truth": None if truth is None else {"n_rows": int(truth.size)},
+        "classes": classes,
+        "flags": flags,
+    }
+
+
+def write_summary(path: str | os.PathLike[str], summary: dict[str, Any]) -> Path:
+    """Write ``summary`` as JSON to ``path`` atomically and return the path.
+
+    The JSON text is produced before anything touches the disk (NaN or infinity raise
+    ``ValueError`` there), then written to a temporary file in the same folder and moved
+    over ``path``; a reader never sees a half-written summary.
+    """
+    path = Path(path)
+    text = json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    write_text_atomic(path, text)
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary sibling and ``os.replace``.
+
+    Replacing the name never follows a symlink at ``path``, so the write stays in the
+    folder the caller chose. The file is made world-readable (0644): reports are shared.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=".partial", dir=path.parent
+    )
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temp_name, 0o644)
+        os.replace(temp_name, path)
+    except BaseException:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+        raise
+
+
+def sorted_analyses(analyses: list[ClassAnalysis]) -> list[ClassAnalysis]:
+    """Analyses in report order: by class index (dataset-wide first), then space."""
+    return sorted(analyses, key=lambda analysis: (int(analysis.class_index), str(analysis.space)))
+
+
+def sorted_clusters(clusters: list[ClusterResult]) -> list[ClusterResult]:
+    """Clusters by artifact score, highest first (non-finite last), ties by cluster id."""
+    return sorted(
+        clusters,
+        key=lambda cluster: (_descending(cluster.artifact_score), int(cluster.cluster_id)),
+    )
+
+
+def finite_or_none(value: Any) -> float | None:
+    """``float(value)`` when it is a finite number, else ``None`` (JSON has no NaN)."""
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def overlap(
+    member_rows: np.ndarray, truth: np.ndarray, analysed_rows: np.ndarray
+) -> tuple[float | None, float | None]:
+    """Precision and recall of a cluster against the planted-artifact rows.
+
+    Precision is the share of members that carry the artifact; recall is the share of
+    artifact-carrying rows *in the analysed rows* that the cluster holds (a cluster of one
+    class cannot recall rows of another). Either is ``None`` when its denominator is 0.
+    """
+    members = np.unique(np.asarray(member_rows, dtype=np.int64))
+    hits = np.intersect1d(members, truth, assume_unique=True).size
+    analysed = np.unique(np.asarray(analysed_rows, dtype=np.int64))
+    relevant = np.intersect1d(analysed, truth, assume_unique=True).size
+    precision = hits / members.size if members.size else None
+    recall = hits / relevant if relevant else None
+    return precision, recall
+
+
+def _truth_rows(context: ReportContext) -> np.ndarray | None:
+    if context.ground_truth_rows is None:
+        return None
+    return np.unique(np.asarray(context.ground_truth_rows, dtype=np.int64))
+
+
+def _class_entry(
+    context: ReportContext, analysis: ClassAnalysis, truth: np.ndarray | None
+) -> dict[str, Any]:
+    rows = _vector(analysis.rows).astype(np.int64)
+    clusters = []
+    for cluster in sorted_clusters(list(analysis.clusters)):
+        member_rows = np.sort(np.asarray(cluster.member_rows, dtype=np.int64).reshape(-1))
+        entry: dict[str, Any] = {
+            "cluster_id": int(cluster.cluster_id),
+            "size": int(member_rows.size),
+            "artifact_score": finite_or_none(cluster.artifact_score),
+            "flagged": bool(cluster.flagged),
+            "score_components": {
+                str(name): finite_or_none(cluster.score_components[name])
+                for name in sorted(cluster.score_components, key=str)
+            },
+            "member_ids": texts_at(context.sample_ids, member_rows),
+            "member_rows": [int(row) for row in member_rows],
+        }
+        if truth is not None:
+            entry["precision"], entry["recall"] = overlap(member_rows, truth, rows)
+        clusters.append(entry)
+    return {
+        "class_index": int(analysis.class_index),
+        "class_name": str(analysis.class_name),
+        "space": str(analysis.space),
+        "analysable": bool(analysis.analysable),
+        "reason": str(analysis.reason or ""),
+        "n_samples": int(rows.size),
+        "n_clusters": int(analysis.n_clusters),
+        "eigenvalues": [finite_or_none(value) for value in _vector(analysis.eigenvalues)],
+        "clusters": clusters,
+    }
+
+
+def _vector(values: Any) -> np.ndarray:
+    """A 1-D array of ``values``; empty for ``None`` (not-analysable classes may lack them)."""
+    return np.empty(0) if values is None else np.asarray(values).reshape(-1)
+
+
+def _flag_entry(class_entry: dict[str, Any], cluster: dict[str, Any]) -> dict[str, Any]:
+    flag = {key: class_entry[key] for key in ("class_index", "class_name", "space")}
+    keys = ("cluster_id", "size", "artifact_score", "member_ids", "member_rows")
+    for key in (*keys, "precision", "recall"):
+        if key in cluster:
+            flag[key] = cluster[key]
+    return flag
+
+
+def _flag_order(flag: dict[str, Any]) -> tuple[float, int, str, int]:
+    score = _descending(flag["artifact_score"])
+    return (score, flag["class_index"], flag["space"], flag["cluster_id"])
+
+
+def _descending(score: Any) -> float:
+    """Sort key putting high scores first and missing or non-finite scores last."""
+    value = finite_or_none(score)
+    return math.inf if value is None else -value
+
+
+def _check_entry(check: ArtifactCheck | None, class_names: list[str]) -> dict[str, Any] | None:
+    if check is None:
+        return None
+    target = int(check.target_class)
+    return {
+        "target_class": target,
+        "target_class_name": class_name(class_names, target),
+        "n_images": int(check.n_images),
+        "flip_rate": finite_or_none(check.flip_rate),
+        "mean_prob_before": finite_or_none(check.mean_prob_before),
+        "mean_prob_after": finite_or_none(check.mean_prob_after),
+        "description": str(check.description),
+    }
+
+
+def class_name(class_names: list[str], index: int) -> str:
+    """The name of class ``index``, or the index itself as text when it has none."""
+    if 0 <= index < len(class_names):
+        return str(class_names[index])
+    return "all classes" if index == -1 else str(index)
+
+
+def _json_scalar(value: Any) -> Any:
+    """Metadata values as JSON scalars: numbers and bools kept (NaN -> null), the rest as text."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return finite_or_none(value)
+    return str(value)

@@ -1,0 +1,337 @@
+"""The page model: what the HTML template shows, computed from the context and the summary.
+
+Numbers (scores, sizes, precision, flag order) come from the ``summary.json`` structure,
+so the page and the JSON never disagree; pictures come from the context's arrays. Every
+string here is plain text: the template escapes it. Anchors are built from integers
+only, never from dataset strings.
+
+Size control: sample grids are capped (``ReportLimits``) and the members shown are chosen
+deterministically (closest to the cluster centre first, see ``spray.report.rows``).
+Each sample's thumbnails are rendered once, however many grids show it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from spray.analysis.result import ClassAnalysis, ClusterResult
+from spray.report import plots
+from spray.report.context import ReportContext
+from spray.report.rows import representatives, take_rows, texts_at
+from spray.report.summary import class_name, sorted_analyses, sorted_clusters
+
+READ_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class ReportLimits:
+    """Caps that keep a report of a large dataset small and quick to open.
+
+    Attributes:
+        flag_samples: members shown per flagged cluster (image and overlay each).
+        cluster_samples: members shown per cluster in the class sections (overlay only).
+        max_class_thumbnails: total overlays across all class sections; with many classes
+            ``cluster_samples`` shrinks (down to 1) to stay within it.
+        max_flag_sections: flags shown in full; further flags are listed in a table.
+
+    With the defaults a page holds at most 30 * 24 * 2 + 1500 = 2940 thumbnails of at most
+    64 px a side (about 10 kB each for noisy 224 px photos, less for simpler images), plus
+    two charts of about 5-20 kB per class.
+    """
+
+    flag_samples: int = 24
+    cluster_samples: int = 8
+    max_class_thumbnails: int = 1500
+    max_flag_sections: int = 30
+
+
+@dataclass
+class SampleTile:
+    """One sample in a grid."""
+
+    row: int
+    sample_id: str
+    label: str
+    prediction: str
+    misclassified: bool
+    has_artifact: bool | None
+    image_uri: str = ""
+    overlay_uri: str = ""
+
+
+@dataclass
+class ClusterView:
+    """One cluster as shown in its class section (and, when flagged, in the flags list)."""
+
+    anchor: str
+    cluster_id: int
+    colour: str
+    size: int
+    share: float
+    score: float | None
+    flagged: bool
+    components: list[tuple[str, float | None]]
+    precision: float | None
+    recall: float | None
+    mean_heatmap_uri: str | None
+    samples: list[SampleTile] = field(default_factory=list)
+
+
+@dataclass
+class ClassView:
+    """One analysis (a class in one representation space)."""
+
+    anchor: str
+    class_index: int
+    class_name: str
+    space: str
+    analysable: bool
+    reason: str
+    n_samples: int
+    n_clusters: int
+    n_flagged: int
+    top_score: float | None
+    spectrum_uri: str | None
+    embedding_uri: str | None
+    class_mean_uri: str | None
+    clusters: list[ClusterView] = field(default_factory=list)
+
+
+@dataclass
+class FlagView:
+    """A flagged cluster, with a larger sample grid showing images beside overlays."""
+
+    anchor: str
+    rank: int
+    owner: ClassView
+    cluster: ClusterView
+    samples: list[SampleTile] = field(default_factory=list)
+    detailed: bool = True
+
+
+@dataclass
+class PageView:
+    """Everything ``report.html`` renders."""
+
+    job: str
+    created: str
+    threshold: float | None
+    metadata: list[tuple[str, str]]
+    n_samples: int
+    has_ground_truth: bool
+    artifact_check: dict[str, Any] | None
+    flags: list[FlagView]
+    classes: list[ClassView]
+
+
+def build_page(
+    context: ReportContext, summary: dict[str, Any], limits: ReportLimits = ReportLimits()
+) -> PageView:
+    """Assemble the page model: class sections, flags in summary order, thumbnails."""
+    analyses = sorted_analyses(context.analyses)
+    anchors = _class_anchors(analyses)
+    classes = [
+        _class_view(analysis, entry, anchor)
+        for analysis, entry, anchor in zip(analyses, summary["classes"], anchors)
+    ]
+    flags = _flag_views(classes, summary["flags"], limits)
+    per_cluster = _class_grid_size(classes, limits)
+    sources: dict[str, tuple[ClassAnalysis, ClusterResult]] = {}
+    for analysis, view in zip(analyses, classes):
+        for cluster, cluster_view in zip(sorted_clusters(list(analysis.clusters)), view.clusters):
+            cluster_view.samples = _tiles(analysis, cluster, per_cluster)
+            sources[cluster_view.anchor] = (analysis, cluster)
+    for flag in flags:
+        if flag.detailed:
+            flag.samples = _tiles(*sources[flag.cluster.anchor], limits.flag_samples)
+    _fill_tiles(context, classes, flags)
+    return PageView(
+        job=str(context.job_name),
+        created=str(context.created),
+        threshold=summary["threshold"],
+        metadata=[(str(key), _text(value)) for key, value in summary["metadata"].items()],
+        n_samples=summary["n_samples"],
+        has_ground_truth=summary["ground_truth"] is not None,
+        artifact_check=summary["artifact_check"],
+        flags=flags,
+        classes=classes,
+    )
+
+
+def _class_anchors(analyses: list[ClassAnalysis]) -> list[str]:
+    """``class-<index>`` for a class's first analysis, ``class-<index>-<n>`` for more spaces."""
+    seen: dict[int, int] = {}
+    anchors = []
+    for analysis in analyses:
+        index = int(analysis.class_index)
+        stem = "class-all" if index == -1 else f"class-{index}"
+        count = seen.get(index, 0)
+        seen[index] = count + 1
+        anchors.append(stem if count == 0 else f"{stem}-{count + 1}")
+    return anchors
+
+
+def _class_view(analysis: ClassAnalysis, entry: dict[str, Any], anchor: str) -> ClassView:
+    ordered = sorted_clusters(list(analysis.clusters))
+    clusters = [
+        _cluster_view(cluster, cluster_entry, anchor, entry["n_samples"])
+        for cluster, cluster_entry in zip(ordered, entry["clusters"])
+    ]
+    eigenvalues = _array(analysis.eigenvalues).reshape(-1)
+    embedding = _array(analysis.embedding_2d)
+    labels = _array(analysis.labels).reshape(-1).astype(np.int64)
+    can_scatter = (
+        analysis.analysable
+        and embedding.ndim == 2
+        and embedding.shape[1] >= 2
+        and embedding.shape[0] == labels.size > 0
+    )
+    scores = [cluster.score for cluster in clusters if cluster.score is not None]
+    return ClassView(
+        anchor=anchor,
+        class_index=entry["class_index"],
+        class_name=entry["class_name"],
+        space=entry["space"],
+        analysable=entry["analysable"],
+        reason=entry["reason"],
+        n_samples=entry["n_samples"],
+        n_clusters=entry["n_clusters"],
+        n_flagged=sum(cluster.flagged for cluster in clusters),
+        top_score=max(scores) if scores else None,
+        spectrum_uri=(
+            plots.data_uri(plots.spectrum_png(eigenvalues, analysis.n_clusters))
+            if analysis.analysable and eigenvalues.size
+            else None
+        ),
+        embedding_uri=(
+            plots.data_uri(
+                plots.embedding_png(
+                    embedding[:, :2],
+                    labels,
+                    [cluster.cluster_id for cluster in clusters if cluster.flagged],
+                )
+            )
+            if can_scatter
+            else None
+        ),
+        class_mean_uri=_heatmap_uri(analysis.class_mean_heatmap),
+        clusters=clusters,
+    )
+
+
+def _cluster_view(
+    cluster: ClusterResult, entry: dict[str, Any], class_anchor: str, n_class: int
+) -> ClusterView:
+    return ClusterView(
+        anchor=f"{class_anchor}-cluster-{entry['cluster_id']}",
+        cluster_id=entry["cluster_id"],
+        colour=plots.cluster_colour(entry["cluster_id"]),
+        size=entry["size"],
+        share=entry["size"] / n_class if n_class else 0.0,
+        score=entry["artifact_score"],
+        flagged=entry["flagged"],
+        components=list(entry["score_components"].items()),
+        precision=entry.get("precision"),
+        recall=entry.get("recall"),
+        mean_heatmap_uri=_heatmap_uri(cluster.mean_heatmap),
+    )
+
+
+def _flag_views(
+    classes: list[ClassView], flags: list[dict[str, Any]], limits: ReportLimits
+) -> list[FlagView]:
+    """Flags in the summary's order (highest score first), linked to their class sections."""
+    lookup = {
+        (view.class_index, view.space, cluster.cluster_id): (view, cluster)
+        for view in classes
+        for cluster in view.clusters
+    }
+    views = []
+    for rank, flag in enumerate(flags):
+        owner, cluster = lookup[(flag["class_index"], flag["space"], flag["cluster_id"])]
+        views.append(
+            FlagView(
+                anchor=f"flag-{rank}",
+                rank=rank + 1,
+                owner=owner,
+                cluster=cluster,
+                detailed=rank < limits.max_flag_sections,
+            )
+        )
+    return views
+
+
+def _class_grid_size(classes: list[ClassView], limits: ReportLimits) -> int:
+    """Members per cluster grid in the class sections, shrunk when there are many clusters."""
+    n_clusters = sum(len(view.clusters) for view in classes)
+    if n_clusters == 0:
+        return limits.cluster_samples
+    return max(1, min(limits.cluster_samples, limits.max_class_thumbnails // n_clusters))
+
+
+def _tiles(analysis: ClassAnalysis, cluster: ClusterResult, limit: int) -> list[SampleTile]:
+    """Empty tiles for the members to show; ``_fill_tiles`` reads their data later."""
+    rows = representatives(
+        cluster.member_rows, analysis.rows, analysis.spectral_embedding, limit
+    )
+    return [SampleTile(int(row), "", "", "", False, None) for row in rows]
+
+
+def _fill_tiles(context: ReportContext, classes: list[ClassView], flags: list[FlagView]) -> None:
+    """Read every shown sample once and fill in its text and thumbnails.
+
+    Overlays are rendered for every tile, raw images only for tiles in flag grids. Rows
+    are read in ascending chunks of ``READ_CHUNK`` so memory stays flat.
+    """
+    tiles = [tile for view in classes for cluster in view.clusters for tile in cluster.samples]
+    flag_tiles = [tile for flag in flags for tile in flag.samples]
+    rows = np.unique(np.array([tile.row for tile in tiles + flag_tiles], dtype=np.int64))
+    if rows.size == 0:
+        return
+    need_image = {tile.row for tile in flag_tiles}
+    truth = (
+        None
+        if context.ground_truth_rows is None
+        else set(np.asarray(context.ground_truth_rows, dtype=np.int64).reshape(-1).tolist())
+    )
+    ids = dict(zip(rows.tolist(), texts_at(context.sample_ids, rows)))
+    labels = dict(zip(rows.tolist(), take_rows(context.labels, rows).tolist()))
+    predictions = dict(zip(rows.tolist(), take_rows(context.predictions, rows).tolist()))
+    pictures: dict[int, tuple[str, str]] = {}
+    for start in range(0, rows.size, READ_CHUNK):
+        chunk = rows[start : start + READ_CHUNK]
+        images = take_rows(context.images, chunk)
+        heatmaps = take_rows(context.heatmaps, chunk)
+        for row, image, heatmap in zip(chunk.tolist(), images, heatmaps):
+            image_uri = plots.data_uri(plots.image_png(image)) if row in need_image else ""
+            pictures[row] = (image_uri, plots.data_uri(plots.overlay_png(image, heatmap)))
+    for tile in tiles + flag_tiles:
+        label, prediction = int(labels[tile.row]), int(predictions[tile.row])
+        tile.sample_id = ids[tile.row]
+        tile.label = class_name(context.class_names, label)
+        tile.prediction = class_name(context.class_names, prediction)
+        tile.misclassified = label != prediction
+        tile.has_artifact = None if truth is None else tile.row in truth
+        tile.image_uri, tile.overlay_uri = pictures[tile.row]
+
+
+def _heatmap_uri(heatmap: np.ndarray | None) -> str | None:
+    """A mean heatmap as a data URI, or None when it is missing or not a 2-D map."""
+    if heatmap is None:
+        return None
+    values = np.asarray(heatmap, dtype=np.float64)
+    if values.ndim != 2 or values.size == 0:
+        return None
+    return plots.data_uri(plots.heatmap_png(values))
+
+
+def _array(values: Any) -> np.ndarray:
+    """``values`` as a float array; empty for ``None``."""
+    return np.empty(0) if values is None else np.asarray(values, dtype=np.float64)
+
+
+def _text(value: Any) -> str:
+    return "n/a" if value is None else str(value)

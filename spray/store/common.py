@@ -1,0 +1,61 @@
+"""Helpers shared by the HDF5 layouts: atomic file replacement and format checks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+
+
+class StoreError(RuntimeError):
+    """A stage file is missing, unreadable, truncated or of another format version."""
+
+
+@contextlib.contextmanager
+def atomic_h5(path: Path) -> Iterator[h5py.File]:
+    """Write an HDF5 file under a temporary name and move it to ``path`` only on success.
+
+    A crash leaves at most ``<name>.partial`` behind, never a half-written file under the
+    final name, so a later stage never reads an incomplete result.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with h5py.File(partial, "w") as handle:
+            yield handle
+        os.replace(partial, path)
+    finally:
+        if partial.exists():
+            partial.unlink()
+
+
+def open_h5(path: Path, kind: str, version: int, mode: str = "r") -> h5py.File:
+    """Open a spray HDF5 file and check its ``format`` and ``format_version`` attributes.
+
+    Raises:
+        StoreError: naming the file and the fix when it is missing, unreadable, of another
+            kind or of another format version.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{path}: file not found; run the stage that writes it first.")
+    try:
+        handle = h5py.File(path, mode)
+    except OSError as error:
+        raise StoreError(
+            f"{path}: not a readable HDF5 file ({error}); it may be truncated. "
+            "Delete it and re-run the stage that writes it."
+        ) from error
+    found_kind = handle.attrs.get("format")
+    found_version = handle.attrs.get("format_version")
+    if found_kind != kind or found_version is None or int(found_version) != version:
+        handle.close()
+        raise StoreError(
+            f"{path}: expected a spray '{kind}' file of format version {version}, found "
+            f"format={found_kind!r} version={found_version!r}. Delete it and re-run the stage."
+        )
+    return handle

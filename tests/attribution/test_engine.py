@@ -1,0 +1,107 @@
+"""The dataset pass: HDF5 layout round trip, resume, and bad input."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from spray.attribution.engine import AttributionSettings, BadInputError, attribute_dataset
+from spray.attribution.lrp import AttributionConfigError, Explainer, make_composite
+from spray.data.source import ArraySource
+from spray.models.demo import DemoNet
+from spray.store.attributions import AttributionWriter, read_attributions
+from spray.store.common import StoreError
+
+LAYERS = ("features.conv3", "features.conv4")
+
+
+@pytest.fixture()
+def source() -> ArraySource:
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, size=(40, 3, 32, 32)).astype(np.float32)
+    labels = np.arange(40) % 4
+    return ArraySource(images, labels, [f"img_{i}.png" for i in range(40)], ["a", "b", "c", "d"])
+
+
+@pytest.fixture()
+def model() -> DemoNet:
+    torch.manual_seed(0)
+    return DemoNet(4).eval()
+
+
+def test_layout_round_trip_matches_direct_explanation(tmp_path, source, model) -> None:
+    settings = AttributionSettings(layers=LAYERS, batch_size=16)
+    path = attribute_dataset(source, model, settings, tmp_path / "attributions.h5", "data-v1", progress=False)
+    with read_attributions(path) as stored:
+        assert stored.heatmaps.shape == (40, 32, 32)
+        assert stored.logits.shape == (40, 4)
+        assert stored.sample_ids == source.sample_ids
+        np.testing.assert_array_equal(stored.labels, source.labels)
+        np.testing.assert_array_equal(stored.targets, source.labels)
+        assert stored.metadata["layers"] == list(LAYERS)
+        assert {k: v.shape for k, v in stored.concepts.items()} == {"features.conv3": (40, 32), "features.conv4": (40, 64)}
+        rows = np.arange(16, 32)
+        with Explainer(model, make_composite("epsilon_plus_flat"), LAYERS) as explainer:
+            direct = explainer.explain(torch.from_numpy(source.images[rows]), torch.from_numpy(source.labels[rows]))
+        np.testing.assert_allclose(stored.heatmaps[16:32], direct.heatmaps.numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(stored.concepts["features.conv4"][16:32], direct.concepts["features.conv4"].numpy(), rtol=1e-5, atol=1e-7)
+    # ViRelAy-readable names are plain datasets in the file.
+    with h5py.File(path, "r") as handle:
+        assert {"attribution", "prediction", "label"} <= set(handle)
+
+
+def test_interrupted_run_resumes_without_recomputing_and_gives_same_file(tmp_path, source, model, monkeypatch) -> None:
+    settings = AttributionSettings(layers=LAYERS, batch_size=8)
+    reference = attribute_dataset(source, model, settings, tmp_path / "ref" / "attributions.h5", "d", progress=False)
+
+    written: list[int] = []
+    original = AttributionWriter.write_chunk
+
+    def crash_after_two(self, chunk, *args, **kwargs):
+        if len(written) == 2:
+            raise KeyboardInterrupt("simulated crash")
+        written.append(chunk)
+        return original(self, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(AttributionWriter, "write_chunk", crash_after_two)
+    target = tmp_path / "run" / "attributions.h5"
+    with pytest.raises(KeyboardInterrupt):
+        attribute_dataset(source, model, settings, target, "d", progress=False)
+    assert not target.exists() and target.with_name("attributions.h5.partial").exists()
+
+    resumed: list[int] = []
+
+    def record(self, chunk, *args, **kwargs):
+        resumed.append(chunk)
+        return original(self, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(AttributionWriter, "write_chunk", record)
+    attribute_dataset(source, model, settings, target, "d", progress=False)
+    assert resumed == [2, 3, 4]  # the two finished chunks were not recomputed
+    with read_attributions(reference) as a, read_attributions(target) as b:
+        np.testing.assert_array_equal(a.heatmaps[...], b.heatmaps[...])
+        np.testing.assert_array_equal(a.concepts["features.conv3"][...], b.concepts["features.conv3"][...])
+
+
+def test_nan_image_is_named_and_finished_chunks_are_kept(tmp_path, source, model) -> None:
+    source.images[21, 0, 3, 3] = np.nan
+    target = tmp_path / "attributions.h5"
+    with pytest.raises(BadInputError, match=r"NaN or Inf.*img_21\.png"):
+        attribute_dataset(source, model, AttributionSettings(batch_size=8), target, "d", progress=False)
+    with h5py.File(target.with_name("attributions.h5.partial"), "r") as partial:
+        assert partial["complete"][...].tolist() == [True, True, False, False, False]
+
+
+def test_model_with_wrong_number_of_outputs_is_rejected(tmp_path, source) -> None:
+    with pytest.raises(AttributionConfigError, match="returns shape \\(10,\\).*4 classes"):
+        attribute_dataset(source, DemoNet(10), AttributionSettings(), tmp_path / "a.h5", "d", progress=False)
+
+
+def test_truncated_file_gives_clear_error(tmp_path, source, model) -> None:
+    path = attribute_dataset(source, model, AttributionSettings(batch_size=16), tmp_path / "attributions.h5", "d", progress=False)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(StoreError, match="attributions.h5.*truncated"):
+        read_attributions(path)

@@ -1,0 +1,140 @@
+"""index.html: order of sections, escaping, self-containment, h5py inputs, size caps."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from spray.report.context import ReportContext
+from spray.report.render import render_report
+from spray.report.views import ReportLimits
+
+HOSTILE_NAME = "<img src=x onerror=alert(1)>"
+
+
+def _html(path: Path) -> str:
+    return path.read_text(encoding="utf-8")
+
+
+def test_writes_index_and_summary_only_inside_out_dir(rendered: Path) -> None:
+    out_dir = rendered.parent
+    root = out_dir.parent
+    written = sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())
+    assert written == ["out/index.html", "out/summary.json"]
+    assert rendered.name == "index.html"
+
+
+def test_flagged_clusters_come_before_class_sections(rendered: Path) -> None:
+    html = _html(rendered)
+    assert html.index('id="flag-0"') < html.index('id="flag-1"') < html.index('id="class-0"')
+    assert html.index('id="class-0"') < html.index('id="class-1"') < html.index('id="class-2"')
+    assert html.count('class="card flag"') == 2
+    top = html[html.index('id="flag-0"') : html.index('id="flag-1"')]
+    assert "score 0.900" in top and "cluster 1" in top
+
+
+def test_dataset_strings_are_escaped(rendered: Path) -> None:
+    html = _html(rendered)
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "<img src=x" not in html
+    assert "onerror=alert(1)>" not in html
+    assert "&#34;&amp;&#39;" in html
+    assert "\"&'" not in html
+
+
+def test_page_is_self_contained(rendered: Path) -> None:
+    html = _html(rendered)
+    assert not re.search(r"https?:", html, flags=re.IGNORECASE)
+    assert "<script" not in html.lower()
+    sources = re.findall(r'src="([^"]*)"', html)
+    assert sources and all(source.startswith("data:image/png;base64,") for source in sources)
+    assert "<style>" in html and "<link" not in html
+
+
+def test_not_analysable_class_shows_reason(rendered: Path) -> None:
+    html = _html(rendered)
+    section = html[html.index('id="class-2"') :]
+    assert "Not analysed: only 3 samples, at least 10 needed" in section
+
+
+def test_header_and_artifact_check(rendered: Path) -> None:
+    html = _html(rendered)
+    head = html[: html.index('id="flags"')]
+    assert "2024-05-01T12:00:00+00:00" in head and "resnet18" in head
+    assert "85.0%" in head and "0.050" in head and "0.810" in head
+    assert 'id="artifact-check"' in head
+
+
+def test_summary_written_beside_page(rendered: Path) -> None:
+    summary = json.loads((rendered.parent / "summary.json").read_text(encoding="utf-8"))
+    assert summary["schema_version"] == 1 and len(summary["flags"]) == 2
+
+
+def test_h5py_datasets_as_inputs(report_context: ReportContext, tmp_path: Path) -> None:
+    order = np.arange(len(report_context.sample_ids))
+    with h5py.File(tmp_path / "inputs.h5", "w") as handle:
+        handle["images"] = np.asarray(report_context.images, dtype=np.float32)
+        handle["heatmaps"] = np.asarray(report_context.heatmaps, dtype=np.float32)
+        handle["labels"] = report_context.labels
+        handle["predictions"] = report_context.predictions
+        handle.create_dataset(
+            "ids", data=[report_context.sample_ids[row] for row in order], dtype=h5py.string_dtype()
+        )
+        from_h5 = dataclasses.replace(
+            report_context,
+            images=handle["images"],
+            heatmaps=handle["heatmaps"],
+            labels=handle["labels"],
+            predictions=handle["predictions"],
+            sample_ids=handle["ids"],
+        )
+        page = render_report(from_h5, tmp_path / "out")
+    summary = json.loads((page.parent / "summary.json").read_text(encoding="utf-8"))
+    assert summary["flags"][0]["member_ids"][1] == HOSTILE_NAME
+    html = _html(page)
+    assert 'id="flag-0"' in html and "<img src=x" not in html
+    assert "img_013.png" in html
+
+
+def test_grids_are_capped(report_context: ReportContext, tmp_path: Path) -> None:
+    limits = ReportLimits(flag_samples=2, cluster_samples=1)
+    html = _html(render_report(report_context, tmp_path / "out", limits))
+    flag = html[html.index('id="flag-0"') : html.index('id="flag-1"')]
+    assert flag.count('<figure class="tile') == 2
+    assert "2 of 6 members" in flag
+    classes = html[html.index('id="classes"') :]
+    assert classes.count('<figure class="tile') == 5
+
+
+def test_flags_beyond_the_cap_are_listed(report_context: ReportContext, tmp_path: Path) -> None:
+    limits = ReportLimits(max_flag_sections=1)
+    html = _html(render_report(report_context, tmp_path / "out", limits))
+    assert 'id="flag-0"' in html and 'id="flag-1"' not in html
+    assert html.count('class="flag-row"') == 1
+
+
+def test_no_flags_message(report_context: ReportContext, tmp_path: Path) -> None:
+    quiet = dataclasses.replace(report_context, analyses=[report_context.analyses[1]])
+    html = _html(render_report(quiet, tmp_path / "out"))
+    assert "No cluster reached the artifact-score threshold" in html
+    assert 'id="flag-0"' not in html
+
+
+def test_out_dir_that_is_a_file_is_refused(report_context: ReportContext, tmp_path: Path) -> None:
+    target = tmp_path / "taken"
+    target.write_text("keep me")
+    with pytest.raises(NotADirectoryError):
+        render_report(report_context, target)
+    assert target.read_text() == "keep me"
+
+
+def test_rendering_is_deterministic(report_context: ReportContext, tmp_path: Path) -> None:
+    first = render_report(report_context, tmp_path / "a").read_bytes()
+    second = render_report(report_context, tmp_path / "b").read_bytes()
+    assert first == second

@@ -1,0 +1,146 @@
+"""summary.json: documented shape, flag order, member ids, no NaN, determinism, atomicity."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from spray.report.context import ReportContext
+from spray.report.summary import SCHEMA_VERSION, build_summary, write_summary
+
+TOP_KEYS = {
+    "schema_version", "job", "created", "threshold", "n_samples", "class_names", "metadata",
+    "artifact_check", "ground_truth", "classes", "flags",
+}
+CHECK_KEYS = {
+    "target_class", "target_class_name", "n_images", "flip_rate", "mean_prob_before",
+    "mean_prob_after", "description",
+}
+CLASS_KEYS = {
+    "class_index", "class_name", "space", "analysable", "reason", "n_samples", "n_clusters",
+    "eigenvalues", "clusters",
+}
+CLUSTER_KEYS = {
+    "cluster_id", "size", "artifact_score", "flagged", "score_components", "member_ids",
+    "member_rows",
+}
+FLAG_KEYS = {
+    "class_index", "class_name", "space", "cluster_id", "size", "artifact_score", "member_ids",
+    "member_rows",
+}
+TRUTH_KEYS = {"precision", "recall"}
+
+
+def _is_number_or_null(value: object) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def check_shape(summary: dict, with_truth: bool) -> None:
+    """Validate ``summary`` against the schema documented in ``spray.report.summary``."""
+    extra = TRUTH_KEYS if with_truth else set()
+    assert set(summary) == TOP_KEYS
+    assert summary["schema_version"] == SCHEMA_VERSION == 1
+    assert isinstance(summary["job"], str) and isinstance(summary["created"], str)
+    assert _is_number_or_null(summary["threshold"])
+    assert list(summary["metadata"]) == sorted(summary["metadata"])
+    if summary["artifact_check"] is not None:
+        assert set(summary["artifact_check"]) == CHECK_KEYS
+    for entry in summary["classes"]:
+        assert set(entry) == CLASS_KEYS
+        assert isinstance(entry["analysable"], bool) and isinstance(entry["reason"], str)
+        assert all(_is_number_or_null(value) for value in entry["eigenvalues"])
+        for cluster in entry["clusters"]:
+            assert set(cluster) == CLUSTER_KEYS | extra
+            assert cluster["size"] == len(cluster["member_rows"]) == len(cluster["member_ids"])
+            assert cluster["member_rows"] == sorted(cluster["member_rows"])
+            assert list(cluster["score_components"]) == sorted(cluster["score_components"])
+            assert all(_is_number_or_null(v) for v in cluster["score_components"].values())
+    for flag in summary["flags"]:
+        assert set(flag) == FLAG_KEYS | extra
+
+
+def test_summary_matches_documented_shape(report_context: ReportContext) -> None:
+    check_shape(build_summary(report_context), with_truth=True)
+
+
+def test_summary_without_ground_truth_has_no_precision(report_context: ReportContext) -> None:
+    summary = build_summary(dataclasses.replace(report_context, ground_truth_rows=None))
+    check_shape(summary, with_truth=False)
+    assert summary["ground_truth"] is None
+
+
+def test_flags_are_every_flagged_cluster_by_score_descending(report_context: ReportContext) -> None:
+    summary = build_summary(report_context)
+    scores = [flag["artifact_score"] for flag in summary["flags"]]
+    assert scores == sorted(scores, reverse=True) == [0.9, 0.75]
+    flagged = {
+        (entry["class_index"], cluster["cluster_id"])
+        for entry in summary["classes"]
+        for cluster in entry["clusters"]
+        if cluster["flagged"]
+    }
+    assert {(flag["class_index"], flag["cluster_id"]) for flag in summary["flags"]} == flagged
+
+
+def test_member_ids_match_rows(report_context: ReportContext) -> None:
+    summary = build_summary(report_context)
+    for entry in summary["classes"]:
+        for cluster in entry["clusters"]:
+            expected = [report_context.sample_ids[row] for row in cluster["member_rows"]]
+            assert cluster["member_ids"] == expected
+    top = summary["flags"][0]
+    assert top["member_rows"] == [1, 3, 4, 8, 13, 17]
+    assert top["member_ids"][1] == report_context.sample_ids[3]
+
+
+def test_classes_sorted_and_not_analysable_kept(report_context: ReportContext) -> None:
+    summary = build_summary(report_context)
+    assert [entry["class_index"] for entry in summary["classes"]] == [0, 1, 2]
+    cat = summary["classes"][2]
+    assert cat["analysable"] is False and "at least 10" in cat["reason"]
+    assert cat["clusters"] == [] and cat["n_samples"] == 3
+
+
+def test_clusters_in_a_class_by_score_with_missing_last(report_context: ReportContext) -> None:
+    clusters = build_summary(report_context)["classes"][1]["clusters"]
+    assert [cluster["artifact_score"] for cluster in clusters] == [0.75, 0.1, None]
+
+
+def test_precision_and_recall_against_ground_truth(report_context: ReportContext) -> None:
+    flags = build_summary(report_context)["flags"]
+    assert flags[0]["precision"] == 1.0 and flags[0]["recall"] == 1.0
+    assert flags[1]["precision"] == pytest.approx(1 / 6) and flags[1]["recall"] == 1.0
+
+
+def test_written_json_is_strict_and_has_nulls_for_nan(
+    report_context: ReportContext, tmp_path: Path
+) -> None:
+    path = write_summary(tmp_path / "summary.json", build_summary(report_context))
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    loaded = json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+    check_shape(loaded, with_truth=True)
+    assert loaded["metadata"]["bad"] is None
+    assert loaded["classes"][0]["clusters"][0]["score_components"]["outside_object"] is None
+    assert not math.isnan(loaded["threshold"])
+
+
+def test_summary_is_deterministic(report_context: ReportContext, tmp_path: Path) -> None:
+    first = write_summary(tmp_path / "a.json", build_summary(report_context)).read_bytes()
+    second = write_summary(tmp_path / "b.json", build_summary(report_context)).read_bytes()
+    assert first == second
+
+
+def test_write_is_atomic_and_refuses_nan(tmp_path: Path) -> None:
+    path = tmp_path / "summary.json"
+    write_summary(path, {"schema_version": 1})
+    with pytest.raises(ValueError):
+        write_summary(path, {"schema_version": 1, "bad": float("nan")})
+    assert json.loads(path.read_text()) == {"schema_version": 1}
+    assert [child.name for child in tmp_path.iterdir()] == ["summary.json"]

@@ -1,0 +1,50 @@
+"""Job spec parsing: defaults, precise errors with file and line, safe output paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spray.jobs import JobSpecError, load_job, parse_job
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_job_file_is_valid_and_writes_under_reports() -> None:
+    spec = load_job(REPO / "jobs" / "demo.toml")
+    assert spec.job.name == "demo"
+    assert spec.output_dir == REPO / "reports" / "demo"
+    assert spec.attribution.layers == ["features.conv3", "features.conv4"]
+    assert spec.data.artifact_fraction == pytest.approx(0.3)
+
+
+def test_defaults_fill_missing_sections() -> None:
+    spec = parse_job('[job]\nname = "tiny"\n')
+    assert spec.analysis.n_neighbors == 10 and spec.attribution.composite == "epsilon_plus_flat"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[job]\nname = "a"\n[data]\nn_per_clas = 5\n', r"x\.toml:4: unknown key 'n_per_clas' in \[data\]; valid keys: .*n_per_class"),
+        ('[job]\nname = "a"\n\n[attribution]\nbatch_size = "64"\n', r"x\.toml:5: \[attribution\] batch_size must be int, got str '64'"),
+        ('[job]\nname = "a"\n[analyss]\n', r"x\.toml:3: unknown section \[analyss\]"),
+        ('[job]\nname = "../../etc"\n', r"x\.toml:2: job\.name '\.\./\.\./etc' must be"),
+        ('[job]\nname = "a"\n[data]\nartifact_fraction = true\n', r"artifact_fraction must be float, got bool"),
+        ("[job\nname=1", r"x\.toml: not valid TOML"),
+    ],
+)
+def test_bad_specs_name_file_line_and_key(text: str, message: str) -> None:
+    with pytest.raises(JobSpecError, match=message):
+        parse_job(text, source="jobs/x.toml")
+
+
+def test_unsupported_source_is_named() -> None:
+    with pytest.raises(JobSpecError, match=r"x\.toml:4: data\.source must be 'demo', got 'folder'"):
+        parse_job('[job]\nname = "a"\n[data]\nsource = "folder"\n', source="jobs/x.toml")
+
+
+def test_missing_job_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(JobSpecError, match=r"missing\.toml: cannot read the job spec"):
+        load_job(tmp_path / "missing.toml")
