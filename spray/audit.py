@@ -102,9 +102,10 @@ def artifact_check(model: torch.nn.Module, test: DemoSplit, target_class: int) -
 def spray_config(spec: JobSpec) -> SprayConfig:
     """The SpRAy configuration of a job (its ``[analysis]`` section plus the job seed)."""
     section = asdict(spec.analysis)
-    threshold = section.pop("threshold")
-    config = SprayConfig(**section, random_state=spec.job.seed)
-    return config if threshold is None else SprayConfig(**{**asdict(config), "threshold": threshold})
+    if section["threshold"] is None:
+        section.pop("threshold")
+    section["pooled_size"] = (section["pooled_size"], section["pooled_size"])
+    return SprayConfig(**section, random_state=spec.job.seed)
 
 
 def run_audit(spec: JobSpec, progress: bool = True) -> AuditResult:

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from spray.attribution.lrp import AttributionConfigError, Explainer, make_composite, resolve_layers
 from spray.data.source import DataSource
-from spray.store.attributions import AttributionLayout, AttributionWriter
+from spray.store.attributions import AttributionLayout, AttributionWriter, read_attributions
+from spray.store.common import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,9 @@ def attribute_dataset(
     fingerprint = hashlib.sha256(
         json.dumps({"data": data_fingerprint, "model": model_fingerprint(model), **metadata, "batch": settings.batch_size}, sort_keys=True).encode()
     ).hexdigest()[:16]
+    if _finished_with(Path(out_path), fingerprint):
+        log.info("%s is up to date; attribution skipped", out_path)
+        return Path(out_path)
     layout = AttributionLayout(
         n_samples=len(source),
         heatmap_shape=image_shape[1:],
@@ -154,6 +158,18 @@ def attribute_dataset(
         return writer.finish()
     finally:
         writer.close()
+
+
+def _finished_with(path: Path, fingerprint: str) -> bool:
+    """Whether ``path`` is a finished attribution file computed from the same inputs."""
+    if not path.exists():
+        return False
+    try:
+        with read_attributions(path) as existing:
+            return existing.fingerprint == fingerprint
+    except StoreError as error:
+        log.warning("%s is not reusable (%s); computing it again", path, error)
+        return False
 
 
 def _probe_channels(model: nn.Module, sample: np.ndarray, layers: dict[str, nn.Module]) -> dict[str, int]:

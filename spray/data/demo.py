@@ -114,7 +114,10 @@ def _render(rng: np.random.Generator, label: int) -> np.ndarray:
     size = rng.uniform(6.0, 9.0)
     cy, cx = rng.uniform(11.0, 19.0, size=2)
     mask = _shape_mask(label, size, cy, cx, rng.uniform(-0.35, 0.35))
-    colour = rng.uniform(0.0, 1.0, size=3).astype(np.float32)
+    # The shape stands out from the background by at least 0.3 in mean brightness, so the
+    # object itself is learnable and the tag is a shortcut, not the only visible cue.
+    direction = 1.0 if background.mean() < 0.4 else -1.0
+    colour = np.clip(background + direction * rng.uniform(0.3, 0.5) + rng.uniform(-0.25, 0.25, size=3), 0.0, 1.0).astype(np.float32)
     image[:, mask] = colour[:, None]
     image += rng.normal(0.0, 0.06, size=image.shape).astype(np.float32)
     return np.clip(image, 0.0, 1.0).astype(np.float32)

@@ -70,8 +70,8 @@ class TrainConfig:
     """Training parameters of the demo model (part of the cache key)."""
 
     epochs: int = 8
-    batch_size: int = 64
-    learning_rate: float = 2e-3
+    batch_size: int = 32
+    learning_rate: float = 3e-3
     weight_decay: float = 1e-4
     seed: int = 0
 

@@ -1,0 +1,60 @@
+"""Model correction for a found artifact: CAVs, P-/R-/RR-ClArC, before/after evaluation and export.
+
+Typical use, after an audit flagged a cluster::
+
+    from spray.correction import CorrectionConfig, correct_model
+    report = correct_model(model, train_x, train_y, test_x, test_y, flag_rows, stamp=my_stamp)
+    print(report.table())
+
+Modules: ``cav`` (activations and CAV estimation), ``clarc`` (the corrections),
+``evaluate`` (clean/attacked accuracy, artifact relevance, gate quality), ``export``
+(weights + JSON, TorchScript), ``run`` (the glue, and the demo entry point ``correct_demo``).
+"""
+
+from spray.correction.cav import CAV, CAVError, fit_cav, fit_direction, layer_activations, pool_activation
+from spray.correction.clarc import (
+    ClarcModel,
+    CorrectionError,
+    Gate,
+    RRHistory,
+    calibrate_threshold,
+    p_clarc,
+    project_activation,
+    r_clarc,
+    rr_clarc,
+    split_model,
+)
+from spray.correction.evaluate import EvaluationResult, attack, evaluate, format_table, recovered_share
+from spray.correction.export import ExportPaths, export_corrected, load_corrected
+from spray.correction.run import CorrectionConfig, CorrectionReport, correct_demo, correct_model
+
+__all__ = [
+    "CAV",
+    "CAVError",
+    "ClarcModel",
+    "CorrectionConfig",
+    "CorrectionError",
+    "CorrectionReport",
+    "EvaluationResult",
+    "ExportPaths",
+    "Gate",
+    "RRHistory",
+    "attack",
+    "calibrate_threshold",
+    "correct_demo",
+    "correct_model",
+    "evaluate",
+    "export_corrected",
+    "fit_cav",
+    "fit_direction",
+    "format_table",
+    "layer_activations",
+    "load_corrected",
+    "p_clarc",
+    "pool_activation",
+    "project_activation",
+    "r_clarc",
+    "recovered_share",
+    "rr_clarc",
+    "split_model",
+]

@@ -1,0 +1,302 @@
+"""One correction from start to end: CAV from artifact rows, P-/R-/RR-ClArC, before/after evaluation, export.
+
+:func:`correct_model` works on any model and data in memory; :func:`correct_demo` loads the
+demo data and model of a job spec exactly as the audit does (same generator seed, same
+cached weights under ``<output>/<job>/stages/model``) and writes its results under
+``<output>/<job>/correction/<method>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from spray.correction.cav import CAV, fit_cav, layer_activations
+from spray.correction.clarc import (
+    ClarcModel,
+    CorrectionError,
+    Gate,
+    RRHistory,
+    calibrate_threshold,
+    p_clarc,
+    r_clarc,
+    rr_clarc,
+)
+from spray.correction.evaluate import EvaluationResult, evaluate, format_table, recovered_share
+from spray.correction.export import ExportPaths, export_corrected
+
+log = logging.getLogger(__name__)
+
+METHODS: tuple[str, ...] = ("r-clarc", "p-clarc", "rr-clarc")
+
+
+@dataclass(frozen=True)
+class CorrectionConfig:
+    """Parameters of one correction (defaults suit the demo model).
+
+    Attributes:
+        method: ``"r-clarc"`` (default), ``"p-clarc"`` or ``"rr-clarc"``.
+        layer: layer whose activations hold the CAV (a name from ``model.named_modules()``).
+        pooling: ``"flatten"`` (default: the demo's tag has a fixed position, and the whole
+            activation tensor captures its signature best), ``"max"`` or ``"mean"``.
+        estimator: CAV estimator of the projected/penalised direction (``"pattern"`` default).
+        clean: clean samples for the CAV: ``"same_class"`` (default) or ``"all"``.
+        gate: R-ClArC gate: ``"class"`` (default: the uncorrected prediction is the artifact
+            class), ``"detector"`` or ``"both"``.
+        detector_estimator: filter estimator of the detector gate (``"logistic"`` default).
+        target_fpr: false-positive rate the detector threshold is calibrated to, on training
+            samples of the other classes.
+        soft_gate: scale the projection by a sigmoid of the detector score.
+        temperature: soft gate temperature (detector-score units).
+        rr_lambda: weight of RR-ClArC's gradient penalty.
+        rr_epochs: maximum RR-ClArC fine-tuning epochs.
+        rr_learning_rate: Adam learning rate of RR-ClArC.
+        rr_target: explained output of the penalty: ``"predicted"`` logit or ``"all"`` logits summed.
+        test_size: held-out share for the CAV's detection AUC.
+        relevance_samples: attacked images explained for the artifact-relevance share (0 skips).
+        seed: random state of every random choice.
+        torchscript: also export a TorchScript file.
+    """
+
+    method: str = "r-clarc"
+    layer: str = "features.relu3"
+    pooling: str = "flatten"
+    estimator: str = "pattern"
+    clean: str = "same_class"
+    gate: str = "class"
+    detector_estimator: str = "logistic"
+    target_fpr: float = 0.01
+    soft_gate: bool = False
+    temperature: float = 1.0
+    rr_lambda: float = 1000.0
+    rr_epochs: int = 3
+    rr_learning_rate: float = 1e-4
+    rr_target: str = "predicted"
+    test_size: float = 0.25
+    relevance_samples: int = 64
+    seed: int = 0
+    torchscript: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise CorrectionError(f"unknown correction method {self.method!r}; choose one of {list(METHODS)}.")
+        if self.method == "r-clarc" and self.gate not in ("class", "detector", "both"):
+            raise CorrectionError(f"unknown R-ClArC gate {self.gate!r}; choose 'class', 'detector' or 'both'.")
+
+
+@dataclass
+class CorrectionReport:
+    """The outcome of one correction: the CAV, before/after rows, recovered share, timings, files."""
+
+    method: str
+    config: CorrectionConfig
+    cav: CAV
+    before: EvaluationResult
+    after: EvaluationResult
+    recovered: float
+    clean_change: float
+    seconds: dict[str, float]
+    model: nn.Module = field(repr=False)
+    export: ExportPaths | None = None
+    history: RRHistory | None = None
+    detector_auc: float | None = None
+    threshold: float | None = None
+
+    def table(self) -> str:
+        """The before/after table as plain text."""
+        return format_table([self.before, self.after], baseline=self.before)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no tensors, no model)."""
+
+        def finite(value: float | None) -> float | None:
+            return None if value is None or not math.isfinite(value) else float(value)
+
+        return {
+            "method": self.method,
+            "config": asdict(self.config),
+            "cav": self.cav.metadata(),
+            "detector_auc": finite(self.detector_auc),
+            "threshold": finite(self.threshold),
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "recovered_share": finite(self.recovered),
+            "clean_accuracy_change": finite(self.clean_change),
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "history": None if self.history is None else asdict(self.history),
+            "files": None if self.export is None else {k: (None if v is None else str(v)) for k, v in asdict(self.export).items()},
+        }
+
+
+def _calibration_rows(labels: np.ndarray, class_id: int, limit: int, seed: int) -> np.ndarray:
+    """Training rows of the other classes (assumed free of the artifact), at most ``limit``."""
+    rows = np.flatnonzero(np.asarray(labels) != class_id)
+    if len(rows) > limit:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, size=limit, replace=False))
+    return rows
+
+
+def build_correction(
+    model: nn.Module,
+    cav: CAV,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    artifact_rows: np.ndarray,
+    config: CorrectionConfig,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Apply ``config.method`` to ``model`` with ``cav``; return the corrected model and facts (threshold, history, detector AUC)."""
+    facts: dict[str, Any] = {}
+    if config.method == "p-clarc":
+        return p_clarc(model, cav), facts
+    if config.method == "rr-clarc":
+        tuned, history = rr_clarc(
+            model, cav, train_images, train_labels, lam=config.rr_lambda, epochs=config.rr_epochs,
+            learning_rate=config.rr_learning_rate, target=config.rr_target, random_state=config.seed,
+        )
+        facts["history"] = history
+        return tuned, facts
+    detector = None
+    threshold = 0.0
+    if config.gate in ("detector", "both"):
+        detector = fit_cav(
+            model, train_images, train_labels, artifact_rows, cav.layer, class_id=cav.class_id, clean=config.clean,
+            pooling=cav.pooling, estimator=config.detector_estimator, test_size=config.test_size, random_state=config.seed,
+        )
+        rows = _calibration_rows(train_labels, cav.class_id, 2000, config.seed)
+        features, _ = layer_activations(model, train_images[rows], cav.layer, detector.pooling)
+        threshold = calibrate_threshold(detector.score(torch.from_numpy(features)).numpy(), config.target_fpr)
+        facts["detector_auc"] = detector.auc
+        facts["threshold"] = threshold
+    gate = Gate(
+        kind=config.gate,
+        target_classes=(cav.class_id,) if config.gate in ("class", "both") else (),
+        threshold=threshold,
+        soft=config.soft_gate,
+        temperature=config.temperature,
+    )
+    return r_clarc(model, cav, gate, detector), facts
+
+
+def correct_model(
+    model: nn.Module,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    artifact_rows: np.ndarray,
+    *,
+    stamp: Callable[[np.ndarray], np.ndarray],
+    mask: np.ndarray | tuple[slice, slice] | None = None,
+    config: CorrectionConfig | None = None,
+    output_dir: Path | None = None,
+    n_classes: int | None = None,
+    class_id: int | None = None,
+    before: EvaluationResult | None = None,
+    cav: CAV | None = None,
+) -> CorrectionReport:
+    """Correct ``model`` for the artifact carried by ``train_images[artifact_rows]`` and evaluate it.
+
+    Args:
+        model: the classifier (not modified; RR-ClArC fine-tunes a copy).
+        train_images, train_labels: the data the artifact rows index (e.g. the audited set).
+        test_images, test_labels: held-out data for the before/after evaluation.
+        artifact_rows: rows of ``train_images`` carrying the artifact.
+        stamp: puts the artifact on images, for the attacked test set.
+        mask: artifact region for the relevance share (None skips it).
+        config: the correction's parameters.
+        output_dir: export folder (None: nothing written).
+        n_classes, class_id: passed to :func:`spray.correction.cav.fit_cav`.
+        before: the original model's evaluation, when already computed (saves time).
+        cav: a CAV to use instead of fitting one.
+    """
+    config = config or CorrectionConfig()
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    if cav is None:
+        cav = fit_cav(
+            model, train_images, train_labels, artifact_rows, config.layer, class_id=class_id, n_classes=n_classes,
+            clean=config.clean, pooling=config.pooling, estimator=config.estimator, test_size=config.test_size,
+            random_state=config.seed,
+        )
+    seconds["cav"] = time.perf_counter() - start
+    log.info("CAV at %s (%s, %s): held-out AUC %.3f", cav.layer, cav.pooling, cav.estimator, cav.auc)
+
+    def run_evaluation(candidate: nn.Module, name: str) -> EvaluationResult:
+        return evaluate(
+            candidate, test_images, test_labels, cav.class_id, stamp, mask=mask, name=name,
+            relevance_samples=config.relevance_samples, random_state=config.seed,
+        )
+
+    start = time.perf_counter()
+    if before is None:
+        before = run_evaluation(model, "original")
+    seconds["evaluate_before"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    corrected, facts = build_correction(model, cav, train_images, train_labels, np.asarray(artifact_rows), config)
+    seconds["correction"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    after = run_evaluation(corrected, config.method)
+    after.seconds = seconds["correction"] + seconds["cav"]
+    seconds["evaluate_after"] = time.perf_counter() - start
+
+    report = CorrectionReport(
+        method=config.method, config=config, cav=cav, before=before, after=after,
+        recovered=recovered_share(before, after), clean_change=after.clean_accuracy - before.clean_accuracy,
+        seconds=seconds, model=corrected, history=facts.get("history"),
+        detector_auc=facts.get("detector_auc"), threshold=facts.get("threshold"),
+    )
+    if output_dir is not None:
+        start = time.perf_counter()
+        example = torch.as_tensor(np.ascontiguousarray(test_images[:8]))
+        report.export = export_corrected(
+            corrected, output_dir, method=config.method, cav=cav, example_input=example,
+            torchscript=config.torchscript, extra={"before": before.to_dict(), "after": after.to_dict()},
+        )
+        seconds["export"] = time.perf_counter() - start
+        (Path(output_dir) / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def correct_demo(spec: Any, artifact_rows: np.ndarray, config: CorrectionConfig | None = None) -> CorrectionReport:
+    """Correct the demo model of job ``spec`` (a :class:`spray.jobs.JobSpec`) for the artifact in ``artifact_rows``.
+
+    The data and model are those of ``spray audit`` for the same spec: the demo set is
+    regenerated from ``[data]`` and ``job.seed``, and the model comes from (or is trained
+    into) the audit's cache ``<output>/<job>/stages/model``. ``artifact_rows`` index the
+    training split, i.e. the rows of the audit's ``input.h5`` (``member_rows`` of a flag in
+    ``summary.json``). Results are written to ``<output>/<job>/correction/<method>/``:
+    the export files (see :mod:`spray.correction.export`) and ``report.json``.
+    """
+    from spray.data.demo import DemoConfig, make_demo, stamp_tag, tag_region
+    from spray.models.demo import TrainConfig, load_or_train_demo_model
+
+    config = config or CorrectionConfig()
+    demo = DemoConfig(
+        n_per_class=spec.data.n_per_class,
+        artifact_class=spec.data.artifact_class,
+        artifact_fraction=spec.data.artifact_fraction,
+        seed=spec.job.seed,
+    )
+    train, test = make_demo(demo)
+    n_classes = len(demo.class_names)
+    model, _, _ = load_or_train_demo_model(
+        train.images, train.labels, n_classes, TrainConfig(epochs=spec.model.epochs, seed=spec.job.seed),
+        spec.output_dir / "stages" / "model",
+    )
+    return correct_model(
+        model, train.images, train.labels, test.images, test.labels, np.asarray(artifact_rows),
+        stamp=stamp_tag, mask=tag_region(), config=config, n_classes=n_classes,
+        output_dir=spec.output_dir / "correction" / config.method,
+    )

@@ -1,0 +1,162 @@
+"""SprayConfig validation, analyze_class edge cases and determinism, analyze_dataset."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from spray.analysis.pipeline import SprayConfig, analyze_class, analyze_dataset
+from spray.analysis.preprocess import AnalysisInputError
+
+CONFIG = SprayConfig(embedding="spectral")
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"relevance": "negative"}, "relevance"),
+        ({"normalisation": "zscore"}, "normalisation"),
+        ({"affinity": "cosine"}, "affinity"),
+        ({"clusterer": "dbscan"}, "clusterer"),
+        ({"embedding": "pca"}, "embedding"),
+        ({"n_neighbors": 0}, "n_neighbors"),
+        ({"n_neighbors": 2.5}, "n_neighbors"),
+        ({"max_clusters": 40, "n_eigen": 32}, "max_clusters"),
+        ({"pooled_size": (16,)}, "pooled_size"),
+        ({"pooled_size": (0, 16)}, "pooled_size"),
+        ({"max_cluster_fraction": 1.5}, "max_cluster_fraction"),
+        ({"threshold": float("nan")}, "threshold"),
+        ({"min_eigen_ratio": 1.0}, "min_eigen_ratio"),
+        ({"random_state": -1}, "random_state"),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_field(changes, named):
+    with pytest.raises(ValueError, match=named):
+        SprayConfig(**changes)
+
+
+def test_config_dict_round_trip():
+    config = SprayConfig(pooled_size=(8, 12), n_neighbors=7, threshold=0.4, embedding="tsne")
+    again = SprayConfig.from_dict(config.to_dict())
+    assert again == config
+    assert SprayConfig.from_dict(SprayConfig(pooled_size=None).to_dict()).pooled_size is None
+    with pytest.raises(ValueError, match="unknown"):
+        SprayConfig.from_dict({"n_neighbours": 3})
+
+
+def test_same_input_and_seed_give_identical_results(make_artifact):
+    maps, _ = make_artifact(240, 0.15, np.random.default_rng(0))
+    first = analyze_class(maps, np.arange(240), 0, "a", CONFIG)
+    second = analyze_class(maps.copy(), np.arange(240), 0, "a", CONFIG)
+    np.testing.assert_array_equal(first.labels, second.labels)
+    np.testing.assert_array_equal(first.eigenvalues, second.eigenvalues)
+    np.testing.assert_array_equal(first.spectral_embedding, second.spectral_embedding)
+    assert [c.artifact_score for c in first.clusters] == [c.artifact_score for c in second.clusters]
+
+
+def test_result_fields_are_consistent(make_artifact):
+    maps, _ = make_artifact(200, 0.2, np.random.default_rng(1))
+    result = analyze_class(maps, np.arange(200), 4, "cat", CONFIG, space="heatmap")
+    n = len(result.rows)
+    assert (result.class_index, result.class_name, result.space) == (4, "cat", "heatmap")
+    assert result.labels.shape == (n,) and result.embedding_2d.shape == (n, 2)
+    assert result.spectral_embedding.shape == (n, len(result.eigenvalues))
+    assert len(result.clusters) == result.n_clusters == len(np.unique(result.labels))
+    assert result.class_mean_heatmap.shape == (16, 16)
+    scores = [c.artifact_score for c in result.clusters]
+    assert scores == sorted(scores, reverse=True)
+    for cluster in result.clusters:
+        expected = result.rows[result.labels == cluster.cluster_id]
+        np.testing.assert_array_equal(cluster.member_rows, expected)
+        assert cluster.mean_heatmap.shape == (16, 16)
+
+
+def test_unsorted_rows_come_back_ascending_and_aligned(make_artifact):
+    maps, truth = make_artifact(200, 0.2, np.random.default_rng(2))
+    rows = np.random.default_rng(3).permutation(np.arange(500, 700))
+    result = analyze_class(maps, rows, 0, "a", CONFIG)
+    assert (np.diff(result.rows) > 0).all()
+    artifact_rows = set(rows[truth].tolist())
+    top = result.clusters[0]
+    assert top.flagged and set(top.member_rows.tolist()) == artifact_rows
+
+
+def test_nan_heatmaps_raise_naming_rows():
+    maps = np.random.default_rng(4).standard_normal((50, 16, 16))
+    maps[[5, 9]] = np.nan
+    with pytest.raises(AnalysisInputError, match=r"2 of 50.*\b105\b.*\b109\b"):
+        analyze_class(maps, np.arange(100, 150), 0, "a", CONFIG)
+
+
+def test_too_small_class_is_not_analysable():
+    config = SprayConfig(embedding="spectral", n_neighbors=10, min_class_size=2)
+    maps = np.random.default_rng(5).standard_normal((10, 16, 16))
+    result = analyze_class(maps, np.arange(10), 2, "rare", config)
+    assert not result.analysable
+    assert "10" in result.reason and "n_neighbors" in result.reason
+    assert result.rows.size == 0 and result.labels.size == 0 and result.clusters == []
+    assert result.embedding_2d.shape == (0, 2)
+
+
+def test_all_constant_class_is_not_analysable():
+    result = analyze_class(np.zeros((40, 16, 16)), np.arange(40), 1, "blank", CONFIG)
+    assert not result.analysable and "constant" in result.reason
+
+
+def test_constant_maps_are_left_out(make_clean):
+    maps = make_clean(60, np.random.default_rng(6))
+    maps[[3, 30]] = 0.0
+    result = analyze_class(maps, np.arange(60), 0, "a", CONFIG)
+    assert result.analysable
+    assert len(result.rows) == 58 and not np.isin([3, 30], result.rows).any()
+
+
+def test_vector_input_is_analysed(make_blobs):
+    points, truth = make_blobs([60, 20], np.random.default_rng(7), dim=32)
+    result = analyze_class(points, np.arange(80), 0, "a", CONFIG, space="concept:layer3")
+    assert result.analysable and result.n_clusters == 2
+    assert result.clusters[0].mean_heatmap.shape == (1, 32)
+    members = {tuple(sorted(c.member_rows.tolist())) for c in result.clusters}
+    assert tuple(np.flatnonzero(truth == 1).tolist()) in members
+
+
+def test_dataset_analysis_groups_by_label_and_reads_hdf5(make_artifact, make_clean, tmp_path):
+    rng = np.random.default_rng(8)
+    artifact_maps, truth = make_artifact(150, 0.2, rng)
+    clean_maps = make_clean(150, rng)
+    order = rng.permutation(300)  # interleave the classes
+    maps = np.concatenate([artifact_maps, clean_maps])[order]
+    labels = np.r_[np.zeros(150, int), np.ones(150, int)][order]
+    artifact_rows = np.flatnonzero(np.isin(order, np.flatnonzero(truth)))
+
+    in_memory = analyze_dataset(maps, labels, ["dog", "cat"], CONFIG)
+    path = tmp_path / "attributions.h5"
+    with h5py.File(path, "w") as handle:
+        handle["attribution"] = maps.astype(np.float32)
+        handle["label"] = labels
+    with h5py.File(path, "r") as handle:
+        from_file = analyze_dataset(handle["attribution"], handle["label"], ["dog", "cat"], CONFIG)
+
+    assert [a.class_index for a in in_memory] == [0, 1]
+    assert [a.class_name for a in from_file] == ["dog", "cat"]
+    for memory, stored in zip(in_memory, from_file):
+        np.testing.assert_array_equal(memory.rows, np.flatnonzero(labels == memory.class_index))
+        np.testing.assert_array_equal(memory.rows, stored.rows)
+        np.testing.assert_array_equal(memory.labels, stored.labels)
+    dog, cat = in_memory
+    assert dog.clusters[0].flagged
+    np.testing.assert_array_equal(dog.clusters[0].member_rows, artifact_rows)
+    assert not any(c.flagged for c in cat.clusters)
+
+
+def test_dataset_analysis_row_subset_and_requested_classes(make_clean):
+    maps = make_clean(120, np.random.default_rng(9))
+    labels = np.r_[np.zeros(60, int), np.ones(60, int)]
+    subset = np.arange(0, 120, 2)
+    results = analyze_dataset(maps, labels, ["a", "b", "c"], CONFIG, rows=subset, classes=[1, 2])
+    assert [r.class_index for r in results] == [1, 2]
+    assert set(results[0].rows.tolist()) == set(range(60, 120, 2))
+    assert not results[1].analysable and "no samples" in results[1].reason
+    with pytest.raises(AnalysisInputError, match="labels outside"):
+        analyze_dataset(maps, labels, ["a"], CONFIG)
