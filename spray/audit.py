@@ -1,8 +1,10 @@
 """Runs one audit from a job spec: data -> model -> attributions -> SpRAy -> report.
 
-Every stage writes a file under ``<output>/<job>/stages/`` and a stage whose output
-already exists for the same inputs is skipped, so a re-run after a crash or with only the
-report changed costs little.
+Every stage writes a file under ``<output>/<job>/stages/``; a stage whose output already
+exists for the same inputs (same content fingerprint of data, model and settings) is
+reused, so a re-run after a crash, or a scheduled run on unchanged inputs, costs little.
+Reports go to ``<output>/<job>/`` or, with ``job.dated = true``, to a new
+``<output>/<job>/runs/<UTC time>/`` per run, of which the newest ``job.keep_runs`` are kept.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,17 +25,29 @@ import numpy as np
 import torch
 
 from spray.analysis.pipeline import SprayConfig, analyze_dataset
-from spray.attribution.engine import AttributionSettings, attribute_dataset
+from spray.analysis.result import ClassAnalysis
+from spray.attribution.engine import AttributionSettings, attribute_dataset, model_fingerprint
 from spray.data.demo import DemoConfig, DemoSplit, make_demo, stamp_tag
-from spray.data.source import H5Source, write_input_h5
+from spray.data.source import DataSource, H5Source, SourceImages, write_input_h5
+from spray.data.sources import (
+    ArrayFileSource,
+    DatasetSource,
+    FolderSource,
+    ImagePreprocessing,
+    load_entry_point,
+    open_h5_source,
+)
 from spray.jobs import JobSpec
 from spray.models.demo import TrainConfig, evaluate_accuracy, load_or_train_demo_model, predict
+from spray.models.sources import entry_point_model, load_state_dict, pickled_model, torchvision_model
 from spray.report.context import ArtifactCheck, ReportContext
 from spray.report.render import render_report
-from spray.store.analysis import write_analysis
+from spray.store.analysis import read_analysis, write_analysis
 from spray.store.attributions import read_attributions
+from spray.store.common import StoreError
 
 log = logging.getLogger(__name__)
+RUN_NAME = re.compile(r"^\d{8}T\d{6}(\d{6})?Z$")
 
 
 @dataclass
@@ -48,30 +64,20 @@ class AuditResult:
         return self.report.parent / "summary.json"
 
 
-def _demo_config(spec: JobSpec) -> DemoConfig:
-    return DemoConfig(
-        n_per_class=spec.data.n_per_class,
-        artifact_class=spec.data.artifact_class,
-        artifact_fraction=spec.data.artifact_fraction,
-        seed=spec.job.seed,
-    )
+@dataclass
+class AuditData:
+    """The audited samples plus what only the demo knows (test split, planted rows)."""
+
+    source: DataSource
+    fingerprint: str
+    description: str
+    demo_test: DemoSplit | None = None
+    stamped_rows: np.ndarray | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _fingerprint(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _prepare_demo_data(spec: JobSpec, stages: Path) -> tuple[Path, DemoSplit, DemoSplit, str]:
-    config = _demo_config(spec)
-    fingerprint = _fingerprint({"demo": asdict(config)})
-    train, test = make_demo(config)
-    path = stages / "input.h5"
-    if not _h5_has_fingerprint(path, fingerprint):
-        write_input_h5(path, train.images, train.labels, train.sample_ids, list(config.class_names))
-        with h5py.File(path, "a") as handle:
-            handle.create_dataset("stamped", data=train.stamped)
-            handle.attrs["fingerprint"] = fingerprint
-    return path, train, test, fingerprint
 
 
 def _h5_has_fingerprint(path: Path, fingerprint: str) -> bool:
@@ -82,6 +88,76 @@ def _h5_has_fingerprint(path: Path, fingerprint: str) -> bool:
             return handle.attrs.get("fingerprint") == fingerprint
     except OSError:
         return False
+
+
+def _demo_data(spec: JobSpec, stages: Path) -> AuditData:
+    config = DemoConfig(
+        n_per_class=spec.data.n_per_class,
+        artifact_class=spec.data.artifact_class,
+        artifact_fraction=spec.data.artifact_fraction,
+        seed=spec.job.seed,
+    )
+    fingerprint = _fingerprint({"demo": asdict(config)})
+    train, test = make_demo(config)
+    path = stages / "input.h5"
+    if not _h5_has_fingerprint(path, fingerprint):
+        write_input_h5(path, train.images, train.labels, train.sample_ids, list(config.class_names))
+        with h5py.File(path, "a") as handle:
+            handle.create_dataset("stamped", data=train.stamped)
+            handle.attrs["fingerprint"] = fingerprint
+    return AuditData(
+        source=H5Source(path),
+        fingerprint=fingerprint,
+        description=f"demo ({len(train.labels)} training images, seed {spec.job.seed})",
+        demo_test=test,
+        stamped_rows=np.flatnonzero(train.stamped),
+    )
+
+
+def open_data(spec: JobSpec, stages: Path) -> AuditData:
+    """The dataset named by ``[data]``, with a content fingerprint for stage reuse."""
+    section = spec.data
+    names = list(section.class_names) or None
+    if section.source == "demo":
+        return _demo_data(spec, stages)
+    if section.source == "folder":
+        source = FolderSource(spec.resolve(section.path), ImagePreprocessing(tuple(section.resize), tuple(section.crop)), section.strict, names)
+        return AuditData(source, source.fingerprint(), f"image folder {section.path} ({len(source)} images)", skipped=source.skipped)
+    if section.source == "h5":
+        source = open_h5_source(spec.resolve(section.path), names)
+        return AuditData(source, source.fingerprint(), f"HDF5 {section.path} ({len(source)} samples)")
+    if section.source == "npz":
+        source = ArrayFileSource(spec.resolve(section.path), names)
+        return AuditData(source, source.fingerprint(), f"npz {section.path} ({len(source)} samples)")
+    dataset = load_entry_point(section.entrypoint, spec.base_dir)()
+    class_names = names or list(getattr(dataset, "classes", [])) or None
+    source = DatasetSource(dataset, class_names or [], section.entrypoint)
+    if not source.class_names:
+        source.class_names = [str(i) for i in range(int(source.labels.max()) + 1)]
+    return AuditData(source, source.fingerprint(), f"entry point {section.entrypoint} ({len(source)} samples)")
+
+
+def open_model(spec: JobSpec, data: AuditData, stages: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model named by ``[model]`` (the demo model is trained once and cached)."""
+    section, n_classes = spec.model, len(data.source.class_names)
+    if section.source == "demo":
+        train = data.source
+        images, labels = train.read(np.arange(len(train))), train.labels
+        model, weights, trained = load_or_train_demo_model(
+            images, labels, n_classes, TrainConfig(epochs=section.epochs, seed=spec.job.seed), stages / "model"
+        )
+        accuracy = evaluate_accuracy(model, data.demo_test.images, data.demo_test.labels)
+        return model, {"test_accuracy": accuracy, "model_weights": weights.name, "model_trained_now": trained}
+    if section.source == "pickle":
+        model = pickled_model(spec.resolve(section.weights), section.trust_pickle)
+    else:
+        if section.source == "torchvision":
+            model = torchvision_model(section.architecture, n_classes)
+        else:
+            model = entry_point_model(section.entrypoint, spec.base_dir, n_classes)
+        if section.weights:
+            load_state_dict(model, spec.resolve(section.weights))
+    return model.eval(), {"model_weights": section.weights or "(entry point)"}
 
 
 def artifact_check(model: torch.nn.Module, test: DemoSplit, target_class: int) -> ArtifactCheck:
@@ -108,79 +184,139 @@ def spray_config(spec: JobSpec) -> SprayConfig:
     return SprayConfig(**section, random_state=spec.job.seed)
 
 
-def run_audit(spec: JobSpec, progress: bool = True) -> AuditResult:
-    """Run every stage of ``spec`` and return the report's location and headline numbers."""
-    torch.manual_seed(spec.job.seed)
-    out = spec.output_dir
-    stages = out / "stages"
-    stages.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    facts: dict[str, Any] = {}
-
-    start = time.perf_counter()
-    input_path, train, test, data_fp = _prepare_demo_data(spec, stages)
-    source = H5Source(input_path)
-    timings["data"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    model, weights, trained = load_or_train_demo_model(
-        train.images, train.labels, len(source.class_names), TrainConfig(epochs=spec.model.epochs, seed=spec.job.seed), stages / "model"
-    )
-    facts["test_accuracy"] = evaluate_accuracy(model, test.images, test.labels)
-    facts["model_weights"] = weights.name
-    facts["model_trained_now"] = trained
-    timings["model"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    settings = AttributionSettings(
+def attribution_settings(spec: JobSpec) -> AttributionSettings:
+    """The attribution stage's settings from ``[attribution]`` and the data's normalisation."""
+    return AttributionSettings(
         composite=spec.attribution.composite,
         canonizers=tuple(spec.attribution.canonizers),
         layers=tuple(spec.attribution.layers),
         target=spec.attribution.target,
         batch_size=spec.attribution.batch_size,
+        mean=tuple(spec.data.mean),
+        std=tuple(spec.data.std),
     )
+
+
+def _analyse(attributions: Any, class_names: list[str], config: SprayConfig, path: Path) -> list[ClassAnalysis]:
+    """SpRAy per class, reusing ``analysis.h5`` when it was computed from the same attributions and config."""
+    key = _fingerprint({"attributions": attributions.fingerprint, "config": config.to_dict()})
+    if _h5_has_fingerprint(path, key):
+        try:
+            return read_analysis(path)
+        except StoreError as error:
+            log.warning("%s is not reusable (%s); analysing again", path, error)
+    analyses = analyze_dataset(attributions.heatmaps, attributions.labels, class_names, config)
+    write_analysis(path, analyses, config)
+    with h5py.File(path, "a") as handle:
+        handle.attrs["fingerprint"] = key
+    return analyses
+
+
+def _run_folder(spec: JobSpec) -> Path:
+    """Where this run's report goes; with dated runs, a new folder and old ones pruned."""
+    out = spec.output_dir
+    if not spec.job.dated:
+        return out
+    runs = out / "runs"
+    folder = runs / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    folder.mkdir(parents=True, exist_ok=False)
+    dated = sorted(p for p in runs.iterdir() if p.is_dir() and RUN_NAME.match(p.name))
+    for old in dated[: max(0, len(dated) - spec.job.keep_runs)]:
+        shutil.rmtree(old)
+    return folder
+
+
+def _inside(root: Path, path: Path) -> Path:
+    """``path`` if it lies inside ``root`` (both resolved), else a ValueError: nothing is written outside."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise ValueError(f"{resolved} lies outside the output folder {root}; refusing to write there.")
+    return resolved
+
+
+def run_audit(spec: JobSpec, progress: bool = True, client: Any = None) -> AuditResult:
+    """Run every stage of ``spec`` and return the report's location and headline numbers.
+
+    ``client``: an optional ``dask.distributed.Client`` for the attribution pass; without
+    one, ``[cluster]`` decides (``none`` runs in this process).
+    """
+    torch.manual_seed(spec.job.seed)
+    out = spec.output_dir
+    stages = _inside(out, out / "stages")
+    stages.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    data = open_data(spec, stages)
+    timings["data"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    model, facts = open_model(spec, data, stages)
+    timings["model"] = time.perf_counter() - start
+
+    start = time.perf_counter()
     attributions_path = stages / "attributions.h5"
-    attribute_dataset(source, model, settings, attributions_path, data_fp, progress=progress)
+    own_client = None
+    if client is None and spec.cluster.kind != "none":
+        from spray.attribution.distributed import start_client
+
+        c = spec.cluster
+        client = own_client = start_client(c.kind, c.workers, c.threads_per_worker, c.memory_limit, c.address)
+    try:
+        attribute_dataset(data.source, model, attribution_settings(spec), attributions_path, data.fingerprint, progress=progress, client=client)
+    finally:
+        if own_client is not None:
+            own_client.close()
+            if spec.cluster.kind == "local":
+                own_client.cluster.close()
     timings["attribution"] = time.perf_counter() - start
 
     check = None
-    if spec.data.source == "demo" and spec.data.artifact_class >= 0:
-        check = artifact_check(model, test, spec.data.artifact_class)
+    if data.demo_test is not None and spec.data.artifact_fraction > 0:
+        check = artifact_check(model, data.demo_test, spec.data.artifact_class)
 
     start = time.perf_counter()
     config = spray_config(spec)
     with read_attributions(attributions_path) as attributions:
-        analyses = analyze_dataset(attributions.heatmaps, attributions.labels, source.class_names, config)
-        write_analysis(stages / "analysis.h5", analyses, config)
+        analyses = _analyse(attributions, data.source.class_names, config, stages / "analysis.h5")
         timings["analysis"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        with h5py.File(input_path, "r") as inputs:
-            stamped = np.flatnonzero(inputs["stamped"][...]) if "stamped" in inputs else None
-            context = ReportContext(
-                job_name=spec.job.name,
-                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                class_names=list(source.class_names),
-                sample_ids=attributions.sample_ids,
-                labels=attributions.labels,
-                predictions=attributions.predictions,
-                images=inputs["data"],
-                heatmaps=attributions.heatmaps,
-                analyses=analyses,
-                threshold=config.threshold,
-                metadata={
-                    "dataset": f"demo ({len(source)} training images, seed {spec.job.seed})",
-                    "model": f"{attributions.metadata['model']} (test accuracy {facts['test_accuracy']:.3f})",
-                    "composite": attributions.metadata["composite"],
-                    "canonizers": ", ".join(attributions.metadata["canonizers"]),
-                    "concept layers": ", ".join(attributions.metadata["layers"]) or "none",
-                    "explained output": attributions.metadata["target"],
-                },
-                artifact_check=check,
-                ground_truth_rows=stamped,
-            )
-            report = render_report(context, out)
-    source.close()
+        predictions = attributions.predictions
+        facts.setdefault("accuracy_on_audited_data", float((predictions == attributions.labels).mean()))
+        metadata = {
+            "dataset": data.description,
+            "model": f"{attributions.metadata['model']}, fingerprint {model_fingerprint(model)}",
+            "composite": attributions.metadata["composite"],
+            "canonizers": ", ".join(attributions.metadata["canonizers"]),
+            "concept layers": ", ".join(attributions.metadata["layers"]) or "none",
+            "explained output": attributions.metadata["target"],
+        }
+        for key in ("test_accuracy", "accuracy_on_audited_data"):
+            if key in facts:
+                metadata[key.replace("_", " ")] = f"{facts[key]:.3f}"
+        if data.skipped:
+            listed = "; ".join(f"{name} ({why})" for name, why in data.skipped[:20])
+            metadata["skipped unreadable images"] = f"{len(data.skipped)}: {listed}" + (" ..." if len(data.skipped) > 20 else "")
+            facts["skipped_images"] = len(data.skipped)
+        context = ReportContext(
+            job_name=spec.job.name,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            class_names=list(data.source.class_names),
+            sample_ids=attributions.sample_ids,
+            labels=attributions.labels,
+            predictions=predictions,
+            images=SourceImages(data.source),
+            heatmaps=attributions.heatmaps,
+            analyses=analyses,
+            threshold=config.threshold,
+            metadata=metadata,
+            artifact_check=check,
+            ground_truth_rows=data.stamped_rows if data.stamped_rows is not None and len(data.stamped_rows) else None,
+        )
+        report = render_report(context, _inside(out, _run_folder(spec)))
+    if hasattr(data.source, "close"):
+        data.source.close()
     timings["report"] = time.perf_counter() - start
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((report.parent / "summary.json").read_text())
     return AuditResult(report=report, summary=summary, timings=timings, facts=facts)

@@ -26,18 +26,32 @@ class JobSpecError(ValueError):
 
 @dataclass
 class JobSection:
-    """``[job]``: name (also the output folder name), output root, seed."""
+    """``[job]``: name (also the output folder name), output root, seed, dated runs and retention."""
 
     name: str = ""
     output: str = "../reports"
     seed: int = 0
+    dated: bool = False
+    keep_runs: int = 10
 
 
 @dataclass
 class DataSection:
-    """``[data]``: where the samples come from. ``source = "demo"`` generates the demo set."""
+    """``[data]``: where the samples come from and how they are preprocessed.
+
+    ``source``: ``demo`` (generated), ``folder`` (one sub-folder per class), ``h5`` (ViRelAy
+    input layout), ``npz`` or ``entrypoint`` (``module:function`` returning a torch Dataset).
+    """
 
     source: str = "demo"
+    path: str = ""
+    entrypoint: str = ""
+    class_names: list[str] = field(default_factory=list)
+    resize: list[int] = field(default_factory=list)
+    crop: list[int] = field(default_factory=list)
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    strict: bool = False
     n_per_class: int = 600
     artifact_class: int = 1
     artifact_fraction: float = 0.3
@@ -45,9 +59,19 @@ class DataSection:
 
 @dataclass
 class ModelSection:
-    """``[model]``: which model to audit. ``source = "demo"`` trains (and caches) the demo CNN."""
+    """``[model]``: which model to audit.
+
+    ``source``: ``demo`` (trained once and cached), ``torchvision`` (``architecture`` plus
+    ``weights``), ``entrypoint`` (``module:function`` or ``file.py:function`` returning an
+    ``nn.Module``, plus optional ``weights``) or ``pickle`` (a whole pickled model in
+    ``weights``; needs ``trust_pickle = true`` because unpickling can run code).
+    """
 
     source: str = "demo"
+    architecture: str = ""
+    entrypoint: str = ""
+    weights: str = ""
+    trust_pickle: bool = False
     epochs: int = 8
 
 
@@ -83,6 +107,17 @@ class ReportSection:
 
 
 @dataclass
+class ClusterSection:
+    """``[cluster]``: where the attribution pass runs: in-process, a local Dask cluster, or a scheduler."""
+
+    kind: str = "none"
+    workers: int = 2
+    threads_per_worker: int = 1
+    memory_limit: str = "4GiB"
+    address: str = ""
+
+
+@dataclass
 class JobSpec:
     """A whole validated job spec; ``path`` is the TOML file it came from (None for built-ins)."""
 
@@ -92,6 +127,7 @@ class JobSpec:
     attribution: AttributionSection = field(default_factory=AttributionSection)
     analysis: AnalysisSection = field(default_factory=AnalysisSection)
     report: ReportSection = field(default_factory=ReportSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
     path: Path | None = None
 
     @property
@@ -115,6 +151,7 @@ SECTIONS: dict[str, type] = {
     "attribution": AttributionSection,
     "analysis": AnalysisSection,
     "report": ReportSection,
+    "cluster": ClusterSection,
 }
 
 
@@ -202,10 +239,33 @@ def _check_values(spec: JobSpec, source: str, text: str) -> None:
             f"{_where(source, text, 'job', 'name')}: job.name {name!r} must be 1-100 letters, digits, '.', '_' or '-' "
             "(it names the output folder), starting with a letter or digit."
         )
-    if spec.data.source != "demo":
-        raise JobSpecError(f"{_where(source, text, 'data', 'source')}: data.source must be 'demo', got {spec.data.source!r}.")
-    if spec.model.source != "demo":
-        raise JobSpecError(f"{_where(source, text, 'model', 'source')}: model.source must be 'demo', got {spec.model.source!r}.")
+    _check_choice(spec.data.source, ("demo", "folder", "h5", "npz", "entrypoint"), "data", "source", source, text)
+    _check_choice(spec.model.source, ("demo", "torchvision", "entrypoint", "pickle"), "model", "source", source, text)
+    _check_choice(spec.cluster.kind, ("none", "local", "address"), "cluster", "kind", source, text)
+    if spec.model.source == "demo" and spec.data.source != "demo":
+        raise JobSpecError(f"{_where(source, text, 'model', 'source')}: the demo model only fits the demo data; set model.source.")
+    if spec.data.source in ("folder", "h5", "npz"):
+        _check_path(spec, spec.data.path, "data", "path", source, text, folder=spec.data.source == "folder")
+    if spec.model.source in ("torchvision", "pickle") or (spec.model.source == "entrypoint" and spec.model.weights):
+        _check_path(spec, spec.model.weights, "model", "weights", source, text, folder=False)
+    for section, key in (("data", "entrypoint"), ("model", "entrypoint")):
+        needed = getattr(spec, section).source == "entrypoint"
+        if needed and ":" not in getattr(getattr(spec, section), key):
+            raise JobSpecError(f"{_where(source, text, section, key)}: [{section}] {key} must look like 'package.module:function' or 'file.py:function'.")
+    if spec.model.source == "torchvision" and not spec.model.architecture:
+        raise JobSpecError(f"{_where(source, text, 'model', 'source')}: model.source = 'torchvision' needs model.architecture (e.g. 'resnet18').")
+    if len(spec.data.mean) != len(spec.data.std):
+        raise JobSpecError(f"{_where(source, text, 'data', 'std')}: data.mean and data.std need the same length (one value per channel).")
+    if any(v <= 0 for v in spec.data.std):
+        raise JobSpecError(f"{_where(source, text, 'data', 'std')}: data.std values must be positive.")
+    for key in ("resize", "crop"):
+        values = getattr(spec.data, key)
+        if len(values) not in (0, 1, 2) or any(v < 1 for v in values):
+            raise JobSpecError(f"{_where(source, text, 'data', key)}: data.{key} must be [] , [side] or [height, width] with positive sizes.")
+    if spec.cluster.kind == "address" and not spec.cluster.address:
+        raise JobSpecError(f"{_where(source, text, 'cluster', 'kind')}: cluster.kind = 'address' needs cluster.address (e.g. 'tcp://scheduler:8786').")
+    if spec.job.keep_runs < 1:
+        raise JobSpecError(f"{_where(source, text, 'job', 'keep_runs')}: job.keep_runs must be at least 1.")
     from spray.data.demo import DemoConfig  # the demo's own checks, reported with the spec's line
 
     try:
@@ -215,6 +275,21 @@ def _check_values(spec: JobSpec, source: str, text: str) -> None:
         raise JobSpecError(f"{_where(source, text, 'data', key)}: [data] {error}") from error
     if spec.attribution.batch_size < 1:
         raise JobSpecError(f"{_where(source, text, 'attribution', 'batch_size')}: batch_size must be at least 1.")
+
+
+def _check_choice(value: str, choices: tuple[str, ...], section: str, key: str, source: str, text: str) -> None:
+    if value not in choices:
+        raise JobSpecError(f"{_where(source, text, section, key)}: {section}.{key} must be one of {', '.join(choices)}; got {value!r}.")
+
+
+def _check_path(spec: JobSpec, value: str, section: str, key: str, source: str, text: str, folder: bool) -> None:
+    kind = "folder" if folder else "file"
+    resolved = spec.resolve(value) if value else None
+    if resolved is None or not (resolved.is_dir() if folder else resolved.is_file()):
+        raise JobSpecError(
+            f"{_where(source, text, section, key)}: {section}.{key} {value!r} is not a {kind} (resolved to {resolved}); "
+            "give its path relative to the job file."
+        )
 
 
 def load_job(path: Path) -> JobSpec:

@@ -41,8 +41,8 @@ def test_bad_specs_name_file_line_and_key(text: str, message: str) -> None:
 
 
 def test_unsupported_source_is_named() -> None:
-    with pytest.raises(JobSpecError, match=r"x\.toml:4: data\.source must be 'demo', got 'folder'"):
-        parse_job('[job]\nname = "a"\n[data]\nsource = "folder"\n', source="jobs/x.toml")
+    with pytest.raises(JobSpecError, match=r"x\.toml:4: data\.source must be one of demo, folder, h5, npz, entrypoint; got 'web'"):
+        parse_job('[job]\nname = "a"\n[data]\nsource = "web"\n', source="jobs/x.toml")
 
 
 def test_missing_job_file_is_named(tmp_path: Path) -> None:

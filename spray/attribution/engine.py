@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +40,20 @@ class AttributionSettings:
     layers: tuple[str, ...] = ()
     target: str = "label"
     batch_size: int = 64
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def model_input(self, images: np.ndarray) -> torch.Tensor:
+        """Display images in [0, 1] -> the model's input (normalised with ``mean``/``std`` if given).
+
+        Heatmaps are taken at this tensor, so they stay aligned with the display images.
+        """
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        if self.mean:
+            mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
+            std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
+            x = (x - mean) / std
+        return x
 
     def __post_init__(self) -> None:
         if self.target not in ("label", "prediction"):
@@ -70,9 +85,9 @@ def _check_batch(images: np.ndarray, rows: np.ndarray, sample_ids: Sequence[str]
         )
 
 
-def _check_model(model: nn.Module, source: DataSource) -> int:
+def _check_model(model: nn.Module, source: DataSource, settings: AttributionSettings) -> int:
     """Run one sample through the model and check its output against the class count."""
-    sample = torch.from_numpy(source.read(np.array([0])))
+    sample = settings.model_input(source.read(np.array([0])))
     with torch.no_grad():
         try:
             output = model.eval()(sample)
@@ -89,6 +104,21 @@ def _check_model(model: nn.Module, source: DataSource) -> int:
     return n_classes
 
 
+def explain_chunk(
+    explainer: Explainer, model: nn.Module, settings: AttributionSettings, images: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Heatmaps, logits, explained targets and concept relevances of one chunk of display images."""
+    x = settings.model_input(images)
+    if settings.target == "label":
+        targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    else:
+        with torch.no_grad():
+            targets = model(x).argmax(1)
+    result = explainer.explain(x, targets)
+    concepts = {name: value.numpy() for name, value in result.concepts.items()}
+    return result.heatmaps.numpy(), result.logits.numpy(), targets.numpy(), concepts
+
+
 def attribute_dataset(
     source: DataSource,
     model: nn.Module,
@@ -96,16 +126,19 @@ def attribute_dataset(
     out_path: Path,
     data_fingerprint: str,
     progress: bool = True,
+    client: Any = None,
 ) -> Path:
     """Explain every sample of ``source`` and write ``out_path`` (see ``spray.store.attributions``).
 
-    Returns the finished file's path. Interrupted runs resume from ``out_path.partial``.
+    Returns the finished file's path. Interrupted runs resume from ``out_path.partial``. With a
+    ``dask.distributed.Client``, chunks are explained on its workers (each holds one copy of
+    the model) and written here as they complete; the file is the same as a local run's.
     """
-    n_classes = _check_model(model, source)
+    n_classes = _check_model(model, source, settings)
     layer_modules = resolve_layers(model, settings.layers)
     first = source.read(np.array([0]))
     image_shape = tuple(first.shape[1:])
-    concept_channels = _probe_channels(model, first, layer_modules)
+    concept_channels = _probe_channels(model, settings.model_input(first), layer_modules)
     metadata = {
         "model": type(model).__name__,
         "composite": settings.composite,
@@ -113,6 +146,8 @@ def attribute_dataset(
         "layers": list(settings.layers),
         "target": settings.target,
         "class_names": list(source.class_names),
+        "input_mean": list(settings.mean),
+        "input_std": list(settings.std),
     }
     fingerprint = hashlib.sha256(
         json.dumps({"data": data_fingerprint, "model": model_fingerprint(model), **metadata, "batch": settings.batch_size}, sort_keys=True).encode()
@@ -132,28 +167,29 @@ def attribute_dataset(
     writer = AttributionWriter(Path(out_path), layout, source.labels, source.sample_ids)
     try:
         pending = writer.pending_chunks()
-        composite = make_composite(settings.composite, settings.canonizers)
-        bar = tqdm(total=len(source), desc="attribution", unit="img", disable=not progress, initial=len(source) - sum(len(writer.chunk_rows(c)) for c in pending))
-        with Explainer(model, composite, settings.layers) as explainer:
+        done = len(source) - sum(len(writer.chunk_rows(c)) for c in pending)
+        bar = tqdm(total=len(source), desc="attribution", unit="img", disable=not progress, initial=done)
+
+        def batches() -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
             for chunk in pending:
                 rows = writer.chunk_rows(chunk)
                 images = source.read(rows)
                 _check_batch(images, rows, source.sample_ids, image_shape)
-                x = torch.from_numpy(images)
-                if settings.target == "label":
-                    targets = torch.from_numpy(np.asarray(source.labels[rows], dtype=np.int64))
-                else:
-                    with torch.no_grad():
-                        targets = model(x).argmax(1)
-                result = explainer.explain(x, targets)
-                writer.write_chunk(
-                    chunk,
-                    result.heatmaps.numpy(),
-                    result.logits.numpy(),
-                    targets.numpy(),
-                    {name: value.numpy() for name, value in result.concepts.items()},
-                )
-                bar.update(len(rows))
+                yield chunk, images, np.asarray(source.labels[rows])
+
+        if client is None:
+            composite = make_composite(settings.composite, settings.canonizers)
+            with Explainer(model, composite, settings.layers) as explainer:
+                results = ((chunk, explain_chunk(explainer, model, settings, images, labels)) for chunk, images, labels in batches())
+                for chunk, result in results:
+                    writer.write_chunk(chunk, *result)
+                    bar.update(len(writer.chunk_rows(chunk)))
+        else:
+            from spray.attribution.distributed import explain_on_cluster
+
+            for chunk, result in explain_on_cluster(client, model, settings, batches()):
+                writer.write_chunk(chunk, *result)
+                bar.update(len(writer.chunk_rows(chunk)))
         bar.close()
         return writer.finish()
     finally:
@@ -172,7 +208,7 @@ def _finished_with(path: Path, fingerprint: str) -> bool:
         return False
 
 
-def _probe_channels(model: nn.Module, sample: np.ndarray, layers: dict[str, nn.Module]) -> dict[str, int]:
+def _probe_channels(model: nn.Module, sample: torch.Tensor, layers: dict[str, nn.Module]) -> dict[str, int]:
     """Number of channels at each concept layer, from one forward pass."""
     channels: dict[str, int] = {}
     handles = [
@@ -181,7 +217,7 @@ def _probe_channels(model: nn.Module, sample: np.ndarray, layers: dict[str, nn.M
     ]
     try:
         with torch.no_grad():
-            model.eval()(torch.from_numpy(sample))
+            model.eval()(sample)
     finally:
         for handle in handles:
             handle.remove()

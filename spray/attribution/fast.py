@@ -17,9 +17,13 @@ Models the engine cannot compile raise ``UnsupportedModel`` with the reason;
 
 Supported: ``nn.Conv1d/2d/3d`` (zero padding) and ``nn.Linear`` with the rules of
 ``fast_rules``; BatchNorm (eval); zennit's activations (Pass rule); max, average and adaptive
-pooling; ``nn.Flatten``, dropout, ``nn.Identity``; ``torch.flatten``, ``view``, ``reshape``,
-``torch.cat``, tensor additions, functional ``relu``; zennit's ``Sum`` after ``torch.stack``
-(the residual additions made explicit by the ResNet canonizer).
+pooling modules; ``nn.Flatten``, dropout, ``nn.Identity``; ``torch.flatten``, ``view``,
+``reshape``, ``size``, ``torch.cat``, tensor additions, functional ``relu``, pooling, dropout
+and ``mean`` (the plain gradient, as zennit hooks only modules); zennit's ``Sum`` after
+``torch.stack`` (the residual additions made explicit by the ResNet canonizer). Not supported
+(the fallback takes over): other modules and functions (e.g. ``nn.Mish``, products of tensors,
+slicing), parameters used outside their modules, models that fail to trace, several inputs or
+outputs, and a module with a rule that is called more than once.
 """
 
 from __future__ import annotations
@@ -437,9 +441,9 @@ class Plan:
     output_index: int
     concept_nodes: dict[str, int]
     channels_last: bool
-    first_use: list[int] = field(default_factory=list)
     last_forward_use: list[int] = field(default_factory=list)
     last_backward_use: list[int] = field(default_factory=list)
+    kept: frozenset[int] = frozenset()
 
 
 def _describe(node: fx.Node) -> str:
@@ -507,6 +511,14 @@ def _build(graph: fx.Graph, modules: dict[str, nn.Module], rules: dict, module_o
         raise UnsupportedModel(f"the model's forward takes {len(placeholders)} inputs; the fast engine needs exactly one")
     input_index = placeholders[0]
     output_index = -1
+    calls: dict[str, int] = {}
+    for node in nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for target, count in calls.items():
+        if count > 1 and not isinstance(rules.get(modules[target]), (fr.Pass, type(None))):
+            # zennit's rule hooks keep one input per module, so a second call changes the first one's relevance.
+            raise UnsupportedModel(f"module {target!r} has a rule and is called {count} times")
 
     def ref(arg: object) -> object:
         return fx.node.map_arg(arg, lambda n: Ref(index[n]))
@@ -690,7 +702,8 @@ def _fold_batchnorms(plan: Plan) -> None:
             continue
         weight, bias = producer.forward_weight, producer.forward_bias
         shape = (-1,) + (1,) * (weight.ndim - 1)
-        fmt = torch.channels_last if weight.ndim == 4 and weight.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        channels_last = weight.ndim == 4 and weight.is_contiguous(memory_format=torch.channels_last)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
         producer.forward_weight = (weight * step.scale.view(shape)).contiguous(memory_format=fmt)
         producer.forward_bias = step.shift if bias is None else torch.addcmul(step.shift, bias, step.scale)
         step.folded = True
@@ -734,6 +747,7 @@ def _plan_memory(plan: Plan) -> None:
             last = max(plan.last_forward_use[j] for j in group)
             for j in group:
                 plan.last_forward_use[j] = max(plan.last_forward_use[j], last)
+    plan.kept = frozenset(i for i in range(n) if needed[i]) | {plan.output_index}
 
 
 def _readers(plan: Plan, j: int) -> list[int]:
@@ -799,16 +813,16 @@ class FastExplainer:
         values: list = [None] * n
         states: list[dict] = [{} for _ in range(n)]
         values[plan.input_index] = images
-        keep = {i for i in range(n) if plan.last_backward_use[i] < n} | {plan.output_index}
+        wanted = set(plan.concept_nodes.values())
         shapes = {}
         for i, step in enumerate(steps):
             if step is None:
                 continue
             values[i] = step.forward(values, states[i])
-            if i in plan.concept_nodes.values():
+            if i in wanted:
                 shapes[i] = values[i].shape
             for j in step.inputs:
-                if plan.last_forward_use[j] == i and j not in keep:
+                if plan.last_forward_use[j] == i and j not in plan.kept:
                     values[j] = None
         logits = values[plan.output_index]
         if logits.ndim != 2:
@@ -820,7 +834,6 @@ class FastExplainer:
         relevance: list = [None] * n
         relevance[plan.output_index] = seed
         concepts: dict[int, torch.Tensor] = {}
-        wanted = set(plan.concept_nodes.values())
         for i in range(n - 1, -1, -1):
             r = relevance[i]
             if r is None:

@@ -313,7 +313,7 @@ def linear_relevance(
 def _zplus(rule, lmap, p, x, r, in_shape, nonneg):
     if nonneg:
         z = lmap.apply(x, p.pos, p.bias_pos_stable)
-        g = torch.div(r, z, out=z)
+        g = torch.div(r, z, out=z) if z.dtype == torch.promote_types(r.dtype, z.dtype) else r / z
         return lmap.adjoint(g, p.pos, in_shape).mul_(x)
     xp, xn = x.clamp(min=0), x.clamp(max=0)
     z = lmap.apply(xp, p.pos, p.bias_pos) + lmap.apply(xn, p.neg, None)

@@ -78,9 +78,9 @@ class CorrectionConfig:
     target_fpr: float = 0.01
     soft_gate: bool = False
     temperature: float = 1.0
-    rr_lambda: float = 1000.0
+    rr_lambda: float = 100.0
     rr_epochs: int = 3
-    rr_learning_rate: float = 1e-4
+    rr_learning_rate: float = 1e-3
     rr_target: str = "predicted"
     test_size: float = 0.25
     relevance_samples: int = 64

@@ -88,3 +88,26 @@ class H5Source:
 
     def close(self) -> None:
         self._file.close()
+
+
+class SourceImages:
+    """Array-like, read-only view of a source's display images, for the report.
+
+    Supports ``len``, ``shape``, ``dtype`` and indexing by an integer, a slice or an array of
+    rows; every read goes through ``source.read``.
+    """
+
+    def __init__(self, source: DataSource) -> None:
+        self.source = source
+        first = source.read(np.array([0]))
+        self.shape = (len(source), *first.shape[1:])
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: object) -> np.ndarray:
+        rows = np.arange(len(self.source))[index]
+        if np.ndim(rows) == 0:
+            return self.source.read(np.array([int(rows)]))[0]
+        return self.source.read(np.asarray(rows))

@@ -32,6 +32,67 @@ class ArtifactCheck:
 
 
 @dataclass
+class ConceptPicture:
+    """One picture in a concept atlas: a (cropped) image and its conditional heatmap.
+
+    Attributes:
+        row: row in the attribution file.
+        sample_id: the dataset's id of the row (escape before showing).
+        relevance: the concept's stored relevance on this row (``concepts/<layer>``).
+        image: (C, h, w) display pixels in [0, 1], cropped to ``box`` and shrunk.
+        heatmap: (h', w') the concept's conditional heatmap over the same crop.
+        box: ``(top, bottom, left, right)`` of the crop in input pixels (bottom and
+            right exclusive); the whole image for an uncropped picture.
+    """
+
+    row: int
+    sample_id: str
+    relevance: float
+    image: np.ndarray
+    heatmap: np.ndarray
+    box: tuple[int, int, int, int]
+
+
+@dataclass
+class AtlasConcept:
+    """A concept (one channel of the concept layer) that sets a cluster apart from its class.
+
+    Attributes:
+        channel: channel index in the concept layer.
+        distinction: standardised difference of the channel's relevance share between
+            the cluster and the rest of its class (higher: used more by the cluster).
+        cluster_share / rest_share: mean share of the total concept relevance that the
+            channel carries, in the cluster and in the rest of the class.
+        representative: the channel's conditional heatmap on the cluster's most typical
+            member (uncropped).
+        references: the dataset's samples with the highest stored relevance of this
+            channel (relevance maximisation), cropped to where the channel's relevance is.
+    """
+
+    channel: int
+    distinction: float
+    cluster_share: float
+    rest_share: float
+    representative: ConceptPicture | None
+    references: list[ConceptPicture] = field(default_factory=list)
+
+
+@dataclass
+class ClusterAtlas:
+    """The concepts that distinguish one cluster, at one concept layer.
+
+    ``(class_index, space, cluster_id)`` names the cluster as in ``analyses``.
+    """
+
+    class_index: int
+    space: str
+    cluster_id: int
+    layer: str
+    representative_row: int
+    concepts: list[AtlasConcept] = field(default_factory=list)
+
+
+@dataclass
 class ReportContext:
     """Everything the HTML report and ``summary.json`` are rendered from.
 
@@ -54,6 +115,9 @@ class ReportContext:
         artifact_check: optional stamping evidence (the demo provides one).
         ground_truth_rows: optional rows known to carry the planted artifact (demo only);
             when given, the report shows each flag's precision and recall against them.
+        concept_atlas: optional CRP concept atlas per cluster (see
+            ``spray.report.atlas.build_concept_atlas``, which needs the model and data);
+            the report renders without it.
     """
 
     job_name: str
@@ -69,3 +133,4 @@ class ReportContext:
     metadata: dict[str, str] = field(default_factory=dict)
     artifact_check: ArtifactCheck | None = None
     ground_truth_rows: np.ndarray | None = None
+    concept_atlas: list[ClusterAtlas] | None = None

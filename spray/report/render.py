@@ -1,8 +1,11 @@
 """Write an audit's report folder: ``index.html`` (self-contained) and ``summary.json``.
 
-``index.html`` carries its CSS inline and its pictures as ``data:`` URIs, runs no
-scripts and loads nothing from the network (its Content-Security-Policy forbids it), so
-it can be mailed, attached to a CI run or opened offline. Templates live in
+``index.html`` carries its CSS, its one script and its pictures inline (``data:`` URIs)
+and loads nothing from the network, so it can be mailed, attached to a CI run or opened
+from ``file://`` offline. Its Content-Security-Policy allows images from ``data:`` only and
+exactly one script, named by its SHA-256 hash: the package's ``templates/report.js``
+(class filter, click-to-zoom; the page is complete without it). Nothing else can run,
+even if a dataset string slipped through escaping. Templates live in
 ``spray/report/templates`` and are rendered by jinja2 with autoescaping on: every dataset
 string (class names, sample ids, metadata) reaches the page escaped.
 
@@ -12,12 +15,15 @@ name is ever built from dataset strings. Both files are written atomically.
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import math
 import os
 from pathlib import Path
 
 import jinja2
+from markupsafe import Markup
 
 from spray.report.context import ReportContext
 from spray.report.summary import build_summary, write_summary, write_text_atomic
@@ -49,11 +55,28 @@ def render_report(
     folder.mkdir(parents=True, exist_ok=True)
     summary = build_summary(context)
     page = build_page(context, summary, limits)
-    html = environment().get_template("report.html").render(page=page)
+    script, script_hash = page_script()
+    html = environment().get_template("report.html").render(
+        page=page, script=script, script_hash=script_hash
+    )
     write_summary(folder / SUMMARY_FILE, summary)
     report = folder / REPORT_FILE
     write_text_atomic(report, html)
     return report
+
+
+@functools.cache
+def page_script() -> tuple[Markup, str]:
+    """The page's inline script and its CSP source expression ``sha256-<base64>``.
+
+    The script is a fixed file of this package (no dataset data), so it is inserted
+    unescaped; the hash is computed over exactly the inserted text.
+    """
+    text = (TEMPLATES / "report.js").read_text(encoding="utf-8")
+    if "</" in text:
+        raise ValueError("templates/report.js must not contain '</' (it would end the script).")
+    digest = base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii")
+    return Markup(text), f"sha256-{digest}"
 
 
 @functools.cache

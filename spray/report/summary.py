@@ -43,6 +43,7 @@ timestamps of its own, keys of free-form maps sorted). Non-finite numbers are wr
               "score_components": {str: float | null},  # keys sorted
               "member_ids": [str, ...], # sample ids, aligned with member_rows
               "member_rows": [int, ...],    # rows in the attribution file, ascending
+              "accuracy": float | null,     # as for the class, over the members
               "precision": float | null,    # only with ground truth: share of members
                                             #   that carry the planted artifact
               "recall": float | null        # only with ground truth: share of the
@@ -56,11 +57,18 @@ timestamps of its own, keys of free-form maps sorted). Non-finite numbers are wr
         {                               #   (ties: class_index, space, cluster_id)
           "class_index": int, "class_name": str, "space": str, "cluster_id": int,
           "size": int, "artifact_score": float | null,
-          "member_ids": [str, ...], "member_rows": [int, ...],
-          "precision": float | null, "recall": float | null   # only with ground truth
+          "member_ids": [str, ...], "member_rows": [int, ...], "accuracy": float | null,
+          "precision": float | null, "recall": float | null,  # only with ground truth
+          "concepts": [                 # only when the audit built a concept atlas
+            {"layer": str, "channel": int, "distinction": float | null,
+             "reference_rows": [int, ...]}, ...   # highest stored relevance first
+          ]
         }, ...
       ]
     }
+
+Keys are only ever added within a schema version (``accuracy`` and ``concepts`` were),
+so a reader should ignore keys it does not know.
 
 A CI gate can fail a build with ``len(summary["flags"]) > 0``.
 """
@@ -78,7 +86,7 @@ import numpy as np
 
 from spray.analysis.result import ClassAnalysis, ClusterResult
 from spray.report.context import ArtifactCheck, ReportContext
-from spray.report.rows import texts_at
+from spray.report.rows import take_rows, texts_at
 
 SCHEMA_VERSION = 1
 
@@ -88,8 +96,12 @@ def build_summary(context: ReportContext) -> dict[str, Any]:
     truth = _truth_rows(context)
     analyses = sorted_analyses(context.analyses)
     classes = [_class_entry(context, analysis, truth) for analysis in analyses]
+    atlas = {
+        (int(item.class_index), str(item.space), int(item.cluster_id)): item
+        for item in context.concept_atlas or []
+    }
     flags = [
-        _flag_entry(entry, cluster)
+        _flag_entry(entry, cluster, atlas)
         for entry in classes
         for cluster in entry["clusters"]
         if cluster["flagged"]
@@ -198,6 +210,7 @@ def _class_entry(
     context: ReportContext, analysis: ClassAnalysis, truth: np.ndarray | None
 ) -> dict[str, Any]:
     rows = _vector(analysis.rows).astype(np.int64)
+    correct = _correct(context, rows)
     clusters = []
     for cluster in sorted_clusters(list(analysis.clusters)):
         member_rows = np.sort(np.asarray(cluster.member_rows, dtype=np.int64).reshape(-1))
@@ -212,6 +225,7 @@ def _class_entry(
             },
             "member_ids": texts_at(context.sample_ids, member_rows),
             "member_rows": [int(row) for row in member_rows],
+            "accuracy": _accuracy(correct, rows, member_rows),
         }
         if truth is not None:
             entry["precision"], entry["recall"] = overlap(member_rows, truth, rows)
@@ -224,6 +238,7 @@ def _class_entry(
         "reason": str(analysis.reason or ""),
         "n_samples": int(rows.size),
         "n_clusters": int(analysis.n_clusters),
+        "accuracy": _accuracy(correct, rows, rows),
         "eigenvalues": [finite_or_none(value) for value in _vector(analysis.eigenvalues)],
         "clusters": clusters,
     }
@@ -234,12 +249,42 @@ def _vector(values: Any) -> np.ndarray:
     return np.empty(0) if values is None else np.asarray(values).reshape(-1)
 
 
-def _flag_entry(class_entry: dict[str, Any], cluster: dict[str, Any]) -> dict[str, Any]:
+def _correct(context: ReportContext, rows: np.ndarray) -> np.ndarray:
+    """Per analysed row: 1 predicted as labelled, 0 not, -1 unlabelled (label < 0)."""
+    labels = take_rows(context.labels, rows).astype(np.int64).reshape(-1)
+    predictions = take_rows(context.predictions, rows).astype(np.int64).reshape(-1)
+    return np.where(labels < 0, -1, (labels == predictions).astype(np.int64))
+
+
+def _accuracy(correct: np.ndarray, rows: np.ndarray, subset: np.ndarray) -> float | None:
+    """Share of labelled rows of ``subset`` (a subset of ``rows``) predicted as labelled."""
+    positions = np.searchsorted(rows, subset)
+    inside = positions < rows.size
+    positions = positions[inside][rows[positions[inside]] == subset[inside]]
+    known = correct[positions]
+    known = known[known >= 0]
+    return float(known.mean()) if known.size else None
+
+
+def _flag_entry(
+    class_entry: dict[str, Any], cluster: dict[str, Any], atlas: dict[tuple[int, str, int], Any]
+) -> dict[str, Any]:
     flag = {key: class_entry[key] for key in ("class_index", "class_name", "space")}
-    keys = ("cluster_id", "size", "artifact_score", "member_ids", "member_rows")
+    keys = ("cluster_id", "size", "artifact_score", "member_ids", "member_rows", "accuracy")
     for key in (*keys, "precision", "recall"):
         if key in cluster:
             flag[key] = cluster[key]
+    item = atlas.get((flag["class_index"], flag["space"], flag["cluster_id"]))
+    if item is not None:
+        flag["concepts"] = [
+            {
+                "layer": str(item.layer),
+                "channel": int(concept.channel),
+                "distinction": finite_or_none(concept.distinction),
+                "reference_rows": [int(picture.row) for picture in concept.references],
+            }
+            for concept in item.concepts
+        ]
     return flag
 
 

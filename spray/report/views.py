@@ -19,7 +19,7 @@ import numpy as np
 
 from spray.analysis.result import ClassAnalysis, ClusterResult
 from spray.report import plots
-from spray.report.context import ReportContext
+from spray.report.context import ClusterAtlas, ConceptPicture, ReportContext
 from spray.report.rows import representatives, take_rows, texts_at
 from spray.report.summary import class_name, sorted_analyses, sorted_clusters
 
@@ -62,6 +62,30 @@ class SampleTile:
     overlay_uri: str = ""
 
 
+#: What each artifact-score component measures (see ``spray.analysis.artifacts``).
+COMPONENT_NOTES: dict[str, str] = {
+    "displacement": "relevance on pixels the rest of the class does not look at",
+    "consistency": "members agree with each other on where the relevance is",
+    "separation": "a distinct group in the analysis space, not a slice of a continuum",
+    "concentration": "relevance more concentrated on few pixels than in the rest of the class",
+    "size_fraction": "share of the class in this cluster (only small minorities can be flagged)",
+}
+#: Components multiplied into the score (geometric mean); the lowest one limits it.
+SCORE_TERMS = ("displacement", "consistency", "separation", "concentration")
+
+
+@dataclass
+class ComponentView:
+    """One named term of a cluster's artifact score."""
+
+    name: str
+    value: float | None
+    note: str
+    bar: float
+    limiting: bool = False
+    strongest: bool = False
+
+
 @dataclass
 class ClusterView:
     """One cluster as shown in its class section (and, when flagged, in the flags list)."""
@@ -73,11 +97,45 @@ class ClusterView:
     share: float
     score: float | None
     flagged: bool
-    components: list[tuple[str, float | None]]
+    components: list[ComponentView]
     precision: float | None
     recall: float | None
+    accuracy: float | None
     mean_heatmap_uri: str | None
     samples: list[SampleTile] = field(default_factory=list)
+
+
+@dataclass
+class PictureView:
+    """One concept-atlas picture: the (cropped) input and its conditional heatmap overlay."""
+
+    row: int
+    sample_id: str
+    relevance: float
+    image_uri: str
+    overlay_uri: str
+
+
+@dataclass
+class ConceptView:
+    """One distinguishing concept of a flagged cluster."""
+
+    channel: int
+    distinction: float | None
+    cluster_share: float | None
+    rest_share: float | None
+    representative: PictureView | None
+    references: list[PictureView]
+
+
+@dataclass
+class AtlasView:
+    """The concept atlas of a flagged cluster at one layer."""
+
+    layer: str
+    representative_row: int
+    representative_id: str
+    concepts: list[ConceptView]
 
 
 @dataclass
@@ -94,6 +152,7 @@ class ClassView:
     n_clusters: int
     n_flagged: int
     top_score: float | None
+    accuracy: float | None
     spectrum_uri: str | None
     embedding_uri: str | None
     class_mean_uri: str | None
@@ -110,6 +169,7 @@ class FlagView:
     cluster: ClusterView
     samples: list[SampleTile] = field(default_factory=list)
     detailed: bool = True
+    atlas: AtlasView | None = None
 
 
 @dataclass
@@ -125,6 +185,7 @@ class PageView:
     artifact_check: dict[str, Any] | None
     flags: list[FlagView]
     classes: list[ClassView]
+    has_atlas: bool = False
 
 
 def build_page(
@@ -148,6 +209,7 @@ def build_page(
         if flag.detailed:
             flag.samples = _tiles(*sources[flag.cluster.anchor], limits.flag_samples)
     _fill_tiles(context, classes, flags)
+    _attach_atlas(context.concept_atlas, flags)
     return PageView(
         job=str(context.job_name),
         created=str(context.created),
@@ -158,6 +220,7 @@ def build_page(
         artifact_check=summary["artifact_check"],
         flags=flags,
         classes=classes,
+        has_atlas=any(flag.atlas is not None for flag in flags),
     )
 
 
@@ -201,6 +264,7 @@ def _class_view(analysis: ClassAnalysis, entry: dict[str, Any], anchor: str) -> 
         n_clusters=entry["n_clusters"],
         n_flagged=sum(cluster.flagged for cluster in clusters),
         top_score=max(scores) if scores else None,
+        accuracy=entry.get("accuracy"),
         spectrum_uri=(
             plots.data_uri(plots.spectrum_png(eigenvalues, analysis.n_clusters))
             if analysis.analysable and eigenvalues.size
@@ -233,11 +297,34 @@ def _cluster_view(
         share=entry["size"] / n_class if n_class else 0.0,
         score=entry["artifact_score"],
         flagged=entry["flagged"],
-        components=list(entry["score_components"].items()),
+        components=component_views(entry["score_components"]),
         precision=entry.get("precision"),
         recall=entry.get("recall"),
+        accuracy=entry.get("accuracy"),
         mean_heatmap_uri=_heatmap_uri(cluster.mean_heatmap),
     )
+
+
+def component_views(components: dict[str, float | None]) -> list[ComponentView]:
+    """The score's terms with notes; marks the lowest and highest multiplied term.
+
+    The score is a geometric mean, so its lowest term limits it and its highest term is
+    what the cluster stands out by.
+    """
+    views = [
+        ComponentView(
+            name=name,
+            value=value,
+            note=COMPONENT_NOTES.get(name, ""),
+            bar=0.0 if value is None else float(min(max(value, 0.0), 1.0)),
+        )
+        for name, value in components.items()
+    ]
+    terms = [view for view in views if view.name in SCORE_TERMS and view.value is not None]
+    if len(terms) >= 2:
+        min(terms, key=lambda view: (view.value, view.name)).limiting = True
+        max(terms, key=lambda view: (view.value, view.name)).strongest = True
+    return views
 
 
 def _flag_views(
@@ -316,6 +403,60 @@ def _fill_tiles(context: ReportContext, classes: list[ClassView], flags: list[Fl
         tile.misclassified = label != prediction
         tile.has_artifact = None if truth is None else tile.row in truth
         tile.image_uri, tile.overlay_uri = pictures[tile.row]
+
+
+def _attach_atlas(atlas: list[ClusterAtlas] | None, flags: list[FlagView]) -> None:
+    """Render the concept atlas of each detailed flag that has one."""
+    if not atlas:
+        return
+    lookup = {(int(item.class_index), str(item.space), int(item.cluster_id)): item for item in atlas}
+    for flag in flags:
+        key = (flag.owner.class_index, flag.owner.space, flag.cluster.cluster_id)
+        item = lookup.get(key)
+        if item is None or not flag.detailed:
+            continue
+        representative = next(
+            (c.representative for c in item.concepts if c.representative is not None), None
+        )
+        flag.atlas = AtlasView(
+            layer=str(item.layer),
+            representative_row=int(item.representative_row),
+            representative_id="" if representative is None else str(representative.sample_id),
+            concepts=[
+                ConceptView(
+                    channel=int(concept.channel),
+                    distinction=_finite(concept.distinction),
+                    cluster_share=_finite(concept.cluster_share),
+                    rest_share=_finite(concept.rest_share),
+                    representative=(
+                        None
+                        if concept.representative is None
+                        else _picture(concept.representative)
+                    ),
+                    references=[_picture(picture) for picture in concept.references],
+                )
+                for concept in item.concepts
+            ],
+        )
+
+
+def _picture(picture: ConceptPicture) -> PictureView:
+    image = np.asarray(picture.image, dtype=np.float64)
+    heatmap = np.asarray(picture.heatmap, dtype=np.float64)
+    return PictureView(
+        row=int(picture.row),
+        sample_id=str(picture.sample_id),
+        relevance=float(picture.relevance),
+        image_uri=plots.data_uri(plots.image_png(image, plots.THUMB_SIDE)),
+        overlay_uri=plots.data_uri(plots.overlay_png(image, heatmap, plots.THUMB_SIDE)),
+    )
+
+
+def _finite(value: float | None) -> float | None:
+    if value is None:
+        return None
+    number = float(value)
+    return number if np.isfinite(number) else None
 
 
 def _heatmap_uri(heatmap: np.ndarray | None) -> str | None:

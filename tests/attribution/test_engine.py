@@ -105,3 +105,30 @@ def test_truncated_file_gives_clear_error(tmp_path, source, model) -> None:
     path.write_bytes(data[: len(data) // 3])
     with pytest.raises(StoreError, match="attributions.h5.*truncated"):
         read_attributions(path)
+
+
+def test_dask_local_cluster_gives_the_same_file_as_one_process(tmp_path, source, model) -> None:
+    from spray.attribution.distributed import start_client
+
+    settings = AttributionSettings(layers=LAYERS, batch_size=8)
+    local = attribute_dataset(source, model, settings, tmp_path / "local" / "attributions.h5", "d", progress=False)
+    client = start_client("local", workers=2, threads_per_worker=1, memory_limit="2GiB")
+    try:
+        spread = attribute_dataset(source, model, settings, tmp_path / "dask" / "attributions.h5", "d", progress=False, client=client)
+    finally:
+        client.close()
+        client.cluster.close()
+    with read_attributions(local) as a, read_attributions(spread) as b:
+        np.testing.assert_array_equal(a.heatmaps[...], b.heatmaps[...])
+        np.testing.assert_array_equal(a.logits[...], b.logits[...])
+        np.testing.assert_array_equal(a.concepts["features.conv4"][...], b.concepts["features.conv4"][...])
+        assert a.fingerprint == b.fingerprint
+
+
+def test_normalisation_is_applied_before_the_model(tmp_path, source, model) -> None:
+    settings = AttributionSettings(batch_size=40, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    path = attribute_dataset(source, model, settings, tmp_path / "attributions.h5", "d", progress=False)
+    with read_attributions(path) as stored, torch.no_grad():
+        expected = model((torch.from_numpy(source.images) - 0.5) / 0.25).numpy()
+        np.testing.assert_allclose(stored.logits[...], expected, rtol=1e-5, atol=1e-6)
+        assert stored.metadata["input_std"] == [0.25, 0.25, 0.25]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 
 import pytest
 import torch
@@ -178,7 +177,10 @@ def test_conservation_with_zero_bias_and_epsilon_rule() -> None:
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
     spec = fr.CompositeSpec(
-        [(Activation, fr.Pass()), (nn.AvgPool2d, fr.Norm(1e-12)), (Convolution, fr.Epsilon(1e-12)), (nn.Linear, fr.Epsilon(1e-12))]
+        [
+            (Activation, fr.Pass()), (nn.AvgPool2d, fr.Norm(1e-12)),
+            (Convolution, fr.Epsilon(1e-12)), (nn.Linear, fr.Epsilon(1e-12)),
+        ]
     )
     x = torch.rand(6, 3, 16, 16, dtype=torch.float64)
     targets = torch.tensor([0, 1, 2, 3, 4, 0])
@@ -250,12 +252,13 @@ class FunctionalNet(nn.Module):
         self.left = nn.Conv2d(6, 4, 3, padding=1)
         self.right = nn.Conv2d(6, 4, 1)
         self.mix = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2)
+        self.mix2 = nn.Conv2d(8, 8, 1, stride=2)
         self.head = nn.Linear(8 * 4 * 4, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.stem(x))
         x = torch.cat([self.left(x), self.right(x)], dim=1) + 0.1
-        x = F.max_pool2d(F.relu(self.mix(x) + self.mix(x)), 2)
+        x = F.max_pool2d(F.relu(self.mix(x) + self.mix2(x)), 2)
         x = F.adaptive_avg_pool2d(x, (4, 4))
         return self.head(x.view(x.size(0), -1))
 
@@ -266,6 +269,23 @@ def test_functional_ops_follow_the_plain_gradient_as_in_zennit(composite: str) -
     net = FunctionalNet().double().eval()
     x, targets = _inputs()
     assert_matches_zennit(net, composite, (), ["left", "mix"], x, targets)
+
+
+def test_a_layer_called_twice_falls_back() -> None:
+    """zennit's rule hooks keep one input per module; such models go to zennit itself."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.head = nn.Linear(3 * 32 * 32, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.flatten(self.conv(torch.relu(self.conv(x))), 1))
+
+    with pytest.raises(UnsupportedModel, match="called 2 times"):
+        FastExplainer(Twice().double(), "epsilon_plus_flat", ())
+    assert engine_name(make_explainer(Twice().double(), "epsilon_plus_flat", ())) == "zennit"
 
 
 def test_model_is_left_unchanged() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +15,9 @@ from spray.correction.clarc import ClarcModel
 from spray.correction.evaluate import EvaluationResult, evaluate
 from spray.data.demo import stamp_tag, tag_region
 from spray.jobs import demo_job
-from spray.models.demo import DemoNet
+from spray.models.demo import DemoNet, TrainConfig
 
-from .conftest import DEMO, TRAIN, Demo
+from .conftest import DEMO, Demo
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +46,13 @@ def test_r_clarc_recovers_most_of_the_attacked_accuracy(tmp_path: Path, demo: De
     assert written["method"] == "r-clarc" and written["recovered_share"] == pytest.approx(report.recovered)
 
 
-@pytest.mark.parametrize("gate", ["detector", "both"])
-def test_exported_model_matches_in_memory_model(tmp_path: Path, demo: Demo, demo_cav: CAV, before: EvaluationResult, gate: str) -> None:
+def test_exported_model_matches_in_memory_model(tmp_path: Path, demo: Demo, demo_cav: CAV, before: EvaluationResult) -> None:
+    """Weights + JSON and TorchScript both rebuild the gated model, detector threshold included."""
+    gate = "both"
+    config = CorrectionConfig(gate=gate, detector_estimator="ridge", relevance_samples=0)
     report = correct_model(
         demo.model, demo.train.images, demo.train.labels, demo.test.images, demo.test.labels,
-        np.flatnonzero(demo.train.stamped), stamp=stamp_tag, config=CorrectionConfig(gate=gate, relevance_samples=0),
-        before=before, cav=demo_cav, output_dir=tmp_path,
+        np.flatnonzero(demo.train.stamped), stamp=stamp_tag, config=config, before=before, cav=demo_cav, output_dir=tmp_path,
     )
     x = torch.from_numpy(np.concatenate([demo.test.images[:8], stamp_tag(demo.test.images[:8])]))
     with torch.no_grad():
@@ -66,6 +66,7 @@ def test_exported_model_matches_in_memory_model(tmp_path: Path, demo: Demo, demo
     assert torch.equal(again, expected)
     config = json.loads((tmp_path / "correction.json").read_text())
     assert config["gate"]["kind"] == gate and config["detector_file"] == "detector.pt"
+    assert config["gate"]["threshold"] == pytest.approx(report.threshold)
 
 
 def test_rr_clarc_lowers_the_penalty_and_exports_a_plain_model(tmp_path: Path, demo: Demo, demo_cav: CAV) -> None:
@@ -77,15 +78,22 @@ def test_rr_clarc_lowers_the_penalty_and_exports_a_plain_model(tmp_path: Path, d
     assert not torch.equal(tuned.features.conv1.weight, demo.model.features.conv1.weight)
 
 
-def test_correct_demo_uses_the_audit_model_cache(tmp_path: Path, demo: Demo) -> None:
+def test_correct_demo_uses_the_audit_data_and_model_cache(tmp_path: Path, demo: Demo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """correct_demo regenerates the spec's demo set and asks the audit's model cache for the model."""
+    import spray.models.demo as demo_models
+
+    calls: list[tuple[int, TrainConfig, Path]] = []
+
+    def cached(images: np.ndarray, labels: np.ndarray, n_classes: int, config: TrainConfig, cache_dir: Path):
+        calls.append((len(images), config, Path(cache_dir)))
+        return demo.model, demo.weights, False
+
+    monkeypatch.setattr(demo_models, "load_or_train_demo_model", cached)
     spec = demo_job(output=tmp_path, name="small", n_per_class=DEMO.n_per_class)
-    spec.model.epochs = TRAIN.epochs
-    cache = spec.output_dir / "stages" / "model"
-    cache.mkdir(parents=True)
-    shutil.copy(demo.weights, cache / demo.weights.name)  # the audit's cache: no training here
+    spec.model.epochs = 6
     report = correct_demo(spec, np.flatnonzero(demo.train.stamped), CorrectionConfig(method="p-clarc", relevance_samples=0))
+    assert calls == [(len(demo.train.images), TrainConfig(epochs=6, seed=spec.job.seed), spec.output_dir / "stages" / "model")]
     folder = spec.output_dir / "correction" / "p-clarc"
     assert report.export is not None and report.export.folder == folder
     assert {p.name for p in folder.iterdir()} >= {"correction.json", "weights.pt", "cav.pt", "cav.json", "model.torchscript.pt", "report.json"}
     assert report.recovered > 0.5
-    assert len(list(cache.iterdir())) == 1

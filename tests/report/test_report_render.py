@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -51,10 +53,20 @@ def test_dataset_strings_are_escaped(rendered: Path) -> None:
 def test_page_is_self_contained(rendered: Path) -> None:
     html = _html(rendered)
     assert not re.search(r"https?:", html, flags=re.IGNORECASE)
-    assert "<script" not in html.lower()
     sources = re.findall(r'src="([^"]*)"', html)
     assert sources and all(source.startswith("data:image/png;base64,") for source in sources)
     assert "<style>" in html and "<link" not in html
+
+
+def test_only_the_hashed_package_script_may_run(rendered: Path) -> None:
+    html = _html(rendered)
+    scripts = re.findall(r"<script>(.*?)</script>", html, flags=re.DOTALL)
+    assert len(scripts) == html.lower().count("<script") == 1
+    digest = base64.b64encode(hashlib.sha256(scripts[0].encode("utf-8")).digest()).decode()
+    policy = re.search(r'http-equiv="Content-Security-Policy" content="([^"]*)"', html).group(1)
+    assert f"script-src 'sha256-{digest}'" in policy
+    assert "default-src 'none'" in policy and "img-src data:" in policy
+    assert "unsafe-inline" not in policy.split("script-src")[1]
 
 
 def test_not_analysable_class_shows_reason(rendered: Path) -> None:

@@ -22,15 +22,15 @@ CHECK_KEYS = {
 }
 CLASS_KEYS = {
     "class_index", "class_name", "space", "analysable", "reason", "n_samples", "n_clusters",
-    "eigenvalues", "clusters",
+    "accuracy", "eigenvalues", "clusters",
 }
 CLUSTER_KEYS = {
     "cluster_id", "size", "artifact_score", "flagged", "score_components", "member_ids",
-    "member_rows",
+    "member_rows", "accuracy",
 }
 FLAG_KEYS = {
     "class_index", "class_name", "space", "cluster_id", "size", "artifact_score", "member_ids",
-    "member_rows",
+    "member_rows", "accuracy",
 }
 TRUTH_KEYS = {"precision", "recall"}
 
@@ -144,3 +144,23 @@ def test_write_is_atomic_and_refuses_nan(tmp_path: Path) -> None:
         write_summary(path, {"schema_version": 1, "bad": float("nan")})
     assert json.loads(path.read_text()) == {"schema_version": 1}
     assert [child.name for child in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_accuracy_per_class_and_cluster(report_context: ReportContext) -> None:
+    summary = build_summary(report_context)
+    class0, class1, cat = summary["classes"]
+    assert class0["accuracy"] == pytest.approx(19 / 20)
+    by_id = {cluster["cluster_id"]: cluster for cluster in class0["clusters"]}
+    assert by_id[1]["accuracy"] == 1.0 and by_id[0]["accuracy"] == pytest.approx(13 / 14)
+    assert class1["clusters"][0]["accuracy"] == pytest.approx(5 / 6)
+    assert summary["flags"][1]["accuracy"] == pytest.approx(5 / 6)
+    assert cat["accuracy"] == 1.0
+
+
+def test_unlabelled_rows_do_not_count_toward_accuracy(report_context: ReportContext) -> None:
+    labels = report_context.labels.copy()
+    labels[20:37] = -1
+    summary = build_summary(dataclasses.replace(report_context, labels=labels))
+    class1 = summary["classes"][1]
+    assert class1["accuracy"] is None
+    assert all(cluster["accuracy"] is None for cluster in class1["clusters"])

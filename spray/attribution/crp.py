@@ -1,0 +1,319 @@
+"""Concept Relevance Propagation (CRP): heatmaps conditioned on channels of one layer.
+
+A concept is a channel of a layer (``features.conv4`` channel 12). Its *conditional
+heatmap* for a class answers "where in the input is the evidence that flows through this
+channel?": the LRP backward pass of the class logit is run as usual, but at the layer's
+output every channel outside the condition gets zero relevance.
+
+How it is done with zennit: under a composite, the gradient arriving at a layer's output
+*is* that output's relevance (zennit's rule hooks store it and map it to the layer's
+input). A tensor hook on the output, registered after the composite's hooks, scales that
+gradient by a 0/1 channel mask before zennit's rule reads it, so the rest of the backward
+pass propagates the masked relevance only. Every zennit rule is linear in the relevance
+it receives (the forward activations are fixed), so masks that partition the channels
+give conditional heatmaps that sum to the full heatmap exactly (up to rounding).
+
+Several conditions on one sample share a forward pass: the sample is repeated along the
+batch axis, one condition per copy (``ConditionalExplainer.explain`` takes one mask per
+batch row).
+
+Reference samples (relevance maximisation): the samples of the dataset on which a concept
+carries the most relevance, read from the concept relevances stored in
+``attributions.h5`` (``concepts/<layer>``), so finding them needs no pass over the data
+(``top_rows_by_concept``). Their conditional heatmaps point at the part of each image the
+concept responds to; ``relevance_box`` finds that part so the picture can be cropped to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from zennit.core import Composite
+
+from spray.attribution.lrp import AttributionConfigError, resolve_layers
+
+#: Rows of a concept matrix read at once by ``top_rows_by_concept``.
+READ_CHUNK = 4096
+
+
+@dataclass
+class ConditionalExplanation:
+    """One batch explained under per-row channel conditions.
+
+    Attributes:
+        heatmaps: (B, H, W) input relevance of each row's condition (channels summed).
+        relevance: (B,) total relevance the condition carries at the layer (the masked
+            output relevance, summed); equals the sum of the row's heatmap for a
+            conservative composite.
+        logits: (B, K) model outputs.
+    """
+
+    heatmaps: torch.Tensor
+    relevance: torch.Tensor
+    logits: torch.Tensor
+
+
+def channel_masks(
+    n_channels: int,
+    channel_sets: Sequence[Sequence[int]],
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """0/1 masks (len(channel_sets), n_channels), one row per condition.
+
+    Raises:
+        ValueError: a channel index outside ``0..n_channels-1``.
+    """
+    masks = torch.zeros(len(channel_sets), int(n_channels), dtype=dtype)
+    for row, channels in enumerate(channel_sets):
+        picked = [int(channel) for channel in channels]
+        bad = [channel for channel in picked if not 0 <= channel < n_channels]
+        if bad:
+            raise ValueError(f"channel(s) {bad} outside 0..{n_channels - 1} of the concept layer.")
+        masks[row, picked] = 1
+    return masks
+
+
+class ConditionalExplainer:
+    """LRP heatmaps whose relevance is restricted to chosen channels of one layer.
+
+    Use as a context manager (like ``spray.attribution.lrp.Explainer``): the composite
+    is registered on entry and removed on exit; parameters are frozen meanwhile.
+
+    Args:
+        model: the classifier (put in eval mode).
+        composite: the zennit composite, the same one the attribution stage used, so
+            conditional heatmaps add up to the stored heatmaps.
+        layer: name of the concept layer (as in ``model.named_modules()``).
+    """
+
+    def __init__(self, model: nn.Module, composite: Composite, layer: str) -> None:
+        self.model = model.eval()
+        self.composite = composite
+        self.layer_name = layer
+        self.layer = resolve_layers(model, [layer])[layer]
+        self._mask: torch.Tensor | None = None
+        self._output: torch.Tensor | None = None
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self._requires_grad: list[bool] = []
+
+    def __enter__(self) -> ConditionalExplainer:
+        parameters = list(self.model.parameters())
+        self._requires_grad = [p.requires_grad for p in parameters]
+        for parameter in parameters:
+            parameter.requires_grad_(False)
+        self.composite.register(self.model)
+        # After the composite's hooks: the mask acts on the gradient zennit's rule receives.
+        self._handle = self.layer.register_forward_hook(self._attach_mask)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self.composite.remove()
+        for parameter, flag in zip(self.model.parameters(), self._requires_grad):
+            parameter.requires_grad_(flag)
+
+    def _attach_mask(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        if not isinstance(output, torch.Tensor):
+            raise AttributionConfigError(
+                f"layer {self.layer_name!r} returns {type(output).__name__}; a concept layer must "
+                "return one tensor (batch, channels, ...)."
+            )
+        mask = self._mask
+        if mask is None or not output.requires_grad:
+            return
+        if mask.shape != output.shape[:2]:
+            raise ValueError(
+                f"masks have shape {tuple(mask.shape)} but layer {self.layer_name!r} has output "
+                f"{tuple(output.shape)}; give one mask of {output.shape[1]} channels per row."
+            )
+        shaped = mask.to(output.dtype).reshape(*mask.shape, *([1] * (output.ndim - 2)))
+        self._output = output
+        output.register_hook(lambda grad: grad * shaped)
+
+    def n_channels(self, sample: torch.Tensor) -> int:
+        """Channels of the concept layer, from one forward pass of ``sample`` (1, C, H, W)."""
+        seen: list[int] = []
+        handle = self.layer.register_forward_hook(lambda _m, _i, out: seen.append(int(out.shape[1])))
+        try:
+            with torch.no_grad():
+                self.model(sample)
+        finally:
+            handle.remove()
+        return seen[0]
+
+    def explain(
+        self, images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor
+    ) -> ConditionalExplanation:
+        """Conditional heatmaps for a batch: row ``i`` explains ``targets[i]`` through ``masks[i]``.
+
+        Args:
+            images: (B, C, H, W) model inputs (repeat a sample to give it several conditions).
+            targets: (B,) class whose logit is explained; its value is the initial relevance.
+            masks: (B, n_channels) weights on the layer's output channels (0/1 for a
+                condition; all ones gives the ordinary heatmap).
+        """
+        if not (len(images) == len(targets) == len(masks)):
+            raise ValueError(
+                f"images, targets and masks need the same length, got {len(images)}, "
+                f"{len(targets)} and {len(masks)}."
+            )
+        x = images.detach().clone().requires_grad_(True)
+        self._mask = masks.detach()
+        try:
+            with torch.enable_grad():
+                logits = self.model(x)
+                if logits.ndim != 2:
+                    raise AttributionConfigError(
+                        f"the model must return (batch, classes) logits, got {tuple(logits.shape)}."
+                    )
+                rows = torch.arange(len(targets))
+                seed = torch.zeros_like(logits)
+                seed[rows, targets] = logits[rows, targets].detach()
+                output = self._output
+                if output is None:
+                    raise AttributionConfigError(
+                        f"layer {self.layer_name!r} was not reached in the forward pass."
+                    )
+                output.retain_grad()
+                logits.backward(seed)
+        finally:
+            self._mask = None
+        relevance = output.grad.reshape(len(x), -1).sum(dim=1)
+        self._output = None
+        return ConditionalExplanation(
+            heatmaps=x.grad.sum(dim=1).detach(),
+            relevance=relevance.detach(),
+            logits=logits.detach(),
+        )
+
+    def explain_channels(
+        self, image: torch.Tensor, target: int, channel_sets: Sequence[Sequence[int]]
+    ) -> ConditionalExplanation:
+        """Conditional heatmaps of one image (C, H, W) for several channel sets, one forward pass."""
+        n_channels = self.n_channels(image[None])
+        masks = channel_masks(n_channels, channel_sets, dtype=image.dtype)
+        batch = image[None].expand(len(channel_sets), *image.shape)
+        targets = torch.full((len(channel_sets),), int(target), dtype=torch.long)
+        return self.explain(batch, targets, masks)
+
+
+def top_rows_by_concept(
+    concepts: Any,
+    channels: Sequence[int],
+    k: int,
+    rows: np.ndarray | None = None,
+    chunk: int = READ_CHUNK,
+) -> dict[int, np.ndarray]:
+    """The ``k`` rows with the highest stored relevance of each channel (relevance maximisation).
+
+    Args:
+        concepts: (N, C) concept relevances, a NumPy array or the ``h5py`` dataset
+            ``concepts/<layer>`` of ``attributions.h5``; read in row chunks of ``chunk``.
+        channels: the channels to rank rows for.
+        k: rows per channel.
+        rows: optional ascending candidate rows (e.g. one class); default all rows.
+
+    Returns:
+        ``{channel: rows}``, highest relevance first; ties go to the lower row, so the
+        result is deterministic.
+    """
+    channels = [int(channel) for channel in channels]
+    candidates = np.arange(concepts.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
+    best_rows = {channel: np.empty(0, dtype=np.int64) for channel in channels}
+    best_values = {channel: np.empty(0, dtype=np.float64) for channel in channels}
+    for start in range(0, candidates.size, chunk):
+        block_rows = candidates[start : start + chunk]
+        block = _read_rows(concepts, block_rows)
+        for channel in channels:
+            values = np.concatenate([best_values[channel], block[:, channel].astype(np.float64)])
+            keys = np.concatenate([best_rows[channel], block_rows])
+            values = np.nan_to_num(values, nan=-np.inf)
+            order = np.lexsort((keys, -values))[:k]
+            best_rows[channel], best_values[channel] = keys[order], values[order]
+    return best_rows
+
+
+def _read_rows(array: Any, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]`` for ascending rows; one slice read when they are consecutive."""
+    if rows.size and rows[-1] - rows[0] + 1 == rows.size:
+        return np.asarray(array[int(rows[0]) : int(rows[-1]) + 1])
+    return np.asarray(array[rows])
+
+
+def relevance_box(
+    heatmap: np.ndarray, mass: float = 0.6, pad: float = 0.15, min_fraction: float = 0.25
+) -> tuple[int, int, int, int]:
+    """The part of an image a conditional heatmap points at, as ``(top, bottom, left, right)``.
+
+    The box bounds the fewest pixels that together hold ``mass`` of the heatmap's positive
+    relevance (the evidence *for* the class), padded by ``pad`` of the image side on every
+    edge and grown to at least ``min_fraction`` of each side, so a one-pixel concept still
+    shows some context. A map without positive relevance gives the whole image.
+    Bottom and right are exclusive, ready for slicing.
+    """
+    values = np.nan_to_num(np.asarray(heatmap, dtype=np.float64), nan=0.0)
+    height, width = values.shape
+    positive = np.clip(values, 0.0, None).reshape(-1)
+    total = positive.sum()
+    if total <= 0:
+        return 0, height, 0, width
+    order = np.argsort(-positive, kind="stable")
+    needed = int(np.searchsorted(np.cumsum(positive[order]), mass * total)) + 1
+    ys, xs = np.unravel_index(order[:needed], (height, width))
+    top, bottom = _padded(int(ys.min()), int(ys.max()) + 1, height, pad, min_fraction)
+    left, right = _padded(int(xs.min()), int(xs.max()) + 1, width, pad, min_fraction)
+    return top, bottom, left, right
+
+
+def _padded(start: int, stop: int, side: int, pad: float, min_fraction: float) -> tuple[int, int]:
+    """Grow ``[start, stop)`` by ``pad * side`` each way and to ``min_fraction * side``, inside ``[0, side)``."""
+    margin = int(round(pad * side))
+    start, stop = max(0, start - margin), min(side, stop + margin)
+    minimum = min(side, max(1, int(np.ceil(min_fraction * side))))
+    missing = minimum - (stop - start)
+    if missing > 0:
+        start = max(0, start - missing // 2)
+        stop = min(side, start + minimum)
+        start = max(0, stop - minimum)
+    return start, stop
+
+
+def conditional_heatmaps_for_rows(
+    explainer: ConditionalExplainer,
+    read: Callable[[np.ndarray], np.ndarray],
+    requests: Sequence[tuple[int, int, int]],
+    batch_size: int = 32,
+) -> dict[tuple[int, int], np.ndarray]:
+    """Conditional heatmaps for many ``(row, target, channel)`` requests, batched.
+
+    Each row's image is read once (``read`` gets ascending unique rows and returns
+    (n, C, H, W) model inputs); requests are explained ``batch_size`` at a time, one
+    channel each.
+
+    Returns:
+        ``{(row, channel): heatmap (H, W) float64}``.
+    """
+    unique = sorted({(int(row), int(target), int(channel)) for row, target, channel in requests})
+    if not unique:
+        return {}
+    rows = np.array(sorted({row for row, _, _ in unique}), dtype=np.int64)
+    images = torch.from_numpy(np.ascontiguousarray(read(rows)))
+    position = {int(row): index for index, row in enumerate(rows.tolist())}
+    n_channels = explainer.n_channels(images[:1])
+    results: dict[tuple[int, int], np.ndarray] = {}
+    for start in range(0, len(unique), batch_size):
+        batch = unique[start : start + batch_size]
+        picks = torch.tensor([position[row] for row, _, _ in batch], dtype=torch.long)
+        targets = torch.tensor([target for _, target, _ in batch], dtype=torch.long)
+        masks = channel_masks(n_channels, [[channel] for _, _, channel in batch], images.dtype)
+        explained = explainer.explain(images[picks], targets, masks)
+        for (row, _, channel), heatmap in zip(batch, explained.heatmaps):
+            results[(row, channel)] = heatmap.double().numpy()
+    return results

@@ -1,0 +1,155 @@
+"""``<reports root>/index.html``: one page listing every audit under a reports folder.
+
+Each audit folder holds ``summary.json`` beside its ``index.html`` (see
+``spray.report.render``). The listing reads only the summaries: date, job, model,
+dataset (the ``model`` and ``dataset`` metadata entries), number of samples and flags,
+and links each audit's page by a relative link, so the folder can be moved, zipped or
+served as it is. Folders are searched up to ``MAX_DEPTH`` levels below the root
+(``reports/<job>/`` and ``reports/<group>/<job>/``); ``stages`` folders are skipped.
+A summary that cannot be read is listed with the reason instead of failing the page.
+
+Like the audit page, the index is static, escapes every string and loads nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from spray.report.render import REPORT_FILE, SUMMARY_FILE, environment
+from spray.report.summary import write_text_atomic
+
+INDEX_FILE = "index.html"
+MAX_DEPTH = 3
+SKIPPED_FOLDERS = frozenset({"stages", "virelay", "__pycache__"})
+
+
+@dataclass
+class AuditEntry:
+    """One audit as listed in the index."""
+
+    folder: str
+    link: str
+    has_page: bool
+    created: str
+    job: str
+    model: str
+    dataset: str
+    n_samples: int | None
+    n_flags: int | None
+    top_flag: str
+    error: str = ""
+
+
+def find_summaries(root: Path, max_depth: int = MAX_DEPTH) -> list[Path]:
+    """Every ``summary.json`` in folders below ``root`` (not in ``root`` itself), sorted.
+
+    Symbolic links to folders are not followed, so the search stays inside ``root``.
+    """
+    found: list[Path] = []
+    root = Path(root)
+
+    def visit(folder: Path, depth: int) -> None:
+        if depth > max_depth:
+            return
+        try:
+            children = sorted(folder.iterdir(), key=lambda path: path.name)
+        except OSError:
+            return
+        for child in children:
+            if child.is_symlink() or not child.is_dir() or child.name in SKIPPED_FOLDERS:
+                continue
+            if child.name.startswith("."):
+                continue
+            if (child / SUMMARY_FILE).is_file():
+                found.append(child / SUMMARY_FILE)
+            visit(child, depth + 1)
+
+    visit(root, 1)
+    return found
+
+
+def read_entry(root: Path, summary_path: Path) -> AuditEntry:
+    """The index row of one audit; a broken summary gives a row carrying the error."""
+    folder = summary_path.parent
+    relative = folder.relative_to(root)
+    link = "/".join(quote(part) for part in relative.parts) + "/" + REPORT_FILE
+    base = {
+        "folder": relative.as_posix(),
+        "link": link,
+        "has_page": (folder / REPORT_FILE).is_file(),
+    }
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        if not isinstance(summary, dict):
+            raise ValueError("not a JSON object")
+        metadata = summary.get("metadata") or {}
+        flags = summary.get("flags")
+        flags = flags if isinstance(flags, list) else None
+        return AuditEntry(
+            **base,
+            created=str(summary.get("created", "")),
+            job=str(summary.get("job", relative.name)),
+            model=_text(metadata.get("model")),
+            dataset=_text(metadata.get("dataset")),
+            n_samples=_int(summary.get("n_samples")),
+            n_flags=None if flags is None else len(flags),
+            top_flag=_top_flag(flags),
+        )
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        return AuditEntry(
+            **base, created="", job=relative.name, model="", dataset="", n_samples=None,
+            n_flags=None, top_flag="", error=f"summary.json unreadable: {error}",
+        )
+
+
+def build_index(root: str | os.PathLike[str]) -> list[AuditEntry]:
+    """The audits under ``root``, newest first (ties and undated audits by folder)."""
+    root = Path(root).resolve()
+    entries = [read_entry(root, path) for path in find_summaries(root)]
+    entries.sort(key=lambda entry: entry.folder)
+    entries.sort(key=lambda entry: entry.created, reverse=True)
+    return entries
+
+
+def write_index(root: str | os.PathLike[str]) -> Path:
+    """Write ``<root>/index.html`` listing every audit below ``root``; return its path.
+
+    Raises:
+        NotADirectoryError: ``root`` is not a folder.
+        ValueError: ``root`` is itself an audit folder (its ``index.html`` is the
+            audit's page and would be overwritten).
+    """
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root}: not a folder; give the folder that holds the audit folders.")
+    if (root / SUMMARY_FILE).exists():
+        raise ValueError(
+            f"{root} is an audit folder (it has {SUMMARY_FILE}); give the folder above it."
+        )
+    entries = build_index(root)
+    html = environment().get_template("index.html").render(root=root.name, entries=entries)
+    path = root / INDEX_FILE
+    write_text_atomic(path, html)
+    return path
+
+
+def _top_flag(flags: list[Any] | None) -> str:
+    if not flags or not isinstance(flags[0], dict):
+        return ""
+    flag = flags[0]
+    score = flag.get("artifact_score")
+    score_text = f"{score:.3f}" if isinstance(score, (int, float)) else "n/a"
+    return f"{flag.get('class_name', '?')} · cluster {flag.get('cluster_id', '?')} (score {score_text})"
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _int(value: Any) -> int | None:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None

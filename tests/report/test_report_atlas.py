@@ -1,0 +1,123 @@
+"""The concept atlas: distinguishing concepts, reference samples, pictures, and its page section."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from spray.attribution.lrp import make_composite
+from spray.data.source import ArraySource
+from spray.models.demo import DemoNet
+from spray.report.atlas import AtlasSettings, build_concept_atlas, concept_distinction, relevance_shares
+from spray.report.context import ReportContext
+from spray.report.render import render_report
+
+PLANTED = 5
+LAYER = "features.conv4"
+
+
+@pytest.fixture(scope="module")
+def atlas_inputs(report_context: ReportContext) -> dict:
+    """A random demo-shaped model, 32 px images and stored concepts where the flagged
+    cluster of class 0 leans on channel ``PLANTED``."""
+    torch.manual_seed(0)
+    model = DemoNet(3, width=4).eval()
+    rng = np.random.default_rng(3)
+    n = len(report_context.sample_ids)
+    images = rng.random((n, 3, 32, 32)).astype(np.float32)
+    concepts = np.abs(rng.normal(size=(n, 16))).astype(np.float32)
+    flagged = report_context.analyses[2].clusters[0]
+    assert flagged.flagged and report_context.analyses[2].class_index == 0
+    concepts[flagged.member_rows, PLANTED] += 4.0
+    concepts[33, PLANTED] = 50.0  # the dataset-wide top reference of the channel
+    attributions = SimpleNamespace(
+        concepts={LAYER: concepts},
+        targets=np.asarray(report_context.labels),
+        sample_ids=report_context.sample_ids,
+    )
+    source = ArraySource(images, np.asarray(report_context.labels), report_context.sample_ids, report_context.class_names)
+    settings = AtlasSettings(n_concepts=3, n_references=4, display_side=16)
+    atlas = build_concept_atlas(
+        model, make_composite("epsilon_plus_flat"), source, attributions,
+        report_context.analyses, LAYER, settings,
+    )
+    return {"atlas": atlas, "concepts": concepts, "images": images}
+
+
+def test_one_atlas_per_flagged_cluster_in_score_order(atlas_inputs: dict) -> None:
+    atlas = atlas_inputs["atlas"]
+    assert [(item.class_index, item.cluster_id) for item in atlas] == [(0, 1), (1, 0)]
+    assert all(item.layer == LAYER and 1 <= len(item.concepts) <= 3 for item in atlas)
+
+
+def test_the_planted_concept_comes_first_with_its_top_references(
+    atlas_inputs: dict, report_context: ReportContext
+) -> None:
+    item = atlas_inputs["atlas"][0]
+    concept = item.concepts[0]
+    assert concept.channel == PLANTED and concept.distinction > 1.0
+    assert concept.cluster_share > concept.rest_share
+    rows = [picture.row for picture in concept.references]
+    stored = atlas_inputs["concepts"][:, PLANTED]
+    assert rows == np.argsort(-stored, kind="stable")[:4].tolist() and rows[0] == 33
+    assert [picture.relevance for picture in concept.references] == pytest.approx(stored[rows].tolist())
+    members = report_context.analyses[2].clusters[0].member_rows
+    assert item.representative_row in members.tolist()
+    assert concept.representative.row == item.representative_row
+    assert concept.representative.box == (0, 32, 0, 32)
+
+
+def test_pictures_are_small_cropped_and_finite(atlas_inputs: dict) -> None:
+    for item in atlas_inputs["atlas"]:
+        for concept in item.concepts:
+            for picture in [concept.representative, *concept.references]:
+                top, bottom, left, right = picture.box
+                assert 0 <= top < bottom <= 32 and 0 <= left < right <= 32
+                assert picture.image.shape[0] == 3 and max(picture.image.shape[1:]) <= 16
+                assert max(picture.heatmap.shape) <= 16
+                assert np.isfinite(picture.heatmap).all() and 0 <= picture.image.min() <= picture.image.max() <= 1
+                assert isinstance(picture.sample_id, str)
+
+
+def test_distinction_is_a_standardised_difference() -> None:
+    shares = relevance_shares(np.array([[2.0, 2.0], [1.0, 3.0], [3.0, 1.0], [4.0, 0.0]]))
+    np.testing.assert_allclose(shares.sum(axis=1), 1.0)
+    d, inside, outside = concept_distinction(shares, np.array([False, False, True, True]))
+    np.testing.assert_allclose(inside, [0.875, 0.125])
+    np.testing.assert_allclose(outside, [0.375, 0.625])
+    assert d[0] > 0 > d[1] and d[0] == pytest.approx(-d[1])
+
+
+def test_missing_layer_is_a_clear_error(report_context: ReportContext) -> None:
+    attributions = SimpleNamespace(concepts={}, targets=np.zeros(3), sample_ids=["a", "b", "c"])
+    with pytest.raises(KeyError, match="features.conv9"):
+        build_concept_atlas(
+            DemoNet(3, width=4), make_composite("epsilon_plus_flat"), None, attributions,
+            report_context.analyses, "features.conv9",
+        )
+
+
+def test_report_shows_the_atlas_and_summary_lists_concepts(
+    atlas_inputs: dict, report_context: ReportContext, tmp_path: Path
+) -> None:
+    context = dataclasses.replace(report_context, concept_atlas=atlas_inputs["atlas"])
+    page = render_report(context, tmp_path / "out")
+    html = page.read_text(encoding="utf-8")
+    flag = html[html.index('id="flag-0"') : html.index('id="flag-1"')]
+    assert "Concept atlas" in flag and f"channel {PLANTED}" in flag
+    assert flag.count('<figure class="pic"') == sum(
+        1 + len(concept.references) for concept in atlas_inputs["atlas"][0].concepts
+    )
+    assert "<img src=x" not in html
+    summary = json.loads((page.parent / "summary.json").read_text(encoding="utf-8"))
+    concepts = summary["flags"][0]["concepts"]
+    assert concepts[0]["channel"] == PLANTED and concepts[0]["layer"] == LAYER
+    assert concepts[0]["reference_rows"][0] == 33
+    plain = render_report(report_context, tmp_path / "plain").read_text(encoding="utf-8")
+    assert "Concept atlas" not in plain
