@@ -132,8 +132,6 @@ def open_data(spec: JobSpec, stages: Path) -> AuditData:
     dataset = load_entry_point(section.entrypoint, spec.base_dir)()
     class_names = names or list(getattr(dataset, "classes", [])) or None
     source = DatasetSource(dataset, class_names or [], section.entrypoint)
-    if not source.class_names:
-        source.class_names = [str(i) for i in range(int(source.labels.max()) + 1)]
     return AuditData(source, source.fingerprint(), f"entry point {section.entrypoint} ({len(source)} samples)")
 
 

@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     except (JobSpecError, StoreError, ValueError, OSError) as error:
         print(f"spray: error: {error}", file=sys.stderr)
         return EXIT_ERROR
+    except Exception as error:  # anything else is still an error (exit 2), never a "flag" (exit 1)
+        logging.getLogger("spray").debug("unexpected error", exc_info=True)
+        print(f"spray: error: {type(error).__name__}: {error} (run with -v for details)", file=sys.stderr)
+        return EXIT_ERROR
     _print_summary(result, time.perf_counter() - started)
     if args.command == "check":
         return EXIT_FLAGGED if result.summary["flags"] else EXIT_OK

@@ -161,7 +161,7 @@ def test_killed_audit_resumes_to_the_same_summary(tmp_path: Path) -> None:
     images = rng.uniform(0, 1, size=(800, 3, 16, 16)).astype(np.float32)
     np.savez(tmp_path / "data.npz", data=images, label=np.repeat([0, 1], 400))
     job = _write_job(tmp_path, 'source = "npz"\npath = "data.npz"')
-    job.write_text(job.read_text().replace("batch_size = 16", "batch_size = 2"))
+    job.write_text(job.read_text().replace("batch_size = 16", "batch_size = 4"))
     partial = tmp_path / "out" / "user" / "stages" / "attributions.h5.partial"
     command = [sys.executable, "-m", "spray.cli", "--no-progress", "audit", str(job)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})

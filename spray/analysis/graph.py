@@ -3,14 +3,32 @@
 SpRAy needs a similarity graph between the heatmaps of a class. A dense N x N matrix does
 not scale (ImageNet-sized classes, dataset-wide runs), so only the ``k`` nearest neighbours
 of each sample get an edge and the graph is a ``scipy.sparse`` CSR matrix with at most
-``2 * n * k`` stored entries.
+``2 * n * k`` stored entries. No step here allocates anything of size N x N.
 
-Neighbours are found exactly (scikit-learn ``NearestNeighbors``) below ``exact_below``
-samples and approximately (``pynndescent.NNDescent``, seeded) above. The approximate path
-pays a one-off compilation cost of tens of seconds per process, which only large inputs
-repay; exact search on a few thousand 256-d vectors takes well under a second.
+**Dimension reduction.** :func:`reduce_dimensions` projects the vectors on their first
+``n_components`` principal components (fitted on at most ``fit_samples`` rows, applied in
+chunks) before the neighbour search. Pooled heatmaps are smooth, so 64 components keep
+nearly all of their variance while making every distance 4-16x cheaper, and pixel noise
+lives mostly in the dropped components.
 
-Edge weights:
+**Neighbour search** (:func:`knn`), chosen by ``method``:
+
+* ``"exact"``: brute force with matrix products, a block of queries at a time (memory
+  ``block x n``), so it is exact for any size but costs O(n^2 d).
+* ``"ivf"``: an inverted-file index built here with NumPy: the vectors are partitioned
+  into about ``sqrt(n)`` cells by a few k-means iterations on a sample, and each sample is
+  compared only with the members of its ``n_probe`` nearest cells. One
+  neighbours-of-neighbours pass then repairs most misses at cell borders. Cost
+  O(n * n_probe * cell size * d); no compilation, deterministic for a seed.
+* ``"pynndescent"``: ``pynndescent.NNDescent`` (seeded). Kept as an option: it compiles
+  its code on first use in every process (1-2 minutes on a small shared machine), which
+  the ``"ivf"`` search does not pay.
+* ``"auto"`` (default): exact below ``exact_below`` samples, ``"ivf"`` above.
+
+Whatever the search, the distances of the chosen neighbours are recomputed in float64
+from the vectors, so weights do not inherit the rounding of the matrix-product shortcut.
+
+**Edge weights:**
 
 * ``"gaussian"`` (default): self-tuning kernel ``w_ij = exp(-d_ij^2 / (sigma_i sigma_j))``
   with ``sigma_i`` the distance from ``i`` to its k-th neighbour (Zelnik-Manor & Perona
@@ -24,18 +42,25 @@ symmetric in ``i`` and ``j``, so this only fills in missing directions.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import scipy.sparse as sp
-from sklearn.neighbors import NearestNeighbors
 
 from spray.analysis.preprocess import AnalysisInputError
 
 AFFINITIES = ("gaussian", "connectivity")
-DEFAULT_EXACT_BELOW = 5000
+KNN_METHODS = ("auto", "exact", "ivf", "pynndescent")
+DEFAULT_EXACT_BELOW = 20000
+DEFAULT_PCA_COMPONENTS = 64
+DEFAULT_PCA_FIT_SAMPLES = 20000
 
 # Smallest edge weight kept: stops exp() underflow from silently deleting kNN edges (which
 # could leave a sample with degree zero).
 _MIN_WEIGHT = 1e-12
+
+# Entries of a distance block computed at once (float32): 2**23 entries = 32 MiB.
+_BLOCK_ENTRIES = 2**23
 
 
 def check_neighbors(n_samples: int, n_neighbors: int) -> None:
@@ -47,6 +72,270 @@ def check_neighbors(n_samples: int, n_neighbors: int) -> None:
             f"a {n_neighbors}-nearest-neighbour graph needs more than {n_neighbors} samples, "
             f"got {n_samples}; lower n_neighbors below {n_samples} or analyse more samples."
         )
+
+
+def reduce_dimensions(
+    vectors: np.ndarray,
+    n_components: int | None = DEFAULT_PCA_COMPONENTS,
+    fit_samples: int = DEFAULT_PCA_FIT_SAMPLES,
+    random_state: int = 0,
+) -> np.ndarray:
+    """Scores on the first ``n_components`` principal components, float32, (n, c).
+
+    The principal axes are the top eigenvectors of the covariance of at most
+    ``fit_samples`` rows drawn at random (all rows when there are fewer); the projection
+    is applied chunk by chunk. Returns the vectors unchanged (as float32) when
+    ``n_components`` is None or not smaller than both the dimension and ``n - 1`` (the
+    projection would then only rotate the data).
+    """
+    vectors = np.asarray(vectors)
+    n, dim = vectors.shape
+    if n_components is None or n_components >= min(dim, n - 1):
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+    rng = np.random.default_rng(random_state)
+    fit_rows = np.sort(rng.choice(n, fit_samples, replace=False)) if n > fit_samples else None
+    sample = np.asarray(vectors if fit_rows is None else vectors[fit_rows], dtype=np.float64)
+    mean = sample.mean(axis=0)
+    centred = sample - mean
+    covariance = centred.T @ centred
+    del sample, centred
+    values, axes = np.linalg.eigh(covariance)
+    axes = axes[:, ::-1][:, :n_components]
+    # deterministic signs: largest-magnitude loading of each axis positive
+    pivots = np.abs(axes).argmax(axis=0)
+    axes = axes * np.sign(axes[pivots, np.arange(axes.shape[1])])
+    axes32, mean32 = axes.astype(np.float32), mean.astype(np.float32)
+    out = np.empty((n, n_components), dtype=np.float32)
+    step = max(1, _BLOCK_ENTRIES // max(dim, 1))
+    for start in range(0, n, step):
+        block = np.asarray(vectors[start : start + step], dtype=np.float32)
+        out[start : start + step] = (block - mean32) @ axes32
+    return out
+
+
+def _top_k(distances: np.ndarray, k: int) -> np.ndarray:
+    """Column positions of the ``k`` smallest entries of each row (unordered)."""
+    if distances.shape[1] <= k:
+        return np.broadcast_to(np.arange(distances.shape[1]), distances.shape).copy()
+    return np.argpartition(distances, k - 1, axis=1)[:, :k]
+
+
+def _squared_norms(vectors: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", vectors, vectors)
+
+
+def exact_knn(vectors: np.ndarray, n_neighbors: int) -> np.ndarray:
+    """(n, k) indices of each sample's k nearest other samples, by brute force in blocks."""
+    n = len(vectors)
+    norms = _squared_norms(vectors)
+    block = max(1, _BLOCK_ENTRIES // n)
+    indices = np.empty((n, n_neighbors), dtype=np.int64)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        distances = norms[start:stop, None] - 2.0 * (vectors[start:stop] @ vectors.T)
+        distances += norms[None, :]
+        distances[np.arange(stop - start), np.arange(start, stop)] = np.inf
+        indices[start:stop] = _top_k(distances, n_neighbors)
+    return indices
+
+
+def _lloyd(points: np.ndarray, n_cells: int, rng: np.random.Generator, iterations: int = 8) -> np.ndarray:
+    """Centroids of a few k-means (Lloyd) iterations from a random start; empty cells re-seeded."""
+    centroids = points[rng.choice(len(points), n_cells, replace=False)].copy()
+    for _ in range(iterations):
+        nearest = _nearest_cells(points, centroids, 1)[:, 0]
+        counts = np.bincount(nearest, minlength=n_cells)
+        sums = np.zeros_like(centroids, dtype=np.float64)
+        np.add.at(sums, nearest, points)
+        filled = counts > 0
+        centroids[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+        empty = np.flatnonzero(~filled)
+        if len(empty):
+            centroids[empty] = points[rng.choice(len(points), len(empty), replace=False)]
+    return centroids
+
+
+def _nearest_cells(points: np.ndarray, centroids: np.ndarray, n_probe: int) -> np.ndarray:
+    """(n, n_probe) indices of each point's nearest centroids, nearest first."""
+    n = len(points)
+    centre_norms = _squared_norms(centroids)
+    block = max(1, _BLOCK_ENTRIES // len(centroids))
+    out = np.empty((n, n_probe), dtype=np.int64)
+    for start in range(0, n, block):
+        distances = centre_norms[None, :] - 2.0 * (points[start : start + block] @ centroids.T)
+        top = _top_k(distances, n_probe)
+        order = np.argsort(np.take_along_axis(distances, top, axis=1), axis=1, kind="stable")
+        out[start : start + block] = np.take_along_axis(top, order, axis=1)
+    return out
+
+
+def _merge(
+    best_d: np.ndarray, best_i: np.ndarray, cand_d: np.ndarray, cand_i: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the k closest of the current best and the candidates, candidate duplicates removed."""
+    k = best_d.shape[1]
+    all_i = np.concatenate([best_i, cand_i], axis=1)
+    all_d = np.concatenate([best_d, cand_d], axis=1)
+    # drop repeated indices within a row: sort by index, mark repeats as infinitely far
+    order = np.argsort(all_i, axis=1, kind="stable")
+    sorted_i = np.take_along_axis(all_i, order, axis=1)
+    repeat = np.zeros_like(sorted_i, dtype=bool)
+    repeat[:, 1:] = (sorted_i[:, 1:] == sorted_i[:, :-1]) & (sorted_i[:, 1:] >= 0)
+    sorted_d = np.take_along_axis(all_d, order, axis=1)
+    sorted_d[repeat] = np.inf
+    top = _top_k(sorted_d, k)
+    return np.take_along_axis(sorted_d, top, axis=1), np.take_along_axis(sorted_i, top, axis=1)
+
+
+def ivf_knn(
+    vectors: np.ndarray,
+    n_neighbors: int,
+    n_probe: int = 8,
+    refine: int = 1,
+    random_state: int = 0,
+) -> np.ndarray:
+    """(n, k) approximate nearest-neighbour indices from an inverted-file index.
+
+    Args:
+        vectors: (n, d) float32 vectors.
+        n_neighbors: k.
+        n_probe: cells searched per sample (of about ``sqrt(n)``).
+        refine: neighbours-of-neighbours passes after the cell search.
+        random_state: seeds the partition.
+
+    Entries are -1 where fewer than k candidates were seen (only on degenerate inputs).
+    """
+    n = len(vectors)
+    k = n_neighbors
+    rng = np.random.default_rng(random_state)
+    n_cells = max(1, int(round(math.sqrt(n))))
+    n_probe = min(n_probe, n_cells)
+    train = vectors[np.sort(rng.choice(n, min(n, 64 * n_cells), replace=False))]
+    centroids = _lloyd(train, n_cells, rng)
+    probes = _nearest_cells(vectors, centroids, n_probe)
+    home = probes[:, 0]
+    member_order = np.argsort(home, kind="stable")
+    member_bounds = np.searchsorted(home[member_order], np.arange(n_cells + 1))
+    flat_cells = probes.ravel()
+    query_order = np.argsort(flat_cells, kind="stable")
+    query_bounds = np.searchsorted(flat_cells[query_order], np.arange(n_cells + 1))
+    query_owner = query_order // n_probe  # sample that issued each probe
+
+    norms = _squared_norms(vectors)
+    best_d = np.full((n, k), np.inf, dtype=np.float32)
+    best_i = np.full((n, k), -1, dtype=np.int64)
+    for cell in range(n_cells):
+        members = member_order[member_bounds[cell] : member_bounds[cell + 1]]
+        queries = query_owner[query_bounds[cell] : query_bounds[cell + 1]]
+        if len(members) == 0 or len(queries) == 0:
+            continue
+        points = vectors[members]
+        block = max(1, _BLOCK_ENTRIES // len(members))
+        for start in range(0, len(queries), block):
+            batch = queries[start : start + block]
+            distances = norms[batch, None] - 2.0 * (vectors[batch] @ points.T)
+            distances += norms[members][None, :]
+            distances[batch[:, None] == members[None, :]] = np.inf
+            top = _top_k(distances, k)
+            cand_d = np.take_along_axis(distances, top, axis=1)
+            cand_i = members[top]
+            cand_i[~np.isfinite(cand_d)] = -1
+            best_d[batch], best_i[batch] = _merge(best_d[batch], best_i[batch], cand_d, cand_i)
+    for _ in range(refine):
+        best_d, best_i = _refine(vectors, norms, best_d, best_i)
+    best_i[~np.isfinite(best_d)] = -1
+    return best_i
+
+
+def _refine(
+    vectors: np.ndarray, norms: np.ndarray, best_d: np.ndarray, best_i: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """One neighbours-of-neighbours pass: each sample also checks its neighbours' neighbours."""
+    n, k = best_i.shape
+    new_d, new_i = best_d.copy(), best_i.copy()
+    block = max(1, _BLOCK_ENTRIES // (k * k * vectors.shape[1]))
+    for start in range(0, n, block):
+        rows = np.arange(start, min(start + block, n))
+        first = best_i[rows]
+        cand = best_i[np.where(first >= 0, first, 0)].reshape(len(rows), k * k)
+        cand[np.repeat(first < 0, k, axis=1)] = -1
+        cand[cand == rows[:, None]] = -1
+        safe = np.where(cand >= 0, cand, 0)
+        distances = norms[rows, None] + norms[safe] - 2.0 * np.einsum(
+            "rd,rcd->rc", vectors[rows], vectors[safe]
+        )
+        distances[cand < 0] = np.inf
+        new_d[rows], new_i[rows] = _merge(best_d[rows], best_i[rows], distances.astype(np.float32), cand)
+    return new_d, new_i
+
+
+def knn(
+    vectors: np.ndarray,
+    n_neighbors: int = 10,
+    exact_below: int = DEFAULT_EXACT_BELOW,
+    random_state: int = 0,
+    method: str = "auto",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Euclidean k nearest neighbours of every sample, itself excluded.
+
+    Args:
+        vectors: (n, d) vectors.
+        n_neighbors: k, below n.
+        exact_below: with ``method="auto"``, exact search below this many samples.
+        random_state: seeds the approximate searches.
+        method: ``"auto"``, ``"exact"``, ``"ivf"`` or ``"pynndescent"`` (module docstring).
+
+    Returns:
+        ``(indices, distances)``, each (n, k), neighbours sorted by distance, distances in
+        float64 recomputed from the vectors. An approximate search may return ``-1`` for a
+        neighbour it could not find (only on degenerate data), with distance ``inf``;
+        :func:`affinity_graph` skips such entries.
+    """
+    if method not in KNN_METHODS:
+        raise AnalysisInputError(f"knn method must be one of {KNN_METHODS}, got {method!r}.")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n = len(vectors)
+    check_neighbors(n, n_neighbors)
+    if method == "auto":
+        method = "exact" if n < exact_below else "ivf"
+    if method == "exact":
+        indices = exact_knn(vectors, n_neighbors)
+    elif method == "ivf":
+        indices = ivf_knn(vectors, n_neighbors, random_state=random_state)
+    else:
+        indices = _pynndescent_knn(vectors, n_neighbors, random_state)
+    return _sorted_with_distances(vectors, indices)
+
+
+def _pynndescent_knn(vectors: np.ndarray, n_neighbors: int, random_state: int) -> np.ndarray:
+    from pynndescent import NNDescent  # imported late: importing it costs seconds
+
+    index = NNDescent(
+        vectors,
+        metric="euclidean",
+        n_neighbors=n_neighbors + 1,
+        random_state=random_state,
+        n_jobs=1,
+    )
+    indices, distances = index.neighbor_graph
+    return _drop_self(np.asarray(indices), np.asarray(distances), n_neighbors)[0]
+
+
+def _sorted_with_distances(vectors: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Recompute neighbour distances in float64 (in chunks) and sort each row by them."""
+    n, k = indices.shape
+    distances = np.empty((n, k), dtype=np.float64)
+    step = max(1, _BLOCK_ENTRIES // max(1, k * vectors.shape[1]))
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        block = indices[rows]
+        valid = block >= 0
+        diff = vectors[np.where(valid, block, 0)].astype(np.float64) - vectors[rows, None, :]
+        distances[rows] = np.where(valid, np.sqrt(np.einsum("rcd,rcd->rc", diff, diff)), np.inf)
+    order = np.argsort(distances, axis=1, kind="stable")
+    return np.take_along_axis(indices, order, axis=1).astype(np.int64), np.take_along_axis(
+        distances, order, axis=1
+    )
 
 
 def _drop_self(indices: np.ndarray, distances: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,41 +353,6 @@ def _drop_self(indices: np.ndarray, distances: np.ndarray, k: int) -> tuple[np.n
     keep = np.ones_like(is_self)
     keep[np.arange(n), first_self] = False
     return indices[keep].reshape(n, k), distances[keep].reshape(n, k)
-
-
-def knn(
-    vectors: np.ndarray,
-    n_neighbors: int = 10,
-    exact_below: int = DEFAULT_EXACT_BELOW,
-    random_state: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Euclidean k nearest neighbours of every sample, itself excluded.
-
-    Returns:
-        ``(indices, distances)``, each (n, k), neighbours sorted by distance. The
-        approximate path may return ``-1`` for a neighbour it could not find (only on
-        degenerate data); :func:`affinity_graph` skips such entries.
-    """
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    n = len(vectors)
-    check_neighbors(n, n_neighbors)
-    if n < exact_below:
-        search = NearestNeighbors(n_neighbors=n_neighbors).fit(vectors)
-        distances, indices = search.kneighbors()  # no query: each sample excluded
-        return indices.astype(np.int64), distances.astype(np.float64)
-
-    from pynndescent import NNDescent  # imported late: importing it costs seconds
-
-    index = NNDescent(
-        vectors,
-        metric="euclidean",
-        n_neighbors=n_neighbors + 1,
-        random_state=random_state,
-        n_jobs=1,
-    )
-    indices, distances = index.neighbor_graph
-    indices, distances = _drop_self(np.asarray(indices), np.asarray(distances), n_neighbors)
-    return indices.astype(np.int64), distances.astype(np.float64)
 
 
 def local_scales(distances: np.ndarray) -> np.ndarray:
@@ -121,23 +375,26 @@ def affinity_graph(
     kind: str = "gaussian",
     exact_below: int = DEFAULT_EXACT_BELOW,
     random_state: int = 0,
+    method: str = "auto",
 ) -> sp.csr_matrix:
     """Symmetric sparse kNN affinity matrix W (n x n, CSR, float64, zero diagonal).
 
     Args:
-        vectors: (n, d) analysis vectors.
+        vectors: (n, d) analysis vectors (reduced with :func:`reduce_dimensions` first if
+            wanted; this function searches the space it is given).
         n_neighbors: neighbours per sample; must be below n.
         kind: ``"gaussian"`` (self-tuning kernel) or ``"connectivity"`` (0/1 weights).
-        exact_below: use exact search below this many samples, approximate above.
+        exact_below: with ``method="auto"``, exact search below this many samples.
         random_state: seed for the approximate search.
+        method: neighbour search, see :func:`knn`.
 
     Raises:
         AnalysisInputError: when ``n <= n_neighbors`` (says what to lower) or on an
-            unknown ``kind``.
+            unknown ``kind`` or ``method``.
     """
     if kind not in AFFINITIES:
         raise AnalysisInputError(f"affinity must be one of {AFFINITIES}, got {kind!r}.")
-    indices, distances = knn(vectors, n_neighbors, exact_below, random_state)
+    indices, distances = knn(vectors, n_neighbors, exact_below, random_state, method)
     n = len(indices)
     valid = (indices >= 0) & (indices != np.arange(n)[:, None])
     if kind == "gaussian":
@@ -147,10 +404,11 @@ def affinity_graph(
         weights = np.maximum(weights, _MIN_WEIGHT)
     else:
         weights = np.ones_like(distances)
-    sources = np.repeat(np.arange(n), indices.shape[1])
+    sources = np.repeat(np.arange(n, dtype=np.int64), indices.shape[1]).reshape(indices.shape)
     directed = sp.csr_matrix(
-        (weights[valid], (sources[valid.ravel()], indices[valid])), shape=(n, n)
+        (weights[valid], (sources[valid], indices[valid])), shape=(n, n)
     )
+    del weights, sources, indices, distances
     graph = directed.maximum(directed.T).tocsr()
     graph.eliminate_zeros()
     graph.sort_indices()

@@ -297,6 +297,34 @@ class ClarcModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_gated(x)[0]
 
+    @torch.jit.unused
+    def explainable(self) -> ExplainableClarc:
+        """A view with the same logits and a single head pass, for LRP (see :class:`ExplainableClarc`)."""
+        return ExplainableClarc(self)
+
+
+class ExplainableClarc(nn.Module):
+    """The same corrected logits as a :class:`ClarcModel`, with one pass through the head.
+
+    LRP libraries such as zennit keep one set of stored tensors per module, so a forward
+    that runs the head twice (as R-ClArC's does) cannot be explained. This view computes
+    the gate weights without gradients first, then projects every sample with its weight
+    (weight 0 is the identity, bit for bit) and runs the head once, so attribution methods
+    see a plain feed-forward model. Use it for heatmaps and audits of a corrected model.
+    """
+
+    def __init__(self, clarc: ClarcModel) -> None:
+        super().__init__()
+        self.model = clarc.model  # first, so canonizers see the original containers
+        self.clarc = clarc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            weight = self.clarc.forward_gated(x)[1]
+        activation = self.clarc.prefix(x)
+        projected = project_activation(activation, self.clarc.direction, self.clarc.reference, weight, self.clarc.per_position)
+        return self.clarc.head(projected)
+
 
 def _output_width(model: nn.Module) -> int:
     """Number of outputs of the model's last Linear layer (0 when there is none)."""

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from spray.attribution.lrp import Explainer, make_composite
-from spray.correction.clarc import ClarcModel, CorrectionError, project_activation
+from spray.correction.clarc import ClarcModel, CorrectionError
 from spray.models.demo import predict
 
 Stamp = Callable[[np.ndarray], np.ndarray]
@@ -89,28 +89,6 @@ def _as_mask(mask: np.ndarray | tuple[slice, slice], shape: tuple[int, int]) -> 
     return boolean
 
 
-class _FixedGateView(nn.Module):
-    """A ClArC model with the gate weights fixed per batch, running the head once.
-
-    zennit's rule hooks keep one set of stored tensors per module, so a forward that calls
-    the head twice (as R-ClArC's does) cannot be explained. For given gate weights this view
-    computes the same logits with one head pass: a zero weight makes the projection the
-    identity.
-    """
-
-    def __init__(self, clarc: ClarcModel) -> None:
-        super().__init__()
-        self.model = clarc.model  # first, so canonizers see the original containers
-        self.clarc = clarc
-        self.weight: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        activation = self.clarc.prefix(x)
-        assert self.weight is not None
-        projected = project_activation(activation, self.clarc.direction, self.clarc.reference, self.weight, self.clarc.per_position)
-        return self.clarc.head(projected)
-
-
 def artifact_relevance(
     model: nn.Module,
     images: np.ndarray,
@@ -126,18 +104,12 @@ def artifact_relevance(
     ``mask`` is a boolean (H, W) array or a (rows, columns) pair of slices (e.g. the demo's
     ``tag_region()``). Samples without positive relevance are left out of the mean.
     """
-    view: nn.Module = model
-    clarc = model if isinstance(model, ClarcModel) else None
-    if clarc is not None:
-        view = _FixedGateView(clarc)
+    view = model.explainable() if isinstance(model, ClarcModel) else model
     boolean = _as_mask(mask, tuple(images.shape[-2:]))
     shares: list[np.ndarray] = []
     with Explainer(view, make_composite(composite, tuple(canonizers))) as explainer:
         for start in range(0, len(images), batch_size):
             x = torch.as_tensor(np.ascontiguousarray(images[start : start + batch_size]))
-            if clarc is not None:
-                with torch.no_grad():
-                    view.weight = clarc.forward_gated(x)[1]
             heatmaps = explainer.explain(x, torch.as_tensor(targets[start : start + batch_size], dtype=torch.long)).heatmaps
             positive = heatmaps.clamp(min=0).double().numpy()
             total = positive.sum(axis=(1, 2))

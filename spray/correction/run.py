@@ -62,6 +62,8 @@ class CorrectionConfig:
         rr_epochs: maximum RR-ClArC fine-tuning epochs.
         rr_learning_rate: Adam learning rate of RR-ClArC.
         rr_target: explained output of the penalty: ``"predicted"`` logit or ``"all"`` logits summed.
+        rr_max_samples: fine-tune RR-ClArC on a random subset of at most this many training
+            samples (None: all), to bound its time on large sets.
         test_size: held-out share for the CAV's detection AUC.
         relevance_samples: attacked images explained for the artifact-relevance share (0 skips).
         seed: random state of every random choice.
@@ -82,6 +84,7 @@ class CorrectionConfig:
     rr_epochs: int = 3
     rr_learning_rate: float = 1e-3
     rr_target: str = "predicted"
+    rr_max_samples: int | None = None
     test_size: float = 0.25
     relevance_samples: int = 64
     seed: int = 0
@@ -159,8 +162,11 @@ def build_correction(
     if config.method == "p-clarc":
         return p_clarc(model, cav), facts
     if config.method == "rr-clarc":
+        rows = np.arange(len(train_images))
+        if config.rr_max_samples is not None and len(rows) > config.rr_max_samples:
+            rows = np.sort(np.random.default_rng(config.seed).choice(rows, size=config.rr_max_samples, replace=False))
         tuned, history = rr_clarc(
-            model, cav, train_images, train_labels, lam=config.rr_lambda, epochs=config.rr_epochs,
+            model, cav, train_images[rows], train_labels[rows], lam=config.rr_lambda, epochs=config.rr_epochs,
             learning_rate=config.rr_learning_rate, target=config.rr_target, random_state=config.seed,
         )
         facts["history"] = history
@@ -269,20 +275,26 @@ def correct_model(
     return report
 
 
-def correct_demo(spec: Any, artifact_rows: np.ndarray, config: CorrectionConfig | None = None) -> CorrectionReport:
-    """Correct the demo model of job ``spec`` (a :class:`spray.jobs.JobSpec`) for the artifact in ``artifact_rows``.
+@dataclass
+class DemoInputs:
+    """The demo data and model of a job spec, as the audit sees them."""
 
-    The data and model are those of ``spray audit`` for the same spec: the demo set is
-    regenerated from ``[data]`` and ``job.seed``, and the model comes from (or is trained
-    into) the audit's cache ``<output>/<job>/stages/model``. ``artifact_rows`` index the
-    training split, i.e. the rows of the audit's ``input.h5`` (``member_rows`` of a flag in
-    ``summary.json``). Results are written to ``<output>/<job>/correction/<method>/``:
-    the export files (see :mod:`spray.correction.export`) and ``report.json``.
+    model: nn.Module
+    train: Any  # spray.data.demo.DemoSplit
+    test: Any
+    n_classes: int
+    weights: Path
+
+
+def load_demo(spec: Any) -> DemoInputs:
+    """The demo set and model of job ``spec``, exactly as ``spray audit`` builds them.
+
+    The set is regenerated from ``[data]`` and ``job.seed``; the model is read from (or
+    trained into) the audit's cache ``<output>/<job>/stages/model``.
     """
-    from spray.data.demo import DemoConfig, make_demo, stamp_tag, tag_region
+    from spray.data.demo import DemoConfig, make_demo
     from spray.models.demo import TrainConfig, load_or_train_demo_model
 
-    config = config or CorrectionConfig()
     demo = DemoConfig(
         n_per_class=spec.data.n_per_class,
         artifact_class=spec.data.artifact_class,
@@ -291,12 +303,28 @@ def correct_demo(spec: Any, artifact_rows: np.ndarray, config: CorrectionConfig 
     )
     train, test = make_demo(demo)
     n_classes = len(demo.class_names)
-    model, _, _ = load_or_train_demo_model(
+    model, weights, _ = load_or_train_demo_model(
         train.images, train.labels, n_classes, TrainConfig(epochs=spec.model.epochs, seed=spec.job.seed),
         spec.output_dir / "stages" / "model",
     )
+    return DemoInputs(model=model, train=train, test=test, n_classes=n_classes, weights=weights)
+
+
+def correct_demo(spec: Any, artifact_rows: np.ndarray, config: CorrectionConfig | None = None) -> CorrectionReport:
+    """Correct the demo model of job ``spec`` (a :class:`spray.jobs.JobSpec`) for the artifact in ``artifact_rows``.
+
+    The data and model are those of ``spray audit`` for the same spec (see :func:`load_demo`).
+    ``artifact_rows`` index the training split, i.e. the rows of the audit's ``input.h5``
+    (``member_rows`` of a flag in ``summary.json``). Results are written to
+    ``<output>/<job>/correction/<method>/``: the export files (see
+    :mod:`spray.correction.export`) and ``report.json``.
+    """
+    from spray.data.demo import stamp_tag, tag_region
+
+    config = config or CorrectionConfig()
+    inputs = load_demo(spec)
     return correct_model(
-        model, train.images, train.labels, test.images, test.labels, np.asarray(artifact_rows),
-        stamp=stamp_tag, mask=tag_region(), config=config, n_classes=n_classes,
+        inputs.model, inputs.train.images, inputs.train.labels, inputs.test.images, inputs.test.labels,
+        np.asarray(artifact_rows), stamp=stamp_tag, mask=tag_region(), config=config, n_classes=inputs.n_classes,
         output_dir=spec.output_dir / "correction" / config.method,
     )

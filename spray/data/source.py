@@ -78,7 +78,12 @@ class H5Source:
         else:
             self.sample_ids = [str(i) for i in range(len(self.labels))]
         stored = json.loads(self._file.attrs.get("class_names", "null"))
-        self.class_names = list(class_names or stored or [str(i) for i in range(int(self.labels.max()) + 1)])
+        from spray.data.sources import DataSourceError, checked_class_names
+
+        try:
+            self.class_names = checked_class_names(self.labels, class_names or stored, self.path)
+        except DataSourceError as error:
+            raise StoreError(str(error)) from error
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -148,7 +148,7 @@ class ArrayFileSource:
         if len(self.labels) != len(self.images):
             raise DataSourceError(f"{self.path}: {len(self.images)} images but {len(self.labels)} labels.")
         self.sample_ids = [str(s) for s in ids] if ids is not None else [str(i) for i in range(len(self.labels))]
-        self.class_names = list(class_names or [str(i) for i in range(int(self.labels.max()) + 1)])
+        self.class_names = checked_class_names(self.labels, class_names, self.path)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -186,6 +186,7 @@ class DatasetSource:
             targets = [int(self.dataset[i][1]) for i in range(len(self.dataset))]
         self.labels = np.asarray(targets, dtype=np.int64)
         self.sample_ids = [str(i) for i in range(len(self.labels))]
+        self.class_names = checked_class_names(self.labels, self.class_names or None, Path(self.name))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -198,6 +199,18 @@ class DatasetSource:
         digest.update(self.labels.tobytes())
         digest.update(self.read(np.arange(min(len(self), 16))).tobytes())
         return digest.hexdigest()[:16]
+
+
+def checked_class_names(labels: np.ndarray, class_names: list[str] | None, path: Path) -> list[str]:
+    """The class names for ``labels`` (given, or '0'..'K-1'); errors for empty data and bad labels."""
+    if len(labels) == 0:
+        raise DataSourceError(f"{path}: the dataset holds no samples.")
+    if labels.min() < 0:
+        raise DataSourceError(f"{path}: labels must be class indices >= 0; found {int(labels.min())}.")
+    names = list(class_names or [str(i) for i in range(int(labels.max()) + 1)])
+    if labels.max() >= len(names):
+        raise DataSourceError(f"{path}: label {int(labels.max())} but only {len(names)} class names; give data.class_names for every class.")
+    return names
 
 
 def file_hash(path: Path) -> str:

@@ -26,10 +26,12 @@ stored as small arrays (at most ``AtlasSettings.display_side`` pixels a side).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 from zennit.core import Composite
 
@@ -92,6 +94,7 @@ def build_concept_atlas(
     analyses: list[ClassAnalysis],
     layer: str,
     settings: AtlasSettings = AtlasSettings(),
+    model_input: Callable[[np.ndarray], Any] | None = None,
     images: Any | None = None,
 ) -> list[ClusterAtlas]:
     """Compute the concept atlas of the flagged (or all) clusters at ``layer``.
@@ -99,14 +102,15 @@ def build_concept_atlas(
     Args:
         model: the audited classifier.
         composite: the zennit composite of the attribution stage (a fresh instance).
-        source: the dataset (``read(rows)`` gives model inputs for ascending rows).
+        source: the dataset (``read(rows)`` gives display images in [0, 1] for ascending rows).
         attributions: the open ``attributions.h5`` (``spray.store.attributions.Attributions``
             or anything with ``concepts``, ``targets`` and ``sample_ids``).
         analyses: the SpRAy results.
         layer: a concept layer stored in ``attributions.concepts``.
         settings: sizes and caps.
-        images: display images (N, C, H, W) in [0, 1]; default: the model inputs,
-            clipped to [0, 1].
+        model_input: maps display images to the model's input, as in the attribution
+            stage (``AttributionSettings.model_input``: normalisation); default: unchanged.
+        images: display images (N, C, H, W) in [0, 1]; default: ``source.read``.
 
     Returns:
         One ``ClusterAtlas`` per chosen cluster, in report order (highest score first).
@@ -136,10 +140,13 @@ def build_concept_atlas(
         for channel in plan.channels
         for row in [plan.representative, *references[channel].tolist()]
     ]
+    def read(rows: np.ndarray) -> np.ndarray:
+        pixels = source.read(rows)
+        inputs = pixels if model_input is None else model_input(pixels)
+        return inputs.numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs)
+
     with ConditionalExplainer(model, composite, layer) as explainer:
-        heatmaps = conditional_heatmaps_for_rows(
-            explainer, source.read, requests, settings.batch_size
-        )
+        heatmaps = conditional_heatmaps_for_rows(explainer, read, requests, settings.batch_size)
     shown = np.array(sorted({row for row, _, _ in requests}), dtype=np.int64)
     pixels = _display_images(images, source, shown)
     ids = dict(zip(shown.tolist(), texts_at(attributions.sample_ids, shown)))
@@ -238,7 +245,7 @@ def _plan(
 
 
 def _display_images(images: Any | None, source: Any, rows: np.ndarray) -> dict[int, np.ndarray]:
-    """Display pixels (C, H, W) in [0, 1] of ``rows``, from ``images`` or the model inputs."""
+    """Display pixels (C, H, W) in [0, 1] of ``rows``, from ``images`` or the source."""
     block = take_rows(images, rows) if images is not None else source.read(rows)
     block = np.clip(np.nan_to_num(np.asarray(block, dtype=np.float32), nan=0.0), 0.0, 1.0)
     return dict(zip(rows.tolist(), block))

@@ -4,7 +4,8 @@ Each audit folder holds ``summary.json`` beside its ``index.html`` (see
 ``spray.report.render``). The listing reads only the summaries: date, job, model,
 dataset (the ``model`` and ``dataset`` metadata entries), number of samples and flags,
 and links each audit's page by a relative link, so the folder can be moved, zipped or
-served as it is. Folders are searched up to ``MAX_DEPTH`` levels below the root
+served as it is. Comparisons written below the root (``compare.json`` from
+``spray.report.compare``) are listed too. Folders are searched up to ``MAX_DEPTH`` levels below the root
 (``reports/<job>/`` and ``reports/<group>/<job>/``); ``stages`` folders are skipped.
 A summary that cannot be read is listed with the reason instead of failing the page.
 
@@ -45,8 +46,21 @@ class AuditEntry:
     error: str = ""
 
 
-def find_summaries(root: Path, max_depth: int = MAX_DEPTH) -> list[Path]:
-    """Every ``summary.json`` in folders below ``root`` (not in ``root`` itself), sorted.
+@dataclass
+class ComparisonEntry:
+    """One comparison (``compare.json``) as listed in the index."""
+
+    folder: str
+    link: str
+    before: str
+    after: str
+    appeared: int | None
+    disappeared: int | None
+    persisted: int | None
+
+
+def find_summaries(root: Path, max_depth: int = MAX_DEPTH, name: str = SUMMARY_FILE) -> list[Path]:
+    """Every file called ``name`` in folders below ``root`` (not in ``root`` itself), sorted.
 
     Symbolic links to folders are not followed, so the search stays inside ``root``.
     """
@@ -65,8 +79,8 @@ def find_summaries(root: Path, max_depth: int = MAX_DEPTH) -> list[Path]:
                 continue
             if child.name.startswith("."):
                 continue
-            if (child / SUMMARY_FILE).is_file():
-                found.append(child / SUMMARY_FILE)
+            if (child / name).is_file():
+                found.append(child / name)
             visit(child, depth + 1)
 
     visit(root, 1)
@@ -116,6 +130,25 @@ def build_index(root: str | os.PathLike[str]) -> list[AuditEntry]:
     return entries
 
 
+def read_comparison(root: Path, path: Path) -> ComparisonEntry | None:
+    """The index row of one ``compare.json``; None when it cannot be read."""
+    relative = path.parent.relative_to(root)
+    try:
+        diff = json.loads(path.read_text(encoding="utf-8"))
+        counts = diff.get("counts") or {}
+        return ComparisonEntry(
+            folder=relative.as_posix(),
+            link="/".join(quote(part) for part in relative.parts) + "/compare.html",
+            before=str((diff.get("before") or {}).get("job", "")),
+            after=str((diff.get("after") or {}).get("job", "")),
+            appeared=_int(counts.get("appeared")),
+            disappeared=_int(counts.get("disappeared")),
+            persisted=_int(counts.get("persisted")),
+        )
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
 def write_index(root: str | os.PathLike[str]) -> Path:
     """Write ``<root>/index.html`` listing every audit below ``root``; return its path.
 
@@ -132,7 +165,14 @@ def write_index(root: str | os.PathLike[str]) -> Path:
             f"{root} is an audit folder (it has {SUMMARY_FILE}); give the folder above it."
         )
     entries = build_index(root)
-    html = environment().get_template("index.html").render(root=root.name, entries=entries)
+    comparisons = [
+        entry
+        for path in find_summaries(root, name="compare.json")
+        if (entry := read_comparison(root, path)) is not None
+    ]
+    html = environment().get_template("index.html").render(
+        root=root.name, entries=entries, comparisons=comparisons
+    )
     path = root / INDEX_FILE
     write_text_atomic(path, html)
     return path

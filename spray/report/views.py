@@ -321,7 +321,7 @@ def component_views(components: dict[str, float | None]) -> list[ComponentView]:
         for name, value in components.items()
     ]
     terms = [view for view in views if view.name in SCORE_TERMS and view.value is not None]
-    if len(terms) >= 2:
+    if len(terms) >= 2 and len({view.value for view in terms}) > 1:
         min(terms, key=lambda view: (view.value, view.name)).limiting = True
         max(terms, key=lambda view: (view.value, view.name)).strongest = True
     return views

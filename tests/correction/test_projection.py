@@ -136,3 +136,27 @@ def test_calibrated_threshold_meets_the_false_positive_target() -> None:
     threshold = calibrate_threshold(scores, 0.05)
     assert (scores >= threshold).mean() <= 0.05
     assert (scores >= threshold).mean() >= 0.04
+
+
+def test_explainable_view_gives_the_same_logits_and_unchanged_heatmaps_where_the_gate_is_closed() -> None:
+    from spray.attribution.lrp import Explainer, make_composite
+
+    net, x = _net_and_inputs()
+    cav = _cav(_unit(32, 11), "features.relu3", (32, 8, 8))
+    with torch.no_grad():
+        target = int(net(x).argmax(1)[0])
+    corrected = ClarcModel(net, cav, Gate(kind="class", target_classes=(target,)))
+    with torch.no_grad():
+        logits, weight = corrected.forward_gated(x)
+        same = corrected.explainable()(x)
+    closed = weight == 0
+    assert torch.equal(same[closed], logits[closed])  # gated rows: same values up to batch-size rounding
+    torch.testing.assert_close(same, logits, rtol=1e-5, atol=1e-6)
+    targets = torch.zeros(len(x), dtype=torch.long)
+    with Explainer(net, make_composite("epsilon_plus_flat")) as explainer:
+        original = explainer.explain(x, targets).heatmaps
+    with Explainer(corrected.explainable(), make_composite("epsilon_plus_flat")) as explainer:
+        view = explainer.explain(x, targets).heatmaps
+    assert 0 < int(closed.sum()) < len(x)
+    torch.testing.assert_close(view[closed], original[closed], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(view[~closed], original[~closed])
