@@ -1,4 +1,4 @@
-"""The ``spray`` command line: ``demo``, ``audit``, ``check`` and ``validate``.
+"""The ``spray`` command line: ``demo``, ``audit``, ``check``, ``report`` and ``validate``.
 
 Exit codes: 0 success (for ``check``: no flag), 1 a flag was raised (``check`` only),
 2 an error (bad job spec, missing file, a model that does not fit the data...).
@@ -27,7 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-per-class", type=int, default=600, help="training images per class (default: 600)")
     demo.add_argument("--clean", action="store_true", help="plant no artifact (a clean model should raise no flag)")
 
-    for name, text in (("audit", "run an audit from a job spec"), ("check", "audit and exit 1 when a flag is raised")):
+    for name, text in (
+        ("audit", "run an audit from a job spec"),
+        ("check", "audit and exit 1 when a flag is raised (0: no flag, 2: error)"),
+        ("report", "re-render the report of a job (stages that are up to date are reused)"),
+    ):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("job", type=Path, help="job spec (TOML)")
 

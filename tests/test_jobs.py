@@ -48,3 +48,17 @@ def test_unsupported_source_is_named() -> None:
 def test_missing_job_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(JobSpecError, match=r"missing\.toml: cannot read the job spec"):
         load_job(tmp_path / "missing.toml")
+
+
+def test_example_job_without_its_data_names_the_missing_folder_and_line() -> None:
+    with pytest.raises(JobSpecError, match=r"example-folder\.toml:12: data\.path '\.\./data/my-images' is not a folder"):
+        load_job(REPO / "jobs" / "example-folder.toml")
+
+
+def test_torchvision_model_needs_an_architecture(tmp_path: Path) -> None:
+    (tmp_path / "w.pt").write_bytes(b"")
+    (tmp_path / "imgs").mkdir()
+    job = tmp_path / "j.toml"
+    job.write_text('[job]\nname = "a"\n[data]\nsource = "folder"\npath = "imgs"\n[model]\nsource = "torchvision"\nweights = "w.pt"\n')
+    with pytest.raises(JobSpecError, match=r"j\.toml:7: model\.source = 'torchvision' needs model\.architecture"):
+        load_job(job)
