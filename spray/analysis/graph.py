@@ -62,6 +62,9 @@ _MIN_WEIGHT = 1e-12
 # Entries of a distance block computed at once (float32): 2**23 entries = 32 MiB.
 _BLOCK_ENTRIES = 2**23
 
+# Rows up to this wide are fully sorted to select their k smallest entries.
+_NARROW = 64
+
 
 def check_neighbors(n_samples: int, n_neighbors: int) -> None:
     """Raise a clear error unless there are more samples than neighbours per sample."""
@@ -114,10 +117,20 @@ def reduce_dimensions(
 
 
 def _top_k(distances: np.ndarray, k: int) -> np.ndarray:
-    """Column positions of the ``k`` smallest entries of each row (unordered)."""
-    if distances.shape[1] <= k:
-        return np.broadcast_to(np.arange(distances.shape[1]), distances.shape).copy()
-    return np.argpartition(distances, k - 1, axis=1)[:, :k]
+    """Column positions of the ``k`` smallest entries of each row (unordered).
+
+    Narrow rows are sorted outright; wide rows use ``torch.topk``, which is several times
+    faster than ``numpy.argpartition`` on wide rows and uses every core.
+    """
+    width = distances.shape[1]
+    if width <= k:
+        return np.broadcast_to(np.arange(width), distances.shape).copy()
+    if width <= _NARROW:
+        return np.argsort(distances, axis=1, kind="stable")[:, :k]
+    import torch  # a dependency of spray; imported here to keep this module light
+
+    found = torch.topk(torch.from_numpy(np.ascontiguousarray(distances)), k, dim=1, largest=False)
+    return found.indices.numpy()
 
 
 def _squared_norms(vectors: np.ndarray) -> np.ndarray:
@@ -170,21 +183,29 @@ def _nearest_cells(points: np.ndarray, centroids: np.ndarray, n_probe: int) -> n
 
 
 def _merge(
-    best_d: np.ndarray, best_i: np.ndarray, cand_d: np.ndarray, cand_i: np.ndarray
+    best_d: np.ndarray,
+    best_i: np.ndarray,
+    cand_d: np.ndarray,
+    cand_i: np.ndarray,
+    deduplicate: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the k closest of the current best and the candidates, candidate duplicates removed."""
+    """Keep the k closest of the current best and the candidates.
+
+    With ``deduplicate``, an index listed twice in a row counts once (the candidates of a
+    neighbours-of-neighbours pass repeat; those of disjoint cells do not).
+    """
     k = best_d.shape[1]
     all_i = np.concatenate([best_i, cand_i], axis=1)
     all_d = np.concatenate([best_d, cand_d], axis=1)
-    # drop repeated indices within a row: sort by index, mark repeats as infinitely far
-    order = np.argsort(all_i, axis=1, kind="stable")
-    sorted_i = np.take_along_axis(all_i, order, axis=1)
-    repeat = np.zeros_like(sorted_i, dtype=bool)
-    repeat[:, 1:] = (sorted_i[:, 1:] == sorted_i[:, :-1]) & (sorted_i[:, 1:] >= 0)
-    sorted_d = np.take_along_axis(all_d, order, axis=1)
-    sorted_d[repeat] = np.inf
-    top = _top_k(sorted_d, k)
-    return np.take_along_axis(sorted_d, top, axis=1), np.take_along_axis(sorted_i, top, axis=1)
+    if deduplicate:
+        order = np.argsort(all_i, axis=1, kind="stable")
+        all_i = np.take_along_axis(all_i, order, axis=1)
+        all_d = np.take_along_axis(all_d, order, axis=1)
+        repeat = np.zeros_like(all_i, dtype=bool)
+        repeat[:, 1:] = (all_i[:, 1:] == all_i[:, :-1]) & (all_i[:, 1:] >= 0)
+        all_d[repeat] = np.inf
+    top = _top_k(all_d, k)
+    return np.take_along_axis(all_d, top, axis=1), np.take_along_axis(all_i, top, axis=1)
 
 
 def ivf_knn(
@@ -265,7 +286,9 @@ def _refine(
             "rd,rcd->rc", vectors[rows], vectors[safe]
         )
         distances[cand < 0] = np.inf
-        new_d[rows], new_i[rows] = _merge(best_d[rows], best_i[rows], distances.astype(np.float32), cand)
+        new_d[rows], new_i[rows] = _merge(
+            best_d[rows], best_i[rows], distances.astype(np.float32), cand, deduplicate=True
+        )
     return new_d, new_i
 
 

@@ -319,8 +319,8 @@ class ExplainableClarc(nn.Module):
         self.clarc = clarc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            weight = self.clarc.forward_gated(x)[1]
+        with torch.no_grad():  # detached: attribution hooks on the modules skip tensors without gradient
+            weight = self.clarc.forward_gated(x.detach())[1]
         activation = self.clarc.prefix(x)
         projected = project_activation(activation, self.clarc.direction, self.clarc.reference, weight, self.clarc.per_position)
         return self.clarc.head(projected)

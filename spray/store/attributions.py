@@ -78,14 +78,15 @@ class AttributionWriter:
                 log.info("resuming %s: %d of %d chunks already done", self.partial, done, self.layout.n_chunks)
                 return handle
             handle.close()
-            log.warning("%s belongs to other inputs or another format version; starting it again", self.partial)
+            stale = self.partial.with_name(self.partial.name + ".stale")
+            os.replace(self.partial, stale)
+            log.warning("%s belongs to other inputs or another format version; kept as %s, starting again", self.partial, stale)
+            return None
         except OSError as error:
             aside = self.partial.with_name(self.partial.name + ".unreadable")
             os.replace(self.partial, aside)
             log.warning("%s was unreadable (%s); moved to %s and starting again", self.partial, error, aside)
             return None
-        self.partial.unlink()
-        return None
 
     def _create(self, labels: np.ndarray, sample_ids: list[str]) -> h5py.File:
         layout = self.layout

@@ -132,3 +132,16 @@ def test_normalisation_is_applied_before_the_model(tmp_path, source, model) -> N
         expected = model((torch.from_numpy(source.images) - 0.5) / 0.25).numpy()
         np.testing.assert_allclose(stored.logits[...], expected, rtol=1e-5, atol=1e-6)
         assert stored.metadata["input_std"] == [0.25, 0.25, 0.25]
+
+
+def test_partial_file_of_other_inputs_is_kept_aside_not_deleted(tmp_path, source, model) -> None:
+    target = tmp_path / "attributions.h5"
+    with h5py.File(target.with_name("attributions.h5.partial"), "w") as old:
+        old.attrs["format_version"] = 0
+        old.attrs["fingerprint"] = "older-run"
+        old["marker"] = np.arange(3)
+    attribute_dataset(source, model, AttributionSettings(batch_size=40), target, "d", progress=False)
+    with h5py.File(target.with_name("attributions.h5.partial.stale"), "r") as kept:
+        assert kept["marker"][...].tolist() == [0, 1, 2]
+    with read_attributions(target) as stored:
+        assert stored.heatmaps.shape[0] == 40

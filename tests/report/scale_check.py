@@ -1,7 +1,7 @@
 """Size and load time of the report of a large audit (not part of the test suite).
 
-Builds a synthetic audit of ``--n`` samples in ``--classes`` classes (CIFAR-like 32 px
-RGB images with noise, 8 clusters per class, ``--flags`` flagged clusters each with a
+Builds a synthetic audit of ``--n`` samples in ``--classes`` classes (``--side`` px RGB
+images with noise, 32 by default, 8 clusters per class, ``--flags`` flagged clusters each with a
 concept atlas), renders it, and opens it in headless Chromium from file:// to read the
 navigation timing. Images and heatmaps are generated on read, as an h5py dataset would
 be read, so memory stays small.
@@ -57,8 +57,9 @@ class Generated:
         return np.clip(base + rng.normal(scale=0.15, size=self.shape[1:]), 0, 1).astype(np.float32)
 
 
-def synthetic_context(n: int, n_classes: int, n_flags: int, seed: int = 0) -> ReportContext:
+def synthetic_context(n: int, n_classes: int, n_flags: int, side: int = SIDE, seed: int = 0) -> ReportContext:
     rng = np.random.default_rng(seed)
+    per_class = -(-n_flags // n_classes)
     labels = np.repeat(np.arange(n_classes), n // n_classes)
     predictions = np.where(rng.random(labels.size) < 0.05, (labels + 1) % n_classes, labels)
     analyses = []
@@ -69,7 +70,7 @@ def synthetic_context(n: int, n_classes: int, n_flags: int, seed: int = 0) -> Re
         embedding = rng.normal(size=(rows.size, 32)).astype(np.float32) + cluster_of[:, None]
         clusters = []
         for cid in range(8):
-            flagged = cid == 0 and flags_left > 0
+            flagged = cid < per_class and flags_left > 0
             score = 0.8 if flagged else float(rng.random() * 0.4)
             clusters.append(ClusterResult(
                 cluster_id=cid, member_rows=rows[cluster_of == cid], artifact_score=score, flagged=flagged,
@@ -104,7 +105,7 @@ def synthetic_context(n: int, n_classes: int, n_flags: int, seed: int = 0) -> Re
         job_name="scale", created="2025-01-01T00:00:00+00:00",
         class_names=[f"class {i}" for i in range(n_classes)],
         sample_ids=[f"train/{row:06d}.png" for row in range(n)], labels=labels, predictions=predictions,
-        images=Generated(n, (3, SIDE, SIDE), heatmap=False), heatmaps=Generated(n, (SIDE, SIDE), heatmap=True),
+        images=Generated(n, (3, side, side), heatmap=False), heatmaps=Generated(n, (side, side), heatmap=True),
         analyses=analyses, threshold=0.5, metadata={"model": "synthetic", "dataset": f"synthetic {n}"},
         concept_atlas=atlas,
     )
@@ -115,7 +116,7 @@ def _picture(rng: np.random.Generator, row: int) -> ConceptPicture:
                           image=rng.random((3, 16, 16)), heatmap=rng.normal(size=(16, 16)), box=(0, 16, 0, 16))
 
 
-def browser_timing(page_path: Path, runs: int = 3) -> list[dict[str, float]]:
+def browser_timing(page_path: Path, runs: int = 5) -> list[dict[str, float]]:
     from playwright.sync_api import sync_playwright
 
     timings = []
@@ -148,8 +149,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=60_000)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--flags", type=int, default=10)
+    parser.add_argument("--side", type=int, default=SIDE, help="image side in pixels")
     args = parser.parse_args()
-    context = synthetic_context(args.n, args.classes, args.flags)
+    context = synthetic_context(args.n, args.classes, args.flags, args.side)
     start = time.perf_counter()
     page = render_report(context, args.out)
     render_s = time.perf_counter() - start
