@@ -26,6 +26,7 @@ import torch
 
 from spray.analysis.pipeline import SprayConfig, analyze_dataset
 from spray.analysis.result import ClassAnalysis
+from spray.attribution.architectures import attribution_defaults
 from spray.attribution.engine import AttributionSettings, attribute_dataset, model_fingerprint
 from spray.data.demo import DemoConfig, DemoSplit, make_demo, stamp_tag
 from spray.data.source import DataSource, H5Source, SourceImages, write_input_h5
@@ -182,16 +183,22 @@ def spray_config(spec: JobSpec) -> SprayConfig:
     return SprayConfig(**section, random_state=spec.job.seed)
 
 
-def attribution_settings(spec: JobSpec) -> AttributionSettings:
-    """The attribution stage's settings from ``[attribution]`` and the data's normalisation."""
+def attribution_settings(spec: JobSpec, model: torch.nn.Module) -> AttributionSettings:
+    """The attribution stage's settings from ``[attribution]`` and the data's normalisation.
+
+    ``"auto"`` composite, canonizers or layers are filled in for the model's architecture.
+    """
+    section = spec.attribution
+    defaults = attribution_defaults(model)
     return AttributionSettings(
-        composite=spec.attribution.composite,
-        canonizers=tuple(spec.attribution.canonizers),
-        layers=tuple(spec.attribution.layers),
-        target=spec.attribution.target,
-        batch_size=spec.attribution.batch_size,
+        composite=defaults.composite if section.composite == "auto" else section.composite,
+        canonizers=tuple(defaults.canonizers if section.canonizers == ["auto"] else section.canonizers),
+        layers=tuple(defaults.layers if section.layers == ["auto"] else section.layers),
+        target=section.target,
+        batch_size=section.batch_size,
         mean=tuple(spec.data.mean),
         std=tuple(spec.data.std),
+        engine=section.engine,
     )
 
 
@@ -261,7 +268,7 @@ def run_audit(spec: JobSpec, progress: bool = True, client: Any = None) -> Audit
         c = spec.cluster
         client = own_client = start_client(c.kind, c.workers, c.threads_per_worker, c.memory_limit, c.address)
     try:
-        attribute_dataset(data.source, model, attribution_settings(spec), attributions_path, data.fingerprint, progress=progress, client=client)
+        attribute_dataset(data.source, model, attribution_settings(spec, model), attributions_path, data.fingerprint, progress=progress, client=client)
     finally:
         if own_client is not None:
             own_client.close()

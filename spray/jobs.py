@@ -77,13 +77,18 @@ class ModelSection:
 
 @dataclass
 class AttributionSection:
-    """``[attribution]``: LRP composite, canonizers, concept layers, explained target, batch size."""
+    """``[attribution]``: LRP composite, canonizers, concept layers, explained target, batch size.
 
-    composite: str = "epsilon_plus_flat"
-    canonizers: list[str] = field(default_factory=lambda: ["merge_batchnorm"])
-    layers: list[str] = field(default_factory=list)
+    ``"auto"`` (the default for composite, canonizers and layers) picks them for the model's
+    architecture (``spray.attribution.architectures``); ``engine`` chooses the LRP engine.
+    """
+
+    composite: str = "auto"
+    canonizers: list[str] = field(default_factory=lambda: ["auto"])
+    layers: list[str] = field(default_factory=lambda: ["auto"])
     target: str = "label"
     batch_size: int = 64
+    engine: str = "auto"
 
 
 @dataclass
@@ -273,6 +278,8 @@ def _check_values(spec: JobSpec, source: str, text: str) -> None:
     except ValueError as error:
         key = str(error).split(" ", 1)[0]
         raise JobSpecError(f"{_where(source, text, 'data', key)}: [data] {error}") from error
+    _check_choice(spec.attribution.engine, ("auto", "fast", "zennit"), "attribution", "engine", source, text)
+    _check_choice(spec.attribution.target, ("label", "prediction"), "attribution", "target", source, text)
     if spec.attribution.batch_size < 1:
         raise JobSpecError(f"{_where(source, text, 'attribution', 'batch_size')}: batch_size must be at least 1.")
 
@@ -306,5 +313,4 @@ def demo_job(output: Path | str = "reports", name: str = "demo", **data_override
     """The built-in demo audit (what ``spray demo`` runs), writing to ``<output>/<name>``."""
     output_path = Path(output).resolve()
     spec = JobSpec(job=JobSection(name=name, output=str(output_path)), data=DataSection(**data_overrides))
-    spec.attribution.layers = ["features.conv3", "features.conv4"]
     return spec

@@ -21,7 +21,7 @@ def test_demo_job_file_is_valid_and_writes_under_reports() -> None:
 
 def test_defaults_fill_missing_sections() -> None:
     spec = parse_job('[job]\nname = "tiny"\n')
-    assert spec.analysis.n_neighbors == 10 and spec.attribution.composite == "epsilon_plus_flat"
+    assert spec.analysis.n_neighbors == 10 and spec.attribution.composite == "auto" and spec.attribution.layers == ["auto"]
 
 
 @pytest.mark.parametrize(

@@ -152,7 +152,7 @@ def exact_knn(vectors: np.ndarray, n_neighbors: int) -> np.ndarray:
     return indices
 
 
-def _lloyd(points: np.ndarray, n_cells: int, rng: np.random.Generator, iterations: int = 8) -> np.ndarray:
+def _lloyd(points: np.ndarray, n_cells: int, rng: np.random.Generator, iterations: int = 6) -> np.ndarray:
     """Centroids of a few k-means (Lloyd) iterations from a random start; empty cells re-seeded."""
     centroids = points[rng.choice(len(points), n_cells, replace=False)].copy()
     for _ in range(iterations):
@@ -180,6 +180,17 @@ def _nearest_cells(points: np.ndarray, centroids: np.ndarray, n_probe: int) -> n
         order = np.argsort(np.take_along_axis(distances, top, axis=1), axis=1, kind="stable")
         out[start : start + block] = np.take_along_axis(top, order, axis=1)
     return out
+
+
+def _block_distances(
+    vectors: np.ndarray, norms: np.ndarray, rows: np.ndarray, columns: np.ndarray
+) -> np.ndarray:
+    """Squared distances (float32) between ``vectors[rows]`` and ``vectors[columns]``."""
+    distances = vectors[rows] @ vectors[columns].T
+    distances *= -2.0
+    distances += norms[rows, None]
+    distances += norms[columns][None, :]
+    return distances
 
 
 def _merge(
@@ -229,9 +240,10 @@ def ivf_knn(
     n = len(vectors)
     k = n_neighbors
     rng = np.random.default_rng(random_state)
-    n_cells = max(1, int(round(math.sqrt(n))))
+    # cost ~ n d (n_cells + n_probe n / n_cells): smallest at n_cells = sqrt(n_probe n)
+    n_cells = max(1, min(n // 4, int(round(math.sqrt(n_probe * n)))))
     n_probe = min(n_probe, n_cells)
-    train = vectors[np.sort(rng.choice(n, min(n, 64 * n_cells), replace=False))]
+    train = vectors[np.sort(rng.choice(n, min(n, 16 * n_cells), replace=False))]
     centroids = _lloyd(train, n_cells, rng)
     probes = _nearest_cells(vectors, centroids, n_probe)
     home = probes[:, 0]
@@ -245,23 +257,40 @@ def ivf_knn(
     norms = _squared_norms(vectors)
     best_d = np.full((n, k), np.inf, dtype=np.float32)
     best_i = np.full((n, k), -1, dtype=np.int64)
+    # pass 1: every sample against the members of its own cell
+    for cell in range(n_cells):
+        members = member_order[member_bounds[cell] : member_bounds[cell + 1]]
+        if len(members) < 2:
+            continue
+        width = min(k, len(members) - 1)
+        block = max(1, _BLOCK_ENTRIES // len(members))
+        for start in range(0, len(members), block):
+            batch = members[start : start + block]
+            distances = _block_distances(vectors, norms, batch, members)
+            distances[np.arange(len(batch)), np.arange(start, start + len(batch))] = np.inf
+            top = _top_k(distances, width)
+            best_d[batch, :width] = np.take_along_axis(distances, top, axis=1)
+            best_i[batch, :width] = members[top]
+    # pass 2: the other probed cells; only rows with an entry closer than the current
+    # k-th neighbour are merged, which skips most rows of most cells
     for cell in range(n_cells):
         members = member_order[member_bounds[cell] : member_bounds[cell + 1]]
         queries = query_owner[query_bounds[cell] : query_bounds[cell + 1]]
+        queries = queries[home[queries] != cell]
         if len(members) == 0 or len(queries) == 0:
             continue
-        points = vectors[members]
         block = max(1, _BLOCK_ENTRIES // len(members))
         for start in range(0, len(queries), block):
             batch = queries[start : start + block]
-            distances = norms[batch, None] - 2.0 * (vectors[batch] @ points.T)
-            distances += norms[members][None, :]
-            distances[batch[:, None] == members[None, :]] = np.inf
-            top = _top_k(distances, k)
+            distances = _block_distances(vectors, norms, batch, members)
+            worst = best_d[batch].max(axis=1)
+            hit = (distances < worst[:, None]).any(axis=1)
+            if not hit.any():
+                continue
+            batch, distances = batch[hit], distances[hit]
+            top = _top_k(distances, min(k, len(members)))
             cand_d = np.take_along_axis(distances, top, axis=1)
-            cand_i = members[top]
-            cand_i[~np.isfinite(cand_d)] = -1
-            best_d[batch], best_i[batch] = _merge(best_d[batch], best_i[batch], cand_d, cand_i)
+            best_d[batch], best_i[batch] = _merge(best_d[batch], best_i[batch], cand_d, members[top])
     for _ in range(refine):
         best_d, best_i = _refine(vectors, norms, best_d, best_i)
     best_i[~np.isfinite(best_d)] = -1

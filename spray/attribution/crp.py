@@ -26,7 +26,7 @@ concept responds to; ``relevance_box`` finds that part so the picture can be cro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +128,11 @@ class ConditionalExplainer:
         mask = self._mask
         if mask is None or not output.requires_grad:
             return
+        if self._output is not None:
+            raise AttributionConfigError(
+                f"layer {self.layer_name!r} runs more than once per forward pass (a shared "
+                "module); choose a layer that runs once, e.g. a convolution or a block."
+            )
         if mask.shape != output.shape[:2]:
             raise ValueError(
                 f"masks have shape {tuple(mask.shape)} but layer {self.layer_name!r} has output "
@@ -166,6 +171,7 @@ class ConditionalExplainer:
             )
         x = images.detach().clone().requires_grad_(True)
         self._mask = masks.detach()
+        self._output = None
         try:
             with torch.enable_grad():
                 logits = self.model(x)
@@ -185,8 +191,8 @@ class ConditionalExplainer:
                 logits.backward(seed)
         finally:
             self._mask = None
+            self._output = None
         relevance = output.grad.reshape(len(x), -1).sum(dim=1)
-        self._output = None
         return ConditionalExplanation(
             heatmaps=x.grad.sum(dim=1).detach(),
             relevance=relevance.detach(),
@@ -285,35 +291,55 @@ def _padded(start: int, stop: int, side: int, pad: float, min_fraction: float) -
     return start, stop
 
 
+def iter_conditional_heatmaps(
+    explainer: ConditionalExplainer,
+    read: Callable[[np.ndarray], np.ndarray],
+    requests: Sequence[tuple[int, int, int]],
+    batch_size: int = 32,
+    model_input: Callable[[np.ndarray], Any] | None = None,
+) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    """Conditional heatmaps for many ``(row, target, channel)`` requests, batched.
+
+    Requests are de-duplicated and explained ``batch_size`` at a time, one channel each,
+    in row order; only one batch of images is in memory at a time.
+
+    Args:
+        explainer: an entered ``ConditionalExplainer``.
+        read: images (n, C, H, W) of ascending unique rows (as stored: display pixels).
+        requests: ``(row, target class, channel)`` triples.
+        model_input: maps ``read``'s images to the model's input (e.g. normalisation);
+            default: unchanged.
+
+    Yields:
+        ``(row, channel, heatmap (H, W) float64, image as read (C, H, W))``.
+    """
+    unique = sorted({(int(row), int(target), int(channel)) for row, target, channel in requests})
+    n_channels: int | None = None
+    for start in range(0, len(unique), batch_size):
+        batch = unique[start : start + batch_size]
+        rows = np.array(sorted({row for row, _, _ in batch}), dtype=np.int64)
+        images = np.asarray(read(rows))
+        inputs = images if model_input is None else model_input(images)
+        tensor = inputs if isinstance(inputs, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(inputs))
+        if n_channels is None:
+            n_channels = explainer.n_channels(tensor[:1])
+        position = {int(row): index for index, row in enumerate(rows.tolist())}
+        picks = torch.tensor([position[row] for row, _, _ in batch], dtype=torch.long)
+        targets = torch.tensor([target for _, target, _ in batch], dtype=torch.long)
+        masks = channel_masks(n_channels, [[channel] for _, _, channel in batch], tensor.dtype)
+        explained = explainer.explain(tensor[picks], targets, masks)
+        for (row, _, channel), heatmap in zip(batch, explained.heatmaps):
+            yield row, channel, heatmap.double().numpy(), images[position[row]]
+
+
 def conditional_heatmaps_for_rows(
     explainer: ConditionalExplainer,
     read: Callable[[np.ndarray], np.ndarray],
     requests: Sequence[tuple[int, int, int]],
     batch_size: int = 32,
 ) -> dict[tuple[int, int], np.ndarray]:
-    """Conditional heatmaps for many ``(row, target, channel)`` requests, batched.
-
-    Each row's image is read once (``read`` gets ascending unique rows and returns
-    (n, C, H, W) model inputs); requests are explained ``batch_size`` at a time, one
-    channel each.
-
-    Returns:
-        ``{(row, channel): heatmap (H, W) float64}``.
-    """
-    unique = sorted({(int(row), int(target), int(channel)) for row, target, channel in requests})
-    if not unique:
-        return {}
-    rows = np.array(sorted({row for row, _, _ in unique}), dtype=np.int64)
-    images = torch.from_numpy(np.ascontiguousarray(read(rows)))
-    position = {int(row): index for index, row in enumerate(rows.tolist())}
-    n_channels = explainer.n_channels(images[:1])
-    results: dict[tuple[int, int], np.ndarray] = {}
-    for start in range(0, len(unique), batch_size):
-        batch = unique[start : start + batch_size]
-        picks = torch.tensor([position[row] for row, _, _ in batch], dtype=torch.long)
-        targets = torch.tensor([target for _, target, _ in batch], dtype=torch.long)
-        masks = channel_masks(n_channels, [[channel] for _, _, channel in batch], images.dtype)
-        explained = explainer.explain(images[picks], targets, masks)
-        for (row, _, channel), heatmap in zip(batch, explained.heatmaps):
-            results[(row, channel)] = heatmap.double().numpy()
-    return results
+    """``{(row, channel): heatmap}`` for ``requests`` (see ``iter_conditional_heatmaps``)."""
+    return {
+        (row, channel): heatmap
+        for row, channel, heatmap, _ in iter_conditional_heatmaps(explainer, read, requests, batch_size)
+    }

@@ -21,7 +21,6 @@ import numpy as np
 from torch import nn
 
 from spray.attribution.engine import AttributionSettings, explain_chunk
-from spray.attribution.lrp import Explainer, make_composite
 
 _WORKER_STATE = threading.local()
 
@@ -34,7 +33,7 @@ def _explain_remote(model_bytes: bytes, settings: AttributionSettings, images: n
     key = (hashlib.sha256(model_bytes).hexdigest(), settings)
     if key not in cache:
         model = pickle.loads(model_bytes)
-        explainer = Explainer(model, make_composite(settings.composite, settings.canonizers), settings.layers)
+        explainer = settings.explainer(model)
         explainer.__enter__()
         cache[key] = (model, explainer)
     model, explainer = cache[key]

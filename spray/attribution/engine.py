@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from spray.attribution.lrp import AttributionConfigError, Explainer, make_composite, resolve_layers
+from spray.attribution.lrp import AttributionConfigError, Explainer, resolve_layers
+from spray.attribution.select import engine_name, make_explainer
 from spray.data.source import DataSource
 from spray.store.attributions import AttributionLayout, AttributionWriter, read_attributions
 from spray.store.common import StoreError
@@ -42,6 +43,7 @@ class AttributionSettings:
     batch_size: int = 64
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    engine: str = "auto"
 
     def model_input(self, images: np.ndarray) -> torch.Tensor:
         """Display images in [0, 1] -> the model's input (normalised with ``mean``/``std`` if given).
@@ -54,6 +56,20 @@ class AttributionSettings:
             std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
             x = (x - mean) / std
         return x
+
+    @property
+    def input_range(self) -> tuple[float, float]:
+        """Smallest and largest model input (display range [0, 1] after normalisation), for box rules."""
+        if not self.mean:
+            return 0.0, 1.0
+        lows = [(0.0 - m) / s for m, s in zip(self.mean, self.std)]
+        highs = [(1.0 - m) / s for m, s in zip(self.mean, self.std)]
+        return min(lows), max(highs)
+
+    def explainer(self, model: nn.Module) -> Any:
+        """The explainer for ``model``: the fast engine where it applies, zennit's hooks otherwise."""
+        low, high = self.input_range if self.composite == "epsilon_gamma_box" else (None, None)
+        return make_explainer(model, self.composite, self.canonizers, self.layers, low=low, high=high, engine=self.engine)
 
     def __post_init__(self) -> None:
         if self.target not in ("label", "prediction"):
@@ -148,6 +164,7 @@ def attribute_dataset(
         "class_names": list(source.class_names),
         "input_mean": list(settings.mean),
         "input_std": list(settings.std),
+        "engine": settings.engine,
     }
     fingerprint = hashlib.sha256(
         json.dumps({"data": data_fingerprint, "model": model_fingerprint(model), **metadata, "batch": settings.batch_size}, sort_keys=True).encode()
@@ -178,8 +195,8 @@ def attribute_dataset(
                 yield chunk, images, np.asarray(source.labels[rows])
 
         if client is None:
-            composite = make_composite(settings.composite, settings.canonizers)
-            with Explainer(model, composite, settings.layers) as explainer:
+            with settings.explainer(model) as explainer:
+                log.info("attribution engine: %s", engine_name(explainer))
                 results = ((chunk, explain_chunk(explainer, model, settings, images, labels)) for chunk, images, labels in batches())
                 for chunk, result in results:
                     writer.write_chunk(chunk, *result)

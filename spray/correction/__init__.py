@@ -15,6 +15,7 @@ from spray.correction.cav import CAV, CAVError, fit_cav, fit_direction, layer_ac
 from spray.correction.clarc import (
     ClarcModel,
     CorrectionError,
+    ExplainableClarc,
     Gate,
     RRHistory,
     calibrate_threshold,
@@ -26,12 +27,13 @@ from spray.correction.clarc import (
 )
 from spray.correction.evaluate import EvaluationResult, attack, evaluate, format_table, recovered_share
 from spray.correction.export import ExportPaths, export_corrected, load_corrected
-from spray.correction.run import CorrectionConfig, CorrectionReport, correct_demo, correct_model
+from spray.correction.run import CorrectionConfig, CorrectionReport, correct_demo, correct_model, flag_rows, load_demo
 
 __all__ = [
     "CAV",
     "CAVError",
     "ClarcModel",
+    "ExplainableClarc",
     "CorrectionConfig",
     "CorrectionError",
     "CorrectionReport",
@@ -47,9 +49,11 @@ __all__ = [
     "export_corrected",
     "fit_cav",
     "fit_direction",
+    "flag_rows",
     "format_table",
     "layer_activations",
     "load_corrected",
+    "load_demo",
     "p_clarc",
     "pool_activation",
     "project_activation",

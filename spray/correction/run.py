@@ -275,6 +275,27 @@ def correct_model(
     return report
 
 
+def flag_rows(summary: dict[str, Any] | Path, flag: int = 0) -> tuple[np.ndarray, int]:
+    """(member rows, class index) of the ``flag``-th flagged cluster of an audit's ``summary.json``.
+
+    ``summary`` is the parsed JSON or its path; flags are ordered highest score first, so
+    ``flag=0`` is the strongest. Raises :class:`CorrectionError` when there is no such flag.
+    """
+    if not isinstance(summary, dict):
+        path = Path(summary)
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as error:
+            raise CorrectionError(f"{path} not found: run the audit first (spray audit <job>).") from error
+    flags = summary.get("flags") or []
+    if not flags:
+        raise CorrectionError("the audit flagged no cluster: there is no artifact to correct.")
+    if not 0 <= flag < len(flags):
+        raise CorrectionError(f"flag {flag} does not exist: the audit has {len(flags)} flag(s) (0..{len(flags) - 1}).")
+    entry = flags[flag]
+    return np.asarray(entry["member_rows"], dtype=np.int64), int(entry["class_index"])
+
+
 @dataclass
 class DemoInputs:
     """The demo data and model of a job spec, as the audit sees them."""

@@ -31,14 +31,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 from zennit.core import Composite
 
 from spray.analysis.result import ClassAnalysis, ClusterResult
 from spray.attribution.crp import (
     ConditionalExplainer,
-    conditional_heatmaps_for_rows,
+    iter_conditional_heatmaps,
     relevance_box,
     top_rows_by_concept,
 )
@@ -140,18 +139,22 @@ def build_concept_atlas(
         for channel in plan.channels
         for row in [plan.representative, *references[channel].tolist()]
     ]
-    def read(rows: np.ndarray) -> np.ndarray:
-        pixels = source.read(rows)
-        inputs = pixels if model_input is None else model_input(pixels)
-        return inputs.numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs)
-
-    with ConditionalExplainer(model, composite, layer) as explainer:
-        heatmaps = conditional_heatmaps_for_rows(explainer, read, requests, settings.batch_size)
     shown = np.array(sorted({row for row, _, _ in requests}), dtype=np.int64)
-    pixels = _display_images(images, source, shown)
     ids = dict(zip(shown.tolist(), texts_at(attributions.sample_ids, shown)))
     stored = _stored_relevance(concepts, shown, channels)
-    picture = _PictureMaker(pixels, heatmaps, ids, stored, settings)
+    uncropped = {(plan.representative, channel) for plan in plans for channel in plan.channels}
+    cropped = {(int(row), channel) for channel in channels for row in references[channel].tolist()}
+    pictures: dict[tuple[int, int, bool], ConceptPicture] = {}
+    with ConditionalExplainer(model, composite, layer) as explainer:
+        for row, channel, heatmap, image in iter_conditional_heatmaps(
+            explainer, source.read, requests, settings.batch_size, model_input
+        ):
+            pixels = _display(images, row, image)
+            for crop in (False, True):
+                if (row, channel) in (cropped if crop else uncropped):
+                    pictures[(row, channel, crop)] = make_picture(
+                        row, ids[row], stored[(row, channel)], pixels, heatmap, crop, settings
+                    )
     return [
         ClusterAtlas(
             class_index=int(plan.analysis.class_index),
@@ -165,8 +168,8 @@ def build_concept_atlas(
                     distinction=float(plan.distinction[index]),
                     cluster_share=float(plan.cluster_share[index]),
                     rest_share=float(plan.rest_share[index]),
-                    representative=picture(plan.representative, channel, crop=False),
-                    references=[picture(row, channel, crop=True) for row in references[channel].tolist()],
+                    representative=pictures[(plan.representative, channel, False)],
+                    references=[pictures[(int(row), channel, True)] for row in references[channel].tolist()],
                 )
                 for index, channel in enumerate(plan.channels)
             ],
@@ -244,11 +247,10 @@ def _plan(
     )
 
 
-def _display_images(images: Any | None, source: Any, rows: np.ndarray) -> dict[int, np.ndarray]:
-    """Display pixels (C, H, W) in [0, 1] of ``rows``, from ``images`` or the source."""
-    block = take_rows(images, rows) if images is not None else source.read(rows)
-    block = np.clip(np.nan_to_num(np.asarray(block, dtype=np.float32), nan=0.0), 0.0, 1.0)
-    return dict(zip(rows.tolist(), block))
+def _display(images: Any | None, row: int, image: np.ndarray) -> np.ndarray:
+    """Display pixels (C, H, W) in [0, 1] of ``row``: from ``images`` when given, else as read."""
+    pixels = image if images is None else take_rows(images, np.array([row]))[0]
+    return np.clip(np.nan_to_num(np.asarray(pixels, dtype=np.float32), nan=0.0), 0.0, 1.0)
 
 
 def _stored_relevance(concepts: Any, rows: np.ndarray, channels: list[int]) -> dict[tuple[int, int], float]:
@@ -260,43 +262,40 @@ def _stored_relevance(concepts: Any, rows: np.ndarray, channels: list[int]) -> d
     }
 
 
-class _PictureMaker:
-    """Turns a computed conditional heatmap into a stored, possibly cropped, picture."""
+def make_picture(
+    row: int,
+    sample_id: str,
+    relevance: float,
+    image: np.ndarray,
+    heatmap: np.ndarray,
+    crop: bool,
+    settings: AtlasSettings,
+) -> ConceptPicture:
+    """A stored atlas picture: ``image`` (C, H, W) and its conditional ``heatmap`` (h, w),
+    cropped to the heatmap's relevance box when ``crop``, shrunk to ``display_side``.
 
-    def __init__(
-        self,
-        pixels: dict[int, np.ndarray],
-        heatmaps: dict[tuple[int, int], np.ndarray],
-        ids: dict[int, str],
-        stored: dict[tuple[int, int], float],
-        settings: AtlasSettings,
-    ) -> None:
-        self.pixels, self.heatmaps, self.ids, self.stored = pixels, heatmaps, ids, stored
-        self.settings = settings
-
-    def __call__(self, row: int, channel: int, crop: bool) -> ConceptPicture:
-        heatmap = self.heatmaps[(row, channel)]
-        image = self.pixels[row]
-        height, width = heatmap.shape
-        box = (
-            relevance_box(heatmap, self.settings.crop_mass, self.settings.crop_pad)
-            if crop
-            else (0, height, 0, width)
-        )
-        top, bottom, left, right = box
-        side = self.settings.display_side
-        rows_scale, cols_scale = image.shape[1] / height, image.shape[2] / width
-        cropped = image[
-            :,
-            int(top * rows_scale) : max(int(top * rows_scale) + 1, int(round(bottom * rows_scale))),
-            int(left * cols_scale) : max(int(left * cols_scale) + 1, int(round(right * cols_scale))),
-        ]
-        small = np.transpose(shrink(np.transpose(cropped, (1, 2, 0)), side), (2, 0, 1))
-        return ConceptPicture(
-            row=int(row),
-            sample_id=self.ids[row],
-            relevance=self.stored[(row, channel)],
-            image=small.astype(np.float32),
-            heatmap=shrink(heatmap[top:bottom, left:right], side).astype(np.float32),
-            box=(int(top), int(bottom), int(left), int(right)),
-        )
+    The box is found on the heatmap; an image of another resolution is cropped at the
+    same relative position.
+    """
+    height, width = heatmap.shape
+    box = (
+        relevance_box(heatmap, settings.crop_mass, settings.crop_pad)
+        if crop
+        else (0, height, 0, width)
+    )
+    top, bottom, left, right = box
+    side = settings.display_side
+    rows_scale, cols_scale = image.shape[1] / height, image.shape[2] / width
+    y0, x0 = int(top * rows_scale), int(left * cols_scale)
+    y1 = max(y0 + 1, int(round(bottom * rows_scale)))
+    x1 = max(x0 + 1, int(round(right * cols_scale)))
+    cropped = image[:, y0:y1, x0:x1]
+    small = np.transpose(shrink(np.transpose(cropped, (1, 2, 0)), side), (2, 0, 1))
+    return ConceptPicture(
+        row=int(row),
+        sample_id=sample_id,
+        relevance=float(relevance),
+        image=small.astype(np.float32),
+        heatmap=shrink(heatmap[top:bottom, left:right], side).astype(np.float32),
+        box=(int(top), int(bottom), int(left), int(right)),
+    )

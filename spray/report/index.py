@@ -25,6 +25,8 @@ from spray.report.render import REPORT_FILE, SUMMARY_FILE, environment
 from spray.report.summary import write_text_atomic
 
 INDEX_FILE = "index.html"
+#: Marks a page as a spray audit index, so ``write_index`` replaces only its own pages.
+GENERATOR = "spray audit index"
 MAX_DEPTH = 3
 SKIPPED_FOLDERS = frozenset({"stages", "virelay", "__pycache__"})
 
@@ -156,6 +158,7 @@ def write_index(root: str | os.PathLike[str]) -> Path:
         NotADirectoryError: ``root`` is not a folder.
         ValueError: ``root`` is itself an audit folder (its ``index.html`` is the
             audit's page and would be overwritten).
+        FileExistsError: ``root/index.html`` exists and is not a spray audit index.
     """
     root = Path(root).resolve()
     if not root.is_dir():
@@ -164,6 +167,11 @@ def write_index(root: str | os.PathLike[str]) -> Path:
         raise ValueError(
             f"{root} is an audit folder (it has {SUMMARY_FILE}); give the folder above it."
         )
+    path = root / INDEX_FILE
+    if path.exists() and not _is_our_index(path):
+        raise FileExistsError(
+            f"{path} exists and was not written by spray; move it away or choose another folder."
+        )
     entries = build_index(root)
     comparisons = [
         entry
@@ -171,11 +179,20 @@ def write_index(root: str | os.PathLike[str]) -> Path:
         if (entry := read_comparison(root, path)) is not None
     ]
     html = environment().get_template("index.html").render(
-        root=root.name, entries=entries, comparisons=comparisons
+        root=root.name, entries=entries, comparisons=comparisons, generator=GENERATOR
     )
-    path = root / INDEX_FILE
     write_text_atomic(path, html)
     return path
+
+
+def _is_our_index(path: Path) -> bool:
+    """Whether ``path`` is an index page this module wrote (its generator tag in the head)."""
+    try:
+        with path.open("r", encoding="utf-8", errors="replace") as stream:
+            head = stream.read(2048)
+    except OSError:
+        return False
+    return f'<meta name="generator" content="{GENERATOR}">' in head
 
 
 def _top_flag(flags: list[Any] | None) -> str:

@@ -96,10 +96,10 @@ def build_summary(context: ReportContext) -> dict[str, Any]:
     truth = _truth_rows(context)
     analyses = sorted_analyses(context.analyses)
     classes = [_class_entry(context, analysis, truth) for analysis in analyses]
-    atlas = {
-        (int(item.class_index), str(item.space), int(item.cluster_id)): item
-        for item in context.concept_atlas or []
-    }
+    atlas: dict[tuple[int, str, int], list[Any]] = {}
+    for item in context.concept_atlas or []:
+        key = (int(item.class_index), str(item.space), int(item.cluster_id))
+        atlas.setdefault(key, []).append(item)
     flags = [
         _flag_entry(entry, cluster, atlas)
         for entry in classes
@@ -267,15 +267,17 @@ def _accuracy(correct: np.ndarray, rows: np.ndarray, subset: np.ndarray) -> floa
 
 
 def _flag_entry(
-    class_entry: dict[str, Any], cluster: dict[str, Any], atlas: dict[tuple[int, str, int], Any]
+    class_entry: dict[str, Any],
+    cluster: dict[str, Any],
+    atlas: dict[tuple[int, str, int], list[Any]],
 ) -> dict[str, Any]:
     flag = {key: class_entry[key] for key in ("class_index", "class_name", "space")}
     keys = ("cluster_id", "size", "artifact_score", "member_ids", "member_rows", "accuracy")
     for key in (*keys, "precision", "recall"):
         if key in cluster:
             flag[key] = cluster[key]
-    item = atlas.get((flag["class_index"], flag["space"], flag["cluster_id"]))
-    if item is not None:
+    items = atlas.get((flag["class_index"], flag["space"], flag["cluster_id"]))
+    if items:
         flag["concepts"] = [
             {
                 "layer": str(item.layer),
@@ -283,6 +285,7 @@ def _flag_entry(
                 "distinction": finite_or_none(concept.distinction),
                 "reference_rows": [int(picture.row) for picture in concept.references],
             }
+            for item in items
             for concept in item.concepts
         ]
     return flag

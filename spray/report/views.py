@@ -39,7 +39,8 @@ class ReportLimits:
 
     With the defaults a page holds at most 30 * 24 * 2 + 1500 = 2940 thumbnails of at most
     64 px a side (about 10 kB each for noisy 224 px photos, less for simpler images), plus
-    two charts of about 5-20 kB per class.
+    two charts of about 5-20 kB per class. A concept atlas adds, per detailed flag,
+    2 * n_concepts * (1 + n_references) small pictures (56 with the atlas defaults).
     """
 
     flag_samples: int = 24
@@ -169,7 +170,7 @@ class FlagView:
     cluster: ClusterView
     samples: list[SampleTile] = field(default_factory=list)
     detailed: bool = True
-    atlas: AtlasView | None = None
+    atlases: list[AtlasView] = field(default_factory=list)
 
 
 @dataclass
@@ -220,7 +221,7 @@ def build_page(
         artifact_check=summary["artifact_check"],
         flags=flags,
         classes=classes,
-        has_atlas=any(flag.atlas is not None for flag in flags),
+        has_atlas=any(flag.atlases for flag in flags),
     )
 
 
@@ -406,38 +407,44 @@ def _fill_tiles(context: ReportContext, classes: list[ClassView], flags: list[Fl
 
 
 def _attach_atlas(atlas: list[ClusterAtlas] | None, flags: list[FlagView]) -> None:
-    """Render the concept atlas of each detailed flag that has one."""
+    """Render the concept atlases (one per layer) of each detailed flag that has them."""
     if not atlas:
         return
-    lookup = {(int(item.class_index), str(item.space), int(item.cluster_id)): item for item in atlas}
+    lookup: dict[tuple[int, str, int], list[ClusterAtlas]] = {}
+    for item in atlas:
+        key = (int(item.class_index), str(item.space), int(item.cluster_id))
+        lookup.setdefault(key, []).append(item)
     for flag in flags:
         key = (flag.owner.class_index, flag.owner.space, flag.cluster.cluster_id)
-        item = lookup.get(key)
-        if item is None or not flag.detailed:
-            continue
-        representative = next(
-            (c.representative for c in item.concepts if c.representative is not None), None
-        )
-        flag.atlas = AtlasView(
-            layer=str(item.layer),
-            representative_row=int(item.representative_row),
-            representative_id="" if representative is None else str(representative.sample_id),
-            concepts=[
-                ConceptView(
-                    channel=int(concept.channel),
-                    distinction=_finite(concept.distinction),
-                    cluster_share=_finite(concept.cluster_share),
-                    rest_share=_finite(concept.rest_share),
-                    representative=(
-                        None
-                        if concept.representative is None
-                        else _picture(concept.representative)
-                    ),
-                    references=[_picture(picture) for picture in concept.references],
-                )
-                for concept in item.concepts
-            ],
-        )
+        if flag.detailed:
+            flag.atlases = [_atlas_view(item) for item in lookup.get(key, [])]
+
+
+def _atlas_view(item: ClusterAtlas) -> AtlasView:
+    """The page model of one cluster's atlas at one layer."""
+    representative = next(
+        (c.representative for c in item.concepts if c.representative is not None), None
+    )
+    return AtlasView(
+        layer=str(item.layer),
+        representative_row=int(item.representative_row),
+        representative_id="" if representative is None else str(representative.sample_id),
+        concepts=[
+            ConceptView(
+                channel=int(concept.channel),
+                distinction=_finite(concept.distinction),
+                cluster_share=_finite(concept.cluster_share),
+                rest_share=_finite(concept.rest_share),
+                representative=(
+                    None
+                    if concept.representative is None
+                    else _picture(concept.representative)
+                ),
+                references=[_picture(picture) for picture in concept.references],
+            )
+            for concept in item.concepts
+        ],
+    )
 
 
 def _picture(picture: ConceptPicture) -> PictureView:

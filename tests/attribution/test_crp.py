@@ -130,3 +130,20 @@ def test_batched_requests_equal_single_explanations() -> None:
         single = conditional.explain_channels(torch.from_numpy(images[4]), 1, [[9]]).heatmaps[0]
     assert set(batched) == {(4, 7), (0, 3), (4, 9), (2, 7)}
     np.testing.assert_allclose(batched[(4, 9)], single.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_a_layer_run_twice_per_pass_is_refused() -> None:
+    from spray.attribution.lrp import AttributionConfigError
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.conv(self.conv(x)).mean(dim=(2, 3)))
+
+    with ConditionalExplainer(Twice(), make_composite("epsilon_plus_flat", ()), "conv") as conditional:
+        with pytest.raises(AttributionConfigError, match="more than once"):
+            conditional.explain(torch.rand(1, 3, 8, 8), torch.tensor([0]), torch.ones(1, 3))

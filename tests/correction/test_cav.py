@@ -15,7 +15,7 @@ from .conftest import LAYER, Demo
 
 
 def test_pattern_cav_detects_the_tag_on_held_out_samples(demo: Demo, demo_cav: CAV) -> None:
-    """Observed: AUC 1.000 (flattened relu3 activations, 68 held-out samples)."""
+    """Observed: AUC 1.000 (flattened relu3 activations, about 75 held-out samples)."""
     assert demo_cav.estimator == "pattern"
     assert demo_cav.auc >= 0.9
     assert float(demo_cav.direction.norm()) == pytest.approx(1.0, abs=1e-5)

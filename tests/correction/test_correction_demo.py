@@ -31,7 +31,8 @@ def test_the_demo_model_uses_the_tag(before: EvaluationResult) -> None:
 
 
 def test_r_clarc_recovers_most_of_the_attacked_accuracy(tmp_path: Path, demo: Demo, demo_cav: CAV, before: EvaluationResult) -> None:
-    """Observed on this 300-per-class, 6-epoch model: 80% of the loss recovered, clean -1.3 points."""
+    """Observed on this 300-per-class, 6-epoch model: attacked 50.7% -> 88.0% (78% of the loss
+    recovered), clean 98.3% -> 97.3%. Asserted with a margin: >= 60% recovered, clean drop <= 3 points."""
     report = correct_model(
         demo.model, demo.train.images, demo.train.labels, demo.test.images, demo.test.labels,
         np.flatnonzero(demo.train.stamped), stamp=stamp_tag, mask=tag_region(),

@@ -121,3 +121,26 @@ def test_report_shows_the_atlas_and_summary_lists_concepts(
     assert concepts[0]["reference_rows"][0] == 33
     plain = render_report(report_context, tmp_path / "plain").read_text(encoding="utf-8")
     assert "Concept atlas" not in plain
+
+
+def test_model_input_is_applied_before_the_model(report_context: ReportContext, atlas_inputs: dict) -> None:
+    seen: list[tuple[float, float]] = []
+
+    def normalise(images: np.ndarray) -> torch.Tensor:
+        seen.append((float(images.min()), float(images.max())))
+        return torch.from_numpy((images - 0.5) / 0.25)
+
+    torch.manual_seed(0)
+    model = DemoNet(3, width=4).eval()
+    attributions = SimpleNamespace(
+        concepts={LAYER: atlas_inputs["concepts"]}, targets=np.asarray(report_context.labels),
+        sample_ids=report_context.sample_ids,
+    )
+    source = ArraySource(atlas_inputs["images"], np.asarray(report_context.labels), report_context.sample_ids, report_context.class_names)
+    atlas = build_concept_atlas(
+        model, make_composite("epsilon_plus_flat"), source, attributions, report_context.analyses[2:],
+        LAYER, AtlasSettings(n_concepts=1, n_references=1, display_side=16), model_input=normalise,
+    )
+    assert seen and 0.0 <= seen[0][0] and seen[0][1] <= 1.0  # display images went in
+    picture = atlas[0].concepts[0].references[0]
+    assert 0.0 <= picture.image.min() and picture.image.max() <= 1.0  # display pixels came out

@@ -123,3 +123,13 @@ def test_index_refuses_an_audit_folder(reports_root: Path) -> None:
     with pytest.raises(ValueError, match="audit folder"):
         write_index(reports_root / "before")
     assert (reports_root / "before" / "index.html").read_text(encoding="utf-8").count('id="flag-0"') == 1
+
+
+def test_index_never_overwrites_a_foreign_page(tmp_path: Path) -> None:
+    (tmp_path / "index.html").write_text("<p>my own page</p>", encoding="utf-8")
+    with pytest.raises(FileExistsError, match="not written by spray"):
+        write_index(tmp_path)
+    assert (tmp_path / "index.html").read_text(encoding="utf-8") == "<p>my own page</p>"
+    (tmp_path / "index.html").unlink()
+    first = write_index(tmp_path)
+    assert write_index(tmp_path) == first  # its own page is replaced

@@ -150,3 +150,31 @@ def test_rendering_is_deterministic(report_context: ReportContext, tmp_path: Pat
     first = render_report(report_context, tmp_path / "a").read_bytes()
     second = render_report(report_context, tmp_path / "b").read_bytes()
     assert first == second
+
+
+def test_score_drivers_mark_the_limiting_and_strongest_terms() -> None:
+    from spray.report.views import component_views
+
+    views = {v.name: v for v in component_views(
+        {"concentration": 0.6, "consistency": 0.9, "displacement": 0.8, "separation": 0.3, "size_fraction": 0.1}
+    )}
+    assert views["separation"].limiting and views["consistency"].strongest
+    assert not views["size_fraction"].limiting  # not a term of the geometric mean
+    assert "rest of the class" in views["displacement"].note
+    tied = component_views({"concentration": 0.45, "separation": 0.45})
+    assert not any(v.limiting or v.strongest for v in tied)
+
+
+def test_flag_of_the_checked_class_shows_the_stamped_test(rendered: Path) -> None:
+    html = _html(rendered)
+    first = html[html.index('id="flag-0"') : html.index('id="flag-1"')]
+    second = html[html.index('id="flag-1"') : html.index('id="classes"')]
+    assert "Stamped-test check" in first and "85.0%" in first
+    assert "Stamped-test check" not in second
+
+
+def test_class_sections_show_accuracy_and_filters(rendered: Path) -> None:
+    html = _html(rendered)
+    section = html[html.index('id="class-1"') : html.index('id="class-2"')]
+    assert "accuracy 94.1%" in section and 'data-class-index="1"' in section
+    assert 'id="filters" hidden' in html and 'id="zoom" class="zoom" hidden' in html
