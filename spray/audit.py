@@ -41,7 +41,10 @@ from spray.data.sources import (
 from spray.jobs import JobSpec
 from spray.models.demo import TrainConfig, evaluate_accuracy, load_or_train_demo_model, predict
 from spray.models.sources import entry_point_model, load_state_dict, pickled_model, torchvision_model
+from spray.attribution.lrp import make_composite
+from spray.report.atlas import build_concept_atlas
 from spray.report.context import ArtifactCheck, ReportContext
+from spray.report.index import write_index
 from spray.report.render import render_report
 from spray.store.analysis import read_analysis, write_analysis
 from spray.store.attributions import read_attributions
@@ -260,6 +263,7 @@ def run_audit(spec: JobSpec, progress: bool = True, client: Any = None) -> Audit
     timings["model"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    settings = attribution_settings(spec, model)
     attributions_path = stages / "attributions.h5"
     own_client = None
     if client is None and spec.cluster.kind != "none":
@@ -268,7 +272,7 @@ def run_audit(spec: JobSpec, progress: bool = True, client: Any = None) -> Audit
         c = spec.cluster
         client = own_client = start_client(c.kind, c.workers, c.threads_per_worker, c.memory_limit, c.address)
     try:
-        attribute_dataset(data.source, model, attribution_settings(spec, model), attributions_path, data.fingerprint, progress=progress, client=client)
+        attribute_dataset(data.source, model, settings, attributions_path, data.fingerprint, progress=progress, client=client)
     finally:
         if own_client is not None:
             own_client.close()
@@ -304,6 +308,13 @@ def run_audit(spec: JobSpec, progress: bool = True, client: Any = None) -> Audit
             listed = "; ".join(f"{name} ({why})" for name, why in data.skipped[:20])
             metadata["skipped unreadable images"] = f"{len(data.skipped)}: {listed}" + (" ..." if len(data.skipped) > 20 else "")
             facts["skipped_images"] = len(data.skipped)
+        atlas = None
+        if settings.layers and any(c.flagged for a in analyses for c in a.clusters):
+            low, high = settings.input_range
+            composite = make_composite(settings.composite, settings.canonizers, low=low, high=high)
+            atlas = build_concept_atlas(
+                model, composite, data.source, attributions, analyses, settings.layers[-1], model_input=settings.model_input
+            )
         context = ReportContext(
             job_name=spec.job.name,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -318,10 +329,15 @@ def run_audit(spec: JobSpec, progress: bool = True, client: Any = None) -> Audit
             metadata=metadata,
             artifact_check=check,
             ground_truth_rows=data.stamped_rows if data.stamped_rows is not None and len(data.stamped_rows) else None,
+            concept_atlas=atlas,
         )
         report = render_report(context, _inside(out, _run_folder(spec)))
     if hasattr(data.source, "close"):
         data.source.close()
+    try:
+        write_index(spec.output_dir.parent)
+    except (OSError, ValueError) as error:
+        log.warning("audit index not updated: %s", error)
     timings["report"] = time.perf_counter() - start
     summary = json.loads((report.parent / "summary.json").read_text())
     return AuditResult(report=report, summary=summary, timings=timings, facts=facts)

@@ -1,4 +1,5 @@
-"""The ``spray`` command line: ``demo``, ``audit``, ``check``, ``report`` and ``validate``.
+"""The ``spray`` command line: ``demo``, ``audit``, ``check``, ``report``, ``validate``, ``correct``,
+``index``, ``compare`` and ``export-virelay``.
 
 Exit codes: 0 success (for ``check``: no flag), 1 a flag was raised (``check`` only),
 2 an error (bad job spec, missing file, a model that does not fit the data...).
@@ -37,7 +38,67 @@ def _parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a job spec without running it")
     validate.add_argument("job", type=Path, help="job spec (TOML)")
+
+    correct = commands.add_parser("correct", help="correct the model of an audited job for one of its flags (ClArC)")
+    correct.add_argument("job", type=Path, help="job spec (TOML) whose audit has run")
+    correct.add_argument("--method", choices=("r-clarc", "p-clarc", "rr-clarc"), default="r-clarc", help="correction (default: r-clarc)")
+    correct.add_argument("--flag", type=int, default=0, help="which flag of summary.json, 0 = the top one (default: 0)")
+    correct.add_argument("--layer", default=None, help="layer of the CAV (default: the method's default for the demo net)")
+
+    index = commands.add_parser("index", help="write reports/index.html listing every audit below a folder")
+    index.add_argument("root", nargs="?", type=Path, default=Path("reports"), help="reports folder (default: reports)")
+
+    compare = commands.add_parser("compare", help="compare two audits: flags that appeared, disappeared, moved")
+    compare.add_argument("before", type=Path, help="folder of the earlier audit (holds summary.json)")
+    compare.add_argument("after", type=Path, help="folder of the later audit")
+    compare.add_argument("--output", type=Path, required=True, help="folder that receives compare.html and compare.json")
+
+    export = commands.add_parser("export-virelay", help="write an audit as a ViRelAy project")
+    export.add_argument("job", type=Path, help="job spec (TOML) whose audit has run")
+    export.add_argument("--output", type=Path, default=None, help="folder (default: <audit>/virelay)")
     return parser
+
+
+def _run_other(args: argparse.Namespace) -> int:
+    """The commands that work on finished audits: correct, index, compare, export-virelay."""
+    from spray.jobs import load_job
+
+    if args.command == "index":
+        from spray.report.index import write_index
+
+        print(f"index: {write_index(args.root)}")
+    elif args.command == "compare":
+        from spray.report.compare import write_comparison
+
+        print(f"comparison: {write_comparison(args.before, args.after, args.output)}")
+    elif args.command == "export-virelay":
+        from spray.audit import open_data
+        from spray.report.virelay import export_virelay
+
+        spec = load_job(args.job)
+        data = open_data(spec, spec.output_dir / "stages")
+        print(f"ViRelAy project: {export_virelay(spec.output_dir, args.output, source=data.source)}")
+    else:
+        from dataclasses import replace
+
+        from spray.correction.run import CorrectionConfig, correct_demo, flag_rows
+
+        spec = load_job(args.job)
+        if spec.model.source != "demo":
+            raise ValueError("spray correct works on the demo model so far; a user model needs its training data loop.")
+        summary = spec.output_dir / "summary.json"
+        if not summary.exists():
+            raise FileNotFoundError(f"{summary} not found; run 'spray audit {args.job}' first.")
+        rows, _ = flag_rows(summary, args.flag)
+        config = CorrectionConfig(method=args.method)
+        if args.layer:
+            config = replace(config, layer=args.layer)
+        report = correct_demo(spec, rows, config)
+        print(report.table())
+        print(f"recovered share of the attacked-accuracy loss: {report.recovered:.3f}; clean accuracy change: {report.clean_change:+.4f}")
+        if report.export is not None:
+            print(f"exported: {report.export}")
+    return EXIT_OK
 
 
 def _print_summary(result: object, elapsed: float) -> None:
@@ -66,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     try:
+        if args.command in ("correct", "index", "compare", "export-virelay"):
+            return _run_other(args)
         if args.command == "demo":
             spec = demo_job(args.output, n_per_class=args.n_per_class, artifact_fraction=0.0 if args.clean else 0.3)
         else:

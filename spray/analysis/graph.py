@@ -222,7 +222,7 @@ def _merge(
 def ivf_knn(
     vectors: np.ndarray,
     n_neighbors: int,
-    n_probe: int = 8,
+    n_probe: int = 6,
     refine: int = 1,
     random_state: int = 0,
 ) -> np.ndarray:

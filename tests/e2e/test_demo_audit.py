@@ -91,3 +91,20 @@ def test_check_exit_code_follows_the_flags(tmp_path, planted) -> None:
     assert main(["--no-progress", "check", str(job)]) == 1
     job.write_text('[job]\nname = "x"\n[data]\nn_per_clas = 1\n')
     assert main(["check", str(job)]) == 2
+
+
+def test_correct_command_recovers_the_attacked_accuracy(tmp_path, planted, capsys) -> None:
+    spec, _ = planted
+    job = tmp_path / "job.toml"
+    job.write_text(f'[job]\nname = "{spec.job.name}"\noutput = "{spec.output_dir.parent.as_posix()}"\n[data]\nn_per_class = 200\n')
+    assert main(["correct", str(job), "--method", "r-clarc"]) == 0
+    report = json.loads((spec.output_dir / "correction" / "r-clarc" / "report.json").read_text())
+    assert report["recovered_share"] >= 0.7, report["recovered_share"]
+    assert report["clean_accuracy_change"] >= -0.02
+    assert (spec.output_dir / "correction" / "r-clarc" / "model.torchscript.pt").exists()
+
+
+def test_audit_index_lists_the_audit(planted) -> None:
+    spec, _ = planted
+    index = (spec.output_dir.parent / "index.html").read_text()
+    assert "demo/index.html" in index
