@@ -84,6 +84,9 @@ COMPONENTS = ("displacement", "consistency", "separation", "concentration", "siz
 # at O(k^2 * SILHOUETTE_SAMPLES^2 * d) for any class size.
 SILHOUETTE_SAMPLES = 400
 
+# Rows of maps scaled at a time: bounds the float64 working memory for any class size.
+SCORE_CHUNK = 16384
+
 
 @dataclass
 class ClusterScore:
@@ -114,6 +117,15 @@ def group_distribution(scaled: np.ndarray) -> np.ndarray:
     if len(scaled) == 0:
         return np.zeros(scaled.shape[1])
     mean = np.maximum(scaled.mean(axis=0), 0.0)
+    total = mean.sum()
+    return mean / total if total > 0 else mean
+
+
+def group_distribution_from_sum(summed: np.ndarray, count: int) -> np.ndarray:
+    """:func:`group_distribution` from the sum of a group's scaled maps and its size."""
+    if count <= 0:
+        return np.zeros_like(summed)
+    mean = np.maximum(summed / count, 0.0)
     total = mean.sum()
     return mean / total if total > 0 else mean
 
@@ -158,7 +170,6 @@ def cluster_silhouettes(
     distance to the members of another cluster, ``s_i = (b - a) / max(a, b)``. Clusters of
     one sample, and classes of one cluster, get 0.
     """
-    vectors = np.asarray(vectors, dtype=np.float64)
     rng = np.random.default_rng(random_state)
     ids = np.unique(labels)
     samples = {}
@@ -166,7 +177,7 @@ def cluster_silhouettes(
         members = np.flatnonzero(labels == cluster)
         if len(members) > max_samples:
             members = np.sort(rng.choice(members, max_samples, replace=False))
-        samples[int(cluster)] = vectors[members]
+        samples[int(cluster)] = np.asarray(vectors[members], dtype=np.float64)
     result = {int(c): 0.0 for c in ids}
     if len(ids) < 2:
         return result
@@ -198,6 +209,47 @@ def combine(components: dict[str, float]) -> float:
     return float(np.prod(terms) ** (1.0 / len(terms)))
 
 
+def _scaled_rows(maps: np.ndarray, start: int, stop: int) -> np.ndarray:
+    return scaled_maps(np.asarray(maps[start:stop]))
+
+
+def group_sums(maps: np.ndarray, labels: np.ndarray, ids: np.ndarray, chunk: int = SCORE_CHUNK) -> np.ndarray:
+    """(len(ids), P) sums of the scaled maps of each group, read ``chunk`` rows at a time."""
+    n = len(labels)
+    sums = np.zeros((len(ids), int(np.prod(maps.shape[1:]))))
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        scaled = _scaled_rows(maps, start, stop)
+        block = labels[start:stop]
+        for position, cluster in enumerate(ids):
+            inside = block == cluster
+            if inside.any():
+                sums[position] += scaled[inside].sum(axis=0)
+    return sums
+
+
+def mean_cosines(
+    maps: np.ndarray, labels: np.ndarray, ids: np.ndarray, references: np.ndarray,
+    chunk: int = SCORE_CHUNK,
+) -> np.ndarray:
+    """Per group: mean cosine of its members' scaled maps to its reference, clipped at 0."""
+    n = len(labels)
+    position = np.searchsorted(ids, labels)
+    ref_norms = np.linalg.norm(references, axis=1)
+    totals = np.zeros(len(ids))
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        scaled = _scaled_rows(maps, start, stop)
+        where = position[start:stop]
+        norms = np.linalg.norm(scaled, axis=1)
+        dots = np.einsum("ij,ij->i", scaled, references[where])
+        scale = norms * ref_norms[where]
+        cosines = np.where(scale > 0, dots / np.where(scale > 0, scale, 1.0), 0.0)
+        totals += np.bincount(where, weights=cosines, minlength=len(ids))
+    counts = np.bincount(position, minlength=len(ids))
+    return np.maximum(0.0, totals / np.maximum(counts, 1))
+
+
 def score_clusters(
     maps: np.ndarray,
     vectors: np.ndarray,
@@ -209,8 +261,10 @@ def score_clusters(
     """Clever Hans score of every cluster of one class (formula: module docstring).
 
     Args:
-        maps: (n, h, w) pooled relevance maps of the class (sign as analysed; only the
-            positive part is used).
+        maps: (n, h, w) or (n, P) relevance maps of the class (sign as analysed; only the
+            positive part of group means is used). Any positive per-sample scaling is
+            irrelevant (each map is divided by its total absolute relevance first), so the
+            normalised analysis vectors can be passed here. Read in chunks.
         vectors: (n, d) analysis vectors (for the separation term).
         labels: (n,) cluster label per sample.
         max_cluster_fraction: clusters holding a larger share of the class score 0.
@@ -222,19 +276,22 @@ def score_clusters(
     """
     labels = np.asarray(labels)
     n = len(labels)
-    scaled = scaled_maps(maps)
-    silhouettes = cluster_silhouettes(vectors, labels, random_state)
     ids = np.unique(labels)
+    counts = np.array([(labels == c).sum() for c in ids])
+    sums = group_sums(maps, labels, ids)
+    total = sums.sum(axis=0)
+    means_in = [group_distribution_from_sum(sums[j], counts[j]) for j in range(len(ids))]
+    consistency = mean_cosines(maps, labels, ids, np.stack(means_in))
+    silhouettes = cluster_silhouettes(vectors, labels, random_state)
     scores = []
-    for cluster in ids:
-        inside = labels == cluster
-        size = int(inside.sum())
-        mean_in = group_distribution(scaled[inside])
+    for j, cluster in enumerate(ids):
+        size = int(counts[j])
+        mean_in = means_in[j]
         components = {name: 0.0 for name in COMPONENTS}
-        components["consistency"] = mean_cosine(scaled[inside], mean_in)
+        components["consistency"] = float(consistency[j])
         components["size_fraction"] = size / n
         if len(ids) > 1:
-            mean_out = group_distribution(scaled[~inside])
+            mean_out = group_distribution_from_sum(total - sums[j], n - size)
             top_in, top_out = top_share(mean_in), top_share(mean_out)
             components["displacement"] = displacement(mean_in, mean_out)
             components["separation"] = max(0.0, silhouettes[int(cluster)])

@@ -1,6 +1,7 @@
 """SpRAy end to end: heatmaps of a class -> clusters with Clever Hans scores.
 
 Per class: :func:`~spray.analysis.preprocess.preprocess` (pool, sign, normalise) ->
+:func:`~spray.analysis.graph.reduce_dimensions` (PCA for the neighbour search) ->
 :func:`~spray.analysis.graph.affinity_graph` (sparse kNN) ->
 :func:`~spray.analysis.spectral.laplacian_eigenpairs` and
 :func:`~spray.analysis.spectral.choose_n_clusters` (eigengap) ->
@@ -9,18 +10,36 @@ Per class: :func:`~spray.analysis.preprocess.preprocess` (pool, sign, normalise)
 :func:`~spray.analysis.embed.embed_2d` (picture). Every parameter of these steps lives in
 one :class:`SprayConfig`, which is stored with the results so a report can say how they
 were obtained.
+
+Entry points:
+
+* :func:`analyze_class`: one group of samples (a class, or the whole dataset).
+* :func:`analyze_dataset`: every class of one representation.
+* :func:`analyze_spaces`: several representations in one call (the heatmaps and the
+  concept relevances of named layers), per class and optionally dataset-wide
+  (``class_index == -1``). The ``space`` string of each result names its representation:
+  ``"heatmap"`` or ``"concept:<layer>"``.
+
+Bad data never stops a whole analysis: a class whose heatmaps hold NaN/Inf values, that
+has too few samples for the neighbour graph, or only constant maps comes back with
+``analysable=False`` and a ``reason`` saying what to do, and the other classes are
+analysed as usual.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
+from scipy.sparse.linalg import ArpackError, ArpackNoConvergence
+from threadpoolctl import threadpool_limits
 
 from spray.analysis.artifacts import (
     DEFAULT_MAX_CLUSTER_FRACTION,
@@ -28,9 +47,16 @@ from spray.analysis.artifacts import (
     DEFAULT_THRESHOLD,
     score_clusters,
 )
-from spray.analysis.cluster import CLUSTERERS, cluster_spectral
-from spray.analysis.embed import EMBEDDINGS, embed_2d
-from spray.analysis.graph import AFFINITIES, DEFAULT_EXACT_BELOW, affinity_graph
+from spray.analysis.cluster import CLUSTERERS, DEFAULT_MINIBATCH_ABOVE, cluster_spectral
+from spray.analysis.embed import DEFAULT_MAX_SAMPLES, EMBEDDINGS, embed_2d
+from spray.analysis.graph import (
+    AFFINITIES,
+    DEFAULT_EXACT_BELOW,
+    DEFAULT_PCA_COMPONENTS,
+    KNN_METHODS,
+    affinity_graph,
+    reduce_dimensions,
+)
 from spray.analysis.preprocess import (
     DEFAULT_POOLED_SIZE,
     NORMALISATIONS,
@@ -48,6 +74,14 @@ from spray.analysis.spectral import (
 
 logger = logging.getLogger(__name__)
 
+# Smallest subset UMAP/t-SNE may be fitted on for large classes.
+MIN_EMBED_SAMPLES = 100
+
+HEATMAP_SPACE = "heatmap"
+CONCEPT_PREFIX = "concept:"
+DATASET_WIDE = -1
+DATASET_WIDE_NAME = "all classes"
+
 
 @dataclass
 class SprayConfig:
@@ -63,11 +97,20 @@ class SprayConfig:
         max_clusters: the eigengap considers at most this many clusters.
         min_eigen_ratio: eigengap ratio needed to report more than one cluster
             (see :func:`~spray.analysis.spectral.choose_n_clusters`).
-        knn_exact_below: exact kNN below this many samples, approximate above.
+        knn_method: neighbour search: ``"auto"`` (exact below ``knn_exact_below``
+            samples, inverted-file index above), ``"exact"``, ``"ivf"`` or
+            ``"pynndescent"`` (see :func:`~spray.analysis.graph.knn`).
+        knn_exact_below: with ``knn_method="auto"``, exact kNN below this many samples.
+        pca_components: the neighbour search runs on this many principal components
+            (``None``: on the full vectors); see
+            :func:`~spray.analysis.graph.reduce_dimensions`.
         affinity: ``"gaussian"`` (self-tuning kernel) or ``"connectivity"``.
-        clusterer: ``"kmeans"`` or ``"agglomerative"``.
+        clusterer: ``"kmeans"``, ``"agglomerative"``, ``"dbscan"`` or ``"hdbscan"``.
+        minibatch_above: k-means switches to mini-batches above this many samples.
         embedding: 2-d picture: ``"umap"``, ``"tsne"`` or ``"spectral"``.
         embedding_neighbors: UMAP neighbourhood size.
+        embedding_max_samples: UMAP/t-SNE embed at most this many samples directly; the
+            others are placed through the kNN graph.
         threshold: artifact score at or above which a cluster is flagged.
         max_cluster_fraction: clusters larger than this share of the class are never
             flagged (the artifact is the minority strategy).
@@ -75,6 +118,10 @@ class SprayConfig:
         min_class_size: classes with fewer analysable samples are not analysed
             (at least ``n_neighbors + 1`` is needed in any case).
         random_state: seed for every random step.
+        n_threads: BLAS/OpenMP/torch threads during the analysis (``None``: leave the
+            libraries' own setting). The default 1 is fastest on a machine shared with
+            other work, where idle threads of multi-threaded BLAS spin and can make small
+            matrix products ten times slower; raise it on a dedicated many-core machine.
     """
 
     pooled_size: tuple[int, int] | None = DEFAULT_POOLED_SIZE
@@ -84,16 +131,21 @@ class SprayConfig:
     n_eigen: int = DEFAULT_N_EIGEN
     max_clusters: int = 8
     min_eigen_ratio: float = DEFAULT_MIN_RATIO
+    knn_method: str = "auto"
     knn_exact_below: int = DEFAULT_EXACT_BELOW
+    pca_components: int | None = DEFAULT_PCA_COMPONENTS
     affinity: str = "gaussian"
     clusterer: str = "kmeans"
+    minibatch_above: int = DEFAULT_MINIBATCH_ABOVE
     embedding: str = "umap"
     embedding_neighbors: int = 15
+    embedding_max_samples: int = DEFAULT_MAX_SAMPLES
     threshold: float = DEFAULT_THRESHOLD
     max_cluster_fraction: float = DEFAULT_MAX_CLUSTER_FRACTION
     min_cluster_size: int = DEFAULT_MIN_CLUSTER_SIZE
     min_class_size: int = 20
     random_state: int = 0
+    n_threads: int | None = 1
 
     def __post_init__(self) -> None:
         if self.pooled_size is not None:
@@ -109,6 +161,7 @@ class SprayConfig:
         _check_choice("affinity", self.affinity, AFFINITIES)
         _check_choice("clusterer", self.clusterer, CLUSTERERS)
         _check_choice("embedding", self.embedding, EMBEDDINGS)
+        _check_choice("knn_method", self.knn_method, KNN_METHODS)
         _check_int("n_neighbors", self.n_neighbors, 1)
         _check_int("n_eigen", self.n_eigen, 2)
         _check_int("max_clusters", self.max_clusters, 1)
@@ -117,6 +170,12 @@ class SprayConfig:
         _check_int("min_cluster_size", self.min_cluster_size, 1)
         _check_int("min_class_size", self.min_class_size, 2)
         _check_int("random_state", self.random_state, 0)
+        _check_int("minibatch_above", self.minibatch_above, 1)
+        _check_int("embedding_max_samples", self.embedding_max_samples, MIN_EMBED_SAMPLES)
+        if self.pca_components is not None:
+            _check_int("pca_components", self.pca_components, 2)
+        if self.n_threads is not None:
+            _check_int("n_threads", self.n_threads, 1)
         if self.max_clusters >= self.n_eigen:
             raise ValueError(
                 f"max_clusters ({self.max_clusters}) must be below n_eigen ({self.n_eigen}): "
@@ -193,13 +252,32 @@ def not_analysable(class_index: int, class_name: str, space: str, reason: str) -
     )
 
 
+@contextlib.contextmanager
+def thread_limit(n_threads: int | None) -> Iterator[None]:
+    """Limit BLAS/OpenMP (and torch, if imported) to ``n_threads`` inside the block."""
+    if n_threads is None:
+        yield
+        return
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    try:
+        if torch is not None:
+            torch.set_num_threads(n_threads)
+        with threadpool_limits(limits=n_threads):
+            yield
+    finally:
+        if torch is not None and before is not None:
+            torch.set_num_threads(before)
+
+
 def analyze_class(
     heatmaps: Any,
     rows: Sequence[int] | np.ndarray,
     class_index: int,
     class_name: str,
     config: SprayConfig | None = None,
-    space: str = "heatmap",
+    space: str = HEATMAP_SPACE,
+    timings: dict[str, float] | None = None,
 ) -> ClassAnalysis:
     """Run SpRAy on the heatmaps of one class.
 
@@ -211,26 +289,46 @@ def analyze_class(
         class_name: its readable name.
         config: analysis parameters; defaults to ``SprayConfig()``.
         space: name of the representation, stored with the result.
+        timings: if given, receives the seconds spent per step (``"preprocess"``,
+            ``"pca"``, ``"graph"``, ``"eigen"``, ``"cluster"``, ``"score"``, ``"embed"``).
 
     Returns:
         The class's :class:`ClassAnalysis`, clusters sorted by artifact score (highest
         first). Samples with constant heatmaps are left out of the analysis (logged). A
-        class with too few analysable samples, or only constant heatmaps, comes back with
+        class with too few analysable samples, or only constant heatmaps comes back with
         ``analysable=False`` and a ``reason`` instead of raising.
 
     Raises:
         AnalysisInputError: heatmaps with NaN/Inf values (naming the rows), or a shape
-            mismatch between heatmaps and rows.
+            mismatch between heatmaps and rows. :func:`analyze_dataset` turns these into
+            a not-analysable result for the class.
     """
     config = config or SprayConfig()
-    started = time.perf_counter()
+    with thread_limit(config.n_threads):
+        return _analyze_class(heatmaps, rows, class_index, class_name, config, space, timings)
+
+
+def _analyze_class(
+    heatmaps: Any,
+    rows: Sequence[int] | np.ndarray,
+    class_index: int,
+    class_name: str,
+    config: SprayConfig,
+    space: str,
+    timings: dict[str, float] | None,
+) -> ClassAnalysis:
+    clock = _Clock(timings)
     rows = np.asarray(rows, dtype=np.int64)
     n = len(rows)
     if n == 0:
         return not_analysable(class_index, class_name, space, "no samples of this class.")
+    if heatmaps.shape[0] != n:
+        raise AnalysisInputError(f"got {heatmaps.shape[0]} heatmaps but {n} row indices.")
     prepared = preprocess(
-        heatmaps, config.pooled_size, config.relevance, config.normalisation, rows=rows
+        heatmaps, config.pooled_size, config.relevance, config.normalisation, rows=rows,
+        keep_pooled=False,
     )
+    map_shape = prepared.map_shape
     order = np.argsort(rows, kind="stable")
     rows = rows[order]
     keep = ~prepared.constant[order]
@@ -257,25 +355,52 @@ def analyze_class(
         )
 
     rows = rows[keep]
-    vectors = prepared.vectors[order][keep]
-    maps = prepared.pooled[order][keep]
-    display = vectors.reshape(maps.shape)
+    selection = order[keep]
+    if np.array_equal(selection, np.arange(n)):
+        vectors = prepared.vectors  # no copy: the common case of ascending, clean rows
+    else:
+        vectors = prepared.vectors[selection]
+    del prepared
+    clock.lap("preprocess")
 
+    search = reduce_dimensions(
+        vectors, config.pca_components, random_state=config.random_state
+    )
+    clock.lap("pca")
     graph = affinity_graph(
-        vectors, config.n_neighbors, config.affinity, config.knn_exact_below,
-        config.random_state,
+        search, config.n_neighbors, config.affinity, config.knn_exact_below,
+        config.random_state, config.knn_method,
     )
-    eigenvalues, eigenvectors = laplacian_eigenpairs(graph, config.n_eigen, config.random_state)
+    clock.lap("graph")
+    try:
+        eigenvalues, eigenvectors = laplacian_eigenpairs(
+            graph, config.n_eigen, config.random_state
+        )
+    except (ArpackNoConvergence, ArpackError) as error:
+        return not_analysable(
+            class_index, class_name, space,
+            f"the eigensolver did not converge on the {len(rows)}-sample graph ({error}); "
+            "try another n_neighbors or n_eigen.",
+        )
     n_clusters = choose_n_clusters(eigenvalues, config.max_clusters, config.min_eigen_ratio)
-    labels = cluster_spectral(eigenvectors, n_clusters, config.clusterer, config.random_state)
-    embedding = embed_2d(
-        vectors, config.embedding, config.embedding_neighbors, config.random_state,
-        eigenvectors=eigenvectors,
+    clock.lap("eigen")
+    labels = cluster_spectral(
+        eigenvectors, n_clusters, config.clusterer, config.random_state,
+        minibatch_above=config.minibatch_above,
     )
+    n_clusters = int(labels.max()) + 1
+    clock.lap("cluster")
     scores = score_clusters(
-        maps, vectors, labels, config.max_cluster_fraction, config.min_cluster_size,
+        vectors, vectors, labels, config.max_cluster_fraction, config.min_cluster_size,
         config.random_state,
     )
+    sums, counts = _cluster_sums(vectors, labels)
+    clock.lap("score")
+    embedding = embed_2d(
+        search, config.embedding, config.embedding_neighbors, config.random_state,
+        eigenvectors=eigenvectors, graph=graph, max_samples=config.embedding_max_samples,
+    )
+    clock.lap("embed")
     clusters = [
         ClusterResult(
             cluster_id=item.cluster_id,
@@ -283,7 +408,7 @@ def analyze_class(
             artifact_score=item.score,
             flagged=bool(item.score >= config.threshold),
             score_components=item.components,
-            mean_heatmap=display[labels == item.cluster_id].mean(axis=0),
+            mean_heatmap=(sums[item.cluster_id] / counts[item.cluster_id]).reshape(map_shape).astype(np.float32),
         )
         for item in scores
     ]
@@ -291,7 +416,7 @@ def analyze_class(
     logger.info(
         "class %s (%s, %s): %d samples, %d clusters, %d flagged, %.1f s",
         class_index, class_name, space, len(rows), n_clusters,
-        sum(c.flagged for c in clusters), time.perf_counter() - started,
+        sum(c.flagged for c in clusters), clock.total(),
     )
     return ClassAnalysis(
         class_index=int(class_index),
@@ -304,9 +429,38 @@ def analyze_class(
         spectral_embedding=eigenvectors.astype(np.float32),
         embedding_2d=embedding,
         clusters=clusters,
-        class_mean_heatmap=display.mean(axis=0),
+        class_mean_heatmap=(sums.sum(axis=0) / len(rows)).reshape(map_shape).astype(np.float32),
         analysable=True,
     )
+
+
+class _Clock:
+    """Seconds per named step, written into ``timings`` when one is given."""
+
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.timings = timings
+        self.started = self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings[name] = self.timings.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def _cluster_sums(vectors: np.ndarray, labels: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster sums (float64) and sizes of the analysis vectors, read in chunks."""
+    n_clusters = int(labels.max()) + 1
+    sums = np.zeros((n_clusters, vectors.shape[1]))
+    for start in range(0, len(labels), chunk):
+        block = labels[start : start + chunk]
+        values = np.asarray(vectors[start : start + chunk], dtype=np.float64)
+        for cluster in np.unique(block):
+            sums[cluster] += values[block == cluster].sum(axis=0)
+    return sums, np.bincount(labels, minlength=n_clusters)
 
 
 class _RowSelection:
@@ -327,6 +481,40 @@ class _RowSelection:
         return np.asarray(self.source[self.indices[item]])
 
 
+def _select_rows(
+    n_rows: int, labels: Any, class_names: Sequence[str], rows: Sequence[int] | np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ``(selected rows ascending, their labels)``."""
+    all_labels = np.asarray(labels[...] if hasattr(labels, "shape") else labels).astype(np.int64)
+    if len(all_labels) != n_rows:
+        raise AnalysisInputError(f"got {n_rows} heatmaps but {len(all_labels)} labels.")
+    selected = (
+        np.arange(len(all_labels)) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
+    )
+    if len(selected) and (selected[0] < 0 or selected[-1] >= len(all_labels)):
+        raise AnalysisInputError(f"rows must lie in [0, {len(all_labels)}).")
+    selected_labels = all_labels[selected]
+    outside = (selected_labels < 0) | (selected_labels >= len(class_names))
+    if outside.any():
+        raise AnalysisInputError(
+            f"{int(outside.sum())} rows have labels outside 0..{len(class_names) - 1} "
+            f"(e.g. row {int(selected[outside][0])} has label {int(selected_labels[outside][0])}); "
+            "pass the full list of class names."
+        )
+    return selected, selected_labels
+
+
+def _analyze_or_explain(
+    source: Any, rows: np.ndarray, class_index: int, name: str, config: SprayConfig, space: str
+) -> ClassAnalysis:
+    """:func:`analyze_class`, with bad input turned into a not-analysable result."""
+    try:
+        return analyze_class(_RowSelection(source, rows), rows, class_index, name, config, space)
+    except AnalysisInputError as error:
+        logger.warning("class %s (%s, %s) not analysed: %s", class_index, name, space, error)
+        return not_analysable(class_index, name, space, str(error))
+
+
 def analyze_dataset(
     heatmaps: Any,
     labels: Any,
@@ -334,7 +522,8 @@ def analyze_dataset(
     config: SprayConfig | None = None,
     rows: Sequence[int] | np.ndarray | None = None,
     classes: Sequence[int] | None = None,
-    space: str = "heatmap",
+    space: str = HEATMAP_SPACE,
+    dataset_wide: bool = False,
 ) -> list[ClassAnalysis]:
     """Run SpRAy class by class.
 
@@ -349,29 +538,19 @@ def analyze_dataset(
         classes: class indices to analyse, in this order; default every class that occurs
             among ``rows``. A requested class without samples is returned not analysable.
         space: name of the representation, stored with each result.
+        dataset_wide: also analyse all selected rows together, as class ``-1``
+            (``"all classes"``), appended last.
 
     Returns:
-        One :class:`ClassAnalysis` per analysed class.
+        One :class:`ClassAnalysis` per analysed class. A class whose heatmaps contain
+        NaN/Inf values is returned not analysable, its ``reason`` naming the rows.
+
+    Raises:
+        AnalysisInputError: labels and heatmaps of different lengths, rows out of range,
+            labels without a class name, unknown requested classes.
     """
     config = config or SprayConfig()
-    all_labels = np.asarray(labels[...] if hasattr(labels, "shape") else labels).astype(np.int64)
-    if len(all_labels) != heatmaps.shape[0]:
-        raise AnalysisInputError(
-            f"got {heatmaps.shape[0]} heatmaps but {len(all_labels)} labels."
-        )
-    selected = (
-        np.arange(len(all_labels)) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
-    )
-    if len(selected) and (selected[0] < 0 or selected[-1] >= len(all_labels)):
-        raise AnalysisInputError(f"rows must lie in [0, {len(all_labels)}).")
-    selected_labels = all_labels[selected]
-    outside = (selected_labels < 0) | (selected_labels >= len(class_names))
-    if outside.any():
-        raise AnalysisInputError(
-            f"{int(outside.sum())} rows have labels outside 0..{len(class_names) - 1} "
-            f"(e.g. row {int(selected[outside][0])} has label {int(selected_labels[outside][0])}); "
-            "pass the full list of class names."
-        )
+    selected, selected_labels = _select_rows(heatmaps.shape[0], labels, class_names, rows)
     wanted = np.unique(selected_labels).tolist() if classes is None else list(classes)
     unknown = [c for c in wanted if not 0 <= int(c) < len(class_names)]
     if unknown:
@@ -383,9 +562,77 @@ def analyze_dataset(
         class_rows = selected[selected_labels == class_index]
         name = class_names[class_index]
         logger.info("analysing class %s (%s): %d samples", class_index, name, len(class_rows))
+        analyses.append(_analyze_or_explain(heatmaps, class_rows, class_index, name, config, space))
+    if dataset_wide:
+        logger.info("analysing all classes together (%s): %d samples", space, len(selected))
         analyses.append(
-            analyze_class(
-                _RowSelection(heatmaps, class_rows), class_rows, class_index, name, config, space
+            _analyze_or_explain(heatmaps, selected, DATASET_WIDE, DATASET_WIDE_NAME, config, space)
+        )
+    return analyses
+
+
+def concept_space(layer: str) -> str:
+    """The ``space`` name of the concept relevances of ``layer``."""
+    return f"{CONCEPT_PREFIX}{layer}"
+
+
+def analyze_spaces(
+    heatmaps: Any,
+    labels: Any,
+    class_names: Sequence[str],
+    config: SprayConfig | None = None,
+    concepts: Mapping[str, Any] | None = None,
+    spaces: Sequence[str] = (HEATMAP_SPACE,),
+    dataset_wide: bool = False,
+    rows: Sequence[int] | np.ndarray | None = None,
+    classes: Sequence[int] | None = None,
+) -> list[ClassAnalysis]:
+    """Run SpRAy in several representations at once, per class and optionally dataset-wide.
+
+    Args:
+        heatmaps: (N, H, W) heatmaps (e.g. ``attributions.h5``'s ``attribution``).
+        labels: (N,) class index per row.
+        class_names: name per class index.
+        config: analysis parameters, shared by every space; defaults to ``SprayConfig()``.
+        concepts: layer name -> (N, C) concept-relevance vectors (``concepts/<layer>``).
+        spaces: which representations, in this order: ``"heatmap"``,
+            ``"concept:<layer>"`` for a layer of ``concepts``, or ``"concept:*"`` for every
+            layer of ``concepts`` (in their order).
+        dataset_wide: also analyse all selected rows of each space together (class -1).
+        rows, classes: as for :func:`analyze_dataset`.
+
+    Returns:
+        The results of :func:`analyze_dataset` for each space, concatenated in the order
+        of ``spaces`` (each space: its classes, then its dataset-wide result).
+
+    Raises:
+        AnalysisInputError: an unknown space or layer (naming the available ones), and the
+            errors of :func:`analyze_dataset`.
+    """
+    concepts = dict(concepts or {})
+    resolved: list[tuple[str, Any]] = []
+    for space in spaces:
+        if space == HEATMAP_SPACE:
+            resolved.append((space, heatmaps))
+        elif space == f"{CONCEPT_PREFIX}*":
+            resolved.extend((concept_space(layer), data) for layer, data in concepts.items())
+        elif space.startswith(CONCEPT_PREFIX) and space[len(CONCEPT_PREFIX) :] in concepts:
+            resolved.append((space, concepts[space[len(CONCEPT_PREFIX) :]]))
+        else:
+            available = [HEATMAP_SPACE] + [concept_space(layer) for layer in concepts]
+            raise AnalysisInputError(
+                f"unknown analysis space {space!r}; available: {available} "
+                "(concept spaces need the layer among the attribution's concept layers)."
+            )
+    names = [name for name, _ in resolved]
+    if len(set(names)) != len(names):
+        raise AnalysisInputError(f"analysis spaces repeat: {names}.")
+    analyses: list[ClassAnalysis] = []
+    for space, source in resolved:
+        analyses.extend(
+            analyze_dataset(
+                source, labels, class_names, config, rows=rows, classes=classes,
+                space=space, dataset_wide=dataset_wide,
             )
         )
     return analyses

@@ -31,8 +31,9 @@ RELEVANCE_MODES = ("signed", "positive", "absolute")
 NORMALISATIONS = ("l2", "max", "sum", "none")
 DEFAULT_POOLED_SIZE = (16, 16)
 
-# Samples read, pooled and converted to float64 at a time: bounds memory for large classes.
-_CHUNK = 512
+# Input values read, pooled and converted to float64 at a time (32 MiB): bounds memory for
+# large classes and large heatmaps alike.
+_CHUNK_VALUES = 2**22
 
 
 class AnalysisInputError(ValueError):
@@ -45,19 +46,22 @@ class Preprocessed:
 
     Attributes:
         vectors: (n, h*w) float32 analysis vectors: pooled, sign-handled, normalised.
-        pooled: (n, h, w) float32 pooled and sign-handled maps, *not* normalised
-            (the artifact score builds its own relevance distributions from them).
+        pooled: (n, h, w) float32 pooled and sign-handled maps, *not* normalised; None
+            when :func:`preprocess` was asked not to keep them (they double the memory,
+            and the artifact score does not need them: it rescales each map itself).
         constant: (n,) bool, True where the map carries no spatial information: constant
             input, or all zeros after sign handling. Their vectors are all zeros.
+        shape: (h, w) of one pooled map.
     """
 
     vectors: np.ndarray
-    pooled: np.ndarray
+    pooled: np.ndarray | None
     constant: np.ndarray
+    shape: tuple[int, int] = (0, 0)
 
     @property
     def map_shape(self) -> tuple[int, int]:
-        return int(self.pooled.shape[1]), int(self.pooled.shape[2])
+        return int(self.shape[0]), int(self.shape[1])
 
 
 def pooled_shape(height: int, width: int, size: tuple[int, int] | None) -> tuple[int, int]:
@@ -139,6 +143,7 @@ def preprocess(
     relevance: str = "signed",
     normalisation: str = "l2",
     rows: np.ndarray | None = None,
+    keep_pooled: bool = True,
 ) -> Preprocessed:
     """Pool, sign-handle and normalise heatmaps into analysis vectors.
 
@@ -151,6 +156,8 @@ def preprocess(
         relevance: ``"signed"``, ``"positive"`` or ``"absolute"``.
         normalisation: ``"l2"``, ``"max"``, ``"sum"`` or ``"none"``, per sample.
         rows: attribution-file row index per sample, used only to name bad rows in errors.
+        keep_pooled: also return the pooled maps before normalisation (one more float32
+            copy of the data).
 
     Raises:
         AnalysisInputError: on NaN/Inf values (naming how many rows and which), an input
@@ -178,16 +185,27 @@ def preprocess(
         in_shape = (shape[1], shape[2])
         out_shape = pooled_shape(shape[1], shape[2], pooled_size)
 
-    pooled = np.empty((n, *out_shape), dtype=np.float64)
+    width = int(np.prod(out_shape))
+    pooled = np.empty((n, *out_shape), dtype=np.float32) if keep_pooled else None
+    vectors = np.empty((n, width), dtype=np.float32)
     finite = np.ones(n, dtype=bool)
     constant = np.zeros(n, dtype=bool)
-    for start in range(0, n, _CHUNK):
-        stop = min(start + _CHUNK, n)
+    chunk = max(1, _CHUNK_VALUES // int(np.prod(in_shape)))
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
         block = np.asarray(heatmaps[start:stop], dtype=np.float64).reshape(-1, *in_shape)
         flat = block.reshape(len(block), -1)
         finite[start:stop] = np.isfinite(flat).all(axis=1)
         constant[start:stop] = np.ptp(np.where(np.isfinite(flat), flat, 0.0), axis=1) == 0
-        pooled[start:stop] = apply_relevance_mode(sum_pool(block, out_shape), relevance)
+        handled = apply_relevance_mode(sum_pool(block, out_shape), relevance)
+        if pooled is not None:
+            pooled[start:stop] = handled
+        handled = handled.reshape(len(handled), width)
+        handled[~finite[start:stop]] = 0.0  # reported below; keeps the arithmetic quiet
+        constant[start:stop] |= ~np.any(handled != 0, axis=1)
+        normalised = normalise_rows(handled, normalisation)
+        normalised[constant[start:stop]] = 0.0
+        vectors[start:stop] = normalised
 
     if not finite.all():
         bad = np.flatnonzero(~finite)
@@ -196,12 +214,4 @@ def preprocess(
             f"{_describe_rows(bad, rows)}; re-run the attribution for these samples or "
             "leave them out of the analysis."
         )
-    flat = pooled.reshape(n, -1)
-    constant |= ~np.any(flat != 0, axis=1)
-    vectors = normalise_rows(flat, normalisation)
-    vectors[constant] = 0.0
-    return Preprocessed(
-        vectors=vectors.astype(np.float32),
-        pooled=pooled.astype(np.float32),
-        constant=constant,
-    )
+    return Preprocessed(vectors=vectors, pooled=pooled, constant=constant, shape=tuple(out_shape))

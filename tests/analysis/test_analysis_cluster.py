@@ -49,4 +49,4 @@ def test_one_cluster_and_bad_method():
     vectors = np.random.default_rng(3).standard_normal((12, 4))
     assert not cluster_spectral(vectors, 1).any()
     with pytest.raises(ValueError, match="clusterer"):
-        cluster_spectral(vectors, 2, method="dbscan")
+        cluster_spectral(vectors, 2, method="optics")
