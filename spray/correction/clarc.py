@@ -55,7 +55,7 @@ import torch
 from torch import fx, nn
 
 from spray.attribution.lrp import resolve_layers
-from spray.correction.cav import CAV, pool_activation
+from spray.correction.cav import CAV
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,6 @@ from torch import nn
 
 from spray.correction.cav import CAV, fit_cav, layer_activations
 from spray.correction.clarc import (
-    ClarcModel,
     CorrectionError,
     Gate,
     RRHistory,

@@ -14,7 +14,7 @@ from spray.data.demo import DemoConfig, DemoSplit, make_demo
 from spray.models.demo import DemoNet, TrainConfig, load_or_train_demo_model
 
 DEMO = DemoConfig(n_per_class=300)
-TRAIN = TrainConfig(epochs=6, batch_size=64)
+TRAIN = TrainConfig(epochs=4, batch_size=64)
 LAYER = "features.relu3"
 
 
@@ -28,7 +28,7 @@ class Demo:
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
-    """The demo set (300 images per class) and a DemoNet trained on it (6 epochs, batches of 64)."""
+    """The demo set (300 images per class) and a DemoNet trained on it (4 epochs, batches of 64)."""
     torch.set_num_threads(min(2, torch.get_num_threads()))
     train, test = make_demo(DEMO)
     model, weights, _ = load_or_train_demo_model(train.images, train.labels, 4, TRAIN, tmp_path_factory.mktemp("model"))
