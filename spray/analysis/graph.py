@@ -63,6 +63,9 @@ _MIN_WEIGHT = 1e-12
 # Entries of a distance block computed at once (float32): 2**23 entries = 32 MiB.
 _BLOCK_ENTRIES = 2**23
 
+# Smallest average cell of the inverted-file index.
+_MIN_CELL = 64
+
 # Rows up to this wide are fully sorted to select their k smallest entries.
 _NARROW = 64
 
@@ -242,8 +245,9 @@ def ivf_knn(
     n = len(vectors)
     k = n_neighbors
     rng = np.random.default_rng(random_state)
-    # cost ~ n d (n_cells + n_probe n / n_cells): smallest at n_cells = sqrt(n_probe n)
-    n_cells = max(1, min(n // 4, int(round(math.sqrt(n_probe * n)))))
+    # cost ~ n d (n_cells + n_probe n / n_cells): smallest at n_cells = sqrt(n_probe n);
+    # at least _MIN_CELL members per cell, so small inputs are searched widely
+    n_cells = max(1, min(n // _MIN_CELL, int(round(math.sqrt(n_probe * n)))))
     n_probe = min(n_probe, n_cells)
     train = vectors[np.sort(rng.choice(n, min(n, 16 * n_cells), replace=False))]
     centroids = _lloyd(train, n_cells, rng)

@@ -61,7 +61,9 @@ from spray.analysis.preprocess import (
     DEFAULT_POOLED_SIZE,
     NORMALISATIONS,
     RELEVANCE_MODES,
+    SCALINGS,
     AnalysisInputError,
+    linear_maps,
     preprocess,
 )
 from spray.analysis.result import ClassAnalysis, ClusterResult
@@ -91,6 +93,8 @@ class SprayConfig:
         pooled_size: (h, w) grid heatmaps are sum-pooled to (capped at their size);
             ``None`` keeps full resolution.
         relevance: ``"signed"``, ``"positive"`` or ``"absolute"`` relevance.
+        scaling: ``"sqrt"`` (Hellinger-like distances between relevance maps) or
+            ``"linear"``; see :mod:`spray.analysis.preprocess`.
         normalisation: per-sample ``"l2"``, ``"max"``, ``"sum"`` or ``"none"``.
         n_neighbors: neighbours per sample in the affinity graph.
         n_eigen: Laplacian eigenpairs computed (capped at n - 1 per class).
@@ -126,6 +130,7 @@ class SprayConfig:
 
     pooled_size: tuple[int, int] | None = DEFAULT_POOLED_SIZE
     relevance: str = "signed"
+    scaling: str = "sqrt"
     normalisation: str = "l2"
     n_neighbors: int = 10
     n_eigen: int = DEFAULT_N_EIGEN
@@ -158,6 +163,7 @@ class SprayConfig:
             self.pooled_size = (int(size[0]), int(size[1]))
         _check_choice("relevance", self.relevance, RELEVANCE_MODES)
         _check_choice("normalisation", self.normalisation, NORMALISATIONS)
+        _check_choice("scaling", self.scaling, SCALINGS)
         _check_choice("affinity", self.affinity, AFFINITIES)
         _check_choice("clusterer", self.clusterer, CLUSTERERS)
         _check_choice("embedding", self.embedding, EMBEDDINGS)
@@ -326,7 +332,7 @@ def _analyze_class(
         raise AnalysisInputError(f"got {heatmaps.shape[0]} heatmaps but {n} row indices.")
     prepared = preprocess(
         heatmaps, config.pooled_size, config.relevance, config.normalisation, rows=rows,
-        keep_pooled=False,
+        keep_pooled=False, scaling=config.scaling,
     )
     map_shape = prepared.map_shape
     order = np.argsort(rows, kind="stable")
@@ -390,11 +396,12 @@ def _analyze_class(
     )
     n_clusters = int(labels.max()) + 1
     clock.lap("cluster")
+    maps = linear_maps(vectors, config.scaling)
     scores = score_clusters(
-        vectors, vectors, labels, config.max_cluster_fraction, config.min_cluster_size,
-        config.random_state,
+        maps, vectors, labels, config.max_cluster_fraction, config.min_cluster_size,
+        config.random_state, graph=graph,
     )
-    sums, counts = _cluster_sums(vectors, labels)
+    sums, counts = _cluster_sums(maps, labels)
     clock.lap("score")
     embedding = embed_2d(
         search, config.embedding, config.embedding_neighbors, config.random_state,
@@ -451,8 +458,8 @@ class _Clock:
         return time.perf_counter() - self.started
 
 
-def _cluster_sums(vectors: np.ndarray, labels: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cluster sums (float64) and sizes of the analysis vectors, read in chunks."""
+def _cluster_sums(vectors: Any, labels: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster sums (float64) and sizes of (n, d) rows, read in chunks."""
     n_clusters = int(labels.max()) + 1
     sums = np.zeros((n_clusters, vectors.shape[1]))
     for start in range(0, len(labels), chunk):

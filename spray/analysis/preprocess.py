@@ -1,6 +1,6 @@
 """Turn per-sample relevance heatmaps into the vectors that SpRAy clusters.
 
-Three steps, in this order:
+Four steps, in this order:
 
 1. **Sum pooling** to a coarse grid (default 16x16). SpRAy compares *where* a model looks,
    not pixel detail; pooling removes high-frequency LRP noise and makes the vectors short
@@ -8,11 +8,21 @@ Three steps, in this order:
 2. **Sign handling**: keep signed relevance (``"signed"``, SpRAy's original choice), its
    positive part (``"positive"``: only evidence *for* the class) or its magnitude
    (``"absolute"``).
-3. **Normalisation per sample** (``"l2"``, ``"max"``, ``"sum"`` or ``"none"``), so that
+3. **Scaling**: ``"sqrt"`` (default) replaces every value ``r`` by ``sign(r) sqrt(|r|)``;
+   ``"linear"`` keeps it. After L2 normalisation, square-rooted maps make Euclidean
+   distances those of the Hellinger distance between relevance distributions: a share
+   of relevance moved to another place counts the same whether it lands on four pixels
+   (a corner patch) or is spread thinly over a hundred (a frame, a text banner). With
+   linear maps the spread-out share nearly vanishes from the distance (its L2 norm
+   shrinks with the square root of its area), and such artifacts go unseen.
+4. **Normalisation per sample** (``"l2"``, ``"max"``, ``"sum"`` or ``"none"``), so that
    samples with strong and weak relevance are compared by the *shape* of their maps.
 
 Two-dimensional input ``(n, d)`` (e.g. concept relevances) skips pooling and is treated as
 maps of shape ``(1, d)``.
+
+:func:`linear_maps` undoes the scaling (up to each sample's normalisation factor) for the
+artifact score, which reasons about shares of relevance.
 
 Bad input is caught here, before any graph is built: non-finite rows raise
 :class:`AnalysisInputError` naming them; rows whose map carries no spatial information
@@ -28,6 +38,7 @@ from typing import Any
 import numpy as np
 
 RELEVANCE_MODES = ("signed", "positive", "absolute")
+SCALINGS = ("sqrt", "linear")
 NORMALISATIONS = ("l2", "max", "sum", "none")
 DEFAULT_POOLED_SIZE = (16, 16)
 
@@ -109,6 +120,43 @@ def apply_relevance_mode(maps: np.ndarray, mode: str) -> np.ndarray:
     raise AnalysisInputError(f"relevance mode must be one of {RELEVANCE_MODES}, got {mode!r}.")
 
 
+def apply_scaling(maps: np.ndarray, scaling: str) -> np.ndarray:
+    """``sign(r) * sqrt(|r|)`` for ``"sqrt"``; the maps unchanged for ``"linear"``."""
+    if scaling == "linear":
+        return maps
+    if scaling == "sqrt":
+        return np.sign(maps) * np.sqrt(np.abs(maps))
+    raise AnalysisInputError(f"scaling must be one of {SCALINGS}, got {scaling!r}.")
+
+
+class LinearMaps:
+    """Lazy view of analysis vectors with the scaling undone: ``sign(v) v^2`` for ``"sqrt"``.
+
+    Each row equals the sign-handled pooled map up to a positive factor (its
+    normalisation), which is all the artifact score needs. Sliced along the first axis, a
+    chunk at a time, so it never holds a second copy of the data.
+    """
+
+    def __init__(self, vectors: np.ndarray, scaling: str) -> None:
+        if scaling not in SCALINGS:
+            raise AnalysisInputError(f"scaling must be one of {SCALINGS}, got {scaling!r}.")
+        self.vectors = vectors
+        self.scaling = scaling
+        self.shape = tuple(vectors.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, item: slice) -> np.ndarray:
+        block = np.asarray(self.vectors[item], dtype=np.float64)
+        return block if self.scaling == "linear" else np.sign(block) * block**2
+
+
+def linear_maps(vectors: np.ndarray, scaling: str) -> LinearMaps:
+    """The analysis vectors as (scaled) linear relevance maps, see :class:`LinearMaps`."""
+    return LinearMaps(vectors, scaling)
+
+
 def normalise_rows(vectors: np.ndarray, method: str) -> np.ndarray:
     """Scale each row by its L2 norm, max |value|, sum of |values|, or not at all.
 
@@ -144,6 +192,7 @@ def preprocess(
     normalisation: str = "l2",
     rows: np.ndarray | None = None,
     keep_pooled: bool = True,
+    scaling: str = "linear",
 ) -> Preprocessed:
     """Pool, sign-handle and normalise heatmaps into analysis vectors.
 
@@ -158,6 +207,8 @@ def preprocess(
         rows: attribution-file row index per sample, used only to name bad rows in errors.
         keep_pooled: also return the pooled maps before normalisation (one more float32
             copy of the data).
+        scaling: ``"linear"`` or ``"sqrt"`` (module docstring). The function's default
+            is ``"linear"``; the pipeline's (``SprayConfig.scaling``) is ``"sqrt"``.
 
     Raises:
         AnalysisInputError: on NaN/Inf values (naming how many rows and which), an input
@@ -176,6 +227,8 @@ def preprocess(
         raise AnalysisInputError(
             f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}."
         )
+    if scaling not in SCALINGS:
+        raise AnalysisInputError(f"scaling must be one of {SCALINGS}, got {scaling!r}.")
     n = shape[0]
     if rows is not None and len(rows) != n:
         raise AnalysisInputError(f"got {n} heatmaps but {len(rows)} row indices.")
@@ -203,7 +256,7 @@ def preprocess(
         handled = handled.reshape(len(handled), width)
         handled[~finite[start:stop]] = 0.0  # reported below; keeps the arithmetic quiet
         constant[start:stop] |= ~np.any(handled != 0, axis=1)
-        normalised = normalise_rows(handled, normalisation)
+        normalised = normalise_rows(apply_scaling(handled, scaling), normalisation)
         normalised[constant[start:stop]] = 0.0
         vectors[start:stop] = normalised
 

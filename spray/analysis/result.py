@@ -22,7 +22,9 @@ class ClusterResult:
             ``spray.analysis.artifacts``.
         flagged: whether ``artifact_score`` is at or above the audit's threshold.
         score_components: the named terms the score is made of, for the report.
-        mean_heatmap: the members' mean preprocessed heatmap, shape (h, w).
+        mean_heatmap: the members' mean pooled heatmap, shape (h, w): sign-handled and
+            normalised, with the analysis scaling undone (for the default square-root
+            scaling and L2 normalisation, each member's map sums to 1 in absolute value).
     """
 
     cluster_id: int
@@ -52,7 +54,7 @@ class ClassAnalysis:
         spectral_embedding: (n, d) spectral coordinates, aligned with ``rows``.
         embedding_2d: (n, 2) UMAP (or t-SNE) coordinates for pictures, aligned with ``rows``.
         clusters: one record per cluster, highest ``artifact_score`` first.
-        class_mean_heatmap: mean preprocessed heatmap over the whole class, (h, w).
+        class_mean_heatmap: the same mean over the whole class, (h, w).
         analysable: False when the class could not be analysed; ``reason`` says why.
     """
 

@@ -18,8 +18,11 @@ Layout (format ``"spray-analysis"``, version 1)::
             member_rows     (size,) int64
             mean_heatmap    (h, w)  float32
 
-``<space key>`` is the space name with ``/`` replaced (HDF5 would read it as a path); the
-exact name is kept in the ``space`` attribute. Arrays are written with the dtype they have,
+``<class_index>`` is ``-1`` for a dataset-wide analysis. ``<space key>`` is the space name
+(``"heatmap"``, ``"concept:<layer>"``) with ``/`` replaced (HDF5 would read it as a path);
+the exact name is kept in the ``space`` attribute. Mean heatmaps of a concept space have
+shape (1, channels). The ``config`` attribute holds every ``SprayConfig`` field; a file
+written before a field existed reads back with that field's default. Arrays are written with the dtype they have,
 so a round trip returns equal arrays of equal dtype.
 """
 

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from spray.analysis.cluster import cluster_spectral, njw_embedding, relabel_by_size
+from spray.analysis.cluster import (
+    assign_to_nearest_centroid,
+    cluster_spectral,
+    njw_embedding,
+    relabel_by_size,
+)
 from spray.analysis.graph import affinity_graph
 from spray.analysis.spectral import laplacian_eigenpairs
 
@@ -50,3 +55,35 @@ def test_one_cluster_and_bad_method():
     assert not cluster_spectral(vectors, 1).any()
     with pytest.raises(ValueError, match="clusterer"):
         cluster_spectral(vectors, 2, method="optics")
+
+
+@pytest.fixture(scope="module")
+def blob_eigenvectors(make_blobs):
+    points, truth = make_blobs([300, 200, 100], np.random.default_rng(4))
+    _, vectors = laplacian_eigenpairs(affinity_graph(points, n_neighbors=10), n_eigen=8)
+    return vectors, truth
+
+
+@pytest.mark.parametrize("method", ["dbscan", "hdbscan"])
+def test_density_based_clusterers_recover_blobs(blob_eigenvectors, method):
+    vectors, truth = blob_eigenvectors
+    labels = cluster_spectral(vectors, 3, method=method)
+    assert (labels >= 0).all()  # noise joins the nearest cluster
+    assert adjusted_rand_score(truth, labels) >= 0.99
+
+
+def test_large_input_paths_agree_with_the_small_ones(blob_eigenvectors):
+    vectors, truth = blob_eigenvectors
+    minibatch = cluster_spectral(vectors, 3, minibatch_above=100)
+    subset_ward = cluster_spectral(vectors, 3, method="agglomerative", fit_samples=120)
+    subset_hdbscan = cluster_spectral(vectors, 3, method="hdbscan", fit_samples=200)
+    for labels in (minibatch, subset_ward, subset_hdbscan):
+        assert adjusted_rand_score(truth, labels) >= 0.99
+        assert np.bincount(labels).tolist() == [300, 200, 100]
+
+
+def test_unlabelled_points_join_the_nearest_centroid():
+    points = np.array([[0.0, 0], [0, 1], [10, 0], [10, 1], [9, 0.5], [0.5, 0.5]])
+    labels = assign_to_nearest_centroid(points, np.array([0, 0, 1, 1, -1, -1]))
+    assert labels.tolist() == [0, 0, 1, 1, 1, 0]
+    assert assign_to_nearest_centroid(points, np.full(6, -1)).tolist() == [0] * 6

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spray.analysis.embed import MIN_SAMPLES_NONLINEAR, embed_2d
+from spray.analysis.embed import MIN_SAMPLES_NONLINEAR, embed_2d, propagate_coordinates
+from spray.analysis.graph import affinity_graph
 
 
 def test_spectral_embedding_uses_first_non_trivial_eigenvectors():
@@ -53,6 +54,27 @@ def test_umap_separates_groups_and_is_deterministic(make_blobs):
     again = embed_2d(points, method="umap", n_neighbors=10, random_state=0)
     assert coords.shape == (80, 2) and np.isfinite(coords).all()
     np.testing.assert_array_equal(coords, again)
+    centre_gap = np.linalg.norm(coords[truth == 0].mean(0) - coords[truth == 1].mean(0))
+    spread = max(coords[truth == c].std(0).max() for c in (0, 1))
+    assert centre_gap > 2 * spread
+
+
+def test_propagation_places_samples_next_to_their_graph_neighbours(make_blobs):
+    points, truth = make_blobs([150, 150], np.random.default_rng(4), dim=8)
+    graph = affinity_graph(points, n_neighbors=10)
+    coords = np.where(truth[:, None] == 0, -5.0, 5.0) * np.ones((300, 2))
+    placed = np.zeros(300, dtype=bool)
+    placed[::15] = True  # 20 placed samples, 10 per blob
+    result = propagate_coordinates(graph, coords, placed)
+    assert np.isfinite(result).all()
+    np.testing.assert_array_equal(result[placed], coords[placed])
+    assert (result[truth == 0, 0] < -4).all() and (result[truth == 1, 0] > 4).all()
+
+
+def test_large_inputs_are_embedded_on_a_subset_and_placed_through_the_graph(make_blobs):
+    points, truth = make_blobs([120, 120], np.random.default_rng(5), dim=16)
+    coords = embed_2d(points, method="tsne", max_samples=60, random_state=0)
+    assert coords.shape == (240, 2) and np.isfinite(coords).all()
     centre_gap = np.linalg.norm(coords[truth == 0].mean(0) - coords[truth == 1].mean(0))
     spread = max(coords[truth == c].std(0).max() for c in (0, 1))
     assert centre_gap > 2 * spread

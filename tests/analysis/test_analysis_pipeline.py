@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from spray.analysis.pipeline import SprayConfig, analyze_class, analyze_dataset
+from spray.analysis.pipeline import SprayConfig, analyze_class, analyze_dataset, analyze_spaces
 from spray.analysis.preprocess import AnalysisInputError
 
 CONFIG = SprayConfig(embedding="spectral")
@@ -163,3 +163,71 @@ def test_dataset_analysis_row_subset_and_requested_classes(make_clean):
     assert not results[1].analysable and "no samples" in results[1].reason
     with pytest.raises(AnalysisInputError, match="labels outside"):
         analyze_dataset(maps, labels, ["a"], CONFIG)
+
+
+def test_spaces_per_class_and_dataset_wide_in_one_call(make_artifact, make_clean, make_blobs):
+    rng = np.random.default_rng(10)
+    artifact_maps, truth = make_artifact(150, 0.2, rng)
+    maps = np.concatenate([artifact_maps, make_clean(150, rng)])
+    labels = np.r_[np.zeros(150, int), np.ones(150, int)]
+    concepts, concept_truth = make_blobs([200, 100], rng, dim=12)
+    results = analyze_spaces(
+        maps, labels, ["dog", "cat"], CONFIG, concepts={"features.3": concepts},
+        spaces=("heatmap", "concept:*"), dataset_wide=True,
+    )
+    assert [(r.class_index, r.space) for r in results] == [
+        (0, "heatmap"), (1, "heatmap"), (-1, "heatmap"),
+        (0, "concept:features.3"), (1, "concept:features.3"), (-1, "concept:features.3"),
+    ]
+    assert results[2].class_name == "all classes" and len(results[2].rows) == 300
+    dog = results[0]
+    assert dog.clusters[0].flagged
+    assert set(dog.clusters[0].member_rows.tolist()) == set(np.flatnonzero(truth).tolist())
+    # the planted concept groups are found dataset-wide
+    wide = results[5]
+    assert wide.n_clusters == 2
+    groups = {tuple(sorted(c.member_rows.tolist())) for c in wide.clusters}
+    assert tuple(np.flatnonzero(concept_truth == 1).tolist()) in groups
+
+
+def test_unknown_space_names_the_available_ones():
+    maps = np.zeros((30, 4, 4))
+    with pytest.raises(AnalysisInputError, match=r"concept:layer1"):
+        analyze_spaces(maps, np.zeros(30, int), ["a"], CONFIG, concepts={"layer1": np.zeros((30, 3))},
+                       spaces=("concept:layer2",))
+    with pytest.raises(AnalysisInputError, match="repeat"):
+        analyze_spaces(maps, np.zeros(30, int), ["a"], CONFIG, spaces=("heatmap", "heatmap"))
+
+
+def test_bad_class_is_reported_not_analysable_and_the_others_are_analysed(make_clean):
+    """NaN heatmaps, too few samples, constant maps: each class explains itself; none raises."""
+    rng = np.random.default_rng(11)
+    maps = np.concatenate([make_clean(60, rng), make_clean(60, rng), np.ones((40, 16, 16)), make_clean(8, rng)])
+    maps[[61, 70]] = np.nan
+    labels = np.r_[np.zeros(60, int), np.ones(60, int), np.full(40, 2), np.full(8, 3)]
+    results = analyze_dataset(maps, labels, ["ok", "nan", "flat", "rare"], CONFIG)
+    ok, nan, flat, rare = results
+    assert ok.analysable
+    assert not nan.analysable and "NaN" in nan.reason and "61" in nan.reason and "70" in nan.reason
+    assert not flat.analysable and "constant" in flat.reason
+    assert not rare.analysable and "8 analysable samples" in rare.reason
+
+
+def test_step_timings_and_thread_setting_are_restored(make_clean):
+    import torch
+
+    before = torch.get_num_threads()
+    timings: dict[str, float] = {}
+    config = SprayConfig(embedding="spectral", n_threads=1)
+    analyze_class(make_clean(80, np.random.default_rng(12)), np.arange(80), 0, "a", config, timings=timings)
+    assert set(timings) == {"preprocess", "pca", "graph", "eigen", "cluster", "score", "embed"}
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("clusterer", ["agglomerative", "dbscan", "hdbscan"])
+def test_other_clusterers_find_the_artifact(make_artifact, clusterer):
+    maps, truth = make_artifact(200, 0.2, np.random.default_rng(13))
+    config = SprayConfig(embedding="spectral", clusterer=clusterer)
+    result = analyze_class(maps, np.arange(200), 0, "a", config)
+    top = result.clusters[0]
+    assert top.flagged and set(top.member_rows.tolist()) == set(np.flatnonzero(truth).tolist())

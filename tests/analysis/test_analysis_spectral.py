@@ -12,6 +12,7 @@ from spray.analysis.spectral import (
     choose_n_clusters,
     laplacian_eigenpairs,
     normalized_laplacian,
+    null_vectors,
 )
 
 
@@ -116,8 +117,37 @@ def test_choose_n_clusters_rule_on_hand_made_spectra():
 
 
 def test_sparse_solver_finds_every_disconnected_component():
-    """Exactly repeated eigenvalues (one 0 per component) must all be found by Lanczos."""
+    """Exactly repeated eigenvalues (one 0 per component) are all found (deflation)."""
     graph = _block_graph([50] * 8, np.random.default_rng(4), leak=0.0)
     values, _ = laplacian_eigenpairs(graph, n_eigen=16, dense_below=0)
     assert (values[:8] < 1e-8).all() and values[8] > 0.5
     assert choose_n_clusters(values, max_clusters=8) == 8
+
+
+def test_null_vectors_are_one_per_component_largest_first():
+    graph = _block_graph([30, 50, 20], np.random.default_rng(5), leak=0.0)
+    component, weight = null_vectors(graph)
+    assert component[:30].tolist() == [1] * 30 and component[30:80].tolist() == [0] * 50
+    assert set(component[80:].tolist()) == {2}
+    laplacian = normalized_laplacian(graph)
+    for c in range(3):
+        vector = weight * (component == c)
+        assert np.linalg.norm(vector) == pytest.approx(1.0)
+        assert np.abs(laplacian @ vector).max() < 1e-12
+
+
+def test_more_components_than_eigenpairs_returns_only_null_vectors():
+    graph = _block_graph([30] * 12, np.random.default_rng(6), leak=0.0)
+    values, vectors = laplacian_eigenpairs(graph, n_eigen=8, dense_below=0)
+    assert (values == 0).all() and vectors.shape == (360, 8)
+    np.testing.assert_allclose(vectors.T @ vectors, np.eye(8), atol=1e-12)
+
+
+def test_isolated_sample_is_not_a_null_vector():
+    graph = _block_graph([120, 100], np.random.default_rng(7), leak=0.0).tolil()
+    graph[5, :] = 0
+    graph[:, 5] = 0
+    values, vectors = laplacian_eigenpairs(graph.tocsr(), n_eigen=6, dense_below=0)
+    # two components with edges -> two zeros; the isolated sample has eigenvalue 1
+    assert (values[:2] < 1e-10).all() and values[2] > 1e-3
+    assert np.abs(vectors[5, :2]).max() == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import h5py
 import numpy as np
@@ -117,3 +118,13 @@ def test_missing_parts_and_other_formats_raise_store_error(analyses, tmp_path):
         read_analysis(other)
     with pytest.raises(StoreError, match="not found"):
         read_analysis(tmp_path / "missing.h5")
+
+
+def test_config_written_before_new_fields_existed_reads_with_defaults(analyses, tmp_path):
+    path = tmp_path / "analysis.h5"
+    write_analysis(path, analyses, CONFIG)
+    with h5py.File(path, "a") as handle:
+        old = {k: v for k, v in json.loads(handle.attrs["config"]).items() if k not in ("scaling", "knn_method", "pca_components", "n_threads")}
+        handle.attrs["config"] = json.dumps(old)
+    config = read_config(path)
+    assert config.scaling == SprayConfig().scaling and config.n_threads == SprayConfig().n_threads
