@@ -202,11 +202,12 @@ def main() -> None:
     print()
     print(f"S3 - SpRAy analysis of synthetic 32x32 maps ({args.threads} BLAS thread(s); medians of "
           f"{args.repeats} alternating runs where CoRelAy runs)")
-    header = (f"{'N':>9} | {'CoRelAy s':>9} | {'spray s':>8} | {'speed-up':>8} | {'pca':>5} {'graph':>6} "
+    header = (f"{'N':>9} | {'CoRelAy s':>9} | {'spray s':>8} | {'speed-up':>8} | {'prep':>5} {'pca':>5} {'graph':>6} "
               f"{'eigen':>6} {'clust':>5} {'score':>5} | {'UMAP s':>6} | {'peak RSS GB':>11} | "
               f"{'data GB':>7} | {'CoRelAy GB':>10} | {'k':>2} | {'ARI':>5} | {'CoRelAy ARI':>11}")
     print(header)
     print("-" * len(header))
+    steps_shown = ("preprocess", "pca", "graph", "eigen", "cluster", "score")
     for n, spray_runs, corelay_runs in rows:
         ok = [r for r in spray_runs if "error" not in r]
         if not ok:
@@ -214,17 +215,20 @@ def main() -> None:
             continue
         spray_s = _median(ok, "seconds")
         anchor_ok = [r for r in corelay_runs if "error" not in r]
-        anchor_s = _median(anchor_ok, "seconds") if anchor_ok else float("nan")
-        steps = {k: statistics.median([r["steps"].get(k, 0.0) for r in ok]) for k in ("pca", "graph", "eigen", "cluster", "score")}
+        steps = {k: statistics.median([r["steps"].get(k, 0.0) for r in ok]) for k in steps_shown}
         umap_s = _median(ok, "umap_seconds")
-        ratio = anchor_s / spray_s if anchor_ok else float("nan")
-        anchor_gb = max((r["peak_rss_gb"] for r in anchor_ok), default=float("nan"))
-        anchor_ari = _median(anchor_ok, "ari") if anchor_ok else float("nan")
-        corelay_cell = f"{anchor_s:>9.2f}" if anchor_ok else (f"{'failed':>9}" if corelay_runs else f"{'-':>9}")
-        print(f"{n:>9} | {corelay_cell} | {spray_s:>8.2f} | {ratio:>7.1f}x | {steps['pca']:>5.1f} {steps['graph']:>6.1f} "
-              f"{steps['eigen']:>6.1f} {steps['cluster']:>5.1f} {steps['score']:>5.1f} | {umap_s:>6.1f} | "
-              f"{max(r['peak_rss_gb'] for r in ok):>11.2f} | {ok[0]['data_gb']:>7.2f} | {anchor_gb:>10.2f} | "
-              f"{ok[0]['n_clusters']:>2} | {_median(ok, 'ari'):>5.3f} | {anchor_ari:>11.3f}")
+        if anchor_ok:
+            anchor_s = _median(anchor_ok, "seconds")
+            anchor = (f"{anchor_s:>9.2f}", f"{anchor_s / spray_s:>7.1f}x",
+                      f"{max(r['peak_rss_gb'] for r in anchor_ok):>10.2f}", f"{_median(anchor_ok, 'ari'):>11.3f}")
+        else:
+            missing = "failed" if corelay_runs else "-"
+            anchor = (f"{missing:>9}", f"{'-':>8}", f"{'-':>10}", f"{'-':>11}")
+        umap_cell = f"{umap_s:>6.1f}" if umap_s == umap_s else f"{'-':>6}"
+        print(f"{n:>9} | {anchor[0]} | {spray_s:>8.2f} | {anchor[1]} | "
+              + " ".join(f"{steps[k]:>{w}.1f}" for k, w in zip(steps_shown, (5, 5, 6, 6, 5, 5)))
+              + f" | {umap_cell} | {max(r['peak_rss_gb'] for r in ok):>11.2f} | {ok[0]['data_gb']:>7.2f} | "
+              f"{anchor[2]} | {ok[0]['n_clusters']:>2} | {_median(ok, 'ari'):>5.3f} | {anchor[3]}")
     print()
     print("command: python3 " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]))
 

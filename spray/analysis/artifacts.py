@@ -192,18 +192,17 @@ def _scaled_rows(maps: np.ndarray, start: int, stop: int) -> np.ndarray:
     return scaled_maps(np.asarray(maps[start:stop]))
 
 
+def _one_hot(block: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    return (block[:, None] == ids[None, :]).astype(np.float64)
+
+
 def group_sums(maps: np.ndarray, labels: np.ndarray, ids: np.ndarray, chunk: int = SCORE_CHUNK) -> np.ndarray:
     """(len(ids), P) sums of the scaled maps of each group, read ``chunk`` rows at a time."""
     n = len(labels)
     sums = np.zeros((len(ids), int(np.prod(maps.shape[1:]))))
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        scaled = _scaled_rows(maps, start, stop)
-        block = labels[start:stop]
-        for position, cluster in enumerate(ids):
-            inside = block == cluster
-            if inside.any():
-                sums[position] += scaled[inside].sum(axis=0)
+        sums += _one_hot(labels[start:stop], ids).T @ _scaled_rows(maps, start, stop)
     return sums
 
 
@@ -221,7 +220,7 @@ def mean_cosines(
         scaled = _scaled_rows(maps, start, stop)
         where = position[start:stop]
         norms = np.linalg.norm(scaled, axis=1)
-        dots = np.einsum("ij,ij->i", scaled, references[where])
+        dots = np.take_along_axis(scaled @ references.T, where[:, None], axis=1)[:, 0]
         scale = norms * ref_norms[where]
         cosines = np.where(scale > 0, dots / np.where(scale > 0, scale, 1.0), 0.0)
         totals += np.bincount(where, weights=cosines, minlength=len(ids))

@@ -461,12 +461,11 @@ class _Clock:
 def _cluster_sums(vectors: Any, labels: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
     """Per-cluster sums (float64) and sizes of (n, d) rows, read in chunks."""
     n_clusters = int(labels.max()) + 1
+    ids = np.arange(n_clusters)
     sums = np.zeros((n_clusters, vectors.shape[1]))
     for start in range(0, len(labels), chunk):
-        block = labels[start : start + chunk]
-        values = np.asarray(vectors[start : start + chunk], dtype=np.float64)
-        for cluster in np.unique(block):
-            sums[cluster] += values[block == cluster].sum(axis=0)
+        one_hot = (labels[start : start + chunk, None] == ids[None, :]).astype(np.float64)
+        sums += one_hot.T @ np.asarray(vectors[start : start + chunk], dtype=np.float64)
     return sums, np.bincount(labels, minlength=n_clusters)
 
 

@@ -149,7 +149,7 @@ class LinearMaps:
 
     def __getitem__(self, item: slice) -> np.ndarray:
         block = np.asarray(self.vectors[item], dtype=np.float64)
-        return block if self.scaling == "linear" else np.sign(block) * block**2
+        return block if self.scaling == "linear" else block * np.abs(block)
 
 
 def linear_maps(vectors: np.ndarray, scaling: str) -> LinearMaps:
