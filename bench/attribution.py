@@ -1,31 +1,51 @@
-"""S1 — attribution throughput of spray's fast LRP engine against zennit (see BENCHMARKS.md).
+"""S1 and S2 — attribution throughput of spray's fast LRP engine against zennit (see BENCHMARKS.md).
 
-For torchvision resnet18 and vgg16 (random weights, num_classes=10, eval, 3×224×224) at
-batch 16 and 8, times alternately, in one process:
+S1, for torchvision resnet18 and vgg16 (random weights, num_classes=10, eval, 3×224×224) at
+batch 16 and 8, timed alternately in one process:
 
 - a plain forward pass (no grad), and the same with channels-last tensors (for reference:
-  the fast engine runs its convolutions channels-last in float32);
+  the fast engine's backward sweep runs its convolutions channels-last in float32);
 - an input gradient (``x.requires_grad_()``, parameters frozen);
 - zennit's ``Gradient`` attributor with EpsilonPlusFlat and the torchvision canonizer (the anchor);
 - spray: heatmap plus concept-relevance vectors at three layers, in one pass
-  (``spray.attribution.select.make_explainer``, layers from ``architectures``), and the same
-  engine with zennit's forward arithmetic (NCHW, BatchNorm not folded).
+  (``spray.attribution.select.make_explainer``, layers from ``architectures``; the default
+  forward pass computes zennit's values bit for bit), and the same engine with
+  ``forward="fast"`` (channels-last forward, BatchNorm folded into its layer).
 
 Reports the median images/s, forward units (time ÷ plain forward time), the speed-up over
 zennit, and two accuracy figures, each the largest over samples of max|a − b| / max|b|:
 "diff vs zennit" (spray's float32 heatmaps against zennit's, all samples) and "err vs f64"
 (float32 heatmaps of zennit and of spray against float64 ones, on the ``--f64-samples``
-samples where spray and zennit differ most). Float32 LRP on random-weight networks loses digits where the relevance is divided
-by nearly cancelling sums, so the first figure is only meaningful beside the second.
-S2 (conditional heatmaps) is not measured here.
+samples where a spray mode and zennit differ most). Float32 LRP on random-weight networks
+loses digits where the relevance is divided by nearly cancelling sums, so the first figure
+is only meaningful beside the second.
+
+S2, for the same networks and 16 samples: the conditional (CRP) heatmaps of each sample's
+top-5 concepts at the middle concept layer (resnet18 ``layer3``, vgg16 ``features.21``),
+the concepts ranked by the relevance vectors of the one-pass explanation (as stored in
+``attributions.h5``; not timed). Timed alternately:
+
+- a plain forward pass of the 16 samples (the unit);
+- zennit CRP the straightforward way (the anchor): one forward and full backward pass per
+  condition, the other channels' relevance masked at the layer by a gradient hook
+  (``spray.attribution.crp.ConditionalExplainer``, 16 conditions per pass, 5 passes);
+- spray's ``FastConditionalExplainer``: one forward pass and the backward sweep above the
+  layer per sample, the sweep below the layer per condition (all 80 conditions);
+- without ``--quick`` also ``ConditionalExplainer`` with the 80 conditions in one batch.
+
+Reports conditional heatmaps/s, forward units per conditional heatmap (time per heatmap ÷
+plain forward time per image), the speed-up over the anchor and the largest relative
+difference to the anchor's heatmaps.
 
     python3 bench/attribution.py --quick
+    python3 bench/attribution.py --quick --protocols S2 --networks resnet18
     python3 bench/attribution.py --device cuda --amp
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import platform
@@ -41,11 +61,12 @@ import torchvision
 import zennit.attribution as za
 
 from spray.attribution.architectures import attribution_defaults
+from spray.attribution.crp import ConditionalExplainer, FastConditionalExplainer, channel_masks
 from spray.attribution.lrp import make_composite
-from spray.attribution.select import engine_name, make_explainer
+from spray.attribution.select import PlacedExplainer, engine_name, ieee_float32, make_explainer
 
 
-ZENNIT_ORDER = "  same, NCHW and BatchNorm unfolded (zennit order)"
+FAST_FORWARD = "  same, forward='fast' (channels-last, BatchNorm folded)"
 
 
 def _sync(device: str) -> None:
@@ -68,6 +89,29 @@ def _relative_difference(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return float(_per_sample_difference(ours, reference).max())
 
 
+def _time_alternately(methods: dict[str, Callable[..., None]], repeats: int, device: str, warm_up: Callable) -> dict[str, float]:
+    """Median seconds of each method, the methods run in turn ``repeats`` times after ``warm_up(fn)`` each."""
+    for fn in methods.values():  # allocations, kernel selection
+        warm_up(fn)
+    times: dict[str, list[float]] = {label: [] for label in methods}
+    for _ in range(repeats):
+        for label, fn in methods.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
+def _model(name: str, device: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10).eval().to(device)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
 def _float64_reference(model, defaults, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Heatmaps in float64 (spray's engine, equal to zennit's in float64 to ~1e-15)."""
     model64 = copy.deepcopy(model).double()
@@ -76,10 +120,7 @@ def _float64_reference(model, defaults, x: torch.Tensor, targets: torch.Tensor) 
 
 
 def bench_network(name: str, batch: int, repeats: int, device: str, amp: bool, f64_samples: int) -> list[dict]:
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(num_classes=10).eval().to(device)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    model = _model(name, device)
     model_cl = getattr(torchvision.models, name)(num_classes=10).eval().to(device)
     model_cl.load_state_dict(model.state_dict())
     model_cl = model_cl.to(memory_format=torch.channels_last)
@@ -91,10 +132,8 @@ def bench_network(name: str, batch: int, repeats: int, device: str, amp: bool, f
     start = time.perf_counter()
     explainer = make_explainer(model, defaults.composite, defaults.canonizers, defaults.layers)
     compile_s = time.perf_counter() - start
-    # The same engine with zennit's forward arithmetic (NCHW, BatchNorm after its layer).
-    explainer_zo = make_explainer(
-        model, defaults.composite, defaults.canonizers, defaults.layers, memory_format="contiguous", fold_batchnorm=False
-    )
+    # The same engine with the faster forward pass (channels-last, BatchNorm folded into its layer).
+    explainer_ff = make_explainer(model, defaults.composite, defaults.canonizers, defaults.layers, forward="fast")
 
     outputs: dict[str, torch.Tensor] = {}
 
@@ -123,10 +162,10 @@ def bench_network(name: str, batch: int, repeats: int, device: str, amp: bool, f
             result = explainer.explain(inputs, targets[: len(inputs)])
         outputs["spray"] = result.heatmaps
 
-    def spray_zennit_order(inputs: torch.Tensor = x) -> None:
-        with explainer_zo:
-            result = explainer_zo.explain(inputs, targets[: len(inputs)])
-        outputs["spray, zennit order"] = result.heatmaps
+    def spray_fast_forward(inputs: torch.Tensor = x) -> None:
+        with explainer_ff:
+            result = explainer_ff.explain(inputs, targets[: len(inputs)])
+        outputs["spray, fast forward"] = result.heatmaps
 
     spray_label = f"spray ({engine_name(explainer)}) heatmap + {len(defaults.layers)} concept vectors"
     methods: dict[str, Callable[..., None]] = {
@@ -135,24 +174,17 @@ def bench_network(name: str, batch: int, repeats: int, device: str, amp: bool, f
         "input gradient": input_gradient,
         "zennit Gradient (anchor)": zennit,
         spray_label: spray,
-        ZENNIT_ORDER: spray_zennit_order,
+        FAST_FORWARD: spray_fast_forward,
     }
-    for fn in methods.values():  # warm-up on a small batch: allocations, kernel selection
-        fn(x[:2])
-    times: dict[str, list[float]] = {label: [] for label in methods}
-    for _ in range(repeats):
-        for label, fn in methods.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[label].append(time.perf_counter() - start)
-    # The float64 reference is computed for the samples where spray and zennit disagree most.
-    per_sample = _per_sample_difference(outputs["spray"], outputs["zennit"])
+    medians = _time_alternately(methods, repeats, device, warm_up=lambda fn: fn(x[:2]))
+    # The float64 reference is computed for the samples where a spray mode and zennit disagree most.
+    per_sample = torch.maximum(
+        _per_sample_difference(outputs["spray"], outputs["zennit"]),
+        _per_sample_difference(outputs["spray, fast forward"], outputs["zennit"]),
+    )
     worst = per_sample.argsort(descending=True)[:f64_samples].to(x.device)
     reference = _float64_reference(model, defaults, x[worst], targets[worst])
-    heatmaps = {spray_label: outputs["spray"], ZENNIT_ORDER: outputs["spray, zennit order"]}
-    medians = {label: statistics.median(values) for label, values in times.items()}
+    heatmaps = {spray_label: outputs["spray"], FAST_FORWARD: outputs["spray, fast forward"]}
     base, anchor = medians["plain forward"], medians["zennit Gradient (anchor)"]
     rows = []
     for label, seconds in medians.items():
@@ -167,7 +199,7 @@ def bench_network(name: str, batch: int, repeats: int, device: str, amp: bool, f
         })
     print(
         f"  {name} batch {batch}: compile {compile_s:.1f} s; float64 reference (spray's engine in float64) on the "
-        f"{f64_samples} sample(s) where spray and zennit differ most: {worst.tolist()}"
+        f"{f64_samples} sample(s) where spray's modes and zennit differ most: {worst.tolist()}"
     )
     if amp:
         rows.append(_amp_row(name, batch, explainer, x, targets, outputs["zennit"], reference, worst, base, anchor, device))
@@ -175,44 +207,137 @@ def bench_network(name: str, batch: int, repeats: int, device: str, amp: bool, f
 
 
 def _amp_row(name, batch, explainer, x, targets, zennit, reference, worst, base, anchor, device) -> dict:
-    """spray under float16 autocast: time and agreement with zennit's float32 heatmaps."""
+    """spray with ``precision = "amp"`` (float16 autocast, as a job spec runs it): time and
+    agreement with zennit's float32 heatmaps."""
+    placed = PlacedExplainer(explainer, torch.device(device), torch.float16)
     times = []
     for _ in range(3):
         _sync(device)
         start = time.perf_counter()
-        with torch.autocast(device, dtype=torch.float16), explainer:
-            heatmaps = explainer.explain(x, targets).heatmaps
+        with placed:
+            heatmaps = placed.explain(x, targets).heatmaps
         _sync(device)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     return {
-        "network": name, "batch": batch, "method": "spray heatmap + concepts, float16 autocast",
+        "network": name, "batch": batch, "method": "spray heatmap + concepts, precision='amp'",
         "images/s": batch / seconds, "units": seconds / base, "vs zennit": anchor / seconds,
-        "difference": _relative_difference(heatmaps.float(), zennit),
-        "f64 error": _relative_difference(heatmaps[worst].float(), reference),
+        "difference": _relative_difference(heatmaps, zennit),
+        "f64 error": _relative_difference(heatmaps[worst.cpu()], reference),
     }
 
 
-def format_table(rows: list[dict]) -> str:
-    header = (
-        f"{'network':<9} {'batch':>5}  {'method':<55} {'images/s':>9} {'fwd units':>9} {'x zennit':>8} "
-        f"{'diff vs zennit':>14} {'err vs f64':>10}"
-    )
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        versus = f"{row['vs zennit']:.2f}" if row["vs zennit"] is not None else ""
-        difference = f"{row['difference']:.1e}" if row["difference"] is not None else ""
-        error = f"{row['f64 error']:.1e}" if row["f64 error"] is not None else ""
-        lines.append(
-            f"{row['network']:<9} {row['batch']:>5}  {row['method']:<55} {row['images/s']:>9.2f} "
-            f"{row['units']:>9.2f} {versus:>8} {difference:>14} {error:>10}"
+def bench_conditional(name: str, repeats: int, device: str, batched_anchor: bool, samples: int = 16, top: int = 5) -> list[dict]:
+    """S2: conditional heatmaps of each sample's ``top`` concepts at the middle concept layer."""
+    model = _model(name, device)
+    defaults = attribution_defaults(model)
+    layer = defaults.layers[len(defaults.layers) // 2]
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(samples, 3, 224, 224, generator=generator).to(device)
+    targets = (torch.arange(samples) % 10).to(device)
+    concepts = make_explainer(model, defaults.composite, defaults.canonizers, [layer]).explain(x, targets).concepts[layer]
+    ranked = concepts.topk(top, dim=1).indices.cpu()  # (samples, top): each sample's most relevant channels
+    channels = concepts.shape[1]
+    composite = make_composite(defaults.composite, defaults.canonizers)
+    fast = FastConditionalExplainer(model, defaults.composite, defaults.canonizers, layer)
+    picks = torch.arange(samples).repeat_interleave(top).to(device)
+    masks = channel_masks(channels, ranked.reshape(-1, 1).tolist()).to(device)
+    per_rank = [channel_masks(channels, ranked[:, k : k + 1].tolist()).to(device) for k in range(top)]
+    outputs: dict[str, torch.Tensor] = {}
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(x)
+
+    def anchor() -> None:
+        with ConditionalExplainer(model, composite, layer) as explainer:
+            parts = [explainer.explain(x, targets, per_rank[k]).heatmaps for k in range(top)]
+        outputs["anchor"] = torch.stack(parts, dim=1).reshape(samples * top, *x.shape[2:])  # sample-major
+
+    def batched() -> None:
+        with ConditionalExplainer(model, composite, layer) as explainer:
+            outputs["batched"] = explainer.explain(x, targets, masks, picks).heatmaps
+
+    def spray() -> None:
+        with fast:
+            outputs["spray"] = fast.explain(x, targets, masks, picks).heatmaps
+
+    anchor_label = "zennit CRP, one backward per condition (anchor)"
+    spray_label = "spray FastConditionalExplainer (shared forward)"
+    methods = {"plain forward": forward, anchor_label: anchor, spray_label: spray}
+    if batched_anchor:
+        methods["spray ConditionalExplainer (zennit hooks), 80 in one batch"] = batched
+    medians = _time_alternately(methods, repeats, device, warm_up=lambda fn: None)
+    heatmaps = {anchor_label: outputs["anchor"], spray_label: outputs["spray"], **(
+        {"spray ConditionalExplainer (zennit hooks), 80 in one batch": outputs["batched"]} if batched_anchor else {}
+    )}
+    n = samples * top
+    per_image = medians["plain forward"] / samples
+    rows = []
+    for label, seconds in medians.items():
+        if label == "plain forward":
+            rows.append({"network": name, "layer": layer, "method": "plain forward (rate: images/s)",
+                         "per second": samples / seconds, "units": 1.0, "vs anchor": None, "difference": None})
+            continue
+        rows.append({
+            "network": name, "layer": layer, "method": label, "per second": n / seconds,
+            "units": seconds / n / per_image, "vs anchor": medians[anchor_label] / seconds,
+            "difference": _relative_difference(heatmaps[label], outputs["anchor"]),
+        })
+    print(f"  {name} S2: {samples} samples x top-{top} concepts of {channels} at {layer!r} = {n} conditional heatmaps")
+    return rows
+
+
+def _number(spec: str) -> Callable[[object], str]:
+    """A cell formatter: ``spec`` for numbers, empty for None."""
+    return lambda value: "" if value is None else format(value, spec)
+
+
+#: (title, row key, width, formatter); the first two columns are left-aligned.
+S1_COLUMNS = [
+    ("network", "network", 9, str), ("batch", "batch", 5, str), ("method", "method", 55, str),
+    ("images/s", "images/s", 9, _number(".2f")), ("fwd units", "units", 9, _number(".2f")),
+    ("x zennit", "vs zennit", 8, _number(".2f")), ("diff vs zennit", "difference", 14, _number(".1e")),
+    ("err vs f64", "f64 error", 10, _number(".1e")),
+]
+S2_COLUMNS = [
+    ("network", "network", 9, str), ("layer", "layer", 12, str), ("method", "method", 60, str),
+    ("heatmaps/s", "per second", 10, _number(".2f")), ("fwd units/heatmap", "units", 17, _number(".2f")),
+    ("x anchor", "vs anchor", 8, _number(".2f")), ("diff vs anchor", "difference", 14, _number(".1e")),
+]
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str, int, Callable[[object], str]]]) -> str:
+    """A fixed-width text table: text columns left-aligned, numbers right-aligned."""
+
+    def line(cells: list[str]) -> str:
+        return " ".join(
+            cell.ljust(width) if title in ("network", "layer", "method") else cell.rjust(width)
+            for cell, (title, _, width, _) in zip(cells, columns)
         )
-    return "\n".join(lines)
+
+    header = line([title for title, *_ in columns])
+    body = [line([fmt(row[key]) for _, key, _, fmt in columns]) for row in rows]
+    return "\n".join([header, "-" * len(header), *body])
+
+
+def format_table(rows: list[dict]) -> str:
+    """The S1 table."""
+    return _table(rows, S1_COLUMNS)
+
+
+def format_conditional_table(rows: list[dict]) -> str:
+    """The S2 table (the plain forward row's rate is images/s)."""
+    return _table(rows, S2_COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 timed repeats instead of 5, 1 float64 sample instead of 2")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="S1: 2 timed repeats instead of 5, 1 float64 sample instead of 2; S2: 1 repeat instead of 3, no batched zennit row",
+    )
+    parser.add_argument("--protocols", nargs="+", choices=["S1", "S2"], default=["S1", "S2"])
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per method (median reported)")
     parser.add_argument("--networks", nargs="+", default=["resnet18", "vgg16"])
     parser.add_argument("--batches", nargs="+", type=int, default=[16, 8])
@@ -238,16 +363,31 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-        f"load average {load:.1f}, {platform.processor() or platform.machine()}; {repeats} repeats, median"
+        f"load average {load:.1f}, {platform.processor() or platform.machine()}; S1 {repeats} repeats, "
+        f"S2 {args.repeats or (1 if args.quick else 3)}, median"
     )
-    rows = []
-    for name in args.networks:
-        for batch in args.batches:
-            new = bench_network(name, batch, repeats, args.device, args.amp, min(f64_samples, batch))
-            rows += new
-            print(format_table(new), flush=True)
-    print()
-    print(format_table(rows))
+    # float32 on CUDA means IEEE float32 (no TF32), for zennit as for spray.
+    with ieee_float32() if args.device == "cuda" else contextlib.nullcontext():
+        rows = []
+        if "S1" in args.protocols:
+            for name in args.networks:
+                for batch in args.batches:
+                    new = bench_network(name, batch, repeats, args.device, args.amp, min(f64_samples, batch))
+                    rows += new
+                    print(format_table(new), flush=True)
+        conditional = []
+        if "S2" in args.protocols:
+            s2_repeats = args.repeats or (1 if args.quick else 3)
+            for name in args.networks:
+                new = bench_conditional(name, s2_repeats, args.device, batched_anchor=not args.quick)
+                conditional += new
+                print(format_conditional_table(new), flush=True)
+    if rows:
+        print("\nS1, heatmap plus concept vectors at three layers")
+        print(format_table(rows))
+    if conditional:
+        print("\nS2, conditional heatmaps of the top-5 concepts of 16 samples")
+        print(format_conditional_table(conditional))
     return 0
 
 

@@ -5,13 +5,16 @@ of the target class's training images (``bench.mnist.make_planted``, 10,000 trai
 images), train the small CNN (``bench.mnist``; cached in ``.bench-cache/``), and check
 that it uses the artifact: stamping the other classes' test images must move their
 predictions toward the target. Then explain every training image with LRP
-(``epsilon_plus_flat``, the explained logit is the true label's), run spray's automatic
-analysis class by class with the default ``SprayConfig`` (spectral picture only), and read:
+(``epsilon_plus_flat``, the explained logit is the true label's; concept relevances of
+``features.conv2`` and ``features.conv3`` from the same pass), run spray's automatic
+analysis class by class with the default ``SprayConfig`` (spectral picture only) in the
+audit's default spaces (heatmap and every concept layer), and read, for the audit as a
+whole (flags of all spaces folded into findings as in ``summary.json``) and per space:
 
-* **found**: the target class holds the highest-scoring flagged cluster;
+* **found**: the target class holds the highest-scoring finding;
 * **precision / recall / F1** of that cluster's members against the stamped images of
   the target class (0 when nothing is flagged);
-* **false alarms**: flagged clusters of a model trained with ``p = 0``.
+* **false alarms**: findings on a model trained with ``p = 0``.
 
 Anchor: CoRelAy's default ``SpectralClustering`` pipeline (Euclidean distances, kNN
 k=10, symmetric normalised Laplacian, 32 eigenpairs, k-means) on the target class's raw
@@ -53,14 +56,32 @@ from bench.mnist import (  # noqa: E402
     make_planted,
     stamp,
 )
-from spray.analysis.pipeline import SprayConfig, analyze_dataset  # noqa: E402
+from spray.analysis.pipeline import HEATMAP_SPACE, SprayConfig, analyze_spaces, concept_space  # noqa: E402
 from spray.attribution.lrp import Explainer, make_composite  # noqa: E402
+from spray.report.summary import fold_findings  # noqa: E402
 
 CACHE = REPO / ".bench-cache" / "detection"
 TARGETS = (0, 4, 7)
 SEEDS = (0, 1, 2)
 CLEAN_SEEDS = tuple(range(10))
 CLASS_NAMES = [str(d) for d in range(10)]
+# Concept layers whose per-channel relevances are collected with the heatmaps (the audit's
+# "auto" choice for a plain CNN takes the last convolutions).
+CONCEPT_LAYERS = ("features.conv2", "features.conv3")
+SPACES = (HEATMAP_SPACE, *(concept_space(layer) for layer in CONCEPT_LAYERS))
+AUDIT = "audit"  # all spaces together, flags folded into findings as the report does
+
+
+@dataclass
+class SpaceResult:
+    """What one analysis space (or the whole audit) says about one case."""
+
+    found: bool = False
+    precision: float = 0.0
+    recall: float = 0.0
+    f1: float = 0.0
+    flags: int = 0
+    top: str = ""
 
 
 @dataclass
@@ -73,12 +94,7 @@ class Case:
     flip: float = float("nan")
     prob_before: float = float("nan")
     prob_after: float = float("nan")
-    found: bool = False
-    precision: float = 0.0
-    recall: float = 0.0
-    f1: float = 0.0
-    flags: int = 0
-    top: str = ""
+    results: dict[str, SpaceResult] = field(default_factory=dict)
     anchor_k: int = 0
     anchor_f1: float = float("nan")
     notes: list[str] = field(default_factory=list)
@@ -87,6 +103,10 @@ class Case:
     @property
     def clean(self) -> bool:
         return self.fraction == 0
+
+    @property
+    def audit(self) -> SpaceResult:
+        return self.results.get(AUDIT, SpaceResult())
 
 
 def _f1(members: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
@@ -105,24 +125,54 @@ def predict(model: torch.nn.Module, images: np.ndarray, batch: int = 1000) -> np
         ])
 
 
-def explain(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch: int = 250) -> np.ndarray:
-    """LRP heatmaps (N, 28, 28) of the true-label logit, epsilon-plus-flat."""
+def explain(
+    model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch: int = 250
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """LRP heatmaps (N, 28, 28) of the true-label logit (epsilon-plus-flat) and the
+    concept relevances (N, C) at ``CONCEPT_LAYERS`` from the same pass."""
     digest = hashlib.sha256(np.ascontiguousarray(images).tobytes())
     for tensor in model.state_dict().values():
         digest.update(tensor.numpy().tobytes())
-    path = CACHE / f"heatmaps_{digest.hexdigest()[:16]}.npy"
+    digest.update(repr(CONCEPT_LAYERS).encode())
+    path = CACHE / f"attributions_{digest.hexdigest()[:16]}.npz"
     if path.exists():
-        return np.load(path)
-    out = np.empty((len(images), *images.shape[2:]), dtype=np.float32)
-    with Explainer(model, make_composite("epsilon_plus_flat")) as explainer:
+        with np.load(path) as stored:
+            return stored["heatmaps"], {layer: stored[layer] for layer in CONCEPT_LAYERS}
+    heatmaps = np.empty((len(images), *images.shape[2:]), dtype=np.float32)
+    concepts: dict[str, list[np.ndarray]] = {layer: [] for layer in CONCEPT_LAYERS}
+    with Explainer(model, make_composite("epsilon_plus_flat"), CONCEPT_LAYERS) as explainer:
         for start in range(0, len(images), batch):
             x = torch.from_numpy(images[start : start + batch])
             y = torch.from_numpy(labels[start : start + batch])
-            out[start : start + batch] = explainer.explain(x, y).heatmaps.numpy()
+            explanation = explainer.explain(x, y)
+            heatmaps[start : start + batch] = explanation.heatmaps.numpy()
+            for layer in CONCEPT_LAYERS:
+                concepts[layer].append(explanation.concepts[layer].numpy())
+    vectors = {layer: np.concatenate(parts).astype(np.float32) for layer, parts in concepts.items()}
     CACHE.mkdir(parents=True, exist_ok=True)
-    np.save(path.with_suffix(".partial.npy"), out)
-    path.with_suffix(".partial.npy").replace(path)
-    return out
+    partial = path.with_suffix(".partial.npz")
+    np.savez(partial, heatmaps=heatmaps, **vectors)
+    partial.replace(path)
+    return heatmaps, vectors
+
+
+def read_space(analyses, truth: np.ndarray, target: int | None) -> SpaceResult:
+    """Found / precision / recall / F1 of the top flag among ``analyses``; flags = findings."""
+    entries = [
+        {"class_index": a.class_index, "space": a.space, "cluster_id": c.cluster_id,
+         "artifact_score": c.artifact_score, "member_rows": c.member_rows.tolist(), "size": c.size}
+        for a in analyses for c in a.clusters if c.flagged
+    ]
+    entries.sort(key=lambda e: -e["artifact_score"])
+    findings = fold_findings(entries)
+    result = SpaceResult(flags=len(findings))
+    if findings:
+        top = findings[0]
+        result.top = f"class {top['class_index']} {top['space']} score {top['artifact_score']:.2f} size {top['size']}"
+        if target is not None and top["class_index"] == target:
+            result.found = True
+            result.precision, result.recall, result.f1 = _f1(np.asarray(top["member_rows"]), truth)
+    return result
 
 
 def classic_eigengap(eigenvalues: np.ndarray, max_clusters: int = 8) -> int:
@@ -167,25 +217,22 @@ def run_case(data, case: Case, config: SprayConfig, epochs: int, anchor: bool) -
         case.prob_after = float(after[:, case.target].mean())
 
     started = time.perf_counter()
-    heatmaps = explain(model, planted.train_images, planted.train_labels)
+    heatmaps, concepts = explain(model, planted.train_images, planted.train_labels)
     case.seconds["lrp"] = time.perf_counter() - started
     started = time.perf_counter()
-    analyses = analyze_dataset(heatmaps, planted.train_labels, CLASS_NAMES, config)
+    analyses = analyze_spaces(heatmaps, planted.train_labels, CLASS_NAMES, config, concepts=concepts, spaces=SPACES)
     case.seconds["spray"] = time.perf_counter() - started
 
+    truth = np.flatnonzero(planted.stamped)
+    target_class = None if case.clean else case.target
+    for space in SPACES:
+        case.results[space] = read_space([a for a in analyses if a.space == space], truth, target_class)
+    case.results[AUDIT] = read_space(analyses, truth, target_class)
     flagged = [(c, a) for a in analyses for c in a.clusters if c.flagged]
-    case.flags = len(flagged)
-    if flagged:
-        top, where = max(flagged, key=lambda item: item[0].artifact_score)
-        case.top = f"class {where.class_index} score {top.artifact_score:.2f} size {top.size}"
-        if not case.clean and where.class_index == case.target:
-            case.found = True
-            truth = np.flatnonzero(planted.stamped)
-            case.precision, case.recall, case.f1 = _f1(top.member_rows, truth)
     if not case.clean:
-        target = next(a for a in analyses if a.class_index == case.target)
+        target = next(a for a in analyses if a.class_index == case.target and a.space == HEATMAP_SPACE)
         best = target.clusters[0] if target.clusters else None
-        if not case.found:
+        if not case.audit.found:
             case.notes.append(
                 f"target class: {target.n_clusters} cluster(s)"
                 + (f", best score {best.artifact_score:.2f} "
@@ -200,10 +247,14 @@ def run_case(data, case: Case, config: SprayConfig, epochs: int, anchor: bool) -
     else:
         for c, a in flagged:
             case.notes.append(
-                f"false flag: class {a.class_index}, {c.size} samples, score {c.artifact_score:.2f} "
+                f"false flag: class {a.class_index} {a.space}, {c.size} samples, score {c.artifact_score:.2f} "
                 + " ".join(f"{k[:4]}={v:.2f}" for k, v in c.score_components.items())
             )
     return case
+
+
+def _short(space: str) -> str:
+    return space.replace("concept:features.", "c:")
 
 
 def main() -> None:
@@ -241,8 +292,8 @@ def main() -> None:
         run_case(data, case, config, args.epochs, anchor)
         print(
             f"{case.kind:>6} t={case.target} s={case.seed} p={case.fraction:.2f} acc={case.accuracy:.3f} "
-            f"flip={case.flip:+.2f} found={case.found} F1={case.f1:.2f} anchorF1={case.anchor_f1:.2f} "
-            f"flags={case.flags} top=[{case.top}] "
+            f"flip={case.flip:+.2f} found={case.audit.found} F1={case.audit.f1:.2f} anchorF1={case.anchor_f1:.2f} "
+            f"findings={case.audit.flags} top=[{case.audit.top}] "
             + " ".join(f"{k}={v:.0f}s" for k, v in case.seconds.items()),
             file=sys.stderr, flush=True,
         )
@@ -251,39 +302,51 @@ def main() -> None:
     clean = [c for c in cases if c.clean]
     print()
     print(f"Q1 - planted artifacts in MNIST (p = {args.fraction}, 10,000 training images, "
-          f"MnistNet {args.epochs} epochs, LRP epsilon-plus-flat, threshold {config.threshold})")
+          f"MnistNet {args.epochs} epochs, LRP epsilon-plus-flat, threshold {config.threshold}); "
+          f"'audit' = all spaces, findings folded as in summary.json")
     header = (f"{'kind':>6} | {'class':>5} | {'seed':>4} | {'test acc':>8} | {'flip':>5} | {'p(t) before->after':>18} | "
-              f"{'found':>5} | {'prec':>5} | {'recall':>6} | {'F1':>5} | {'anchor k':>8} | {'anchor F1':>9} | top flag")
+              f"{'found':>5} | {'prec':>5} | {'recall':>6} | {'F1':>5} | "
+              + " | ".join(f"{_short(s) + ' F1':>11}" for s in SPACES)
+              + f" | {'anchor k':>8} | {'anchor F1':>9} | top finding")
     print(header)
     print("-" * len(header))
     for c in planted:
+        a = c.audit
         print(f"{c.kind:>6} | {c.target:>5} | {c.seed:>4} | {c.accuracy:>8.3f} | {c.flip:>+5.2f} | "
-              f"{c.prob_before:>8.3f} -> {c.prob_after:<6.3f} | {'yes' if c.found else 'NO':>5} | {c.precision:>5.2f} | "
-              f"{c.recall:>6.2f} | {c.f1:>5.2f} | {c.anchor_k:>8} | {c.anchor_f1:>9.2f} | {c.top or 'none'}")
+              f"{c.prob_before:>8.3f} -> {c.prob_after:<6.3f} | {'yes' if a.found else 'NO':>5} | {a.precision:>5.2f} | "
+              f"{a.recall:>6.2f} | {a.f1:>5.2f} | "
+              + " | ".join(f"{c.results[s].f1:>11.2f}" for s in SPACES)
+              + f" | {c.anchor_k:>8} | {c.anchor_f1:>9.2f} | {a.top or 'none'}")
     print()
-    print(f"{'clean seed':>10} | {'test acc':>8} | {'flagged clusters':>16} | top flag")
+    print(f"{'clean seed':>10} | {'test acc':>8} | {'findings':>8} | "
+          + " | ".join(f"{_short(s) + ' flags':>13}" for s in SPACES) + " | top finding")
     for c in clean:
-        print(f"{c.seed:>10} | {c.accuracy:>8.3f} | {c.flags:>16} | {c.top or 'none'}")
+        print(f"{c.seed:>10} | {c.accuracy:>8.3f} | {c.audit.flags:>8} | "
+              + " | ".join(f"{c.results[s].flags:>13}" for s in SPACES) + f" | {c.audit.top or 'none'}")
     print()
+    for space in (AUDIT, *SPACES):
+        if planted:
+            found = sum(c.results[space].found for c in planted)
+            mean_f1 = statistics.mean(c.results[space].f1 for c in planted)
+            line = f"{space:>24}: found {found}/{len(planted)} ({found / len(planted):.0%}), mean F1 {mean_f1:.3f}"
+        else:
+            line = f"{space:>24}:"
+        if clean:
+            line += f"; false alarms {sum(c.results[space].flags for c in clean)} in {len(clean)} clean runs"
+        print(line)
     if planted:
-        found = sum(c.found for c in planted)
-        mean_f1 = statistics.mean(c.f1 for c in planted)
         anchor_values = [c.anchor_f1 for c in planted if not np.isnan(c.anchor_f1)]
         mean_anchor = statistics.mean(anchor_values) if anchor_values else float("nan")
-        print(f"found: {found}/{len(planted)} ({found / len(planted):.0%}; goal >= 90%)")
-        print(f"mean F1: spray {mean_f1:.3f} (goal >= 0.85), CoRelAy hindsight {mean_anchor:.3f}")
+        print(f"goals (audit): found >= 90%, mean F1 >= 0.85 and >= CoRelAy hindsight {mean_anchor:.3f}; "
+              "at most one false alarm in ten clean runs")
         print(f"model uses the artifact: mean flip toward the target {statistics.mean(c.flip for c in planted):+.3f}")
-    if clean:
-        false_flags = sum(c.flags for c in clean)
-        print(f"false alarms: {false_flags} flagged cluster(s) in {len(clean)} clean runs "
-              f"(goal: at most one in ten)")
-    failures = [c for c in cases if (not c.clean and (not c.found or c.f1 < 0.85)) or (c.clean and c.flags)]
+    failures = [c for c in cases if (not c.clean and (not c.audit.found or c.audit.f1 < 0.85)) or (c.clean and c.audit.flags)]
     if failures:
         print()
         print("what fails and why:")
         for c in failures:
             what = "clean" if c.clean else f"{c.kind} class {c.target}"
-            reason = "; ".join(c.notes) or (f"F1 {c.f1:.2f} (precision {c.precision:.2f}, recall {c.recall:.2f})")
+            reason = "; ".join(c.notes) or (f"F1 {c.audit.f1:.2f} (precision {c.audit.precision:.2f}, recall {c.audit.recall:.2f})")
             print(f"  {what} seed {c.seed}: {reason}")
     print()
     print("command: python3 " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]))

@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 import torch
 
-from spray.analysis.pipeline import SprayConfig, analyze_dataset
+from spray.analysis.pipeline import CONCEPT_PREFIX, SprayConfig, analyze_spaces, concept_space
 from spray.analysis.result import ClassAnalysis
 from spray.attribution.architectures import attribution_defaults
 from spray.attribution.engine import AttributionSettings, attribute_dataset, model_fingerprint
@@ -180,6 +180,8 @@ def artifact_check(model: torch.nn.Module, test: DemoSplit, target_class: int) -
 def spray_config(spec: JobSpec) -> SprayConfig:
     """The SpRAy configuration of a job (its ``[analysis]`` section plus the job seed)."""
     section = asdict(spec.analysis)
+    for key in ("spaces", "dataset_wide"):  # what is analysed, not how: see _analyse
+        section.pop(key)
     if section["threshold"] is None:
         section.pop("threshold")
     section["pooled_size"] = (section["pooled_size"], section["pooled_size"])
@@ -189,7 +191,9 @@ def spray_config(spec: JobSpec) -> SprayConfig:
 def attribution_settings(spec: JobSpec, model: torch.nn.Module) -> AttributionSettings:
     """The attribution stage's settings from ``[attribution]`` and the data's normalisation.
 
-    ``"auto"`` composite, canonizers or layers are filled in for the model's architecture.
+    ``"auto"`` composite, canonizers or layers are filled in for the model's architecture;
+    ``device`` and ``precision`` stay as written (``"auto"`` resolves where the model runs,
+    e.g. on each Dask worker).
     """
     section = spec.attribution
     defaults = attribution_defaults(model)
@@ -202,18 +206,48 @@ def attribution_settings(spec: JobSpec, model: torch.nn.Module) -> AttributionSe
         mean=tuple(spec.data.mean),
         std=tuple(spec.data.std),
         engine=section.engine,
+        device=section.device,
+        precision=section.precision,
     )
 
 
-def _analyse(attributions: Any, class_names: list[str], config: SprayConfig, path: Path) -> list[ClassAnalysis]:
-    """SpRAy per class, reusing ``analysis.h5`` when it was computed from the same attributions and config."""
-    key = _fingerprint({"attributions": attributions.fingerprint, "config": config.to_dict()})
+def analysis_spaces(spec: JobSpec, concept_layers: list[str]) -> list[str]:
+    """The job's ``[analysis] spaces``, with ``concept:*`` expanded to the stored layers.
+
+    A named concept layer that the attribution file does not hold is an error naming the
+    stored ones (``concept:*`` with no stored layer just adds nothing).
+    """
+    spaces: list[str] = []
+    for space in spec.analysis.spaces:
+        if space == "concept:*":
+            spaces.extend(concept_space(layer) for layer in concept_layers)
+        elif space.startswith(CONCEPT_PREFIX) and space[len(CONCEPT_PREFIX) :] not in concept_layers:
+            raise ValueError(
+                f"[analysis] spaces names {space!r}, but the attributions hold concept relevances of "
+                f"{concept_layers or 'no layer'}; add the layer to [attribution] layers or drop the space."
+            )
+        else:
+            spaces.append(space)
+    return list(dict.fromkeys(spaces))
+
+
+def _analyse(
+    attributions: Any, class_names: list[str], config: SprayConfig, path: Path, spaces: list[str], dataset_wide: bool
+) -> list[ClassAnalysis]:
+    """SpRAy per class and space, reusing ``analysis.h5`` when it was computed from the same
+    attributions, config, spaces and dataset-wide setting."""
+    key = _fingerprint(
+        {"attributions": attributions.fingerprint, "config": config.to_dict(), "spaces": spaces, "dataset_wide": dataset_wide}
+    )
     if _h5_has_fingerprint(path, key):
         try:
             return read_analysis(path)
         except StoreError as error:
             log.warning("%s is not reusable (%s); analysing again", path, error)
-    analyses = analyze_dataset(attributions.heatmaps, attributions.labels, class_names, config)
+    analyses = analyze_spaces(
+        attributions.heatmaps, attributions.labels, class_names, config,
+        concepts=attributions.concepts, spaces=spaces, dataset_wide=dataset_wide,
+    )
     write_analysis(path, analyses, config)
     with h5py.File(path, "a") as handle:
         handle.attrs["fingerprint"] = key
@@ -242,24 +276,51 @@ def _inside(root: Path, path: Path) -> Path:
     return resolved
 
 
-def run_audit(spec: JobSpec, progress: bool = True, client: Any = None) -> AuditResult:
+def given_model_facts(model: torch.nn.Module, data: AuditData) -> dict[str, Any]:
+    """Headline facts of a model handed to :func:`run_audit` in memory (e.g. a corrected one)."""
+    facts: dict[str, Any] = {"model_weights": "(in memory)"}
+    if data.demo_test is not None:
+        facts["test_accuracy"] = evaluate_accuracy(model, data.demo_test.images, data.demo_test.labels)
+    return facts
+
+
+def run_audit(
+    spec: JobSpec,
+    progress: bool = True,
+    client: Any = None,
+    *,
+    model: torch.nn.Module | None = None,
+    output: Path | None = None,
+) -> AuditResult:
     """Run every stage of ``spec`` and return the report's location and headline numbers.
 
     ``client``: an optional ``dask.distributed.Client`` for the attribution pass; without
     one, ``[cluster]`` decides (``none`` runs in this process).
+
+    ``model``: audit this in-memory model instead of the one ``[model]`` names (a
+    corrected model, say); the data are still those of ``[data]``. ``output``: a folder
+    inside ``<output>/<job>/`` that receives this run's attribution and analysis stages
+    and its report, instead of the job's own folder. The data stage and the demo model
+    cache stay in ``<output>/<job>/stages``, so such a run explains the very samples of
+    the job's audit.
     """
     torch.manual_seed(spec.job.seed)
-    out = spec.output_dir
+    job_stages = _inside(spec.output_dir, spec.output_dir / "stages")
+    out = spec.output_dir if output is None else _inside(spec.output_dir, Path(output))
     stages = _inside(out, out / "stages")
     stages.mkdir(parents=True, exist_ok=True)
+    job_stages.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    data = open_data(spec, stages)
+    data = open_data(spec, job_stages)
     timings["data"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    model, facts = open_model(spec, data, stages)
+    if model is None:
+        model, facts = open_model(spec, data, job_stages)
+    else:
+        facts = given_model_facts(model, data)
     timings["model"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -287,7 +348,8 @@ def run_audit(spec: JobSpec, progress: bool = True, client: Any = None) -> Audit
     start = time.perf_counter()
     config = spray_config(spec)
     with read_attributions(attributions_path) as attributions:
-        analyses = _analyse(attributions, data.source.class_names, config, stages / "analysis.h5")
+        spaces = analysis_spaces(spec, list(attributions.concepts))
+        analyses = _analyse(attributions, data.source.class_names, config, stages / "analysis.h5", spaces, spec.analysis.dataset_wide)
         timings["analysis"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -331,7 +393,7 @@ def run_audit(spec: JobSpec, progress: bool = True, client: Any = None) -> Audit
             ground_truth_rows=data.stamped_rows if data.stamped_rows is not None and len(data.stamped_rows) else None,
             concept_atlas=atlas,
         )
-        report = render_report(context, _inside(out, _run_folder(spec)))
+        report = render_report(context, _inside(out, _run_folder(spec) if output is None else out))
     if hasattr(data.source, "close"):
         data.source.close()
     try:

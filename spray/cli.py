@@ -39,11 +39,18 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a job spec without running it")
     validate.add_argument("job", type=Path, help="job spec (TOML)")
 
-    correct = commands.add_parser("correct", help="correct the model of an audited job for one of its flags (ClArC)")
-    correct.add_argument("job", type=Path, help="job spec (TOML) whose audit has run")
-    correct.add_argument("--method", choices=("r-clarc", "p-clarc", "rr-clarc"), default="r-clarc", help="correction (default: r-clarc)")
-    correct.add_argument("--flag", type=int, default=0, help="which flag of summary.json, 0 = the top one (default: 0)")
-    correct.add_argument("--layer", default=None, help="layer of the CAV (default: the method's default for the demo net)")
+    correct = commands.add_parser(
+        "correct", help="correct the model of an audited job for one of its flags (ClArC), then audit the corrected model again"
+    )
+    correct.add_argument("job", type=Path, help="job spec (TOML) whose audit has run; its [correct] section sets the defaults")
+    correct.add_argument("--method", choices=("r-clarc", "p-clarc", "rr-clarc"), default=None, help="correction (default: [correct] method, else r-clarc)")
+    correct.add_argument("--flag", type=int, default=None, help="which flag of summary.json, 0 = the top one (default: [correct] flag, else 0)")
+    correct.add_argument("--layer", default=None, help="layer of the CAV (default: [correct] layer, else features.relu3 of the demo net)")
+    correct.add_argument("--gate", choices=("class", "detector", "both"), default=None, help="R-ClArC gate (default: [correct] gate, else class)")
+    correct.add_argument(
+        "--reaudit", action=argparse.BooleanOptionalAction, default=None,
+        help="audit the corrected model again and report whether the flag is gone (default: [correct] reaudit, else on)",
+    )
 
     index = commands.add_parser("index", help="write reports/index.html listing every audit below a folder")
     index.add_argument("root", nargs="?", type=Path, default=Path("reports"), help="reports folder (default: reports)")
@@ -79,26 +86,35 @@ def _run_other(args: argparse.Namespace) -> int:
         data = open_data(spec, spec.output_dir / "stages")
         print(f"ViRelAy project: {export_virelay(spec.output_dir, args.output, source=data.source)}")
     else:
-        from dataclasses import replace
-
-        from spray.correction.run import CorrectionConfig, correct_demo, flag_rows
-
-        spec = load_job(args.job)
-        if spec.model.source != "demo":
-            raise ValueError("spray correct works on the demo model so far; a user model needs its training data loop.")
-        summary = spec.output_dir / "summary.json"
-        if not summary.exists():
-            raise FileNotFoundError(f"{summary} not found; run 'spray audit {args.job}' first.")
-        rows, _ = flag_rows(summary, args.flag)
-        config = CorrectionConfig(method=args.method)
-        if args.layer:
-            config = replace(config, layer=args.layer)
-        report = correct_demo(spec, rows, config)
-        print(report.table())
-        print(f"recovered share of the attacked-accuracy loss: {report.recovered:.3f}; clean accuracy change: {report.clean_change:+.4f}")
-        if report.export is not None:
-            print(f"exported: {report.export}")
+        _run_correct(args)
     return EXIT_OK
+
+
+def _run_correct(args: argparse.Namespace) -> None:
+    """``spray correct``: ClArC for one flag of the job's audit, the re-audit, and what they found."""
+    from spray.correction.page import PAGE_FILE
+    from spray.correction.reaudit import describe_outcome
+    from spray.correction.run import correct_demo, flag_entry, job_config
+    from spray.jobs import load_job
+
+    spec = load_job(args.job)
+    if spec.model.source != "demo":
+        raise ValueError("spray correct works on the demo model so far; a user model needs its training data loop.")
+    summary = spec.output_dir / "summary.json"
+    if not summary.exists():
+        raise FileNotFoundError(f"{summary} not found; run 'spray audit {args.job}' first.")
+    flag = flag_entry(summary, spec.correct.flag if args.flag is None else args.flag)
+    config = job_config(spec, method=args.method, layer=args.layer, gate=args.gate)
+    reaudit = spec.correct.reaudit if args.reaudit is None else args.reaudit
+    report = correct_demo(spec, flag["member_rows"], config, flag=flag, reaudit=reaudit, progress=not args.no_progress)
+    print(report.table())
+    print(f"recovered share of the attacked-accuracy loss: {report.recovered:.3f}; clean accuracy change: {report.clean_change:+.4f}")
+    if report.reaudit is not None:
+        print(describe_outcome(report.reaudit))
+        print(f"re-audit report: {spec.output_dir / 'correction' / config.method / report.reaudit['report']}")
+    if report.export is not None:
+        print(f"exported: {report.export.folder}")
+        print(f"correction page: {report.export.folder / PAGE_FILE}")
 
 
 def _print_summary(result: object, elapsed: float) -> None:

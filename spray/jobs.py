@@ -1,7 +1,7 @@
 """Job specs: TOML files in ``jobs/`` parsed into validated, typed configuration.
 
 A job spec has the sections ``[job]``, ``[data]``, ``[model]``, ``[attribution]``,
-``[analysis]`` and ``[report]``; every key is optional except ``job.name``. Unknown keys,
+``[analysis]``, ``[report]``, ``[cluster]`` and ``[correct]``; every key is optional except ``job.name``. Unknown keys,
 wrong types and impossible values are rejected with the file, line and key named.
 Relative paths are resolved against the directory of the job file.
 """
@@ -80,7 +80,9 @@ class AttributionSection:
     """``[attribution]``: LRP composite, canonizers, concept layers, explained target, batch size.
 
     ``"auto"`` (the default for composite, canonizers and layers) picks them for the model's
-    architecture (``spray.attribution.architectures``); ``engine`` chooses the LRP engine.
+    architecture (``spray.attribution.architectures``); ``engine`` chooses the LRP engine;
+    ``device`` where it runs (``auto``: CUDA when available, else the CPU) and ``precision``
+    its arithmetic (``float32``, or ``amp``: float16 autocast, CUDA only).
     """
 
     composite: str = "auto"
@@ -89,12 +91,22 @@ class AttributionSection:
     target: str = "label"
     batch_size: int = 64
     engine: str = "auto"
+    device: str = "auto"
+    precision: str = "float32"
 
 
 @dataclass
 class AnalysisSection:
-    """``[analysis]``: SpRAy parameters (see ``spray.analysis.pipeline.SprayConfig``)."""
+    """``[analysis]``: SpRAy parameters (see ``spray.analysis.pipeline.SprayConfig``).
 
+    ``spaces`` names what is clustered: ``"heatmap"`` (pooled LRP heatmaps),
+    ``"concept:<layer>"`` (the concept-relevance vectors of one stored layer) or
+    ``"concept:*"`` (every stored layer). ``dataset_wide`` adds an analysis of all classes
+    together per space.
+    """
+
+    spaces: list[str] = field(default_factory=lambda: ["heatmap", "concept:*"])
+    dataset_wide: bool = False
     pooled_size: int = 16
     normalisation: str = "l2"
     n_neighbors: int = 10
@@ -123,6 +135,42 @@ class ClusterSection:
 
 
 @dataclass
+class CorrectSection:
+    """``[correct]``: how ``spray correct`` corrects this job's model for a flag (ClArC).
+
+    ``flag`` picks the flag (0: the top one) and ``reaudit`` whether the corrected model is
+    audited again. Every other key is a field of ``spray.correction.CorrectionConfig`` of the
+    same name and meaning; a key left out (None here) keeps that class's default, and a
+    flag of ``spray correct`` overrides the key.
+    """
+
+    method: str | None = None
+    flag: int = 0
+    reaudit: bool = True
+    layer: str | None = None
+    pooling: str | None = None
+    estimator: str | None = None
+    clean: str | None = None
+    gate: str | None = None
+    detector_estimator: str | None = None
+    target_fpr: float | None = None
+    soft_gate: bool | None = None
+    temperature: float | None = None
+    rr_lambda: float | None = None
+    rr_epochs: int | None = None
+    rr_learning_rate: float | None = None
+    rr_target: str | None = None
+    rr_max_samples: int | None = None
+    test_size: float | None = None
+    relevance_samples: int | None = None
+    torchscript: bool | None = None
+
+    def config_values(self) -> dict[str, Any]:
+        """The ``CorrectionConfig`` fields this section sets (the keys given in the job spec)."""
+        return {key: value for key, value in dataclasses.asdict(self).items() if key not in ("flag", "reaudit") and value is not None}
+
+
+@dataclass
 class JobSpec:
     """A whole validated job spec; ``path`` is the TOML file it came from (None for built-ins)."""
 
@@ -133,6 +181,7 @@ class JobSpec:
     analysis: AnalysisSection = field(default_factory=AnalysisSection)
     report: ReportSection = field(default_factory=ReportSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
+    correct: CorrectSection = field(default_factory=CorrectSection)
     path: Path | None = None
 
     @property
@@ -157,6 +206,7 @@ SECTIONS: dict[str, type] = {
     "analysis": AnalysisSection,
     "report": ReportSection,
     "cluster": ClusterSection,
+    "correct": CorrectSection,
 }
 
 
@@ -278,10 +328,57 @@ def _check_values(spec: JobSpec, source: str, text: str) -> None:
     except ValueError as error:
         key = str(error).split(" ", 1)[0]
         raise JobSpecError(f"{_where(source, text, 'data', key)}: [data] {error}") from error
+    _check_spaces(spec, source, text)
+    _check_correct(spec, source, text)
     _check_choice(spec.attribution.engine, ("auto", "fast", "zennit"), "attribution", "engine", source, text)
     _check_choice(spec.attribution.target, ("label", "prediction"), "attribution", "target", source, text)
     if spec.attribution.batch_size < 1:
         raise JobSpecError(f"{_where(source, text, 'attribution', 'batch_size')}: batch_size must be at least 1.")
+    _check_choice(spec.attribution.device, ("auto", "cpu", "cuda"), "attribution", "device", source, text)
+    _check_choice(spec.attribution.precision, ("float32", "amp"), "attribution", "precision", source, text)
+    if spec.attribution.precision == "amp" and spec.attribution.device == "cpu":
+        raise JobSpecError(
+            f"{_where(source, text, 'attribution', 'precision')}: attribution.precision = 'amp' (float16 autocast) "
+            "runs on CUDA only, but attribution.device is 'cpu'; use precision = 'float32' or device = 'cuda'/'auto'."
+        )
+
+
+def _check_spaces(spec: JobSpec, source: str, text: str) -> None:
+    """``[analysis] spaces``: known names, no repeats, concept layers among the stored ones."""
+    spaces = spec.analysis.spaces
+    where = _where(source, text, "analysis", "spaces")
+    if not spaces:
+        raise JobSpecError(f"{where}: analysis.spaces must name at least one space, e.g. [\"heatmap\"].")
+    if len(set(spaces)) != len(spaces):
+        raise JobSpecError(f"{where}: analysis.spaces repeats a space: {spaces}.")
+    layers = spec.attribution.layers
+    for space in spaces:
+        if space == "heatmap" or space == "concept:*":
+            continue
+        if not space.startswith("concept:") or not space[len("concept:") :]:
+            raise JobSpecError(f"{where}: unknown analysis space {space!r}; use 'heatmap', 'concept:*' or 'concept:<layer>'.")
+        if layers != ["auto"] and space[len("concept:") :] not in layers:
+            raise JobSpecError(
+                f"{where}: analysis space {space!r} needs its layer in attribution.layers ({layers}); add it there or use 'concept:*'."
+            )
+
+
+def _check_correct(spec: JobSpec, source: str, text: str) -> None:
+    """``[correct]``: its ClArC keys must make a valid ``CorrectionConfig``, whose own checks are
+    reported here with the line of the key they name (each message starts with the key)."""
+    if spec.correct.flag < 0:
+        raise JobSpecError(f"{_where(source, text, 'correct', 'flag')}: correct.flag must be at least 0 (0: the top flag).")
+    values = spec.correct.config_values()
+    if not values:
+        return
+    from spray.correction.run import CorrectionConfig  # imports torch: only for specs that set [correct] keys
+    from spray.correction.errors import CorrectionError
+
+    try:
+        CorrectionConfig(**values)
+    except CorrectionError as error:
+        key = str(error).split(" ", 1)[0]
+        raise JobSpecError(f"{_where(source, text, 'correct', key)}: [correct] {error}") from error
 
 
 def _check_choice(value: str, choices: tuple[str, ...], section: str, key: str, source: str, text: str) -> None:

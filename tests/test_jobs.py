@@ -62,3 +62,35 @@ def test_torchvision_model_needs_an_architecture(tmp_path: Path) -> None:
     job.write_text('[job]\nname = "a"\n[data]\nsource = "folder"\npath = "imgs"\n[model]\nsource = "torchvision"\nweights = "w.pt"\n')
     with pytest.raises(JobSpecError, match=r"j\.toml:7: model\.source = 'torchvision' needs model\.architecture"):
         load_job(job)
+
+
+def test_analysis_spaces_default_to_heatmap_and_every_concept_layer() -> None:
+    spec = parse_job('[job]\nname = "a"\n')
+    assert spec.analysis.spaces == ["heatmap", "concept:*"] and spec.analysis.dataset_wide is False
+
+
+@pytest.mark.parametrize(
+    ("spaces", "message"),
+    [
+        ("[]", r"x\.toml:4: analysis\.spaces must name at least one space"),
+        ('["heatmap", "heatmap"]', r"x\.toml:4: analysis\.spaces repeats a space"),
+        ('["pixels"]', r"x\.toml:4: unknown analysis space 'pixels'"),
+        ('["concept:"]', r"x\.toml:4: unknown analysis space 'concept:'"),
+        ('["concept:layer9"]', r"x\.toml:4: analysis space 'concept:layer9' needs its layer in attribution\.layers \(\['layer3'\]\)"),
+    ],
+)
+def test_bad_analysis_spaces_name_the_line_and_the_fix(spaces: str, message: str) -> None:
+    text = f'[job]\nname = "a"\n[analysis]\nspaces = {spaces}\n[attribution]\nlayers = ["layer3"]\n'
+    with pytest.raises(JobSpecError, match=message):
+        parse_job(text, source="jobs/x.toml")
+
+
+def test_concept_wildcard_expands_to_the_stored_layers_and_a_missing_layer_is_named() -> None:
+    from spray.audit import analysis_spaces
+
+    spec = parse_job('[job]\nname = "a"\n[analysis]\nspaces = ["concept:*", "heatmap"]\n')
+    assert analysis_spaces(spec, ["layer2", "layer4"]) == ["concept:layer2", "concept:layer4", "heatmap"]
+    assert analysis_spaces(spec, []) == ["heatmap"]
+    named = parse_job('[job]\nname = "a"\n[analysis]\nspaces = ["concept:layer4"]\n')
+    with pytest.raises(ValueError, match=r"'concept:layer4', but the attributions hold concept relevances of \['layer2'\]"):
+        analysis_spaces(named, ["layer2"])

@@ -37,7 +37,11 @@ components, each in [0, 1]:
                     top 5 % pixels: 0.5 when the cluster is as concentrated as the rest.
                     Reported for the reader, not part of the score (frames and text banners
                     are artifacts *less* concentrated than the object).
-``size_fraction`` = ``|M| / (|M| + |R|)``, reported, and used only by the gate below.
+``size_fraction`` = ``|M| / (|M| + |R|)``, reported, and used only by the gate below. In a
+                    dataset-wide analysis (all classes together) it is the largest share
+                    of any one class held by the cluster, so the minority rule holds per
+                    class there too: a cluster that is simply one class is that class's
+                    main strategy, not an artifact.
 
 The score is the geometric mean of the first three, times a gate::
 
@@ -188,6 +192,17 @@ def combine(components: dict[str, float]) -> float:
     return float(np.prod(terms) ** (1.0 / len(terms)))
 
 
+def largest_group_share(groups: np.ndarray, members: np.ndarray) -> float:
+    """``max_g |M & g| / |g|``: the largest share of any one group (class) held by the
+    members (boolean mask aligned with ``groups``)."""
+    groups = np.asarray(groups)
+    names, totals = np.unique(groups, return_counts=True)
+    inside = np.unique(groups[members], return_counts=True)
+    if inside[0].size == 0:
+        return 0.0
+    return float((inside[1] / totals[np.searchsorted(names, inside[0])]).max())
+
+
 def _scaled_rows(maps: np.ndarray, start: int, stop: int) -> np.ndarray:
     return scaled_maps(np.asarray(maps[start:stop]))
 
@@ -236,6 +251,7 @@ def score_clusters(
     min_cluster_size: int = DEFAULT_MIN_CLUSTER_SIZE,
     random_state: int = 0,
     graph: sp.spmatrix | None = None,
+    groups: np.ndarray | None = None,
 ) -> list[ClusterScore]:
     """Clever Hans score of every cluster of one class (formula: module docstring).
 
@@ -252,6 +268,11 @@ def score_clusters(
         min_cluster_size: clusters with fewer members score 0.
         random_state: seeds the graph's neighbour search when it is built here.
         graph: the (n, n) affinity graph the clusters were found in.
+        groups: (n,) class of each sample when the samples span several classes (a
+            dataset-wide analysis). The minority rule then holds per class:
+            ``size_fraction`` is the largest share of any one class that the cluster
+            holds, so a cluster that *is* a class (its main strategy) is never flagged,
+            while a minority strategy inside one class still can be.
 
     Returns:
         One :class:`ClusterScore` per cluster id, in ascending id order.
@@ -277,7 +298,7 @@ def score_clusters(
         mean_in = means_in[j]
         components = {name: 0.0 for name in COMPONENTS}
         components["consistency"] = float(consistency[j])
-        components["size_fraction"] = size / n
+        components["size_fraction"] = size / n if groups is None else largest_group_share(groups, labels == cluster)
         if len(ids) > 1:
             mean_out = group_distribution_from_sum(total - sums[j], n - size)
             top_in, top_out = top_share(mean_in), top_share(mean_out)

@@ -284,6 +284,7 @@ def analyze_class(
     config: SprayConfig | None = None,
     space: str = HEATMAP_SPACE,
     timings: dict[str, float] | None = None,
+    groups: Sequence[int] | np.ndarray | None = None,
 ) -> ClassAnalysis:
     """Run SpRAy on the heatmaps of one class.
 
@@ -297,6 +298,9 @@ def analyze_class(
         space: name of the representation, stored with the result.
         timings: if given, receives the seconds spent per step (``"preprocess"``,
             ``"pca"``, ``"graph"``, ``"eigen"``, ``"cluster"``, ``"score"``, ``"embed"``).
+        groups: class of each row when the rows span several classes (dataset-wide):
+            the artifact score's minority rule is then applied per class (see
+            :func:`~spray.analysis.artifacts.score_clusters`).
 
     Returns:
         The class's :class:`ClassAnalysis`, clusters sorted by artifact score (highest
@@ -311,7 +315,7 @@ def analyze_class(
     """
     config = config or SprayConfig()
     with thread_limit(config.n_threads):
-        return _analyze_class(heatmaps, rows, class_index, class_name, config, space, timings)
+        return _analyze_class(heatmaps, rows, class_index, class_name, config, space, timings, groups)
 
 
 def _analyze_class(
@@ -322,6 +326,7 @@ def _analyze_class(
     config: SprayConfig,
     space: str,
     timings: dict[str, float] | None,
+    groups: Sequence[int] | np.ndarray | None = None,
 ) -> ClassAnalysis:
     clock = _Clock(timings)
     rows = np.asarray(rows, dtype=np.int64)
@@ -330,6 +335,8 @@ def _analyze_class(
         return not_analysable(class_index, class_name, space, "no samples of this class.")
     if heatmaps.shape[0] != n:
         raise AnalysisInputError(f"got {heatmaps.shape[0]} heatmaps but {n} row indices.")
+    if groups is not None and len(groups) != n:
+        raise AnalysisInputError(f"got {len(groups)} group labels but {n} row indices.")
     prepared = preprocess(
         heatmaps, config.pooled_size, config.relevance, config.normalisation, rows=rows,
         keep_pooled=False, scaling=config.scaling,
@@ -362,6 +369,7 @@ def _analyze_class(
 
     rows = rows[keep]
     selection = order[keep]
+    kept_groups = None if groups is None else np.asarray(groups)[selection]
     if np.array_equal(selection, np.arange(n)):
         vectors = prepared.vectors  # no copy: the common case of ascending, clean rows
     else:
@@ -399,7 +407,7 @@ def _analyze_class(
     maps = linear_maps(vectors, config.scaling)
     scores = score_clusters(
         maps, vectors, labels, config.max_cluster_fraction, config.min_cluster_size,
-        config.random_state, graph=graph,
+        config.random_state, graph=graph, groups=kept_groups,
     )
     sums, counts = _cluster_sums(maps, labels)
     clock.lap("score")
@@ -511,11 +519,12 @@ def _select_rows(
 
 
 def _analyze_or_explain(
-    source: Any, rows: np.ndarray, class_index: int, name: str, config: SprayConfig, space: str
+    source: Any, rows: np.ndarray, class_index: int, name: str, config: SprayConfig, space: str,
+    groups: np.ndarray | None = None,
 ) -> ClassAnalysis:
     """:func:`analyze_class`, with bad input turned into a not-analysable result."""
     try:
-        return analyze_class(_RowSelection(source, rows), rows, class_index, name, config, space)
+        return analyze_class(_RowSelection(source, rows), rows, class_index, name, config, space, groups=groups)
     except AnalysisInputError as error:
         logger.warning("class %s (%s, %s) not analysed: %s", class_index, name, space, error)
         return not_analysable(class_index, name, space, str(error))
@@ -572,7 +581,9 @@ def analyze_dataset(
     if dataset_wide:
         logger.info("analysing all classes together (%s): %d samples", space, len(selected))
         analyses.append(
-            _analyze_or_explain(heatmaps, selected, DATASET_WIDE, DATASET_WIDE_NAME, config, space)
+            _analyze_or_explain(
+                heatmaps, selected, DATASET_WIDE, DATASET_WIDE_NAME, config, space, groups=selected_labels
+            )
         )
     return analyses
 

@@ -13,9 +13,13 @@ pass propagates the masked relevance only. Every zennit rule is linear in the re
 it receives (the forward activations are fixed), so masks that partition the channels
 give conditional heatmaps that sum to the full heatmap exactly (up to rounding).
 
-Several conditions on one sample share a forward pass: the sample is repeated along the
-batch axis, one condition per copy (``ConditionalExplainer.explain`` takes one mask per
-batch row).
+Several conditions on one sample share a forward pass: ``explain(images, targets, masks,
+picks)`` takes one mask per condition and, in ``picks``, the image row each condition
+explains. zennit's ``ConditionalExplainer`` repeats the picked rows along the batch axis (a
+forward and a full backward per condition); ``FastConditionalExplainer`` (spray's fast LRP
+engine, ``spray.attribution.fast``) runs the forward pass and the backward sweep above the
+layer once per image and only the part below the layer once per condition, with the same
+heatmaps. ``make_conditional_explainer`` picks the fast one where the model is supported.
 
 Reference samples (relevance maximisation): the samples of the dataset on which a concept
 carries the most relevance, read from the concept relevances stored in
@@ -26,8 +30,8 @@ concept responds to; ``relevance_box`` finds that part so the picture can be cro
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,27 +39,13 @@ import torch
 from torch import nn
 from zennit.core import Composite
 
-from spray.attribution.lrp import AttributionConfigError, resolve_layers
+from spray.attribution.fast import FastExplainer, UnsupportedModel
+from spray.attribution.lrp import AttributionConfigError, ConditionalExplanation, make_composite, resolve_layers
+
+log = logging.getLogger(__name__)
 
 #: Rows of a concept matrix read at once by ``top_rows_by_concept``.
 READ_CHUNK = 4096
-
-
-@dataclass
-class ConditionalExplanation:
-    """One batch explained under per-row channel conditions.
-
-    Attributes:
-        heatmaps: (B, H, W) input relevance of each row's condition (channels summed).
-        relevance: (B,) total relevance the condition carries at the layer (the masked
-            output relevance, summed); equals the sum of the row's heatmap for a
-            conservative composite.
-        logits: (B, K) model outputs.
-    """
-
-    heatmaps: torch.Tensor
-    relevance: torch.Tensor
-    logits: torch.Tensor
 
 
 def channel_masks(
@@ -78,8 +68,41 @@ def channel_masks(
     return masks
 
 
-class ConditionalExplainer:
-    """LRP heatmaps whose relevance is restricted to chosen channels of one layer.
+class _ChannelSets:
+    """``explain_channels`` for explainers with ``n_channels`` and ``explain(images, targets, masks, picks)``."""
+
+    def n_channels(self, sample: torch.Tensor) -> int:
+        raise NotImplementedError
+
+    def explain(
+        self, images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, picks: torch.Tensor | None = None
+    ) -> ConditionalExplanation:
+        raise NotImplementedError
+
+    def explain_channels(
+        self, image: torch.Tensor, target: int, channel_sets: Sequence[Sequence[int]]
+    ) -> ConditionalExplanation:
+        """Conditional heatmaps of one image (C, H, W) for several channel sets, one forward pass."""
+        n_channels = self.n_channels(image[None])
+        masks = channel_masks(n_channels, channel_sets, dtype=image.dtype)
+        picks = torch.zeros(len(channel_sets), dtype=torch.long)
+        return self.explain(image[None], torch.tensor([int(target)]), masks, picks)
+
+
+def _check_lengths(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, picks: torch.Tensor | None) -> None:
+    if picks is None and not (len(images) == len(targets) == len(masks)):
+        raise ValueError(
+            f"images, targets and masks need the same length, got {len(images)}, {len(targets)} and {len(masks)}."
+        )
+    if picks is not None and not (len(images) == len(targets) and len(masks) == len(picks)):
+        raise ValueError(
+            f"images and targets need the same length ({len(images)}, {len(targets)}), and masks one row per pick "
+            f"({len(masks)}, {len(picks)})."
+        )
+
+
+class ConditionalExplainer(_ChannelSets):
+    """LRP heatmaps whose relevance is restricted to chosen channels of one layer (zennit's hooks).
 
     Use as a context manager (like ``spray.attribution.lrp.Explainer``): the composite
     is registered on entry and removed on exit; parameters are frozen meanwhile.
@@ -138,7 +161,7 @@ class ConditionalExplainer:
                 f"masks have shape {tuple(mask.shape)} but layer {self.layer_name!r} has output "
                 f"{tuple(output.shape)}; give one mask of {output.shape[1]} channels per row."
             )
-        shaped = mask.to(output.dtype).reshape(*mask.shape, *([1] * (output.ndim - 2)))
+        shaped = mask.to(output.device, output.dtype).reshape(*mask.shape, *([1] * (output.ndim - 2)))
         self._output = output
         output.register_hook(lambda grad: grad * shaped)
 
@@ -154,21 +177,22 @@ class ConditionalExplainer:
         return seen[0]
 
     def explain(
-        self, images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor
+        self, images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, picks: torch.Tensor | None = None
     ) -> ConditionalExplanation:
-        """Conditional heatmaps for a batch: row ``i`` explains ``targets[i]`` through ``masks[i]``.
+        """Conditional heatmaps: condition ``k`` explains ``targets[picks[k]]`` of ``images[picks[k]]``
+        through ``masks[k]``.
 
         Args:
-            images: (B, C, H, W) model inputs (repeat a sample to give it several conditions).
+            images: (B, C, H, W) model inputs.
             targets: (B,) class whose logit is explained; its value is the initial relevance.
-            masks: (B, n_channels) weights on the layer's output channels (0/1 for a
+            masks: (N, n_channels) weights on the layer's output channels (0/1 for a
                 condition; all ones gives the ordinary heatmap).
+            picks: (N,) image row of each condition; default ``0..B-1`` (N = B). The picked
+                rows are repeated along the batch axis: one forward and backward row per condition.
         """
-        if not (len(images) == len(targets) == len(masks)):
-            raise ValueError(
-                f"images, targets and masks need the same length, got {len(images)}, "
-                f"{len(targets)} and {len(masks)}."
-            )
+        _check_lengths(images, targets, masks, picks)
+        if picks is not None:
+            images, targets = images[picks], targets[picks]
         x = images.detach().clone().requires_grad_(True)
         self._mask = masks.detach()
         self._output = None
@@ -179,7 +203,8 @@ class ConditionalExplainer:
                     raise AttributionConfigError(
                         f"the model must return (batch, classes) logits, got {tuple(logits.shape)}."
                     )
-                rows = torch.arange(len(targets))
+                rows = torch.arange(len(targets), device=logits.device)
+                targets = targets.to(logits.device)
                 seed = torch.zeros_like(logits)
                 seed[rows, targets] = logits[rows, targets].detach()
                 output = self._output
@@ -199,15 +224,82 @@ class ConditionalExplainer:
             logits=logits.detach(),
         )
 
-    def explain_channels(
-        self, image: torch.Tensor, target: int, channel_sets: Sequence[Sequence[int]]
+
+class FastConditionalExplainer(_ChannelSets):
+    """``ConditionalExplainer``'s heatmaps from spray's fast LRP engine, with the forward pass shared.
+
+    The forward pass and the backward sweep above ``layer`` run once per explained image; the
+    sweep below it runs once per condition (``FastExplainer.explain_conditional``). Same API
+    as ``ConditionalExplainer``; raises ``UnsupportedModel`` where the fast engine cannot
+    compile the model.
+
+    Args:
+        model: the classifier (put in eval mode; left unchanged).
+        composite: a composite name of ``spray.attribution.lrp.COMPOSITES``.
+        canonizers: canonizer names, as for the attribution stage.
+        layer: name of the concept layer (as in ``model.named_modules()``).
+        low, high: the input range, for ``epsilon_gamma_box``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        composite: str = "epsilon_plus_flat",
+        canonizers: Sequence[str] = ("merge_batchnorm",),
+        layer: str = "",
+        low: float | None = None,
+        high: float | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.layer_name = layer
+        self.explainer = FastExplainer(model, composite, canonizers, [layer], low=low, high=high)
+
+    def __enter__(self) -> FastConditionalExplainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def n_channels(self, sample: torch.Tensor) -> int:
+        """Channels of the concept layer, from one forward pass of ``sample`` (1, C, H, W)."""
+        return int(self.explainer.concept_shapes(sample)[self.layer_name][1])
+
+    def explain(
+        self, images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, picks: torch.Tensor | None = None
     ) -> ConditionalExplanation:
-        """Conditional heatmaps of one image (C, H, W) for several channel sets, one forward pass."""
-        n_channels = self.n_channels(image[None])
-        masks = channel_masks(n_channels, channel_sets, dtype=image.dtype)
-        batch = image[None].expand(len(channel_sets), *image.shape)
-        targets = torch.full((len(channel_sets),), int(target), dtype=torch.long)
-        return self.explain(batch, targets, masks)
+        """As ``ConditionalExplainer.explain``; each image row is run forward once, whatever its conditions."""
+        _check_lengths(images, targets, masks, picks)
+        return self.explainer.explain_conditional(images, targets, self.layer_name, masks, picks)
+
+
+def make_conditional_explainer(
+    model: nn.Module,
+    composite: str = "epsilon_plus_flat",
+    canonizers: Sequence[str] = ("merge_batchnorm",),
+    layer: str = "",
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    engine: str = "auto",
+) -> ConditionalExplainer | FastConditionalExplainer:
+    """A conditional explainer for ``layer``: the fast engine where it supports the model, else zennit's hooks.
+
+    ``engine`` as in ``spray.attribution.select.make_explainer``: ``auto`` (fall back with one
+    warning in the log), ``fast`` (raise ``AttributionConfigError`` instead) or ``zennit``.
+    """
+    bounds = {} if low is None and high is None else {"low": low, "high": high}
+    zennit_composite = make_composite(composite, canonizers, **bounds)  # also validates the names
+    resolve_layers(model, [layer])
+    if engine not in ("auto", "fast", "zennit"):
+        raise AttributionConfigError(f"unknown engine {engine!r}; choose one of ['auto', 'fast', 'zennit'].")
+    if engine != "zennit":
+        try:
+            return FastConditionalExplainer(model, composite, canonizers, layer, **bounds)
+        except UnsupportedModel as error:
+            if engine == "fast":
+                raise AttributionConfigError(f"the fast LRP engine cannot explain this model: {error}") from error
+            log.warning("fast LRP engine not used for conditional heatmaps of %s: %s; using zennit's hooks.", type(model).__name__, error)
+    return ConditionalExplainer(model, zennit_composite, layer)
 
 
 def top_rows_by_concept(
@@ -292,7 +384,7 @@ def _padded(start: int, stop: int, side: int, pad: float, min_fraction: float) -
 
 
 def iter_conditional_heatmaps(
-    explainer: ConditionalExplainer,
+    explainer: ConditionalExplainer | FastConditionalExplainer,
     read: Callable[[np.ndarray], np.ndarray],
     requests: Sequence[tuple[int, int, int]],
     batch_size: int = 32,
@@ -301,10 +393,11 @@ def iter_conditional_heatmaps(
     """Conditional heatmaps for many ``(row, target, channel)`` requests, batched.
 
     Requests are de-duplicated and explained ``batch_size`` at a time, one channel each,
-    in row order; only one batch of images is in memory at a time.
+    in row order; only one batch of images is in memory at a time. Requests of the same row
+    and target share one image row (one forward pass with the fast engine).
 
     Args:
-        explainer: an entered ``ConditionalExplainer``.
+        explainer: an entered ``ConditionalExplainer`` or ``FastConditionalExplainer``.
         read: images (n, C, H, W) of ascending unique rows (as stored: display pixels).
         requests: ``(row, target class, channel)`` triples.
         model_input: maps ``read``'s images to the model's input (e.g. normalisation);
@@ -324,16 +417,19 @@ def iter_conditional_heatmaps(
         if n_channels is None:
             n_channels = explainer.n_channels(tensor[:1])
         position = {int(row): index for index, row in enumerate(rows.tolist())}
-        picks = torch.tensor([position[row] for row, _, _ in batch], dtype=torch.long)
-        targets = torch.tensor([target for _, target, _ in batch], dtype=torch.long)
+        pairs = sorted({(row, target) for row, target, _ in batch})
+        pair_index = {pair: index for index, pair in enumerate(pairs)}
+        images_in = tensor[torch.tensor([position[row] for row, _ in pairs], dtype=torch.long)]
+        targets = torch.tensor([target for _, target in pairs], dtype=torch.long)
+        picks = torch.tensor([pair_index[(row, target)] for row, target, _ in batch], dtype=torch.long)
         masks = channel_masks(n_channels, [[channel] for _, _, channel in batch], tensor.dtype)
-        explained = explainer.explain(tensor[picks], targets, masks)
+        explained = explainer.explain(images_in, targets, masks, picks)
         for (row, _, channel), heatmap in zip(batch, explained.heatmaps):
             yield row, channel, heatmap.double().numpy(), images[position[row]]
 
 
 def conditional_heatmaps_for_rows(
-    explainer: ConditionalExplainer,
+    explainer: ConditionalExplainer | FastConditionalExplainer,
     read: Callable[[np.ndarray], np.ndarray],
     requests: Sequence[tuple[int, int, int]],
     batch_size: int = 32,

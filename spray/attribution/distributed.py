@@ -3,10 +3,11 @@
 The model is pickled here and its bytes are sent to every worker once
 (``Client.scatter(..., broadcast=True)``; pickled by us because dask's own tensor
 serialisation rebuilds modules whose hook registries no longer accept hooks); each worker
-unpickles it once and keeps one ``Explainer`` per model for its lifetime, so the composite's hooks are
-registered once per worker, not per chunk. The client reads the data and writes the single
-resumable HDF5 file: results come back per chunk and are written as they complete, at most
-``2 × workers`` chunks in flight so memory stays bounded.
+unpickles it once and keeps one explainer per model for its lifetime (on the worker's own
+device: ``[attribution] device = "auto"`` resolves on each worker), so the model is compiled
+or the composite's hooks are registered once per worker, not per chunk. The client reads
+the data and writes the single resumable HDF5 file: results come back per chunk and are
+written as they complete, at most ``2 × workers`` chunks in flight so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _explain_remote(model_bytes: bytes, settings: AttributionSettings, images: n
         explainer.__enter__()
         cache[key] = (model, explainer)
     model, explainer = cache[key]
-    return explain_chunk(explainer, model, settings, images, labels)
+    return explain_chunk(explainer, settings, images, labels)
 
 
 def explain_on_cluster(

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from spray.attribution.lrp import AttributionConfigError, Explainer, resolve_layers
-from spray.attribution.select import engine_name, make_explainer
+from spray.attribution.lrp import AttributionConfigError, resolve_layers
+from spray.attribution.select import DEVICES, PRECISIONS, PlacedExplainer, engine_name, placed_explainer
 from spray.data.source import DataSource
 from spray.store.attributions import AttributionLayout, AttributionWriter, read_attributions
 from spray.store.common import StoreError
@@ -34,7 +34,14 @@ class BadInputError(ValueError):
 
 @dataclass(frozen=True)
 class AttributionSettings:
-    """How to explain: composite, canonizers, concept layers, target rule, batch size."""
+    """How to explain: composite, canonizers, concept layers, target rule, batch size, engine, device.
+
+    ``device`` (``select.DEVICES``) is where the model runs: ``"cpu"`` by default here, so
+    library calls give the same numbers on every machine (job specs default to ``"auto"``:
+    CUDA when available). ``precision`` (``select.PRECISIONS``): ``"float32"`` or ``"amp"``
+    (float16 autocast, CUDA only). Both are resolved where the explainer is built, so each
+    Dask worker uses its own GPU.
+    """
 
     composite: str = "epsilon_plus_flat"
     canonizers: tuple[str, ...] = ("merge_batchnorm",)
@@ -44,6 +51,8 @@ class AttributionSettings:
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     engine: str = "auto"
+    device: str = "cpu"
+    precision: str = "float32"
 
     def model_input(self, images: np.ndarray) -> torch.Tensor:
         """Display images in [0, 1] -> the model's input (normalised with ``mean``/``std`` if given).
@@ -66,16 +75,26 @@ class AttributionSettings:
         highs = [(1.0 - m) / s for m, s in zip(self.mean, self.std)]
         return min(lows), max(highs)
 
-    def explainer(self, model: nn.Module) -> Any:
-        """The explainer for ``model``: the fast engine where it applies, zennit's hooks otherwise."""
+    def explainer(self, model: nn.Module) -> PlacedExplainer:
+        """The explainer for ``model`` on this device: the fast engine where it applies, zennit's hooks otherwise.
+
+        Raises ``AttributionConfigError`` for ``device="cuda"`` without CUDA and for amp off CUDA.
+        """
         low, high = self.input_range if self.composite == "epsilon_gamma_box" else (None, None)
-        return make_explainer(model, self.composite, self.canonizers, self.layers, low=low, high=high, engine=self.engine)
+        return placed_explainer(
+            model, self.composite, self.canonizers, self.layers,
+            device=self.device, precision=self.precision, low=low, high=high, engine=self.engine,
+        )
 
     def __post_init__(self) -> None:
         if self.target not in ("label", "prediction"):
             raise AttributionConfigError(f"target must be 'label' or 'prediction', got {self.target!r}.")
         if self.batch_size < 1:
             raise AttributionConfigError(f"batch_size must be at least 1, got {self.batch_size}.")
+        if self.device not in DEVICES:
+            raise AttributionConfigError(f"device must be one of {list(DEVICES)}, got {self.device!r}.")
+        if self.precision not in PRECISIONS:
+            raise AttributionConfigError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}.")
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -121,15 +140,14 @@ def _check_model(model: nn.Module, source: DataSource, settings: AttributionSett
 
 
 def explain_chunk(
-    explainer: Explainer, model: nn.Module, settings: AttributionSettings, images: np.ndarray, labels: np.ndarray
+    explainer: PlacedExplainer, settings: AttributionSettings, images: np.ndarray, labels: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Heatmaps, logits, explained targets and concept relevances of one chunk of display images."""
     x = settings.model_input(images)
     if settings.target == "label":
         targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     else:
-        with torch.no_grad():
-            targets = model(x).argmax(1)
+        targets = explainer.predict(x)
     result = explainer.explain(x, targets)
     concepts = {name: value.numpy() for name, value in result.concepts.items()}
     return result.heatmaps.numpy(), result.logits.numpy(), targets.numpy(), concepts
@@ -165,6 +183,7 @@ def attribute_dataset(
         "input_mean": list(settings.mean),
         "input_std": list(settings.std),
         "engine": settings.engine,
+        "precision": settings.precision,
     }
     fingerprint = hashlib.sha256(
         json.dumps({"data": data_fingerprint, "model": model_fingerprint(model), **metadata, "batch": settings.batch_size}, sort_keys=True).encode()
@@ -196,8 +215,8 @@ def attribute_dataset(
 
         if client is None:
             with settings.explainer(model) as explainer:
-                log.info("attribution engine: %s", engine_name(explainer))
-                results = ((chunk, explain_chunk(explainer, model, settings, images, labels)) for chunk, images, labels in batches())
+                log.info("attribution engine: %s on %s (%s)", engine_name(explainer), explainer.device, settings.precision)
+                results = ((chunk, explain_chunk(explainer, settings, images, labels)) for chunk, images, labels in batches())
                 for chunk, result in results:
                     writer.write_chunk(chunk, *result)
                     bar.update(len(writer.chunk_rows(chunk)))

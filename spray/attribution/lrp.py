@@ -78,6 +78,23 @@ class Explanation:
     concepts: dict[str, torch.Tensor]
 
 
+@dataclass
+class ConditionalExplanation:
+    """Conditional (CRP) heatmaps: one row per condition (a set of channels at one layer).
+
+    Attributes:
+        heatmaps: (N, H, W) input relevance of each row's condition (channels summed).
+        relevance: (N,) total relevance the condition carries at the layer (the masked
+            output relevance, summed); equals the sum of the row's heatmap for a
+            conservative composite.
+        logits: (N, K) model outputs of each row's image.
+    """
+
+    heatmaps: torch.Tensor
+    relevance: torch.Tensor
+    logits: torch.Tensor
+
+
 class Explainer:
     """Explains batches with LRP, collecting concept relevances at named layers in the same pass.
 
@@ -117,6 +134,8 @@ class Explainer:
 
     def _keeper(self, name: str) -> Callable[[nn.Module, object, torch.Tensor], None]:
         def keep(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            if not output.requires_grad:  # a pass without gradient (e.g. a gate) is not the explained one
+                return
             output.retain_grad()
             self._outputs[name] = output
 
@@ -131,7 +150,8 @@ class Explainer:
             if logits.ndim != 2:
                 raise AttributionConfigError(f"the model must return (batch, classes) logits, got shape {tuple(logits.shape)}.")
             seed = torch.zeros_like(logits)
-            rows = torch.arange(len(targets))
+            rows = torch.arange(len(targets), device=logits.device)
+            targets = targets.to(logits.device)
             seed[rows, targets] = logits[rows, targets].detach()
             logits.backward(seed)
         heatmaps = x.grad.sum(dim=1)

@@ -8,13 +8,14 @@ Typical use, after an audit flagged a cluster::
 
 Modules: ``cav`` (activations and CAV estimation), ``clarc`` (the corrections),
 ``evaluate`` (clean/attacked accuracy, artifact relevance, gate quality), ``export``
-(weights + JSON, TorchScript), ``run`` (the glue, and the demo entry point ``correct_demo``).
+(weights + JSON, TorchScript), ``reaudit`` (the audit of the corrected model and whether
+the flag is gone), ``page`` (``report.json`` and the correction's HTML page), ``errors``,
+and ``run`` (the glue, the job's ``[correct]`` settings and the demo entry point ``correct_demo``).
 """
 
-from spray.correction.cav import CAV, CAVError, fit_cav, fit_direction, layer_activations, pool_activation
+from spray.correction.cav import CAV, fit_cav, fit_direction, layer_activations, pool_activation
 from spray.correction.clarc import (
     ClarcModel,
-    CorrectionError,
     ExplainableClarc,
     Gate,
     RRHistory,
@@ -25,9 +26,20 @@ from spray.correction.clarc import (
     rr_clarc,
     split_model,
 )
+from spray.correction.errors import CAVError, CorrectionError
 from spray.correction.evaluate import EvaluationResult, attack, evaluate, format_table, recovered_share
 from spray.correction.export import ExportPaths, export_corrected, load_corrected
-from spray.correction.run import CorrectionConfig, CorrectionReport, correct_demo, correct_model, flag_rows, load_demo
+from spray.correction.reaudit import REAUDIT_FOLDER, match_flag, run_reaudit
+from spray.correction.run import (
+    CorrectionConfig,
+    CorrectionReport,
+    correct_demo,
+    correct_model,
+    flag_entry,
+    flag_rows,
+    job_config,
+    load_demo,
+)
 
 __all__ = [
     "CAV",
@@ -39,6 +51,7 @@ __all__ = [
     "CorrectionReport",
     "EvaluationResult",
     "ExportPaths",
+    "REAUDIT_FOLDER",
     "Gate",
     "RRHistory",
     "attack",
@@ -49,16 +62,20 @@ __all__ = [
     "export_corrected",
     "fit_cav",
     "fit_direction",
+    "flag_entry",
     "flag_rows",
     "format_table",
+    "job_config",
     "layer_activations",
     "load_corrected",
     "load_demo",
+    "match_flag",
     "p_clarc",
     "pool_activation",
     "project_activation",
     "r_clarc",
     "recovered_share",
     "rr_clarc",
+    "run_reaudit",
     "split_model",
 ]

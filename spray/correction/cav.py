@@ -43,7 +43,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_sp
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from spray.attribution.lrp import resolve_layers
+from spray.correction.errors import CAVError
 
 POOLINGS: tuple[str, ...] = ("max", "mean", "flatten")
 ESTIMATORS: tuple[str, ...] = ("pattern", "svm", "logistic", "ridge")
@@ -56,10 +56,22 @@ MIN_CLEAN_SAMPLES = 5
 #: Cross-validation folds used to choose a filter CAV's regularisation.
 CV_FOLDS = 3
 CAV_FORMAT_VERSION = 1
+#: Layer names listed at most in the error for an unknown layer.
+MAX_LISTED_LAYERS = 60
 
 
-class CAVError(ValueError):
-    """A CAV cannot be estimated from the given samples or parameters; the message says why and how to fix it."""
+def layer_module(model: nn.Module, layer: str) -> nn.Module:
+    """The module called ``layer`` in ``model.named_modules()``; a :class:`CAVError` listing the valid names otherwise."""
+    modules = dict(model.named_modules())
+    if layer and layer in modules:
+        return modules[layer]
+    names = [name for name in modules if name]
+    listed = ", ".join(names[:MAX_LISTED_LAYERS]) + (f", ... ({len(names) - MAX_LISTED_LAYERS} more)" if len(names) > MAX_LISTED_LAYERS else "")
+    raise CAVError(
+        f"layer {layer!r} not found in the model; valid layers: {listed or 'none (the model has no sub-modules)'}. "
+        "Choose a layer whose output is all the later layers see (e.g. the activation at the end of a block) "
+        "and pass it as the CAV layer ([correct] layer in the job spec, or spray correct --layer)."
+    )
 
 
 def pool_activation(activation: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -103,7 +115,7 @@ def layer_activations(
     The model runs in eval mode without gradients; only the named layer's output is kept,
     pooled batch by batch, so memory stays at one batch of full activations.
     """
-    module = resolve_layers(model, [layer])[layer]
+    module = layer_module(model, layer)
     if pooling not in POOLINGS:
         raise CAVError(f"unknown pooling {pooling!r}; choose one of {list(POOLINGS)}.")
     model.eval()
@@ -127,7 +139,7 @@ def layer_activations(
 @torch.no_grad()
 def mean_activation(model: nn.Module, images: np.ndarray, layer: str, batch_size: int = 256) -> torch.Tensor:
     """The mean full activation (C, *spatial) of ``layer`` over ``images`` (float64 accumulation)."""
-    module = resolve_layers(model, [layer])[layer]
+    module = layer_module(model, layer)
     model.eval()
     recorder = _Recorder()
     handle = module.register_forward_hook(recorder)
@@ -388,7 +400,7 @@ def fit_cav(
         batch_size: images per forward pass.
         random_state: seed of the clean subsample, the held-out split and the cross-validation.
     """
-    resolve_layers(model, [layer])
+    layer_module(model, layer)
     if pooling not in POOLINGS:
         raise CAVError(f"unknown pooling {pooling!r}; choose one of {list(POOLINGS)}.")
     if estimator not in ESTIMATORS:
@@ -407,7 +419,10 @@ def fit_cav(
     if class_id is None:
         class_id = int(np.bincount(labels[rows]).argmax())
     if not 0 <= int(class_id) < n_classes:
-        raise CAVError(f"class_id {class_id} is out of range: the data has {n_classes} classes (ids 0..{n_classes - 1}).")
+        raise CAVError(
+            f"class_id {class_id} is out of range: the data has {n_classes} classes (ids 0..{n_classes - 1}). "
+            "Pass the id of the class the artifact rows belong to, or leave class_id out to take their most common label."
+        )
     class_id = int(class_id)
 
     is_artifact_row = np.zeros(len(images), dtype=bool)

@@ -54,18 +54,14 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from spray.attribution.lrp import resolve_layers
-from spray.correction.cav import CAV
+from spray.correction.cav import CAV, layer_module
+from spray.correction.errors import CorrectionError
 
 log = logging.getLogger(__name__)
 
 GATE_KINDS: tuple[str, ...] = ("always", "class", "detector", "both")
 RR_TARGETS: tuple[str, ...] = ("predicted", "all")
 RR_PENALTY_POINTS: tuple[str, ...] = ("path", "data")
-
-
-class CorrectionError(ValueError):
-    """A correction that cannot be built as asked; the message says why and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -154,7 +150,7 @@ def split_model(model: nn.Module, layer: str) -> tuple[fx.GraphModule, fx.GraphM
     :class:`CorrectionError` when the model cannot be traced with torch.fx, when the layer
     is called more than once, or when values other than the layer's output cross the cut.
     """
-    target = resolve_layers(model, [layer])[layer]
+    target = layer_module(model, layer)
 
     class _LeafAtLayer(fx.Tracer):
         def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
@@ -224,7 +220,10 @@ class ClarcModel(nn.Module):
         n_out = _output_width(model)
         bad = [c for c in gate.target_classes if not 0 <= c < n_out] if n_out else []
         if bad:
-            raise CorrectionError(f"gate target class(es) {bad} out of range: the model has {n_out} outputs (ids 0..{n_out - 1}).")
+            raise CorrectionError(
+                f"gate target class(es) {bad} out of range: the model has {n_out} outputs (ids 0..{n_out - 1}). "
+                "Pass the id of the class the artifact pushes towards (the flagged cluster's class)."
+            )
         # Registered first so that module walks (e.g. zennit's BatchNorm-merging canonizer) see
         # the original containers; the compiled forward never touches it.
         self.model = model
@@ -311,11 +310,20 @@ class ExplainableClarc(nn.Module):
     the gate weights without gradients first, then projects every sample with its weight
     (weight 0 is the identity, bit for bit) and runs the head once, so attribution methods
     see a plain feed-forward model. Use it for heatmaps and audits of a corrected model.
+
+    The model's children are registered first and under their own names, so canonizers see
+    the original containers and every layer keeps its name from the original model (an
+    audit's concept layers and analysis spaces apply to the view unchanged). The fast LRP
+    engine cannot trace the gate; ``make_explainer`` falls back to zennit's hooks.
     """
 
     def __init__(self, clarc: ClarcModel) -> None:
         super().__init__()
-        self.model = clarc.model  # first, so canonizers see the original containers
+        children = dict(clarc.model.named_children())
+        if "clarc" in children:
+            raise CorrectionError("the model has a child module called 'clarc', which the explainable view needs for itself; rename it.")
+        for name, child in children.items():
+            self.add_module(name, child)
         self.clarc = clarc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

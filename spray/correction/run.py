@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from spray.correction.cav import CAV, fit_cav, layer_activations
+from spray.correction.cav import CAV, CLEAN_SCOPES, ESTIMATORS, POOLINGS, fit_cav, layer_activations
 from spray.correction.clarc import (
+    RR_TARGETS,
     CorrectionError,
     Gate,
     RRHistory,
@@ -33,10 +34,23 @@ from spray.correction.clarc import (
 )
 from spray.correction.evaluate import EvaluationResult, evaluate, format_table, recovered_share
 from spray.correction.export import ExportPaths, export_corrected
+from spray.correction.page import write_correction_files
 
 log = logging.getLogger(__name__)
 
 METHODS: tuple[str, ...] = ("r-clarc", "p-clarc", "rr-clarc")
+#: Gates of R-ClArC (P-ClArC is the gate "always").
+R_GATES: tuple[str, ...] = ("class", "detector", "both")
+#: The choices of CorrectionConfig's text fields.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHODS,
+    "pooling": POOLINGS,
+    "estimator": ESTIMATORS,
+    "clean": CLEAN_SCOPES,
+    "gate": R_GATES,
+    "detector_estimator": ESTIMATORS,
+    "rr_target": RR_TARGETS,
+}
 
 
 @dataclass(frozen=True)
@@ -90,15 +104,43 @@ class CorrectionConfig:
     torchscript: bool = True
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise CorrectionError(f"unknown correction method {self.method!r}; choose one of {list(METHODS)}.")
-        if self.method == "r-clarc" and self.gate not in ("class", "detector", "both"):
-            raise CorrectionError(f"unknown R-ClArC gate {self.gate!r}; choose 'class', 'detector' or 'both'.")
+        """Refuse unknown choices and impossible numbers; each message starts with the field's name."""
+        for key, choices in CHOICES.items():
+            value = getattr(self, key)
+            if value not in choices:
+                hint = " ('always' is P-ClArC: set method = 'p-clarc')" if key == "gate" and value == "always" else ""
+                raise CorrectionError(f"{key} {value!r} is unknown; choose one of {list(choices)}{hint}.")
+        if not self.layer:
+            raise CorrectionError("layer must name a module of the model (a name from model.named_modules()).")
+        ranges = (
+            ("target_fpr", 0.0 <= self.target_fpr < 1.0, "in [0, 1)"),
+            ("temperature", 0 < self.temperature < math.inf, "a positive finite number"),
+            ("rr_lambda", 0 <= self.rr_lambda < math.inf, "a finite number, at least 0"),
+            ("rr_epochs", self.rr_epochs >= 1, "at least 1"),
+            ("rr_learning_rate", 0 < self.rr_learning_rate < math.inf, "a positive finite number"),
+            ("rr_max_samples", self.rr_max_samples is None or self.rr_max_samples >= 1, "at least 1"),
+            ("test_size", 0.0 < self.test_size < 1.0, "in (0, 1)"),
+            ("relevance_samples", self.relevance_samples >= 0, "at least 0"),
+        )
+        for key, valid, wanted in ranges:
+            if not valid:
+                raise CorrectionError(f"{key} must be {wanted}, got {getattr(self, key)!r}.")
+
+
+def job_config(spec: Any, **overrides: Any) -> CorrectionConfig:
+    """The correction parameters of job ``spec`` (a :class:`spray.jobs.JobSpec`).
+
+    Its ``[correct]`` keys, replaced by the ``overrides`` that are not None (the flags of
+    ``spray correct``), over the defaults of :class:`CorrectionConfig`; the seed is the job's.
+    """
+    chosen = {key: value for key, value in overrides.items() if value is not None}
+    return CorrectionConfig(**{"seed": spec.job.seed, **spec.correct.config_values(), **chosen})
 
 
 @dataclass
 class CorrectionReport:
-    """The outcome of one correction: the CAV, before/after rows, recovered share, timings, files."""
+    """The outcome of one correction: the CAV, before/after rows, recovered share, timings, files
+    and, after :func:`correct_demo`'s re-audit, its outcome (``reaudit``, see :mod:`spray.correction.reaudit`)."""
 
     method: str
     config: CorrectionConfig
@@ -113,6 +155,7 @@ class CorrectionReport:
     history: RRHistory | None = None
     detector_auc: float | None = None
     threshold: float | None = None
+    reaudit: dict[str, Any] | None = None
 
     def table(self) -> str:
         """The before/after table as plain text."""
@@ -137,6 +180,7 @@ class CorrectionReport:
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "history": None if self.history is None else asdict(self.history),
             "files": None if self.export is None else {k: (None if v is None else str(v)) for k, v in asdict(self.export).items()},
+            "reaudit": self.reaudit,
         }
 
 
@@ -208,6 +252,7 @@ def correct_model(
     class_id: int | None = None,
     before: EvaluationResult | None = None,
     cav: CAV | None = None,
+    job: str = "",
 ) -> CorrectionReport:
     """Correct ``model`` for the artifact carried by ``train_images[artifact_rows]`` and evaluate it.
 
@@ -219,10 +264,12 @@ def correct_model(
         stamp: puts the artifact on images, for the attacked test set.
         mask: artifact region for the relevance share (None skips it).
         config: the correction's parameters.
-        output_dir: export folder (None: nothing written).
+        output_dir: export folder, which also receives ``report.json`` and the page
+            ``index.html`` (see :mod:`spray.correction.page`); None: nothing written.
         n_classes, class_id: passed to :func:`spray.correction.cav.fit_cav`.
         before: the original model's evaluation, when already computed (saves time).
         cav: a CAV to use instead of fitting one.
+        job: the job's name, for the page's title.
     """
     config = config or CorrectionConfig()
     seconds: dict[str, float] = {}
@@ -270,15 +317,15 @@ def correct_model(
             torchscript=config.torchscript, extra={"before": before.to_dict(), "after": after.to_dict()},
         )
         seconds["export"] = time.perf_counter() - start
-        (Path(output_dir) / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        write_correction_files(report.to_dict(), output_dir, job)
     return report
 
 
-def flag_rows(summary: dict[str, Any] | Path, flag: int = 0) -> tuple[np.ndarray, int]:
-    """(member rows, class index) of the ``flag``-th flagged cluster of an audit's ``summary.json``.
+def flag_entry(summary: dict[str, Any] | Path, flag: int = 0) -> dict[str, Any]:
+    """The ``flag``-th entry of the ``flags`` of an audit's ``summary.json`` (parsed, or its path).
 
-    ``summary`` is the parsed JSON or its path; flags are ordered highest score first, so
-    ``flag=0`` is the strongest. Raises :class:`CorrectionError` when there is no such flag.
+    Flags are ordered highest score first, so ``flag=0`` is the strongest. Raises
+    :class:`CorrectionError` when the file or the flag does not exist.
     """
     if not isinstance(summary, dict):
         path = Path(summary)
@@ -291,7 +338,12 @@ def flag_rows(summary: dict[str, Any] | Path, flag: int = 0) -> tuple[np.ndarray
         raise CorrectionError("the audit flagged no cluster: there is no artifact to correct.")
     if not 0 <= flag < len(flags):
         raise CorrectionError(f"flag {flag} does not exist: the audit has {len(flags)} flag(s) (0..{len(flags) - 1}).")
-    entry = flags[flag]
+    return flags[flag]
+
+
+def flag_rows(summary: dict[str, Any] | Path, flag: int = 0) -> tuple[np.ndarray, int]:
+    """(member rows, class index) of the ``flag``-th flagged cluster of an audit's ``summary.json`` (see :func:`flag_entry`)."""
+    entry = flag_entry(summary, flag)
     return np.asarray(entry["member_rows"], dtype=np.int64), int(entry["class_index"])
 
 
@@ -330,21 +382,55 @@ def load_demo(spec: Any) -> DemoInputs:
     return DemoInputs(model=model, train=train, test=test, n_classes=n_classes, weights=weights)
 
 
-def correct_demo(spec: Any, artifact_rows: np.ndarray, config: CorrectionConfig | None = None) -> CorrectionReport:
+def correct_demo(
+    spec: Any,
+    artifact_rows: np.ndarray,
+    config: CorrectionConfig | None = None,
+    *,
+    flag: dict[str, Any] | None = None,
+    reaudit: bool = True,
+    progress: bool = False,
+) -> CorrectionReport:
     """Correct the demo model of job ``spec`` (a :class:`spray.jobs.JobSpec`) for the artifact in ``artifact_rows``.
 
     The data and model are those of ``spray audit`` for the same spec (see :func:`load_demo`).
     ``artifact_rows`` index the training split, i.e. the rows of the audit's ``input.h5``
     (``member_rows`` of a flag in ``summary.json``). Results are written to
     ``<output>/<job>/correction/<method>/``: the export files (see
-    :mod:`spray.correction.export`) and ``report.json``.
+    :mod:`spray.correction.export`), ``report.json`` and the page ``index.html``.
+
+    With ``reaudit``, the corrected model is audited again on the same data into
+    ``reaudit/`` there (see :mod:`spray.correction.reaudit`); ``flag`` is the audit's
+    ``summary.json`` entry of the corrected flag (default: its rows and the CAV's class),
+    whose disappearance the outcome (``report.reaudit``) records. When the audit's own
+    summary exists, ``compare.html`` beside the page compares the two audits. The reports
+    index above the job's folder is written again and lists the correction.
     """
+    from spray.correction.reaudit import REAUDIT_FOLDER, run_reaudit
     from spray.data.demo import stamp_tag, tag_region
 
     config = config or CorrectionConfig()
     inputs = load_demo(spec)
-    return correct_model(
+    folder = spec.output_dir / "correction" / config.method
+    report = correct_model(
         inputs.model, inputs.train.images, inputs.train.labels, inputs.test.images, inputs.test.labels,
         np.asarray(artifact_rows), stamp=stamp_tag, mask=tag_region(), config=config, n_classes=inputs.n_classes,
-        output_dir=spec.output_dir / "correction" / config.method,
+        output_dir=folder, job=spec.job.name,
     )
+    if reaudit:
+        original = flag if flag is not None else {"class_index": report.cav.class_id, "member_rows": np.asarray(artifact_rows).tolist()}
+        report.reaudit = run_reaudit(spec, inputs.model, report.model, original, folder / REAUDIT_FOLDER, progress=progress)
+        report.seconds["reaudit"] = report.reaudit["seconds"]
+        write_correction_files(report.to_dict(), folder, spec.job.name)
+    _refresh_index(spec.output_dir.parent)
+    return report
+
+
+def _refresh_index(root: Path) -> None:
+    """Write the reports index above the job's folder again, so that it lists the correction (a warning if it cannot)."""
+    from spray.report.index import write_index
+
+    try:
+        write_index(root)
+    except (OSError, ValueError) as error:
+        log.warning("audit index not updated: %s", error)

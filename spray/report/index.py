@@ -5,7 +5,8 @@ Each audit folder holds ``summary.json`` beside its ``index.html`` (see
 dataset (the ``model`` and ``dataset`` metadata entries), number of samples and flags,
 and links each audit's page by a relative link, so the folder can be moved, zipped or
 served as it is. Comparisons written below the root (``compare.json`` from
-``spray.report.compare``) are listed too. Folders are searched up to ``MAX_DEPTH`` levels below the root
+``spray.report.compare``) are listed too, and so are model corrections (``report.json``
+beside a correction's page, see ``spray.correction.page``) with their re-audit's outcome. Folders are searched up to ``MAX_DEPTH`` levels below the root
 (``reports/<job>/`` and ``reports/<group>/<job>/``); ``stages`` folders are skipped.
 A summary that cannot be read is listed with the reason instead of failing the page.
 
@@ -59,6 +60,18 @@ class ComparisonEntry:
     appeared: int | None
     disappeared: int | None
     persisted: int | None
+
+
+@dataclass
+class CorrectionEntry:
+    """One model correction (``<job>/correction/<method>/report.json``) as listed in the index."""
+
+    folder: str
+    link: str
+    job: str
+    method: str
+    recovered_share: float | None
+    flag_gone: bool | None
 
 
 def find_summaries(root: Path, max_depth: int = MAX_DEPTH, name: str = SUMMARY_FILE) -> list[Path]:
@@ -151,6 +164,28 @@ def read_comparison(root: Path, path: Path) -> ComparisonEntry | None:
         return None
 
 
+def read_correction(root: Path, path: Path) -> CorrectionEntry | None:
+    """The index row of a correction's ``report.json``; None when it is not one (or unreadable)."""
+    folder = path.parent
+    relative = folder.relative_to(root)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict) or "recovered_share" not in record or not (folder / INDEX_FILE).is_file():
+            return None
+        reaudit = record.get("reaudit")
+        recovered = record.get("recovered_share")
+        return CorrectionEntry(
+            folder=relative.as_posix(),
+            link="/".join(quote(part) for part in relative.parts) + "/" + INDEX_FILE,
+            job=relative.parts[0] if len(relative.parts) > 2 else "",
+            method=str(record.get("method", "")),
+            recovered_share=float(recovered) if isinstance(recovered, (int, float)) else None,
+            flag_gone=bool(reaudit["flag_gone"]) if isinstance(reaudit, dict) and "flag_gone" in reaudit else None,
+        )
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
+        return None
+
+
 def write_index(root: str | os.PathLike[str]) -> Path:
     """Write ``<root>/index.html`` listing every audit below ``root``; return its path.
 
@@ -178,8 +213,13 @@ def write_index(root: str | os.PathLike[str]) -> Path:
         for path in find_summaries(root, name="compare.json")
         if (entry := read_comparison(root, path)) is not None
     ]
+    corrections = [
+        entry
+        for path in find_summaries(root, name="report.json")
+        if (entry := read_correction(root, path)) is not None
+    ]
     html = environment().get_template("index.html").render(
-        root=root.name, entries=entries, comparisons=comparisons, generator=GENERATOR
+        root=root.name, entries=entries, comparisons=comparisons, corrections=corrections, generator=GENERATOR
     )
     write_text_atomic(path, html)
     return path

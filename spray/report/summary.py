@@ -24,7 +24,7 @@ timestamps of its own, keys of free-form maps sorted). Non-finite numbers are wr
       "ground_truth": null | {          # planted-artifact rows (demo audits only)
         "n_rows": int
       },
-      "classes": [                      # one per analysis, by (class_index, space)
+      "classes": [                      # one per analysis, by class_index, then space (heatmap first)
         {
           "class_index": int,           # -1 for a dataset-wide analysis
           "class_name": str,
@@ -53,7 +53,7 @@ timestamps of its own, keys of free-form maps sorted). Non-finite numbers are wr
           ]
         }, ...
       ],
-      "flags": [                        # every flagged cluster, highest score first
+      "flags": [                        # one per finding (below), highest score first
         {                               #   (ties: class_index, space, cluster_id)
           "class_index": int, "class_name": str, "space": str, "cluster_id": int,
           "size": int, "artifact_score": float | null,
@@ -62,12 +62,24 @@ timestamps of its own, keys of free-form maps sorted). Non-finite numbers are wr
           "concepts": [                 # only when the audit built a concept atlas
             {"layer": str, "channel": int, "distinction": float | null,
              "reference_rows": [int, ...]}, ...   # highest stored relevance first
+          ],
+          "revealed_by": [              # every analysis that flagged this finding,
+            {"class_index": int, "space": str, "cluster_id": int,   # this flag first
+             "artifact_score": float | null, "jaccard": float}, ...
           ]
         }, ...
       ]
     }
 
-Keys are only ever added within a schema version (``accuracy`` and ``concepts`` were),
+``flags`` holds one entry per *finding*. When several analyses flag clusters with (nearly)
+the same members (heatmap and concept spaces, a class and the dataset-wide analysis),
+the members' Jaccard overlap with a higher-scoring flag being at least
+:data:`SAME_FINDING_JACCARD`, only the highest-scoring one is listed; the others appear in
+its ``revealed_by`` with their overlap. In ``classes`` every flagged cluster keeps
+``flagged: true``.
+
+Keys are only ever added within a schema version (``accuracy``, ``concepts`` and
+``revealed_by`` were),
 so a reader should ignore keys it does not know.
 
 A CI gate can fail a build with ``len(summary["flags"]) > 0``.
@@ -90,6 +102,9 @@ from spray.report.rows import take_rows, texts_at
 
 SCHEMA_VERSION = 1
 
+#: Flags whose members overlap at least this much (Jaccard) are one finding.
+SAME_FINDING_JACCARD = 0.5
+
 
 def build_summary(context: ReportContext) -> dict[str, Any]:
     """Collect the audit's results into the ``summary.json`` structure described above."""
@@ -107,6 +122,7 @@ def build_summary(context: ReportContext) -> dict[str, Any]:
         if cluster["flagged"]
     ]
     flags.sort(key=_flag_order)
+    flags = fold_findings(flags)
     return {
         "schema_version": SCHEMA_VERSION,
         "job": str(context.job_name),
@@ -162,8 +178,12 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def sorted_analyses(analyses: list[ClassAnalysis]) -> list[ClassAnalysis]:
-    """Analyses in report order: by class index (dataset-wide first), then space."""
-    return sorted(analyses, key=lambda analysis: (int(analysis.class_index), str(analysis.space)))
+    """Analyses in report order: by class index (dataset-wide first), then space (the
+    heatmap space first, then the concept spaces by name)."""
+    return sorted(
+        analyses,
+        key=lambda analysis: (int(analysis.class_index), str(analysis.space) != "heatmap", str(analysis.space)),
+    )
 
 
 def sorted_clusters(clusters: list[ClusterResult]) -> list[ClusterResult]:
@@ -289,6 +309,37 @@ def _flag_entry(
             for concept in item.concepts
         ]
     return flag
+
+
+def jaccard(first: list[int] | np.ndarray, second: list[int] | np.ndarray) -> float:
+    """|A & B| / |A | B| of two sets of rows (0 when both are empty)."""
+    a = np.unique(np.asarray(first, dtype=np.int64))
+    b = np.unique(np.asarray(second, dtype=np.int64))
+    union = np.union1d(a, b).size
+    return np.intersect1d(a, b, assume_unique=True).size / union if union else 0.0
+
+
+def fold_findings(flags: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flag per finding: each flag (highest score first) joins the first kept flag it
+    overlaps by at least :data:`SAME_FINDING_JACCARD`, else it is kept with itself as the
+    first entry of its ``revealed_by``.
+
+    The same artifact is usually found in several analyses (heatmap and concept spaces,
+    its class and the dataset-wide run); a reviewer and a gate want it once, with the
+    evidence of where it showed.
+    """
+    kept: list[dict[str, Any]] = []
+    for flag in flags:
+        evidence = {key: flag[key] for key in ("class_index", "space", "cluster_id", "artifact_score")}
+        for primary in kept:
+            overlap_share = jaccard(flag["member_rows"], primary["member_rows"])
+            if overlap_share >= SAME_FINDING_JACCARD:
+                primary["revealed_by"].append({**evidence, "jaccard": round(overlap_share, 4)})
+                break
+        else:
+            flag["revealed_by"] = [{**evidence, "jaccard": 1.0}]
+            kept.append(flag)
+    return kept
 
 
 def _flag_order(flag: dict[str, Any]) -> tuple[float, int, str, int]:

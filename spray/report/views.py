@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from spray.analysis.artifacts import SCORED
 from spray.analysis.result import ClassAnalysis, ClusterResult
 from spray.report import plots
 from spray.report.context import ClusterAtlas, ConceptPicture, ReportContext
@@ -72,7 +73,7 @@ COMPONENT_NOTES: dict[str, str] = {
     "size_fraction": "share of the class in this cluster (only small minorities can be flagged)",
 }
 #: Components multiplied into the score (geometric mean); the lowest one limits it.
-SCORE_TERMS = ("displacement", "consistency", "separation", "concentration")
+SCORE_TERMS = SCORED
 
 
 @dataclass
@@ -171,6 +172,7 @@ class FlagView:
     samples: list[SampleTile] = field(default_factory=list)
     detailed: bool = True
     atlases: list[AtlasView] = field(default_factory=list)
+    revealed_by: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -347,9 +349,24 @@ def _flag_views(
                 owner=owner,
                 cluster=cluster,
                 detailed=rank < limits.max_flag_sections,
+                revealed_by=_evidence_lines(flag, classes),
             )
         )
     return views
+
+
+def _evidence_lines(flag: dict[str, Any], classes: list[ClassView]) -> list[str]:
+    """Plain-text lines naming every analysis that flagged this finding, and its overlap."""
+    names = {view.class_index: view.class_name for view in classes}
+    lines = []
+    for item in flag.get("revealed_by", []):
+        score = item["artifact_score"]
+        text = f"{names.get(item['class_index'], item['class_index'])}, {item['space']}, cluster {item['cluster_id']}"
+        text += f": score {score:.3f}" if score is not None else ": score n/a"
+        if item["jaccard"] < 1.0:
+            text += f", {item['jaccard']:.0%} member overlap"
+        lines.append(text)
+    return lines
 
 
 def _class_grid_size(classes: list[ClassView], limits: ReportLimits) -> int:

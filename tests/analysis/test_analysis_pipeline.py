@@ -231,3 +231,26 @@ def test_other_clusterers_find_the_artifact(make_artifact, clusterer):
     result = analyze_class(maps, np.arange(200), 0, "a", config)
     top = result.clusters[0]
     assert top.flagged and set(top.member_rows.tolist()) == set(np.flatnonzero(truth).tolist())
+
+
+def test_dataset_wide_flags_the_minority_artifact_not_whole_classes(make_artifact, make_clean):
+    """All classes together: each clean class is its own, well-separated cluster (a class's
+    main strategy, never a flag); the corner-patch minority of class 0 is still flagged."""
+    rng = np.random.default_rng(21)
+    artifact_maps, truth = make_artifact(150, 0.2, rng)
+    y, x = np.mgrid[:16, :16]
+    others = [
+        np.stack([np.exp(-((y - cy - rng.uniform(-1, 1)) ** 2 + (x - cx - rng.uniform(-1, 1)) ** 2) / 4.0) for _ in range(150)])
+        + 0.05 * rng.standard_normal((150, 16, 16))
+        for cy, cx in ((12.5, 3.0), (3.0, 12.5))
+    ]
+    maps = np.concatenate([artifact_maps, *others])
+    labels = np.repeat(np.arange(3), 150)
+    (wide,) = analyze_spaces(maps, labels, ["a", "b", "c"], CONFIG, spaces=("heatmap",), dataset_wide=True, classes=[])
+    assert wide.class_index == -1 and wide.n_clusters >= 3
+    flagged = [c for c in wide.clusters if c.flagged]
+    assert len(flagged) == 1
+    assert set(flagged[0].member_rows.tolist()) == set(np.flatnonzero(truth).tolist())
+    assert flagged[0].score_components["size_fraction"] == pytest.approx(0.2)
+    whole = [c for c in wide.clusters if c.size >= 100]
+    assert whole and all(c.score_components["size_fraction"] > 0.5 and c.artifact_score == 0 for c in whole)

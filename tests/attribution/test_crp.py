@@ -147,3 +147,52 @@ def test_a_layer_run_twice_per_pass_is_refused() -> None:
     with ConditionalExplainer(Twice(), make_composite("epsilon_plus_flat", ()), "conv") as conditional:
         with pytest.raises(AttributionConfigError, match="more than once"):
             conditional.explain(torch.rand(1, 3, 8, 8), torch.tensor([0]), torch.ones(1, 3))
+
+
+def test_make_conditional_explainer_picks_the_fast_engine_and_falls_back(caplog) -> None:
+    import logging
+
+    from spray.attribution.crp import FastConditionalExplainer, make_conditional_explainer
+    from spray.attribution.lrp import AttributionConfigError
+
+    net = _demo_net(zero_bias=False)
+    assert isinstance(make_conditional_explainer(net, "epsilon_plus_flat", ("merge_batchnorm",), "features.conv4"), FastConditionalExplainer)
+    zennit = make_conditional_explainer(net, "epsilon_plus_flat", ("merge_batchnorm",), "features.conv4", engine="zennit")
+    assert isinstance(zennit, ConditionalExplainer)
+
+    class Gated(nn.Module):
+        """A product of two tensors: no fast rule."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.conv(x)
+            return self.head((h * torch.sigmoid(h)).mean(dim=(2, 3)))
+
+    with caplog.at_level(logging.WARNING, logger="spray.attribution.crp"):
+        fallback = make_conditional_explainer(Gated(), "epsilon_plus_flat", (), "conv")
+    assert isinstance(fallback, ConditionalExplainer)
+    assert any("using zennit's hooks" in record.getMessage() for record in caplog.records)
+    with pytest.raises(AttributionConfigError, match="fast LRP engine cannot explain"):
+        make_conditional_explainer(Gated(), "epsilon_plus_flat", (), "conv", engine="fast")
+
+
+def test_batched_requests_are_the_same_with_both_engines() -> None:
+    """Requests sharing a row (and one row with two targets) explained by the fast engine equal zennit's."""
+    from spray.attribution.crp import FastConditionalExplainer
+
+    net = _demo_net(zero_bias=False)
+    images = np.random.default_rng(3).random((5, 3, 32, 32))
+    requests = [(4, 1, 7), (0, 2, 3), (4, 1, 9), (2, 0, 7), (4, 3, 7), (0, 2, 11)]
+    read = lambda rows: images[rows]  # noqa: E731
+    with ConditionalExplainer(net, make_composite("epsilon_plus_flat"), "features.conv4") as zennit:
+        expected = conditional_heatmaps_for_rows(zennit, read, requests, batch_size=4)
+    fast = FastConditionalExplainer(net, "epsilon_plus_flat", ("merge_batchnorm",), "features.conv4")
+    with fast:
+        ours = conditional_heatmaps_for_rows(fast, read, requests, batch_size=4)
+    assert set(ours) == set(expected) == {(4, 7), (0, 3), (4, 9), (2, 7), (0, 11)}
+    for key, heatmap in expected.items():
+        np.testing.assert_allclose(ours[key], heatmap, rtol=1e-9, atol=1e-12 * np.abs(heatmap).max())

@@ -14,6 +14,7 @@ from torchvision.models.vgg import make_layers
 from zennit.types import Activation, Convolution
 
 from spray.attribution import fast_rules as fr
+from spray.attribution.crp import ConditionalExplainer
 from spray.attribution.fast import FastExplainer, UnsupportedModel
 from spray.attribution.lrp import AttributionConfigError, Explainer, make_composite
 from spray.attribution.select import engine_name, make_explainer
@@ -154,15 +155,112 @@ def test_resnet_without_residual_canonizer_equals_zennit() -> None:
     assert_matches_zennit(tiny_resnet(), "epsilon_plus_flat", ("merge_batchnorm",), ["layer2"], x, targets)
 
 
-def test_float32_channels_last_agrees_to_1e4() -> None:
-    """The float32 path (channels-last convolutions, BatchNorm folded) agrees with zennit to 1e-4."""
-    net = tiny_resnet().float()
+NETS = {"resnet": (tiny_resnet, ("resnet",), ["layer2", "layer3"]), "vgg": (tiny_vgg, ("vgg",), ["features.4", "features.11"])}
+
+
+def _relative(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((ours - reference).abs().amax() / reference.abs().amax()).item()
+
+
+@pytest.mark.parametrize("composite", COMPOSITES)
+@pytest.mark.parametrize("net_name", sorted(NETS))
+def test_float32_default_heatmaps_and_concepts_equal_zennit_to_1e4(net_name: str, composite: str) -> None:
+    """The default float32 path (zennit's forward, channels-last backward) agrees with zennit within 1e-4."""
+    build, canonizers, layers = NETS[net_name]
+    net = build().float()
     x, targets = _inputs(torch.float32)
-    explainer = FastExplainer(net, "epsilon_plus_flat", ("resnet",), ["layer3"])
-    assert explainer.plan.channels_last
-    ours = explainer.explain(x, targets).heatmaps
-    reference = zennit_heatmaps(net, "epsilon_plus_flat", ("resnet",), x, targets)
-    assert ((ours - reference).abs().amax() / reference.abs().amax()).item() < 1e-4
+    explainer = FastExplainer(net, composite, canonizers, layers, **_bounds(composite))
+    assert not explainer.plan.channels_last and explainer.plan.backward_channels_last
+    ours = explainer.explain(x, targets)
+    assert _relative(ours.heatmaps, zennit_heatmaps(net, composite, canonizers, x, targets)) < 1e-4
+    with Explainer(net, make_composite(composite, canonizers, **_bounds(composite)), layers) as hooked:
+        expected = hooked.explain(x, targets)
+    for name in layers:
+        assert _relative(ours.concepts[name], expected.concepts[name]) < 1e-4
+
+
+@pytest.mark.parametrize("net_name", sorted(NETS))
+def test_default_forward_pass_is_zennits_bit_for_bit(net_name: str) -> None:
+    """The default forward pass computes zennit's hooked model's values exactly (float32 logits equal),
+    which is what keeps float32 heatmaps at zennit's; ``forward="fast"`` rounds differently."""
+    build, canonizers, _ = NETS[net_name]
+    net = build().float()
+    x, targets = _inputs(torch.float32)
+    with za.Gradient(net, make_composite("epsilon_plus_flat", canonizers)) as attributor:
+        logits, _ = attributor(x, lambda out: F.one_hot(targets, out.shape[1]).to(out) * out)
+    ours = FastExplainer(net, "epsilon_plus_flat", canonizers).explain(x, targets).logits
+    assert torch.equal(ours, logits)
+    folded = FastExplainer(net, "epsilon_plus_flat", canonizers, forward="fast")
+    assert folded.plan.channels_last
+    torch.testing.assert_close(folded.explain(x, targets).logits, logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("net_name", sorted(NETS))
+def test_float32_fast_forward_agrees_with_zennit_to_1e4_on_small_nets(net_name: str) -> None:
+    """``forward="fast"`` (channels-last, BatchNorm folded) on small nets; on 224-pixel networks it
+    differs by up to a few 1e-3 (bench/attribution.py measures it)."""
+    build, canonizers, _ = NETS[net_name]
+    net = build().float()
+    x, targets = _inputs(torch.float32)
+    ours = FastExplainer(net, "epsilon_plus_flat", canonizers, forward="fast").explain(x, targets).heatmaps
+    assert _relative(ours, zennit_heatmaps(net, "epsilon_plus_flat", canonizers, x, targets)) < 1e-4
+
+
+def test_unknown_forward_mode_is_rejected() -> None:
+    with pytest.raises(AttributionConfigError, match="forward must be one of"):
+        FastExplainer(tiny_vgg(), "epsilon_plus_flat", ("vgg",), forward="folded")
+
+
+CONDITION_LAYERS = [
+    ("resnet", "layer2"), ("resnet", "layer3.0.conv1"), ("resnet", "layer1.0.bn2"),
+    ("vgg", "features.11"), ("vgg", "classifier.0"),
+]
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_gamma_box"])
+@pytest.mark.parametrize(("net_name", "layer"), CONDITION_LAYERS)
+def test_fast_conditional_heatmaps_equal_zennit_crp(net_name: str, layer: str, composite: str) -> None:
+    """Random channel sets, one to three per image (picks, unordered): the heatmaps and the
+    relevance each condition carries equal zennit's CRP in float64. Around
+    ``layer3.0.conv1`` a skip connection carries relevance that is not masked, in both."""
+    build, canonizers, _ = NETS[net_name]
+    net = build()
+    x, targets = _inputs()
+    explainer = FastExplainer(net, composite, canonizers, [layer], **_bounds(composite))
+    channels = explainer.concept_shapes(x[:1])[layer][1]
+    picks = torch.tensor([3, 0, 0, 1, 3, 2, 3])
+    masks = (torch.rand(len(picks), channels, generator=torch.Generator().manual_seed(3)) > 0.6).double()
+    ours = explainer.explain_conditional(x, targets, layer, masks, picks)
+    with ConditionalExplainer(net, make_composite(composite, canonizers, **_bounds(composite)), layer) as hooked:
+        expected = hooked.explain(x, targets, masks, picks)
+    assert ours.heatmaps.shape == (len(picks), 32, 32)
+    torch.testing.assert_close(ours.heatmaps, expected.heatmaps, rtol=1e-9, atol=1e-9 * expected.heatmaps.abs().amax())
+    torch.testing.assert_close(ours.relevance, expected.relevance, rtol=1e-9, atol=1e-9 * expected.relevance.abs().amax())
+    torch.testing.assert_close(ours.logits, expected.logits, rtol=1e-12, atol=1e-12)
+
+
+def test_conditional_heatmaps_of_all_channels_add_up_to_the_heatmap() -> None:
+    """One condition per channel of ``layer2`` (every path crosses it): the parts sum to the full
+    heatmap, and each part carries its channel's concept relevance."""
+    net = tiny_resnet()
+    x, targets = _inputs()
+    explainer = FastExplainer(net, "epsilon_plus_flat", ("resnet",), ["layer2"])
+    full = explainer.explain(x[:2], targets[:2])
+    channels = full.concepts["layer2"].shape[1]
+    picks = torch.arange(2).repeat_interleave(channels)
+    masks = torch.eye(channels, dtype=torch.float64).repeat(2, 1)
+    parts = explainer.explain_conditional(x[:2], targets[:2], "layer2", masks, picks)
+    torch.testing.assert_close(parts.heatmaps.reshape(2, channels, 32, 32).sum(dim=1), full.heatmaps, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(parts.relevance.reshape(2, channels), full.concepts["layer2"], rtol=1e-9, atol=1e-12)
+
+
+def test_conditional_requests_are_checked() -> None:
+    explainer = FastExplainer(tiny_vgg(), "epsilon_plus_flat", ("vgg",), ["features.4"])
+    x, targets = _inputs()
+    with pytest.raises(AttributionConfigError, match="not a concept layer"):
+        explainer.explain_conditional(x, targets, "features.11", torch.ones(4, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="one row per pick"):
+        explainer.explain_conditional(x, targets, "features.4", torch.ones(3, 16, dtype=torch.float64))
 
 
 def test_conservation_with_zero_bias_and_epsilon_rule() -> None:

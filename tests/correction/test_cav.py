@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from spray.attribution.lrp import AttributionConfigError
 from spray.correction.cav import CAV, CAVError, fit_cav, fit_direction
+from spray.correction.errors import CorrectionError
 
 from .conftest import LAYER, Demo
 
@@ -55,7 +55,7 @@ def test_cav_round_trips_through_save_and_load(tmp_path: Path, demo_cav: CAV) ->
 
 def test_too_few_artifact_samples_are_refused_with_count_and_fix(demo: Demo) -> None:
     rows = np.flatnonzero(demo.train.stamped)[:3]
-    with pytest.raises(CAVError, match=r"too few artifact samples for a CAV: got 3, need at least 5.*Pass more rows"):
+    with pytest.raises(CorrectionError, match=r"too few artifact samples for a CAV: got 3, need at least 5.*Pass more rows"):
         fit_cav(demo.model, demo.train.images, demo.train.labels, rows, LAYER)
 
 
@@ -65,13 +65,14 @@ def test_held_out_split_needs_are_counted(demo: Demo) -> None:
         fit_cav(demo.model, demo.train.images, demo.train.labels, rows, LAYER, pooling="max", estimator="logistic", test_size=0.5)
 
 
-def test_unknown_layer_lists_valid_layers(demo: Demo) -> None:
-    with pytest.raises(AttributionConfigError, match=r"\['features.conv9'\] not found.*valid layers: .*'features.conv3'"):
+def test_unknown_layer_lists_valid_layers_and_the_fix(demo: Demo) -> None:
+    with pytest.raises(CorrectionError, match=r"layer 'features.conv9' not found in the model; valid layers: features, features.conv1, .*"
+                       r"features.relu3, .*classifier.fc2\. .*\[correct\] layer .*spray correct --layer"):
         fit_cav(demo.model, demo.train.images, demo.train.labels, np.flatnonzero(demo.train.stamped), "features.conv9")
 
 
-def test_class_id_out_of_range_is_refused(demo: Demo) -> None:
-    with pytest.raises(CAVError, match=r"class_id 7 is out of range: the data has 4 classes \(ids 0\.\.3\)"):
+def test_class_id_out_of_range_is_refused_with_the_fix(demo: Demo) -> None:
+    with pytest.raises(CorrectionError, match=r"class_id 7 is out of range: the data has 4 classes \(ids 0\.\.3\)\. Pass the id .*leave class_id out"):
         fit_cav(demo.model, demo.train.images, demo.train.labels, np.flatnonzero(demo.train.stamped), LAYER, class_id=7)
 
 

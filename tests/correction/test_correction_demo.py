@@ -71,9 +71,10 @@ def test_correct_demo_uses_the_audit_data_and_model_cache(tmp_path: Path, demo: 
     monkeypatch.setattr(demo_models, "load_or_train_demo_model", cached)
     spec = demo_job(output=tmp_path, name="small", n_per_class=DEMO.n_per_class)
     spec.model.epochs = 6
-    report = correct_demo(spec, np.flatnonzero(demo.train.stamped), CorrectionConfig(method="p-clarc", relevance_samples=0))
+    report = correct_demo(spec, np.flatnonzero(demo.train.stamped), CorrectionConfig(method="p-clarc", relevance_samples=0), reaudit=False)
     assert calls == [(len(demo.train.images), TrainConfig(epochs=6, seed=spec.job.seed), spec.output_dir / "stages" / "model")]
     folder = spec.output_dir / "correction" / "p-clarc"
     assert report.export is not None and report.export.folder == folder
-    assert {p.name for p in folder.iterdir()} >= {"correction.json", "weights.pt", "cav.pt", "cav.json", "model.torchscript.pt", "report.json"}
+    assert {p.name for p in folder.iterdir()} >= {"correction.json", "weights.pt", "cav.pt", "cav.json", "model.torchscript.pt", "report.json", "index.html"}
+    assert report.reaudit is None and json.loads((folder / "report.json").read_text())["reaudit"] is None
     assert report.recovered > 0.5

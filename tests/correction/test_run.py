@@ -26,8 +26,14 @@ def test_flag_rows_reads_the_strongest_flag(tmp_path: Path) -> None:
         flag_rows(tmp_path / "missing.json")
 
 
-def test_config_rejects_unknown_method_and_gate() -> None:
-    with pytest.raises(CorrectionError, match=r"unknown correction method 'q-clarc'"):
+def test_config_rejects_unknown_choices_and_impossible_numbers_naming_the_field() -> None:
+    with pytest.raises(CorrectionError, match=r"^method 'q-clarc' is unknown; choose one of \['r-clarc', 'p-clarc', 'rr-clarc'\]"):
         CorrectionConfig(method="q-clarc")
-    with pytest.raises(CorrectionError, match=r"unknown R-ClArC gate 'always'"):
+    with pytest.raises(CorrectionError, match=r"^gate 'always' is unknown; .*'always' is P-ClArC: set method = 'p-clarc'"):
         CorrectionConfig(gate="always")
+    with pytest.raises(CorrectionError, match=r"^pooling 'median' is unknown"):
+        CorrectionConfig(pooling="median")
+    with pytest.raises(CorrectionError, match=r"^target_fpr must be in \[0, 1\), got 1.5"):
+        CorrectionConfig(target_fpr=1.5)
+    with pytest.raises(CorrectionError, match=r"^rr_epochs must be at least 1, got 0"):
+        CorrectionConfig(rr_epochs=0)

@@ -178,3 +178,19 @@ def test_class_sections_show_accuracy_and_filters(rendered: Path) -> None:
     section = html[html.index('id="class-1"') : html.index('id="class-2"')]
     assert "accuracy 94.1%" in section and 'data-class-index="1"' in section
     assert 'id="filters" hidden' in html and 'id="zoom" class="zoom" hidden' in html
+
+
+def test_a_finding_seen_in_two_spaces_is_one_card_naming_both(report_context: ReportContext, tmp_path: Path) -> None:
+    """The class-0 artifact flagged again in a concept space: still two flag cards, and the
+    first one lists the heatmap and the concept space under "revealed by"."""
+    class0 = next(a for a in report_context.analyses if a.class_index == 0)
+    again = dataclasses.replace(class0, space="concept:layer<4>", clusters=[
+        dataclasses.replace(c, artifact_score=0.8) if c.flagged else c for c in class0.clusters
+    ])
+    context = dataclasses.replace(report_context, analyses=[*report_context.analyses, again])
+    html = _html(render_report(context, tmp_path / "out"))
+    assert html.count('class="card flag"') == 2
+    top = html[html.index('id="flag-0"') : html.index('id="flag-1"')]
+    assert "revealed by" in top
+    assert "heatmap, cluster 1: score 0.900" in top
+    assert "concept:layer&lt;4&gt;, cluster 1: score 0.800" in top and "concept:layer<4>" not in top

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 import json
 import math
 from pathlib import Path
 
 import pytest
 
+from spray.analysis.result import ClassAnalysis
 from spray.report.context import ReportContext
-from spray.report.summary import SCHEMA_VERSION, build_summary, write_summary
+from spray.report.summary import SCHEMA_VERSION, build_summary, jaccard, write_summary
 
 TOP_KEYS = {
     "schema_version", "job", "created", "threshold", "n_samples", "class_names", "metadata",
@@ -30,8 +32,9 @@ CLUSTER_KEYS = {
 }
 FLAG_KEYS = {
     "class_index", "class_name", "space", "cluster_id", "size", "artifact_score", "member_ids",
-    "member_rows", "accuracy",
+    "member_rows", "accuracy", "revealed_by",
 }
+EVIDENCE_KEYS = {"class_index", "space", "cluster_id", "artifact_score", "jaccard"}
 TRUTH_KEYS = {"precision", "recall"}
 
 
@@ -61,6 +64,9 @@ def check_shape(summary: dict, with_truth: bool) -> None:
             assert all(_is_number_or_null(v) for v in cluster["score_components"].values())
     for flag in summary["flags"]:
         assert set(flag) == FLAG_KEYS | extra
+        assert all(set(item) == EVIDENCE_KEYS for item in flag["revealed_by"])
+        own = flag["revealed_by"][0]
+        assert (own["space"], own["cluster_id"], own["jaccard"]) == (flag["space"], flag["cluster_id"], 1.0)
 
 
 def test_summary_matches_documented_shape(report_context: ReportContext) -> None:
@@ -164,3 +170,39 @@ def test_unlabelled_rows_do_not_count_toward_accuracy(report_context: ReportCont
     class1 = summary["classes"][1]
     assert class1["accuracy"] is None
     assert all(cluster["accuracy"] is None for cluster in class1["clusters"])
+
+
+def _concept_copy(analysis: ClassAnalysis, space: str, drop_rows: int, score: float) -> ClassAnalysis:
+    """``analysis`` as if found again in ``space``: the flagged cluster loses ``drop_rows`` members."""
+    clusters = []
+    for cluster in analysis.clusters:
+        rows = cluster.member_rows[drop_rows:] if cluster.flagged else cluster.member_rows
+        clusters.append(replace(cluster, member_rows=rows, artifact_score=score if cluster.flagged else cluster.artifact_score))
+    return replace(analysis, space=space, clusters=clusters)
+
+
+def test_one_finding_seen_in_two_spaces_is_one_flag_listing_both(report_context: ReportContext) -> None:
+    """The class-0 artifact flagged again in a concept space (5 of its 6 members) folds into
+    the heatmap flag; a flag in another space with other members stays its own."""
+    class0 = next(a for a in report_context.analyses if a.class_index == 0)
+    class1 = next(a for a in report_context.analyses if a.class_index == 1)
+    again = _concept_copy(class0, "concept:layer4", drop_rows=1, score=0.8)
+    other = _concept_copy(class1, "concept:layer4", drop_rows=4, score=0.7)
+    context = replace(report_context, analyses=[*report_context.analyses, again, other])
+    summary = build_summary(context)
+    flagged_clusters = sum(c["flagged"] for entry in summary["classes"] for c in entry["clusters"])
+    assert flagged_clusters == 4
+    assert [(f["class_index"], f["space"]) for f in summary["flags"]] == [
+        (0, "heatmap"), (1, "heatmap"), (1, "concept:layer4"),
+    ]
+    evidence = summary["flags"][0]["revealed_by"]
+    assert [(e["space"], e["artifact_score"]) for e in evidence] == [("heatmap", 0.9), ("concept:layer4", 0.8)]
+    assert evidence[1]["jaccard"] == round(5 / 6, 4)
+    # class 1's concept cluster keeps 2 of 6 members: Jaccard 1/3 < SAME_FINDING_JACCARD, its own flag
+    assert [e["space"] for e in summary["flags"][1]["revealed_by"]] == ["heatmap"]
+
+
+def test_jaccard_of_row_sets() -> None:
+    assert jaccard([1, 2, 3], [2, 3, 4]) == 0.5
+    assert jaccard([], []) == 0.0
+    assert jaccard([5, 5, 6], [6, 5]) == 1.0
