@@ -41,7 +41,7 @@ from spray.data.sources import (
 from spray.jobs import JobSpec
 from spray.models.demo import TrainConfig, evaluate_accuracy, load_or_train_demo_model, predict
 from spray.models.sources import entry_point_model, load_state_dict, pickled_model, torchvision_model
-from spray.attribution.lrp import make_composite
+from spray.attribution.crp import make_conditional_explainer
 from spray.report.atlas import build_concept_atlas
 from spray.report.context import ArtifactCheck, ReportContext
 from spray.report.index import write_index
@@ -333,7 +333,9 @@ def run_audit(
         c = spec.cluster
         client = own_client = start_client(c.kind, c.workers, c.threads_per_worker, c.memory_limit, c.address)
     try:
-        attribute_dataset(data.source, model, settings, attributions_path, data.fingerprint, progress=progress, client=client)
+        attribute_dataset(
+            data.source, model, settings, attributions_path, data.fingerprint, progress=progress, client=client, write=spec.cluster.write
+        )
     finally:
         if own_client is not None:
             own_client.close()
@@ -373,9 +375,12 @@ def run_audit(
         atlas = None
         if settings.layers and any(c.flagged for a in analyses for c in a.clusters):
             low, high = settings.input_range
-            composite = make_composite(settings.composite, settings.canonizers, low=low, high=high)
+            conditional = make_conditional_explainer(
+                model, settings.composite, settings.canonizers, settings.layers[-1], low=low, high=high, engine=settings.engine
+            )
             atlas = build_concept_atlas(
-                model, composite, data.source, attributions, analyses, settings.layers[-1], model_input=settings.model_input
+                model, None, data.source, attributions, analyses, settings.layers[-1],
+                model_input=settings.model_input, conditional=conditional,
             )
         context = ReportContext(
             job_name=spec.job.name,

@@ -45,7 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     correct.add_argument("job", type=Path, help="job spec (TOML) whose audit has run; its [correct] section sets the defaults")
     correct.add_argument("--method", choices=("r-clarc", "p-clarc", "rr-clarc"), default=None, help="correction (default: [correct] method, else r-clarc)")
     correct.add_argument("--flag", type=int, default=None, help="which flag of summary.json, 0 = the top one (default: [correct] flag, else 0)")
-    correct.add_argument("--layer", default=None, help="layer of the CAV (default: [correct] layer, else features.relu3 of the demo net)")
+    correct.add_argument(
+        "--layer", default=None,
+        help="layer of the CAV (default: [correct] layer, else features.relu3 of the demo net, or the last of the audit's concept layers where a user model can be cut)",
+    )
     correct.add_argument("--gate", choices=("class", "detector", "both"), default=None, help="R-ClArC gate (default: [correct] gate, else class)")
     correct.add_argument(
         "--reaudit", action=argparse.BooleanOptionalAction, default=None,
@@ -95,18 +98,22 @@ def _run_correct(args: argparse.Namespace) -> None:
     from spray.correction.page import PAGE_FILE
     from spray.correction.reaudit import describe_outcome
     from spray.correction.run import correct_demo, flag_entry, job_config
+    from spray.correction.user import correct_user
     from spray.jobs import load_job
 
     spec = load_job(args.job)
-    if spec.model.source != "demo":
-        raise ValueError("spray correct works on the demo model so far; a user model needs its training data loop.")
     summary = spec.output_dir / "summary.json"
     if not summary.exists():
         raise FileNotFoundError(f"{summary} not found; run 'spray audit {args.job}' first.")
     flag = flag_entry(summary, spec.correct.flag if args.flag is None else args.flag)
     config = job_config(spec, method=args.method, layer=args.layer, gate=args.gate)
     reaudit = spec.correct.reaudit if args.reaudit is None else args.reaudit
-    report = correct_demo(spec, flag["member_rows"], config, flag=flag, reaudit=reaudit, progress=not args.no_progress)
+    if spec.model.source == "demo":
+        report = correct_demo(spec, flag["member_rows"], config, flag=flag, reaudit=reaudit, progress=not args.no_progress)
+    else:
+        choose_layer = args.layer is None and spec.correct.layer is None
+        report = correct_user(spec, flag, config, choose_layer=choose_layer, reaudit=reaudit, progress=not args.no_progress)
+        print(f"attacked set: {report.evaluation_set['attack']['description']}")
     print(report.table())
     print(f"recovered share of the attacked-accuracy loss: {report.recovered:.3f}; clean accuracy change: {report.clean_change:+.4f}")
     if report.reaudit is not None:

@@ -125,23 +125,32 @@ class ReportSection:
 
 @dataclass
 class ClusterSection:
-    """``[cluster]``: where the attribution pass runs: in-process, a local Dask cluster, or a scheduler."""
+    """``[cluster]``: where the attribution pass runs: in-process, a local Dask cluster, or a scheduler.
+
+    ``write``: who writes the results: ``client`` (this process; no shared filesystem needed)
+    or ``workers`` (each worker reads its chunks and writes shards, joined at the end; the
+    data and the output folder must be on a filesystem every worker sees).
+    """
 
     kind: str = "none"
     workers: int = 2
     threads_per_worker: int = 1
     memory_limit: str = "4GiB"
     address: str = ""
+    write: str = "client"
 
 
 @dataclass
 class CorrectSection:
     """``[correct]``: how ``spray correct`` corrects this job's model for a flag (ClArC).
 
-    ``flag`` picks the flag (0: the top one) and ``reaudit`` whether the corrected model is
-    audited again. Every other key is a field of ``spray.correction.CorrectionConfig`` of the
-    same name and meaning; a key left out (None here) keeps that class's default, and a
-    flag of ``spray correct`` overrides the key.
+    ``flag`` picks the flag (0: the top one), ``reaudit`` whether the corrected model is
+    audited again and ``stamp`` (``module:function`` or ``file.py:function``, relative to the
+    job file) the function that puts the artifact on images for the attacked test set of a
+    user job (empty: cut the artifact out of the flagged samples; see
+    ``spray.correction.user``). Every other key is a field of
+    ``spray.correction.CorrectionConfig`` of the same name and meaning; a key left out (None
+    here) keeps that class's default, and a flag of ``spray correct`` overrides the key.
     """
 
     method: str | None = None
@@ -162,12 +171,14 @@ class CorrectSection:
     rr_target: str | None = None
     rr_max_samples: int | None = None
     test_size: float | None = None
+    held_out: float | None = None
     relevance_samples: int | None = None
     torchscript: bool | None = None
+    stamp: str = ""
 
     def config_values(self) -> dict[str, Any]:
         """The ``CorrectionConfig`` fields this section sets (the keys given in the job spec)."""
-        return {key: value for key, value in dataclasses.asdict(self).items() if key not in ("flag", "reaudit") and value is not None}
+        return {key: value for key, value in dataclasses.asdict(self).items() if key not in ("flag", "reaudit", "stamp") and value is not None}
 
 
 @dataclass
@@ -319,6 +330,7 @@ def _check_values(spec: JobSpec, source: str, text: str) -> None:
             raise JobSpecError(f"{_where(source, text, 'data', key)}: data.{key} must be [] , [side] or [height, width] with positive sizes.")
     if spec.cluster.kind == "address" and not spec.cluster.address:
         raise JobSpecError(f"{_where(source, text, 'cluster', 'kind')}: cluster.kind = 'address' needs cluster.address (e.g. 'tcp://scheduler:8786').")
+    _check_cluster_write(spec, source, text)
     if spec.job.keep_runs < 1:
         raise JobSpecError(f"{_where(source, text, 'job', 'keep_runs')}: job.keep_runs must be at least 1.")
     from spray.data.demo import DemoConfig  # the demo's own checks, reported with the spec's line
@@ -340,6 +352,21 @@ def _check_values(spec: JobSpec, source: str, text: str) -> None:
         raise JobSpecError(
             f"{_where(source, text, 'attribution', 'precision')}: attribution.precision = 'amp' (float16 autocast) "
             "runs on CUDA only, but attribution.device is 'cpu'; use precision = 'float32' or device = 'cuda'/'auto'."
+        )
+
+
+def _check_cluster_write(spec: JobSpec, source: str, text: str) -> None:
+    """``[cluster] write``: a known mode; ``workers`` needs a cluster and data the workers can open from files."""
+    _check_choice(spec.cluster.write, ("client", "workers"), "cluster", "write", source, text)
+    if spec.cluster.write != "workers":
+        return
+    where = _where(source, text, "cluster", "write")
+    if spec.cluster.kind == "none":
+        raise JobSpecError(f"{where}: cluster.write = 'workers' needs Dask workers; set cluster.kind = 'local' or 'address', or write = 'client'.")
+    if spec.data.source == "entrypoint":
+        raise JobSpecError(
+            f"{where}: cluster.write = 'workers' needs data the workers can open from files (demo, folder, h5, npz), but "
+            "data.source = 'entrypoint' builds it in this process only; use write = 'client', or save the data as an .h5 or .npz file."
         )
 
 
@@ -368,6 +395,10 @@ def _check_correct(spec: JobSpec, source: str, text: str) -> None:
     reported here with the line of the key they name (each message starts with the key)."""
     if spec.correct.flag < 0:
         raise JobSpecError(f"{_where(source, text, 'correct', 'flag')}: correct.flag must be at least 0 (0: the top flag).")
+    if spec.correct.stamp and ":" not in spec.correct.stamp:
+        raise JobSpecError(
+            f"{_where(source, text, 'correct', 'stamp')}: [correct] stamp must look like 'package.module:function' or 'file.py:function'."
+        )
     values = spec.correct.config_values()
     if not values:
         return

@@ -94,3 +94,23 @@ def test_concept_wildcard_expands_to_the_stored_layers_and_a_missing_layer_is_na
     named = parse_job('[job]\nname = "a"\n[analysis]\nspaces = ["concept:layer4"]\n')
     with pytest.raises(ValueError, match=r"'concept:layer4', but the attributions hold concept relevances of \['layer2'\]"):
         analysis_spaces(named, ["layer2"])
+
+
+def test_cluster_write_defaults_to_client_and_accepts_workers() -> None:
+    assert parse_job('[job]\nname = "a"\n').cluster.write == "client"
+    spec = parse_job('[job]\nname = "a"\n[cluster]\nkind = "local"\nwrite = "workers"\n')
+    assert spec.cluster.write == "workers"
+
+
+@pytest.mark.parametrize(
+    ("cluster", "message"),
+    [
+        ('kind = "local"\nwrite = "shared"', r"x\.toml:5: cluster\.write must be one of client, workers; got 'shared'"),
+        ('write = "workers"', r"x\.toml:4: cluster\.write = 'workers' needs Dask workers; set cluster\.kind"),
+        ('kind = "local"\nwrite = "workers"\n[data]\nsource = "entrypoint"\nentrypoint = "m:f"\n[model]\nsource = "entrypoint"\nentrypoint = "m:g"',
+         r"x\.toml:5: cluster\.write = 'workers' needs data the workers can open from files.*use write = 'client'"),
+    ],
+)
+def test_bad_cluster_write_names_file_line_and_fix(cluster: str, message: str) -> None:
+    with pytest.raises(JobSpecError, match=message):
+        parse_job(f'[job]\nname = "a"\n[cluster]\n{cluster}\n', source="jobs/x.toml")

@@ -5,29 +5,43 @@ The model is pickled here and its bytes are sent to every worker once
 serialisation rebuilds modules whose hook registries no longer accept hooks); each worker
 unpickles it once and keeps one explainer per model for its lifetime (on the worker's own
 device: ``[attribution] device = "auto"`` resolves on each worker), so the model is compiled
-or the composite's hooks are registered once per worker, not per chunk. The client reads
-the data and writes the single resumable HDF5 file: results come back per chunk and are
-written as they complete, at most ``2 × workers`` chunks in flight so memory stays bounded.
+or the composite's hooks are registered once per worker, not per chunk. At most two chunks
+per worker thread are in flight, so memory stays bounded.
+
+Two ways to write (``[cluster] write``):
+
+- ``"client"`` (``explain_on_cluster``): the client reads the data, sends each chunk's
+  images, gets the results back and writes the single resumable HDF5 file. Needs no shared
+  filesystem.
+- ``"workers"`` (``explain_to_shards``): a task names a chunk only; the worker opens the data
+  source itself from its ``SourceRecipe`` (cached: once per worker), explains the chunk and
+  writes ``shards/chunk-<index>.h5`` (``spray.store.shards``). The client only learns which
+  shards are done. Needs the data and the output folder on a filesystem every worker sees.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import pickle
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import nn
 
-from spray.attribution.engine import AttributionSettings, explain_chunk
+from spray.attribution.engine import AttributionSettings, check_batch, explain_chunk
+from spray.attribution.select import PlacedExplainer
+from spray.data.source import DataSource, SourceRecipe
+from spray.store.shards import shard_path, write_shard
 
 _WORKER_STATE = threading.local()
 
 
-def _explain_remote(model_bytes: bytes, settings: AttributionSettings, images: np.ndarray, labels: np.ndarray) -> tuple:
-    """Run on a worker: explain one chunk with this worker's (cached) model and explainer."""
+def _worker_explainer(model_bytes: bytes, settings: AttributionSettings) -> PlacedExplainer:
+    """This worker thread's explainer for the pickled model (built on first use, then kept)."""
     cache = getattr(_WORKER_STATE, "explainers", None)
     if cache is None:
         cache = _WORKER_STATE.explainers = {}
@@ -37,29 +51,63 @@ def _explain_remote(model_bytes: bytes, settings: AttributionSettings, images: n
         explainer = settings.explainer(model)
         explainer.__enter__()
         cache[key] = (model, explainer)
-    model, explainer = cache[key]
-    return explain_chunk(explainer, settings, images, labels)
+    return cache[key][1]
 
 
-def explain_on_cluster(
-    client: Any, model: nn.Module, settings: AttributionSettings, batches: Iterable[tuple[int, np.ndarray, np.ndarray]]
-) -> Iterator[tuple[int, tuple]]:
-    """Yield ``(chunk, result)`` as the cluster finishes chunks (in completion order)."""
+@functools.lru_cache(maxsize=2)
+def _worker_source(recipe: SourceRecipe, fingerprint: str) -> DataSource:
+    """The data source this worker process opened from ``recipe`` for the pass ``fingerprint``.
+
+    Opened once per pass and shared by the worker's threads; keyed by the pass's fingerprint
+    (which includes the data's) so a long-lived worker never reads a file that was replaced
+    under the same path through a handle it opened for an earlier pass.
+    """
+    return recipe.open()
+
+
+def _explain_remote(model_bytes: bytes, settings: AttributionSettings, images: np.ndarray, labels: np.ndarray) -> tuple:
+    """Run on a worker: explain one chunk with this worker's (cached) model and explainer."""
+    return explain_chunk(_worker_explainer(model_bytes, settings), settings, images, labels)
+
+
+def _explain_shard(
+    model_bytes: bytes,
+    settings: AttributionSettings,
+    recipe: SourceRecipe,
+    chunk: int,
+    window: tuple[int, int],
+    image_shape: tuple[int, ...],
+    folder: str,
+    fingerprint: str,
+) -> int:
+    """Run on a worker: read rows ``window`` from the worker's own source, explain them, write the shard."""
+    source = _worker_source(recipe, fingerprint)
+    rows = np.arange(*window)
+    images = source.read(rows)
+    check_batch(images, rows, source.sample_ids, image_shape)
+    result = explain_chunk(_worker_explainer(model_bytes, settings), settings, images, np.asarray(source.labels[rows]))
+    write_shard(shard_path(Path(folder), chunk), chunk, fingerprint, result)
+    return chunk
+
+
+def _bounded_map(client: Any, function: Callable[..., Any], jobs: Iterable[tuple[int, tuple]]) -> Iterator[tuple[int, Any]]:
+    """Submit ``function(*args)`` for each ``(chunk, args)``, at most two per worker thread at a time.
+
+    Yields ``(chunk, result)`` in completion order; a task's error is raised here.
+    """
     from distributed import as_completed
 
-    workers = max(1, len(client.scheduler_info().get("workers", {})))
-    remote_model = client.scatter(pickle.dumps(model.eval()), broadcast=True)
+    limit = 2 * max(1, sum(client.nthreads().values()))
     pending = as_completed()
-    chunk_of = {}
-    source = iter(batches)
-    limit = 2 * workers
+    chunk_of: dict[str, int] = {}
+    source = iter(jobs)
 
     def submit_next() -> bool:
         try:
-            chunk, images, labels = next(source)
+            chunk, args = next(source)
         except StopIteration:
             return False
-        future = client.submit(_explain_remote, remote_model, settings, images, labels, pure=False)
+        future = client.submit(function, *args, pure=False)
         chunk_of[future.key] = chunk
         pending.add(future)
         return True
@@ -72,13 +120,62 @@ def explain_on_cluster(
         submit_next()
 
 
-def start_client(kind: str, workers: int = 2, threads_per_worker: int = 1, memory_limit: str = "4GiB", address: str = "") -> Any:
-    """A ``distributed.Client``: a ``LocalCluster`` started here, or the scheduler at ``address``."""
+def _scatter_model(client: Any, model: nn.Module) -> Any:
+    """The pickled model, sent once to every worker (a future that tasks take as an argument)."""
+    return client.scatter(pickle.dumps(model.eval()), broadcast=True)
+
+
+def explain_on_cluster(
+    client: Any, model: nn.Module, settings: AttributionSettings, batches: Iterable[tuple[int, np.ndarray, np.ndarray]]
+) -> Iterator[tuple[int, tuple]]:
+    """Yield ``(chunk, result)`` as the cluster finishes chunks (in completion order)."""
+    remote_model = _scatter_model(client, model)
+    jobs = ((chunk, (remote_model, settings, images, labels)) for chunk, images, labels in batches)
+    yield from _bounded_map(client, _explain_remote, jobs)
+
+
+def explain_to_shards(
+    client: Any,
+    model: nn.Module,
+    settings: AttributionSettings,
+    recipe: SourceRecipe,
+    windows: Iterable[tuple[int, tuple[int, int]]],
+    image_shape: tuple[int, ...],
+    folder: Path,
+    fingerprint: str,
+) -> Iterator[int]:
+    """Have the workers explain each ``(chunk, (start, stop))`` and write its shard into ``folder``.
+
+    Yields each chunk as its shard is written (completion order). ``folder`` must be a path
+    every worker can write to; it is created here.
+    """
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    remote_model = _scatter_model(client, model)
+    jobs = (
+        (chunk, (remote_model, settings, recipe, chunk, window, image_shape, str(folder), fingerprint))
+        for chunk, window in windows
+    )
+    for chunk, _ in _bounded_map(client, _explain_shard, jobs):
+        yield chunk
+
+
+def start_client(
+    kind: str,
+    workers: int = 2,
+    threads_per_worker: int = 1,
+    memory_limit: str = "4GiB",
+    address: str = "",
+    processes: bool = True,
+) -> Any:
+    """A ``distributed.Client``: a ``LocalCluster`` started here, or the scheduler at ``address``.
+
+    ``processes=False`` runs the local workers as threads of this process (fast to start; for tests).
+    """
     from distributed import Client, LocalCluster
 
     if kind == "address":
         return Client(address, timeout="30s")
     cluster = LocalCluster(
-        n_workers=workers, threads_per_worker=threads_per_worker, memory_limit=memory_limit, processes=True, dashboard_address=None
+        n_workers=workers, threads_per_worker=threads_per_worker, memory_limit=memory_limit, processes=processes, dashboard_address=None
     )
     return Client(cluster)

@@ -1,7 +1,10 @@
 """The dataset pass: explain every sample in batches and stream the results to HDF5.
 
 Resumable: results go to ``attributions.h5.partial`` chunk by chunk (one chunk per batch);
-a re-run with the same inputs (same fingerprint) computes only the missing chunks.
+a re-run with the same inputs (same fingerprint) computes only the missing chunks. With
+``write="workers"`` the Dask workers write one shard per chunk (``spray.store.shards``),
+which are joined into the same ``attributions.h5`` when all are done; finished shards are
+kept across interrupted runs.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ from tqdm.auto import tqdm
 
 from spray.attribution.lrp import AttributionConfigError, resolve_layers
 from spray.attribution.select import DEVICES, PRECISIONS, PlacedExplainer, engine_name, placed_explainer
-from spray.data.source import DataSource
+from spray.data.source import DataSource, ReopenableSource
 from spray.store.attributions import AttributionLayout, AttributionWriter, read_attributions
 from spray.store.common import StoreError
+from spray.store.shards import join_shards, remove_shards, shard_folder, shard_is_done, shard_path
 
 log = logging.getLogger(__name__)
+
+WRITE_MODES = ("client", "workers")
 
 
 class BadInputError(ValueError):
@@ -106,7 +112,11 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _check_batch(images: np.ndarray, rows: np.ndarray, sample_ids: Sequence[str], expected: tuple[int, ...]) -> None:
+def check_batch(images: np.ndarray, rows: np.ndarray, sample_ids: Sequence[str], expected: tuple[int, ...]) -> None:
+    """Reject a batch of another image shape than the dataset's, or with NaN/Inf pixels, naming the samples.
+
+    Public because the Dask workers check the batches they read themselves (``write="workers"``).
+    """
     if images.shape[1:] != expected:
         raise BadInputError(
             f"sample {sample_ids[int(rows[0])]!r}: image shape {images.shape[1:]} differs from the dataset's "
@@ -161,13 +171,19 @@ def attribute_dataset(
     data_fingerprint: str,
     progress: bool = True,
     client: Any = None,
+    write: str = "client",
 ) -> Path:
     """Explain every sample of ``source`` and write ``out_path`` (see ``spray.store.attributions``).
 
     Returns the finished file's path. Interrupted runs resume from ``out_path.partial``. With a
     ``dask.distributed.Client``, chunks are explained on its workers (each holds one copy of
-    the model) and written here as they complete; the file is the same as a local run's.
+    the model). ``write="client"``: results come back and are written here as they complete.
+    ``write="workers"``: each worker opens ``source`` itself (it must have ``recipe()``) and
+    writes one shard per chunk into ``shards/`` beside ``out_path``; when all are written they
+    are joined into ``out_path`` and the folder is removed. Either way the file is the same as
+    a local run's.
     """
+    _check_write(write, client, source)
     n_classes = _check_model(model, source, settings)
     layer_modules = resolve_layers(model, settings.layers)
     first = source.read(np.array([0]))
@@ -190,6 +206,7 @@ def attribute_dataset(
     ).hexdigest()[:16]
     if _finished_with(Path(out_path), fingerprint):
         log.info("%s is up to date; attribution skipped", out_path)
+        remove_shards(shard_folder(Path(out_path)))
         return Path(out_path)
     layout = AttributionLayout(
         n_samples=len(source),
@@ -203,33 +220,101 @@ def attribute_dataset(
     writer = AttributionWriter(Path(out_path), layout, source.labels, source.sample_ids)
     try:
         pending = writer.pending_chunks()
-        done = len(source) - sum(len(writer.chunk_rows(c)) for c in pending)
-        bar = tqdm(total=len(source), desc="attribution", unit="img", disable=not progress, initial=done)
-
-        def batches() -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-            for chunk in pending:
-                rows = writer.chunk_rows(chunk)
-                images = source.read(rows)
-                _check_batch(images, rows, source.sample_ids, image_shape)
-                yield chunk, images, np.asarray(source.labels[rows])
-
-        if client is None:
-            with settings.explainer(model) as explainer:
-                log.info("attribution engine: %s on %s (%s)", engine_name(explainer), explainer.device, settings.precision)
-                results = ((chunk, explain_chunk(explainer, settings, images, labels)) for chunk, images, labels in batches())
-                for chunk, result in results:
-                    writer.write_chunk(chunk, *result)
-                    bar.update(len(writer.chunk_rows(chunk)))
+        bar = tqdm(total=len(source), desc="attribution", unit="img", disable=not progress, initial=len(source) - _rows_of(writer, pending))
+        if write == "workers":
+            folder = shard_folder(Path(out_path))
+            _explain_on_workers(client, model, settings, source, writer, pending, image_shape, folder, bar)
+            join_shards(writer, pending, folder, fingerprint)
         else:
-            from spray.attribution.distributed import explain_on_cluster
-
-            for chunk, result in explain_on_cluster(client, model, settings, batches()):
-                writer.write_chunk(chunk, *result)
-                bar.update(len(writer.chunk_rows(chunk)))
+            _write_here(client, model, settings, source, writer, pending, image_shape, bar)
         bar.close()
-        return writer.finish()
+        finished = writer.finish()
+        remove_shards(shard_folder(finished))
+        return finished
     finally:
         writer.close()
+
+
+def _check_write(write: str, client: Any, source: DataSource) -> None:
+    """``write`` is a known mode, and ``"workers"`` has a cluster and a source the workers can reopen."""
+    if write not in WRITE_MODES:
+        raise AttributionConfigError(f"write must be one of {list(WRITE_MODES)}, got {write!r}.")
+    if write != "workers":
+        return
+    if client is None:
+        raise AttributionConfigError("write='workers' needs a dask.distributed client; pass client=, or use write='client'.")
+    if not isinstance(source, ReopenableSource):
+        raise AttributionConfigError(
+            f"write='workers' needs a dataset that every Dask worker can open from files, but {type(source).__name__} "
+            "lives in this process only (an in-memory or entry-point dataset); use write='client' ([cluster] write = "
+            "\"client\"), or save the data as an HDF5 file (spray.data.source.write_input_h5) and use data.source = \"h5\"."
+        )
+
+
+def _rows_of(writer: AttributionWriter, chunks: list[int]) -> int:
+    """How many samples ``chunks`` hold."""
+    return sum(len(writer.chunk_rows(c)) for c in chunks)
+
+
+def _write_here(
+    client: Any,
+    model: nn.Module,
+    settings: AttributionSettings,
+    source: DataSource,
+    writer: AttributionWriter,
+    pending: list[int],
+    image_shape: tuple[int, ...],
+    bar: Any,
+) -> None:
+    """Read the ``pending`` chunks here, explain them here (or on ``client``'s workers) and write them here."""
+
+    def batches() -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        for chunk in pending:
+            rows = writer.chunk_rows(chunk)
+            images = source.read(rows)
+            check_batch(images, rows, source.sample_ids, image_shape)
+            yield chunk, images, np.asarray(source.labels[rows])
+
+    if client is None:
+        with settings.explainer(model) as explainer:
+            log.info("attribution engine: %s on %s (%s)", engine_name(explainer), explainer.device, settings.precision)
+            results = ((chunk, explain_chunk(explainer, settings, images, labels)) for chunk, images, labels in batches())
+            _write_all(writer, results, bar)
+    else:
+        from spray.attribution.distributed import explain_on_cluster
+
+        _write_all(writer, explain_on_cluster(client, model, settings, batches()), bar)
+
+
+def _write_all(writer: AttributionWriter, results: Iterator[tuple[int, tuple]], bar: Any) -> None:
+    """Write each ``(chunk, result)`` as it arrives and advance the progress bar."""
+    for chunk, result in results:
+        writer.write_chunk(chunk, *result)
+        bar.update(len(writer.chunk_rows(chunk)))
+
+
+def _explain_on_workers(
+    client: Any,
+    model: nn.Module,
+    settings: AttributionSettings,
+    source: ReopenableSource,
+    writer: AttributionWriter,
+    pending: list[int],
+    image_shape: tuple[int, ...],
+    folder: Path,
+    bar: Any,
+) -> None:
+    """Have the workers write a shard for each ``pending`` chunk that has no finished shard yet."""
+    from spray.attribution.distributed import explain_to_shards
+
+    fingerprint = writer.layout.fingerprint
+    todo = [c for c in pending if not shard_is_done(shard_path(folder, c), fingerprint, c)]
+    if len(todo) < len(pending):
+        log.info("%s: %d of %d chunks already have a shard", folder, len(pending) - len(todo), len(pending))
+    bar.update(_rows_of(writer, pending) - _rows_of(writer, todo))
+    windows = ((c, (int(writer.chunk_rows(c)[0]), int(writer.chunk_rows(c)[-1]) + 1)) for c in todo)
+    for chunk in explain_to_shards(client, model, settings, source.recipe(), windows, image_shape, folder, fingerprint):
+        bar.update(len(writer.chunk_rows(chunk)))
 
 
 def _finished_with(path: Path, fingerprint: str) -> bool:

@@ -10,7 +10,9 @@ Modules: ``cav`` (activations and CAV estimation), ``clarc`` (the corrections),
 ``evaluate`` (clean/attacked accuracy, artifact relevance, gate quality), ``export``
 (weights + JSON, TorchScript), ``reaudit`` (the audit of the corrected model and whether
 the flag is gone), ``page`` (``report.json`` and the correction's HTML page), ``errors``,
-and ``run`` (the glue, the job's ``[correct]`` settings and the demo entry point ``correct_demo``).
+``run`` (the glue, the job's ``[correct]`` settings and the demo entry point ``correct_demo``)
+and ``user`` (``correct_user``: the same for a job's own data and model, with a held-out split
+and an attacked set from the job's stamping function or the artifact cut out of the flag).
 """
 
 from spray.correction.cav import CAV, fit_cav, fit_direction, layer_activations, pool_activation
@@ -30,6 +32,7 @@ from spray.correction.errors import CAVError, CorrectionError
 from spray.correction.evaluate import EvaluationResult, attack, evaluate, format_table, recovered_share
 from spray.correction.export import ExportPaths, export_corrected, load_corrected
 from spray.correction.reaudit import REAUDIT_FOLDER, match_flag, run_reaudit
+from spray.correction.user import correct_user, cutout_mask, held_out_split
 from spray.correction.run import (
     CorrectionConfig,
     CorrectionReport,
@@ -58,6 +61,8 @@ __all__ = [
     "calibrate_threshold",
     "correct_demo",
     "correct_model",
+    "correct_user",
+    "cutout_mask",
     "evaluate",
     "export_corrected",
     "fit_cav",
@@ -65,6 +70,7 @@ __all__ = [
     "flag_entry",
     "flag_rows",
     "format_table",
+    "held_out_split",
     "job_config",
     "layer_activations",
     "load_corrected",

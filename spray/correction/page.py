@@ -5,7 +5,10 @@ the same for people: the before/after table (clean accuracy, attacked accuracy, 
 artifact's share of relevance, the gate's firing rates and precision for R-ClArC), the
 share of the attacked-accuracy loss recovered, the CAV, the re-audit's outcome (see
 :mod:`spray.correction.reaudit`) and links to the re-audit's report, the audit's own
-report, the comparison of the two audits and the exported files.
+report, the comparison of the two audits and the exported files. For a user job it also says
+how the held-out and attacked sets were made and, for an artifact cut out of the flagged
+samples, shows its mask and patch (``artifact_mask.png``, ``artifact_patch.png`` beside the
+page, inlined as ``data:`` URIs).
 
 Like the audit report, the page is static and self-contained (inline CSS, no script,
 nothing loaded from the network; its Content-Security-Policy allows no more) and is
@@ -29,6 +32,10 @@ from spray.report.summary import write_text_atomic
 PAGE_FILE = "index.html"
 REPORT_FILE = "report.json"
 COMPARE_FILE = "compare.html"
+MASK_PICTURE = "artifact_mask.png"
+PATCH_PICTURE = "artifact_patch.png"
+#: The only picture files the page inlines (fixed names inside the correction's folder).
+PICTURES: tuple[str, ...] = (MASK_PICTURE, PATCH_PICTURE)
 #: Rows of the before/after table: (key of EvaluationResult.to_dict(), label, higher is better).
 TABLE_ROWS: tuple[tuple[str, str, bool], ...] = (
     ("clean_accuracy", "clean accuracy", True),
@@ -80,6 +87,14 @@ def page_links(folder: Path, data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def page_pictures(folder: Path, data: dict[str, Any]) -> dict[str, str]:
+    """The artifact pictures that ``data`` lists and ``folder`` holds, as ``data:`` URIs by file name."""
+    from spray.report.plots import data_uri
+
+    listed = ((data.get("evaluation_set") or {}).get("attack") or {}).get("pictures") or []
+    return {name: data_uri((folder / name).read_bytes()) for name in PICTURES if name in listed and (folder / name).is_file()}
+
+
 def write_correction_files(data: dict[str, Any], folder: str | os.PathLike[str], job: str = "") -> tuple[Path, Path]:
     """Write ``report.json`` (``data``) and ``index.html`` into ``folder``; return their paths."""
     folder = Path(folder).resolve()
@@ -91,6 +106,7 @@ def write_correction_files(data: dict[str, Any], folder: str | os.PathLike[str],
         data=data,
         rows=table_rows(data["before"], data["after"]),
         links=page_links(folder, data),
+        pictures=page_pictures(folder, data),
     )
     page = folder / PAGE_FILE
     write_text_atomic(page, html)

@@ -3,7 +3,8 @@
 :func:`correct_model` works on any model and data in memory; :func:`correct_demo` loads the
 demo data and model of a job spec exactly as the audit does (same generator seed, same
 cached weights under ``<output>/<job>/stages/model``) and writes its results under
-``<output>/<job>/correction/<method>/``.
+``<output>/<job>/correction/<method>/``; :func:`spray.correction.user.correct_user` does the
+same for a job's own data and model.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,9 @@ class CorrectionConfig:
         rr_max_samples: fine-tune RR-ClArC on a random subset of at most this many training
             samples (None: all), to bound its time on large sets.
         test_size: held-out share for the CAV's detection AUC.
+        held_out: share of each class of a user job's audited samples held out (seeded, stratified)
+            for the before/after evaluation; the CAV, the detector and fine-tuning see the rest
+            (see :mod:`spray.correction.user`; the demo has its own test split).
         relevance_samples: attacked images explained for the artifact-relevance share (0 skips).
         seed: random state of every random choice.
         torchscript: also export a TorchScript file.
@@ -99,6 +103,7 @@ class CorrectionConfig:
     rr_target: str = "predicted"
     rr_max_samples: int | None = None
     test_size: float = 0.25
+    held_out: float = 0.25
     relevance_samples: int = 64
     seed: int = 0
     torchscript: bool = True
@@ -120,6 +125,7 @@ class CorrectionConfig:
             ("rr_learning_rate", 0 < self.rr_learning_rate < math.inf, "a positive finite number"),
             ("rr_max_samples", self.rr_max_samples is None or self.rr_max_samples >= 1, "at least 1"),
             ("test_size", 0.0 < self.test_size < 1.0, "in (0, 1)"),
+            ("held_out", 0.0 < self.held_out < 1.0, "in (0, 1)"),
             ("relevance_samples", self.relevance_samples >= 0, "at least 0"),
         )
         for key, valid, wanted in ranges:
@@ -140,7 +146,11 @@ def job_config(spec: Any, **overrides: Any) -> CorrectionConfig:
 @dataclass
 class CorrectionReport:
     """The outcome of one correction: the CAV, before/after rows, recovered share, timings, files
-    and, after :func:`correct_demo`'s re-audit, its outcome (``reaudit``, see :mod:`spray.correction.reaudit`)."""
+    and, after :func:`correct_demo`'s re-audit, its outcome (``reaudit``, see :mod:`spray.correction.reaudit`).
+
+    ``evaluation_set`` says how a user job's evaluation data were made (held-out split,
+    attacked set, artifact mask; see :mod:`spray.correction.user`); None for the demo.
+    """
 
     method: str
     config: CorrectionConfig
@@ -156,6 +166,7 @@ class CorrectionReport:
     detector_auc: float | None = None
     threshold: float | None = None
     reaudit: dict[str, Any] | None = None
+    evaluation_set: dict[str, Any] | None = None
 
     def table(self) -> str:
         """The before/after table as plain text."""
@@ -181,6 +192,7 @@ class CorrectionReport:
             "history": None if self.history is None else asdict(self.history),
             "files": None if self.export is None else {k: (None if v is None else str(v)) for k, v in asdict(self.export).items()},
             "reaudit": self.reaudit,
+            "evaluation_set": self.evaluation_set,
         }
 
 
@@ -253,6 +265,9 @@ def correct_model(
     before: EvaluationResult | None = None,
     cav: CAV | None = None,
     job: str = "",
+    composite: str = "epsilon_plus_flat",
+    canonizers: Sequence[str] = ("merge_batchnorm",),
+    evaluation_set: dict[str, Any] | None = None,
 ) -> CorrectionReport:
     """Correct ``model`` for the artifact carried by ``train_images[artifact_rows]`` and evaluate it.
 
@@ -270,6 +285,8 @@ def correct_model(
         before: the original model's evaluation, when already computed (saves time).
         cav: a CAV to use instead of fitting one.
         job: the job's name, for the page's title.
+        composite, canonizers: the LRP rules of the artifact-relevance share (the audit's).
+        evaluation_set: how the test and attacked data were made, recorded in the report.
     """
     config = config or CorrectionConfig()
     seconds: dict[str, float] = {}
@@ -287,6 +304,7 @@ def correct_model(
         return evaluate(
             candidate, test_images, test_labels, cav.class_id, stamp, mask=mask, name=name,
             relevance_samples=config.relevance_samples, random_state=config.seed,
+            composite=composite, canonizers=canonizers,
         )
 
     start = time.perf_counter()
@@ -307,7 +325,7 @@ def correct_model(
         method=config.method, config=config, cav=cav, before=before, after=after,
         recovered=recovered_share(before, after), clean_change=after.clean_accuracy - before.clean_accuracy,
         seconds=seconds, model=corrected, history=facts.get("history"),
-        detector_auc=facts.get("detector_auc"), threshold=facts.get("threshold"),
+        detector_auc=facts.get("detector_auc"), threshold=facts.get("threshold"), evaluation_set=evaluation_set,
     )
     if output_dir is not None:
         start = time.perf_counter()
@@ -422,11 +440,11 @@ def correct_demo(
         report.reaudit = run_reaudit(spec, inputs.model, report.model, original, folder / REAUDIT_FOLDER, progress=progress)
         report.seconds["reaudit"] = report.reaudit["seconds"]
         write_correction_files(report.to_dict(), folder, spec.job.name)
-    _refresh_index(spec.output_dir.parent)
+    refresh_index(spec.output_dir.parent)
     return report
 
 
-def _refresh_index(root: Path) -> None:
+def refresh_index(root: Path) -> None:
     """Write the reports index above the job's folder again, so that it lists the correction (a warning if it cannot)."""
     from spray.report.index import write_index
 

@@ -3,14 +3,20 @@
 A source is anything with ``len()``, ``class_names``, ``sample_ids``, ``labels`` and
 ``read(rows)``; rows are integers in ``0..len-1``. ``H5Source`` reads the ViRelAy input
 layout (``data`` N×C×H×W, ``label`` N) that spray also writes for the demo.
+
+A file-backed source also has ``recipe()``: a small picklable ``SourceRecipe`` (its class
+and constructor arguments, paths rather than pixels) with which a Dask worker opens the
+same dataset itself (``[cluster] write = "workers"``). In-memory sources have none.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import h5py
 import numpy as np
@@ -30,6 +36,61 @@ class DataSource(Protocol):
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Images (len(rows), C, H, W) float32 for ascending ``rows``."""
         ...
+
+
+class SourceReopenError(ValueError):
+    """A source's recipe did not give back the same dataset in another process."""
+
+
+def source_identity(source: DataSource) -> str:
+    """Hash of a source's sample ids, labels and class names: what a reopened copy must match."""
+    digest = hashlib.sha256(json.dumps([list(source.sample_ids), list(source.class_names)]).encode())
+    digest.update(np.asarray(source.labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SourceRecipe:
+    """How to open a file-backed source again in another process: its class and arguments.
+
+    Small, hashable and picklable (it names files, not their contents), so it can travel to
+    every Dask worker and key a per-worker cache. ``identity`` is ``source_identity`` of the
+    source it describes: ``open`` checks the reopened copy against it, so a worker that sees
+    other files (or none) fails with the path named instead of writing wrong rows.
+    """
+
+    factory: Callable[..., Any]
+    args: tuple[Any, ...]
+    identity: str
+
+    def open(self) -> DataSource:
+        """The described source, opened here; ``SourceReopenError`` when it cannot be, or differs."""
+        where = self.args[0] if self.args else self.factory
+        try:
+            source = self.factory(*self.args)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise SourceReopenError(
+                f"{where}: cannot open the dataset on this Dask worker ({error}); with [cluster] write = 'workers' "
+                "the data must be on a filesystem every worker sees, or use write = 'client'."
+            ) from error
+        if source_identity(source) != self.identity:
+            raise SourceReopenError(
+                f"{where}: a Dask worker sees other samples (ids, labels or class names) than this process; give every "
+                "worker the same copy of the data, or use [cluster] write = 'client'."
+            )
+        return source
+
+
+def file_recipe(source: Any) -> SourceRecipe:
+    """The recipe of a source built as ``type(source)(path, class_names)`` from one file."""
+    return SourceRecipe(type(source), (Path(source.path).resolve(), tuple(source.class_names)), source_identity(source))
+
+
+@runtime_checkable
+class ReopenableSource(DataSource, Protocol):
+    """A source that a Dask worker can open by itself from ``recipe()``."""
+
+    def recipe(self) -> SourceRecipe: ...
 
 
 @dataclass
@@ -60,7 +121,7 @@ def write_input_h5(path: Path, images: np.ndarray, labels: np.ndarray, sample_id
 class H5Source:
     """A dataset stored in the ViRelAy input layout; images are read lazily per batch."""
 
-    def __init__(self, path: Path, class_names: list[str] | None = None) -> None:
+    def __init__(self, path: Path, class_names: Sequence[str] | None = None) -> None:
         self.path = Path(path)
         try:
             self._file = h5py.File(self.path, "r")
@@ -90,6 +151,10 @@ class H5Source:
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         return np.asarray(self._data[np.asarray(rows)], dtype=np.float32)
+
+    def recipe(self) -> SourceRecipe:
+        """Reopen this file (by its absolute path) with the same class names."""
+        return file_recipe(self)
 
     def close(self) -> None:
         self._file.close()

@@ -11,14 +11,14 @@ import hashlib
 import importlib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from spray.data.source import H5Source
+from spray.data.source import H5Source, SourceRecipe, file_recipe, source_identity
 from spray.store.common import StoreError
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class FolderSource:
     ``strict``), so one broken file does not stop an audit of a million.
     """
 
-    def __init__(self, root: Path, preprocessing: ImagePreprocessing = ImagePreprocessing(), strict: bool = False, class_names: list[str] | None = None) -> None:
+    def __init__(self, root: Path, preprocessing: ImagePreprocessing = ImagePreprocessing(), strict: bool = False, class_names: Sequence[str] | None = None) -> None:
         from PIL import Image
 
         self.root = Path(root)
@@ -72,6 +72,7 @@ class FolderSource:
         if len(self.class_names) != len(folders):
             raise DataSourceError(f"{self.root}: {len(folders)} class folders but {len(self.class_names)} class names given.")
         self.preprocessing = preprocessing
+        self.strict = strict
         self.files: list[Path] = []
         labels: list[int] = []
         self.skipped: list[tuple[str, str]] = []
@@ -118,6 +119,11 @@ class FolderSource:
             raise DataSourceError(f"{self.root}: images of different sizes {sorted(shapes)}; set data.resize (and data.crop) in the job spec.")
         return np.stack(images)
 
+    def recipe(self) -> SourceRecipe:
+        """Scan the same folder again (absolute path) with the same preprocessing, strictness and class names."""
+        args = (self.root.resolve(), self.preprocessing, self.strict, tuple(self.class_names))
+        return SourceRecipe(type(self), args, source_identity(self))
+
     def fingerprint(self) -> str:
         """Hash of every file's relative path, size and modification time (changes when any file does)."""
         digest = hashlib.sha256()
@@ -130,7 +136,7 @@ class FolderSource:
 class ArrayFileSource:
     """Images held in memory from an ``.npz`` file (``data`` or ``images``; ``label`` or ``labels``)."""
 
-    def __init__(self, path: Path, class_names: list[str] | None = None) -> None:
+    def __init__(self, path: Path, class_names: Sequence[str] | None = None) -> None:
         self.path = Path(path)
         try:
             archive = np.load(self.path, allow_pickle=False)
@@ -155,6 +161,10 @@ class ArrayFileSource:
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         return self.images[np.asarray(rows)]
+
+    def recipe(self) -> SourceRecipe:
+        """Load the same ``.npz`` file again (absolute path) with the same class names."""
+        return file_recipe(self)
 
     def fingerprint(self) -> str:
         return file_hash(self.path)
@@ -201,7 +211,7 @@ class DatasetSource:
         return digest.hexdigest()[:16]
 
 
-def checked_class_names(labels: np.ndarray, class_names: list[str] | None, path: Path) -> list[str]:
+def checked_class_names(labels: np.ndarray, class_names: Sequence[str] | None, path: Path) -> list[str]:
     """The class names for ``labels`` (given, or '0'..'K-1'); errors for empty data and bad labels."""
     if len(labels) == 0:
         raise DataSourceError(f"{path}: the dataset holds no samples.")

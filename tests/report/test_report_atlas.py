@@ -144,3 +144,41 @@ def test_model_input_is_applied_before_the_model(report_context: ReportContext, 
     assert seen and 0.0 <= seen[0][0] and seen[0][1] <= 1.0  # display images went in
     picture = atlas[0].concepts[0].references[0]
     assert 0.0 <= picture.image.min() and picture.image.max() <= 1.0  # display pixels came out
+
+
+def test_the_fast_conditional_explainer_gives_the_same_atlas(atlas_inputs: dict, report_context: ReportContext) -> None:
+    """The audit builds the atlas with spray's fast CRP engine; its pictures must be those of
+    zennit's hooks (same channels, references, crops and conditional heatmaps)."""
+    from spray.attribution.crp import FastConditionalExplainer, make_conditional_explainer
+
+    torch.manual_seed(0)
+    model = DemoNet(3, width=4).eval()
+    labels = np.asarray(report_context.labels)
+    source = ArraySource(atlas_inputs["images"], labels, report_context.sample_ids, report_context.class_names)
+    attributions = SimpleNamespace(
+        concepts={LAYER: atlas_inputs["concepts"]}, targets=labels, sample_ids=report_context.sample_ids,
+    )
+    conditional = make_conditional_explainer(model, "epsilon_plus_flat", ("merge_batchnorm",), LAYER)
+    assert isinstance(conditional, FastConditionalExplainer)
+    fast = build_concept_atlas(
+        model, None, source, attributions, report_context.analyses, LAYER,
+        AtlasSettings(n_concepts=3, n_references=4, display_side=16), conditional=conditional,
+    )
+    reference = atlas_inputs["atlas"]
+    assert [(a.class_index, a.cluster_id) for a in fast] == [(a.class_index, a.cluster_id) for a in reference]
+    for mine, theirs in zip(fast, reference):
+        assert [c.channel for c in mine.concepts] == [c.channel for c in theirs.concepts]
+        for c_mine, c_theirs in zip(mine.concepts, theirs.concepts):
+            for p_mine, p_theirs in zip([c_mine.representative, *c_mine.references], [c_theirs.representative, *c_theirs.references]):
+                assert (p_mine.row, p_mine.box) == (p_theirs.row, p_theirs.box)
+                scale = max(float(np.abs(p_theirs.heatmap).max()), 1e-12)
+                assert np.abs(p_mine.heatmap - p_theirs.heatmap).max() / scale < 1e-4
+
+
+def test_an_atlas_needs_a_composite_or_an_explainer(atlas_inputs: dict, report_context: ReportContext) -> None:
+    with pytest.raises(ValueError, match="composite or a conditional explainer"):
+        build_concept_atlas(
+            DemoNet(3, width=4).eval(), None, None, SimpleNamespace(concepts={LAYER: atlas_inputs["concepts"]},
+                                                                   targets=np.asarray(report_context.labels), sample_ids=report_context.sample_ids),
+            report_context.analyses, LAYER,
+        )

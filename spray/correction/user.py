@@ -1,0 +1,428 @@
+"""Correction of a job's own model (torchvision, entry point, pickle) on the data it was audited on.
+
+:func:`correct_user` is what ``spray correct`` runs for every job whose model is not the
+demo's. Data and model are opened exactly as the audit opens them
+(:func:`spray.audit.open_data`, :func:`spray.audit.open_model`), and the corrected flag's
+member rows come from the audit's ``summary.json``.
+
+**Held-out split.** The audited samples are split once, deterministically (``config.seed``)
+and stratified by class: ``config.held_out`` of each class (default 25%) is held out for the
+before/after evaluation; the CAV, the detector, the cut-out artifact and RR-ClArC's
+fine-tuning only see the rest. Flagged members that fall in the held-out part are left out
+of every fit (their number is recorded).
+
+**Attacked set.** The artifact is stamped on the held-out images of the other classes:
+
+* with ``[correct] stamp = "module:function"`` (or ``"file.py:function"``, relative to the job
+  file), by that function: it takes and returns an (N, C, H, W) float array in [0, 1]
+  (display images, before the model's normalisation). Its artifact mask is the pixels it
+  changes in at least half of the held-out images it was tried on;
+* without one, by pasting the artifact *cut out* of the flagged members. The mask rule
+  (:func:`cutout_mask`): each fitting sample's positive relevance is sum-pooled to the
+  analysis grid (``[analysis] pooled_size``) and scaled to sum 1; the cells where the flagged
+  members' mean exceeds the mean of the rest of their class by at least
+  :data:`MASK_RELATIVE` of the largest excess form candidate regions, of which the
+  4-connected one holding the largest excess is kept and upsampled to image size. The patch
+  is the members' pixel-wise median inside the mask (:func:`cutout_patch`). The mask has the
+  grid's resolution: an artifact that straddles cell borders is covered by whole cells (the
+  patch then carries a rim of the members' median background).
+
+The mask also delimits the artifact's share of relevance in the evaluation. How the attacked
+set was made is recorded under ``evaluation_set`` in ``report.json`` and shown on the page,
+with pictures of the mask and the patch for a cut-out (``artifact_mask.png``,
+``artifact_patch.png`` beside the page).
+
+**Input space.** Sources yield display images in [0, 1]; the model sees them normalised with
+``[data] mean``/``std``. The correction works on the normalised images (so the exported model
+takes the same input as the audited one); stamping happens on display images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from spray.correction.errors import CorrectionError
+from spray.correction.evaluate import Stamp
+from spray.correction.page import MASK_PICTURE, PATCH_PICTURE
+from spray.correction.run import CorrectionConfig, CorrectionReport, correct_model, refresh_index
+from spray.jobs import JobSpec
+
+#: A cell belongs to the cut-out mask when the members' excess relevance reaches this share of the largest excess.
+MASK_RELATIVE = 0.5
+#: A stamp-function pixel belongs to its mask when the function changes it in at least this share of images.
+STAMP_MASK_SHARE = 0.5
+#: Samples of the rest of the class whose heatmaps the cut-out mask is compared with, at most.
+MAX_REFERENCE_HEATMAPS = 2000
+#: Held-out images a stamp function is tried on to find its mask.
+STAMP_PROBE_IMAGES = 64
+#: Shortest side of the mask and patch pictures on the page (nearest-neighbour upscaling).
+PICTURE_SIDE = 96
+#: Images read from the source at once.
+READ_BATCH = 256
+
+
+def held_out_split(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fitting rows, held-out rows), both sorted: ``round(share * n)`` rows of each class held out.
+
+    Seeded and stratified, so every class is in both parts (a class of one sample stays
+    in the fitting part) and the same job always gets the same split.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    held: list[np.ndarray] = []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        n_held = min(len(rows) - 1, int(round(share * len(rows))))
+        held.append(rng.permutation(rows)[: max(n_held, 0)])
+    held_rows = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+    return np.setdiff1d(np.arange(len(labels)), held_rows), held_rows
+
+
+@dataclass(frozen=True)
+class InputSpace:
+    """Display images in [0, 1] <-> the model's input (normalised with ``mean``/``std`` when given)."""
+
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def _stats(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        shape = (1, -1) + (1,) * (images.ndim - 2)
+        return np.asarray(self.mean, np.float32).reshape(shape), np.asarray(self.std, np.float32).reshape(shape)
+
+    def to_model(self, images: np.ndarray) -> np.ndarray:
+        """The model's input for display ``images`` (float32)."""
+        images = np.asarray(images, dtype=np.float32)
+        if not self.mean:
+            return images
+        mean, std = self._stats(images)
+        return ((images - mean) / std).astype(np.float32)
+
+    def to_display(self, inputs: np.ndarray) -> np.ndarray:
+        """Display images for model ``inputs``, clipped to [0, 1] against rounding."""
+        inputs = np.asarray(inputs, dtype=np.float32)
+        if not self.mean:
+            return inputs
+        mean, std = self._stats(inputs)
+        return np.clip(inputs * std + mean, 0.0, 1.0).astype(np.float32)
+
+    def stamp_inputs(self, stamp: Stamp) -> Stamp:
+        """``stamp`` (on display images) as a stamp on model inputs."""
+        return lambda inputs: self.to_model(stamp(self.to_display(inputs)))
+
+
+def checked_stamp(function: Callable[..., Any], name: str) -> Stamp:
+    """``function`` with its output checked: an (N, C, H, W) float array like its input, finite, in [0, 1]."""
+    fix = f"[correct] stamp {name!r} must take and return an (N, C, H, W) float array in [0, 1] (display images)"
+
+    def stamp(images: np.ndarray) -> np.ndarray:
+        result = np.asarray(function(np.array(images, dtype=np.float32, copy=True)))
+        if result.shape != images.shape:
+            raise CorrectionError(f"{fix}; given shape {images.shape} it returned shape {result.shape}.")
+        if not np.issubdtype(result.dtype, np.floating) or not np.isfinite(result).all():
+            raise CorrectionError(f"{fix}; it returned {result.dtype} values that are not all finite floats.")
+        if result.min() < -1e-6 or result.max() > 1 + 1e-6:
+            raise CorrectionError(f"{fix}; it returned values in [{result.min():.3g}, {result.max():.3g}].")
+        return np.clip(result, 0.0, 1.0).astype(np.float32)
+
+    return stamp
+
+
+def load_stamp(spec: JobSpec) -> Stamp | None:
+    """The job's ``[correct] stamp`` entry point, checked (see :func:`checked_stamp`), or None when unset."""
+    from spray.data.sources import DataSourceError, load_entry_point
+
+    name = spec.correct.stamp
+    if not name:
+        return None
+    try:
+        function = load_entry_point(name, spec.base_dir)
+    except DataSourceError as error:
+        raise CorrectionError(f"[correct] stamp: {error} Fix the entry point or remove the key to cut the artifact out of the flagged samples.") from error
+    return checked_stamp(function, name)
+
+
+def _pixel_bins(length: int, bins: int) -> np.ndarray:
+    """For each pixel along an axis of ``length``, the pooled cell it falls in (``bins`` cells)."""
+    return np.minimum((np.arange(length) * bins) // length, bins - 1)
+
+
+def _mean_share_map(heatmaps: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Mean over samples of the positive relevance, sum-pooled to ``grid`` and scaled to sum 1 per sample."""
+    from spray.analysis.preprocess import sum_pool
+
+    if len(heatmaps) == 0:
+        return np.zeros(grid)
+    pooled = sum_pool(np.clip(np.asarray(heatmaps, np.float64), 0.0, None), grid)
+    totals = pooled.sum(axis=(1, 2), keepdims=True)
+    return (pooled / np.where(totals > 0, totals, 1.0)).mean(axis=0)
+
+
+def cutout_mask(members: np.ndarray, rest: np.ndarray, pooled_size: int) -> np.ndarray:
+    """Boolean (H, W) mask of the artifact: where the members' heatmaps (N, H, W) exceed the rest of the class's.
+
+    See the module docstring for the rule. Raises :class:`CorrectionError` when the members'
+    relevance exceeds the class's nowhere (nothing to cut out).
+    """
+    from scipy import ndimage
+
+    from spray.analysis.preprocess import pooled_shape
+
+    height, width = members.shape[1:]
+    grid = pooled_shape(height, width, (pooled_size, pooled_size))
+    excess = _mean_share_map(members, grid) - _mean_share_map(rest, grid)
+    if not excess.max() > 0:
+        raise CorrectionError(
+            "the flagged cluster's relevance exceeds the rest of its class nowhere, so no artifact can be cut out; "
+            "give the job's stamping function as [correct] stamp = \"module:function\"."
+        )
+    regions, _ = ndimage.label(excess >= MASK_RELATIVE * excess.max())
+    top = regions == regions[np.unravel_index(np.argmax(excess), excess.shape)]
+    return top[np.ix_(_pixel_bins(height, grid[0]), _pixel_bins(width, grid[1]))]
+
+
+def cutout_patch(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(C, H, W) patch: the pixel-wise median of display ``images`` (N, C, H, W) inside ``mask``, 0 outside."""
+    patch = np.zeros(images.shape[1:], dtype=np.float32)
+    patch[:, mask] = np.median(np.asarray(images)[:, :, mask], axis=0)
+    return patch
+
+
+def paste(patch: np.ndarray, mask: np.ndarray) -> Stamp:
+    """A stamp that pastes ``patch`` inside ``mask`` onto display images."""
+
+    def stamp(images: np.ndarray) -> np.ndarray:
+        stamped = np.array(images, dtype=np.float32, copy=True)
+        stamped[:, :, mask] = patch[:, mask][None]
+        return stamped
+
+    return stamp
+
+
+def stamp_mask(stamp: Stamp, images: np.ndarray) -> np.ndarray:
+    """Pixels (H, W) that ``stamp`` changes in at least :data:`STAMP_MASK_SHARE` of display ``images``."""
+    changed = np.abs(stamp(images) - images).max(axis=1) > 1e-6
+    return changed.mean(axis=0) >= STAMP_MASK_SHARE
+
+
+def _bounding_box(mask: np.ndarray) -> list[int] | None:
+    """[top, left, bottom, right] (inclusive) of ``mask``'s pixels, or None when it is empty."""
+    rows, cols = np.nonzero(mask)
+    return None if rows.size == 0 else [int(rows.min()), int(cols.min()), int(rows.max()), int(cols.max())]
+
+
+@dataclass
+class AttackSet:
+    """How the artifact is put on the held-out images: the stamp (display images), its mask, the facts for report.json."""
+
+    stamp: Stamp
+    mask: np.ndarray | None
+    facts: dict[str, Any]
+    patch: np.ndarray | None = field(default=None, repr=False)
+
+
+def _read_heatmaps(spec: JobSpec, rows: np.ndarray, n_samples: int) -> np.ndarray:
+    """The audit's heatmaps (len(rows), H, W) of ascending unique ``rows`` from ``stages/attributions.h5``.
+
+    ``n_samples``: how many samples the data hold now; a file of another size is from other data.
+    """
+    from spray.store.attributions import read_attributions
+
+    path = spec.output_dir / "stages" / "attributions.h5"
+    if not path.is_file():
+        raise CorrectionError(f"{path} not found; run 'spray audit' on the job first.")
+    with read_attributions(path) as attributions:
+        if len(attributions.labels) != n_samples:
+            raise CorrectionError(f"{path} holds {len(attributions.labels)} samples but the data {n_samples}; run 'spray audit' on the job again.")
+        if len(rows) == 0:
+            return np.zeros((0, *attributions.heatmaps.shape[1:]), dtype=np.float32)
+        return np.asarray(attributions.heatmaps[np.asarray(rows)], dtype=np.float32)
+
+
+def cutout_attack(spec: JobSpec, display: np.ndarray, labels: np.ndarray, fit_rows: np.ndarray, members: np.ndarray, class_id: int) -> AttackSet:
+    """The artifact cut out of the fitting ``members`` (rows of ``display``) and pasted (see the module docstring)."""
+    rest = np.setdiff1d(fit_rows[labels[fit_rows] == class_id], members)
+    if len(rest) > MAX_REFERENCE_HEATMAPS:
+        rest = np.sort(np.random.default_rng(spec.job.seed).choice(rest, MAX_REFERENCE_HEATMAPS, replace=False))
+    mask = cutout_mask(_read_heatmaps(spec, members, len(labels)), _read_heatmaps(spec, rest, len(labels)), spec.analysis.pooled_size)
+    patch = cutout_patch(display[members], mask)
+    facts = {
+        "kind": "cut-out",
+        "description": "the flagged members' median pixels inside the mask, pasted on the held-out images of the other classes",
+        "mask_rule": f"pooled cells ({spec.analysis.pooled_size}-grid) where the members' mean relevance share exceeds the rest of "
+        f"the class's by at least {MASK_RELATIVE:.0%} of the largest excess; the connected region of the largest excess",
+        "n_members": int(len(members)),
+        "n_reference": int(len(rest)),
+    }
+    return AttackSet(paste(patch, mask), mask, facts, patch)
+
+
+def function_attack(spec: JobSpec, stamp: Stamp, probe: np.ndarray) -> AttackSet:
+    """The job's stamping function, tried on ``probe`` images now (a bad function fails before any fitting)."""
+    mask = stamp_mask(stamp, probe)
+    facts = {
+        "kind": "stamp",
+        "description": f"the job's stamping function {spec.correct.stamp} applied to the held-out images of the other classes",
+        "mask_rule": f"pixels the function changes in at least {STAMP_MASK_SHARE:.0%} of {len(probe)} held-out images",
+    }
+    return AttackSet(stamp, mask if mask.any() else None, facts)
+
+
+def _describe_mask(attack: AttackSet) -> None:
+    """Add the mask's size and bounding box to the attack's facts."""
+    mask = attack.mask
+    attack.facts["mask_pixels"] = None if mask is None else int(mask.sum())
+    attack.facts["mask_box"] = None if mask is None else _bounding_box(mask)
+
+
+def write_pictures(attack: AttackSet, folder: Path) -> list[str]:
+    """Write the mask (white on black) and the patch (on grey) as PNGs into ``folder``; return their names."""
+    from spray.report.plots import rgba_png
+
+    if attack.mask is None or attack.patch is None:
+        return []
+    scale = max(1, -(-PICTURE_SIDE // min(attack.mask.shape)))
+    mask = np.repeat(attack.mask[:, :, None].astype(np.float32), 3, axis=2)
+    patch = np.where(attack.mask[None], attack.patch, 0.5).transpose(1, 2, 0)
+    patch = np.repeat(patch, 3, axis=2) if patch.shape[2] == 1 else patch[:, :, :3]
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, picture in ((MASK_PICTURE, mask), (PATCH_PICTURE, patch)):
+        big = np.kron(picture, np.ones((scale, scale, 1), np.float32))
+        (folder / name).write_bytes(rgba_png(big))
+    return [MASK_PICTURE, PATCH_PICTURE]
+
+
+def default_layer(model: nn.Module, candidates: tuple[str, ...]) -> str:
+    """The last of ``candidates`` (the audit's concept layers) at which the model can be cut for ClArC."""
+    from spray.correction.clarc import split_model
+
+    for layer in reversed(candidates):
+        try:
+            split_model(model, layer)
+        except CorrectionError:
+            continue
+        return layer
+    raise CorrectionError(
+        f"none of the audit's concept layers {list(candidates)} is a point where the model can be cut for ClArC; "
+        "set [correct] layer (or spray correct --layer) to a layer whose output is all the later layers see."
+    )
+
+
+def read_images(source: Any) -> np.ndarray:
+    """Every display image (N, C, H, W) of ``source``, read in batches."""
+    rows = np.arange(len(source))
+    return np.concatenate([source.read(rows[start : start + READ_BATCH]) for start in range(0, len(rows), READ_BATCH)])
+
+
+@dataclass
+class UserData:
+    """The audited samples and model of a job, as :func:`correct_user` uses them."""
+
+    model: nn.Module
+    display: np.ndarray
+    labels: np.ndarray
+    n_classes: int
+    space: InputSpace
+    composite: str
+    canonizers: tuple[str, ...]
+    layers: tuple[str, ...]
+
+
+def load_user(spec: JobSpec) -> UserData:
+    """Data and model of job ``spec`` exactly as ``spray audit`` opens them, with the audit's attribution settings."""
+    from spray.audit import attribution_settings, open_data, open_model
+
+    stages = spec.output_dir / "stages"
+    data = open_data(spec, stages)
+    try:
+        model, _ = open_model(spec, data, stages)
+        display, labels = read_images(data.source), np.asarray(data.source.labels)
+        n_classes = len(data.source.class_names)
+    finally:
+        if hasattr(data.source, "close"):
+            data.source.close()
+    settings = attribution_settings(spec, model)
+    # The relevance share explains with the audit's rules; epsilon_gamma_box would also need the
+    # input range, which the evaluation does not pass, so it is measured with epsilon_plus_flat.
+    composite = "epsilon_plus_flat" if settings.composite == "epsilon_gamma_box" else settings.composite
+    return UserData(
+        model=model.eval(), display=display, labels=labels, n_classes=n_classes, space=InputSpace(settings.mean, settings.std),
+        composite=composite, canonizers=settings.canonizers, layers=settings.layers,
+    )
+
+
+def _attack_set(spec: JobSpec, data: UserData, fit_rows: np.ndarray, test_rows: np.ndarray, members: np.ndarray, class_id: int) -> AttackSet:
+    """The job's stamp when ``[correct] stamp`` names one, else the cut-out artifact; with its mask described."""
+    stamp = load_stamp(spec)
+    if stamp is None:
+        attack = cutout_attack(spec, data.display, data.labels, fit_rows, members, class_id)
+    else:
+        others = test_rows[data.labels[test_rows] != class_id][:STAMP_PROBE_IMAGES]
+        if len(others) == 0:
+            raise CorrectionError("the held-out part holds no image of another class to stamp; raise [correct] held_out.")
+        attack = function_attack(spec, stamp, data.display[others])
+    _describe_mask(attack)
+    return attack
+
+
+def correct_user(
+    spec: JobSpec,
+    flag: dict[str, Any],
+    config: CorrectionConfig | None = None,
+    *,
+    choose_layer: bool = False,
+    reaudit: bool = True,
+    progress: bool = False,
+) -> CorrectionReport:
+    """Correct the model of job ``spec`` for ``flag`` (an entry of its ``summary.json`` flags) and evaluate it.
+
+    See the module docstring for the split, the attacked set and the input space.
+    ``choose_layer``: the CAV layer was not given, so take :func:`default_layer` of the audit's
+    concept layers. Results go to ``<output>/<job>/correction/<method>/`` as for the demo:
+    the export, ``report.json``, ``index.html`` and (``reaudit``) the re-audit of the corrected
+    model on every audited sample in ``reaudit/``.
+    """
+    from spray.correction.page import write_correction_files
+    from spray.correction.reaudit import REAUDIT_FOLDER, run_reaudit
+
+    config = config or CorrectionConfig()
+    data = load_user(spec)
+    if choose_layer:
+        config = dataclasses.replace(config, layer=default_layer(data.model, data.layers))
+    class_id = int(flag["class_index"])
+    members = np.unique(np.asarray(flag["member_rows"], dtype=np.int64))
+    if members.size and (members.min() < 0 or members.max() >= len(data.labels)):
+        raise CorrectionError(f"the flag's member rows reach {int(members.max())}, but the data hold {len(data.labels)} samples; audit the job again.")
+    fit_rows, test_rows = held_out_split(data.labels, config.held_out, config.seed)
+    fit_members = np.intersect1d(members, fit_rows)
+    if fit_members.size == 0:
+        raise CorrectionError(f"none of the flag's {members.size} member(s) falls outside the held-out part; lower [correct] held_out.")
+    folder = spec.output_dir / "correction" / config.method
+    attack = _attack_set(spec, data, fit_rows, test_rows, fit_members, class_id)
+    attack.facts["pictures"] = write_pictures(attack, folder)
+    evaluation_set = {
+        "held_out": {
+            "share": config.held_out, "seed": config.seed, "n_fit": int(len(fit_rows)), "n_held_out": int(len(test_rows)),
+            "n_flagged": int(len(members)), "n_flagged_held_out": int(len(members) - len(fit_members)),
+        },
+        "attack": attack.facts,
+    }
+    images = data.space.to_model(data.display)
+    report = correct_model(
+        data.model, images[fit_rows], data.labels[fit_rows], images[test_rows], data.labels[test_rows],
+        np.searchsorted(fit_rows, fit_members), stamp=data.space.stamp_inputs(attack.stamp), mask=attack.mask,
+        config=config, output_dir=folder, n_classes=data.n_classes, class_id=class_id, job=spec.job.name,
+        composite=data.composite, canonizers=data.canonizers, evaluation_set=evaluation_set,
+    )
+    if reaudit:
+        report.reaudit = run_reaudit(spec, data.model, report.model, flag, folder / REAUDIT_FOLDER, progress=progress)
+        report.seconds["reaudit"] = report.reaudit["seconds"]
+        write_correction_files(report.to_dict(), folder, spec.job.name)
+    refresh_index(spec.output_dir.parent)
+    return report

@@ -1,0 +1,254 @@
+"""``spray correct`` on a user job: an npz dataset with a planted corner patch on one class and an
+entry-point model trained on it in under a second, audited once per module."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import spray.correction.run as correction_run
+from spray.audit import run_audit
+from spray.cli import EXIT_ERROR, EXIT_OK, main
+from spray.correction import CorrectionConfig, CorrectionError
+from spray.correction.user import correct_user, cutout_mask, held_out_split
+from spray.jobs import load_job
+
+MODEL_PY = '''
+import torch
+from torch import nn
+
+def build(num_classes):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, num_classes),
+    )
+'''
+STAMP_PY = '''
+import numpy as np
+
+def stamp(images):
+    out = np.array(images, copy=True)
+    out[:, 0, 2:6, 2:6] = 1.0
+    out[:, 1, 2:6, 2:6] = 0.0
+    out[:, 2, 2:6, 2:6] = 1.0
+    return out
+
+def wrong_shape(images):
+    return images[:, :, :8, :8]
+'''
+SIDE = 16
+PATCH = (slice(2, 6), slice(2, 6))  # on the 2x2 cells of the 8-grid the analysis pools to
+N_PER_CLASS = 200
+N_CARRIERS = 80
+CLASS_NAMES = ["plain", "tagged <i>"]
+JOB = f'''[job]
+name = "user"
+output = "out"
+
+[data]
+source = "npz"
+path = "data.npz"
+class_names = {json.dumps(CLASS_NAMES)}
+mean = [0.4, 0.4, 0.4]
+std = [0.2, 0.2, 0.2]
+
+[model]
+source = "entrypoint"
+entrypoint = "model.py:build"
+weights = "weights.pt"
+
+[attribution]
+layers = ["4"]
+
+[analysis]
+spaces = ["heatmap"]
+embedding = "spectral"
+pooled_size = 8
+'''
+
+
+def _stamp(images: np.ndarray) -> np.ndarray:
+    out = np.array(images, copy=True)
+    out[:, :, PATCH[0], PATCH[1]] = np.array([1.0, 0.0, 1.0], np.float32)[:, None, None]
+    return out
+
+
+def _dataset(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Flat-coloured images with a blob (green: class 1, blue: class 0); the first 80 of class 1 carry a magenta patch."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([0, 1], N_PER_CLASS)
+    images = np.repeat(np.repeat(rng.uniform(0.2, 0.6, size=(len(labels), 3, 1, 1)), SIDE, 2), SIDE, 3)
+    yy, xx = np.mgrid[0:SIDE, 0:SIDE]
+    for row, label in enumerate(labels):
+        cy, cx = rng.uniform(7, 9, size=2)
+        images[row, 1 if label else 2, (yy - cy) ** 2 + (xx - cx) ** 2 <= 9] += 0.35
+    images = np.clip(images + rng.normal(0, 0.03, images.shape), 0, 1).astype(np.float32)
+    carriers = np.flatnonzero(labels == 1)[:N_CARRIERS]
+    images[carriers] = _stamp(images[carriers])
+    return images, labels
+
+
+def _train(images: np.ndarray, labels: np.ndarray) -> nn.Module:
+    """The entry-point model, trained for 15 epochs on the normalised images (under a second)."""
+    namespace: dict = {}
+    exec(MODEL_PY, namespace)
+    model = namespace["build"](2)
+    x, y = torch.from_numpy((images - 0.4) / 0.2), torch.from_numpy(labels)
+    optimiser = torch.optim.Adam(model.parameters(), 3e-3)
+    for epoch in range(15):
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+        for start in range(0, len(x), 32):
+            batch = order[start : start + 32]
+            optimiser.zero_grad()
+            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimiser.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def user_job(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The audited job's file; its audit flags the patched samples of class 1 (observed: 80 samples, score 0.888)."""
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    folder = tmp_path_factory.mktemp("user")
+    images, labels = _dataset()
+    np.savez(folder / "data.npz", data=images, label=labels)
+    (folder / "model.py").write_text(MODEL_PY)
+    (folder / "stamp.py").write_text(STAMP_PY)
+    torch.manual_seed(0)
+    torch.save(_train(images, labels).state_dict(), folder / "weights.pt")
+    job = folder / "job.toml"
+    job.write_text(JOB)
+    result = run_audit(load_job(job), progress=False)
+    assert result.summary["flags"], "the planted patch must be flagged for the correction to have work"
+    return job
+
+
+def _job_with(job: Path, name: str, correct: str) -> Path:
+    """A copy of ``job`` (same data, model and output) with a ``[correct]`` section."""
+    path = job.with_name(name)
+    path.write_text(job.read_text() + f"\n[correct]\n{correct}\n")
+    return path
+
+
+def _flag(job: Path) -> dict:
+    return json.loads((load_job(job).output_dir / "summary.json").read_text())["flags"][0]
+
+
+def test_held_out_split_is_seeded_stratified_and_disjoint() -> None:
+    labels = np.repeat([0, 1, 2], [40, 8, 1])
+    fit, held = held_out_split(labels, 0.25, seed=3)
+    assert np.intersect1d(fit, held).size == 0 and np.union1d(fit, held).tolist() == list(range(len(labels)))
+    assert np.bincount(labels[held], minlength=3).tolist() == [10, 2, 0]  # a one-sample class stays in the fit
+    assert np.array_equal(held, held_out_split(labels, 0.25, seed=3)[1])
+    assert not np.array_equal(held, held_out_split(labels, 0.25, seed=4)[1])
+
+
+def test_the_cut_out_mask_localises_the_planted_patch(user_job: Path) -> None:
+    """Observed IoU with the 4x4 patch (placed on the 2x2 cells of the 8-grid): 1.0."""
+    import h5py
+
+    spec = load_job(user_job)
+    flag = _flag(user_job)
+    labels = np.repeat([0, 1], N_PER_CLASS)
+    assert len(np.intersect1d(flag["member_rows"], np.arange(N_PER_CLASS, N_PER_CLASS + N_CARRIERS))) >= 0.9 * len(flag["member_rows"])
+    fit, _ = held_out_split(labels, 0.25, 0)
+    members = np.intersect1d(flag["member_rows"], fit)
+    rest = np.setdiff1d(fit[labels[fit] == 1], members)
+    with h5py.File(spec.output_dir / "stages" / "attributions.h5", "r") as handle:
+        heatmaps = handle["attribution"][...]
+    mask = cutout_mask(heatmaps[members], heatmaps[rest], spec.analysis.pooled_size)
+    truth = np.zeros((SIDE, SIDE), bool)
+    truth[PATCH] = True
+    assert (mask & truth).sum() / (mask | truth).sum() >= 0.8
+    with pytest.raises(CorrectionError, match=r"\[correct\] stamp"):
+        cutout_mask(heatmaps[rest], heatmaps[rest], spec.analysis.pooled_size)  # no excess anywhere: nothing to cut out
+
+
+def test_spray_correct_on_the_user_job_writes_export_page_report_and_reaudit(user_job: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Observed: attacked accuracy 50% -> 100% (recovered share 1.0), clean accuracy 100% unchanged,
+    artifact relevance 65.5% -> 6.4%; the re-audit raises no flag (best match: the whole class, Jaccard 0.40)."""
+    root = user_job.parent
+    outside = {p for p in root.rglob("*") if "out" not in p.relative_to(root).parts}
+    assert main(["--no-progress", "correct", str(user_job)]) == EXIT_OK
+    assert "attacked set: the flagged members' median pixels" in capsys.readouterr().out
+    folder = load_job(user_job).output_dir / "correction" / "r-clarc"
+    assert {p.name for p in folder.iterdir()} >= {
+        "correction.json", "weights.pt", "cav.pt", "model.torchscript.pt", "report.json", "index.html",
+        "artifact_mask.png", "artifact_patch.png", "reaudit", "compare.html",
+    }
+    report = json.loads((folder / "report.json").read_text())
+    held = report["evaluation_set"]["held_out"]
+    assert (held["n_fit"], held["n_held_out"]) == (300, 100)
+    assert report["cav"]["n_artifact"] == held["n_flagged"] - held["n_flagged_held_out"] < held["n_flagged"]
+    assert report["config"]["layer"] == "4"  # the audit's concept layer, a cut point of the Sequential
+    attack = report["evaluation_set"]["attack"]
+    assert attack["kind"] == "cut-out" and attack["mask_box"] == [2, 2, 5, 5]
+    assert report["before"]["clean_accuracy"] - report["before"]["attacked_accuracy"] >= 0.4
+    assert report["recovered_share"] >= 0.8 and report["clean_accuracy_change"] >= -0.03
+    assert report["after"]["artifact_relevance"] < report["before"]["artifact_relevance"]
+    assert report["after"]["gate_precision"] >= 0.9
+    assert report["reaudit"]["flag_gone"] is True and (folder / report["reaudit"]["report"]).is_file()
+    page = (folder / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "tagged &lt;i&gt;" in page and "tagged <i>" not in page
+    assert {p for p in root.rglob("*") if "out" not in p.relative_to(root).parts} == outside
+
+
+def test_a_stamp_entry_point_makes_the_attacked_set(user_job: Path) -> None:
+    """Observed with P-ClArC: attacked accuracy 50% -> 100%, the mask exactly the function's 4x4 square."""
+    job = _job_with(user_job, "stamp.toml", 'method = "p-clarc"\nreaudit = false\nstamp = "stamp.py:stamp"\nrelevance_samples = 8')
+    assert main(["--no-progress", "correct", str(job)]) == EXIT_OK
+    folder = load_job(job).output_dir / "correction" / "p-clarc"
+    report = json.loads((folder / "report.json").read_text())
+    attack = report["evaluation_set"]["attack"]
+    assert attack["kind"] == "stamp" and "stamp.py:stamp" in attack["description"]
+    assert (attack["mask_pixels"], attack["mask_box"], attack["pictures"]) == (16, [2, 2, 5, 5], [])
+    assert report["before"]["attacked_accuracy"] <= 0.6 and report["recovered_share"] > 0.5
+    assert report["reaudit"] is None and "data:image/png" not in (folder / "index.html").read_text()
+
+
+def test_rr_clarc_fine_tunes_on_the_fitting_rows_only(user_job: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int] = []
+    original = correction_run.rr_clarc
+
+    def recording(model, cav, images, labels, **options):
+        seen.append(len(images))
+        return original(model, cav, images, labels, **options)
+
+    monkeypatch.setattr(correction_run, "rr_clarc", recording)
+    config = CorrectionConfig(method="rr-clarc", layer="4", rr_epochs=1, rr_max_samples=120, relevance_samples=0, torchscript=False)
+    report = correct_user(load_job(user_job), _flag(user_job), config, reaudit=False)
+    assert seen == [120] and report.history is not None and len(report.history.val_loss) == 1
+    assert report.history.val_penalty[0] < report.history.initial_val_penalty  # observed 0.035 < 0.039
+    assert type(report.model) is nn.Sequential and report.export is not None and report.export.weights.is_file()
+
+
+@pytest.mark.parametrize(
+    ("stamp", "message"),
+    [
+        ("stamp.py:wrong_shape", r"\[correct\] stamp 'stamp.py:wrong_shape' must take and return an \(N, C, H, W\) float array in \[0, 1\].*returned shape \(\d+, 3, 8, 8\)"),
+        ("missing.py:stamp", r"\[correct\] stamp: entry point file .*missing.py not found; give its path relative to the job file"),
+        ("stamp.py:absent", r"\[correct\] stamp: entry point 'stamp.py:absent': .* has no function 'absent'"),
+    ],
+)
+def test_a_bad_stamp_is_a_clear_error_naming_the_fix(user_job: Path, stamp: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    job = _job_with(user_job, "bad.toml", f'method = "p-clarc"\nreaudit = false\nstamp = "{stamp}"')
+    assert main(["--no-progress", "correct", str(job)]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("spray: error: ") and re.search(message, err), err
+    with pytest.raises(CorrectionError, match=message):
+        correct_user(load_job(job), _flag(job), CorrectionConfig(method="p-clarc", layer="4"), reaudit=False)
+
+
+def test_a_stamp_that_is_not_an_entry_point_is_refused_by_the_job_spec(user_job: Path) -> None:
+    from spray.jobs import JobSpecError
+
+    with pytest.raises(JobSpecError, match=r"bad-form.toml:\d+: \[correct\] stamp must look like 'package.module:function'"):
+        load_job(_job_with(user_job, "bad-form.toml", 'stamp = "stamp.py"'))
