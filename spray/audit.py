@@ -208,6 +208,7 @@ def attribution_settings(spec: JobSpec, model: torch.nn.Module) -> AttributionSe
         engine=section.engine,
         device=section.device,
         precision=section.precision,
+        loader_threads=section.loader_threads,
     )
 
 

@@ -93,6 +93,7 @@ class AttributionSection:
     engine: str = "auto"
     device: str = "auto"
     precision: str = "float32"
+    loader_threads: int = 2
 
 
 @dataclass
@@ -344,6 +345,8 @@ def _check_values(spec: JobSpec, source: str, text: str) -> None:
     _check_correct(spec, source, text)
     _check_choice(spec.attribution.engine, ("auto", "fast", "zennit"), "attribution", "engine", source, text)
     _check_choice(spec.attribution.target, ("label", "prediction"), "attribution", "target", source, text)
+    if spec.attribution.loader_threads < 0:
+        raise JobSpecError(f"{_where(source, text, 'attribution', 'loader_threads')}: loader_threads must be 0 (read inline) or more.")
     if spec.attribution.batch_size < 1:
         raise JobSpecError(f"{_where(source, text, 'attribution', 'batch_size')}: batch_size must be at least 1.")
     _check_choice(spec.attribution.device, ("auto", "cpu", "cuda"), "attribution", "device", source, text)

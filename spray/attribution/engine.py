@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,9 @@ class BadInputError(ValueError):
 class AttributionSettings:
     """How to explain: composite, canonizers, concept layers, target rule, batch size, engine, device.
 
+    ``loader_threads``: background threads that read (and decode) the next chunks while the
+    current one is explained; 0 reads in the explaining thread. Results do not depend on it.
+
     ``device`` (``select.DEVICES``) is where the model runs: ``"cpu"`` by default here, so
     library calls give the same numbers on every machine (job specs default to ``"auto"``:
     CUDA when available). ``precision`` (``select.PRECISIONS``): ``"float32"`` or ``"amp"``
@@ -59,6 +64,7 @@ class AttributionSettings:
     engine: str = "auto"
     device: str = "cpu"
     precision: str = "float32"
+    loader_threads: int = 2
 
     def model_input(self, images: np.ndarray) -> torch.Tensor:
         """Display images in [0, 1] -> the model's input (normalised with ``mean``/``std`` if given).
@@ -101,6 +107,8 @@ class AttributionSettings:
             raise AttributionConfigError(f"device must be one of {list(DEVICES)}, got {self.device!r}.")
         if self.precision not in PRECISIONS:
             raise AttributionConfigError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}.")
+        if self.loader_threads < 0:
+            raise AttributionConfigError(f"loader_threads must be 0 or more, got {self.loader_threads}.")
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -251,6 +259,27 @@ def _check_write(write: str, client: Any, source: DataSource) -> None:
         )
 
 
+def read_ahead(read: Callable[[int], Any], keys: Sequence[int], threads: int) -> Iterator[Any]:
+    """``read(key)`` for every key, in order, with up to ``threads`` reads running ahead in
+    background threads, so that loading and decoding overlap the explaining.
+
+    A read's error is raised when its turn comes, after every earlier result was yielded
+    (so those are written first). ``threads=0`` reads inline.
+    """
+    if threads <= 0:
+        yield from (read(key) for key in keys)
+        return
+    remaining = iter(keys)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="spray-read") as pool:
+        running: deque[Future[Any]] = deque(pool.submit(read, key) for _, key in zip(range(threads + 1), remaining))
+        while running:
+            result = running.popleft().result()
+            following = next(remaining, None)
+            if following is not None:
+                running.append(pool.submit(read, following))
+            yield result
+
+
 def _rows_of(writer: AttributionWriter, chunks: list[int]) -> int:
     """How many samples ``chunks`` hold."""
     return sum(len(writer.chunk_rows(c)) for c in chunks)
@@ -268,12 +297,14 @@ def _write_here(
 ) -> None:
     """Read the ``pending`` chunks here, explain them here (or on ``client``'s workers) and write them here."""
 
+    def load(chunk: int) -> tuple[int, np.ndarray, np.ndarray]:
+        rows = writer.chunk_rows(chunk)
+        images = source.read(rows)
+        check_batch(images, rows, source.sample_ids, image_shape)
+        return chunk, images, np.asarray(source.labels[rows])
+
     def batches() -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        for chunk in pending:
-            rows = writer.chunk_rows(chunk)
-            images = source.read(rows)
-            check_batch(images, rows, source.sample_ids, image_shape)
-            yield chunk, images, np.asarray(source.labels[rows])
+        return read_ahead(load, pending, settings.loader_threads)
 
     if client is None:
         with settings.explainer(model) as explainer:

@@ -145,3 +145,46 @@ def test_partial_file_of_other_inputs_is_kept_aside_not_deleted(tmp_path, source
         assert kept["marker"][...].tolist() == [0, 1, 2]
     with read_attributions(target) as stored:
         assert stored.heatmaps.shape[0] == 40
+
+
+def test_read_ahead_keeps_order_bounds_the_look_ahead_and_raises_in_turn() -> None:
+    import threading
+    import time
+
+    from spray.attribution.engine import read_ahead
+
+    in_flight, most, threads_seen = [0], [0], set()
+    lock = threading.Lock()
+
+    def read(key: int) -> int:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        threads_seen.add(threading.current_thread().name)
+        time.sleep(0.01 * (5 - key % 5))  # later keys finish first: order must still hold
+        with lock:
+            in_flight[0] -= 1
+        if key == 7:
+            raise ValueError("bad chunk 7")
+        return key * 10
+
+    results = []
+    with pytest.raises(ValueError, match="bad chunk 7"):
+        for value in read_ahead(read, list(range(12)), threads=2):
+            results.append(value)
+    assert results == [k * 10 for k in range(7)]
+    assert most[0] <= 2 and all(name.startswith("spray-read") for name in threads_seen)
+    assert list(read_ahead(read, [1, 2], threads=0)) == [10, 20]
+
+
+def test_background_reading_gives_the_same_file_as_inline_reading(tmp_path, source, model) -> None:
+    paths = [
+        attribute_dataset(source, model, AttributionSettings(layers=LAYERS, batch_size=8, loader_threads=threads),
+                          tmp_path / f"t{threads}" / "attributions.h5", "d", progress=False)
+        for threads in (0, 3)
+    ]
+    with read_attributions(paths[0]) as inline, read_attributions(paths[1]) as ahead:
+        np.testing.assert_array_equal(inline.heatmaps[...], ahead.heatmaps[...])
+        np.testing.assert_array_equal(inline.concepts["features.conv4"][...], ahead.concepts["features.conv4"][...])
+    with pytest.raises(AttributionConfigError, match="loader_threads"):
+        AttributionSettings(loader_threads=-1)
