@@ -22,9 +22,10 @@ layer once per image and only the part below the layer once per condition, with 
 heatmaps. ``make_conditional_explainer`` picks the fast one where the model is supported.
 
 Reference samples (relevance maximisation): the samples of the dataset on which a concept
-carries the most relevance, read from the concept relevances stored in
-``attributions.h5`` (``concepts/<layer>``), so finding them needs no pass over the data
-(``top_rows_by_concept``). Their conditional heatmaps point at the part of each image the
+carries the most relevance. The attribution pass collects the top rows of every channel
+while it writes (``references/<layer>`` in ``attributions.h5``, read by
+``collected_top_rows``); for files without them ``top_rows_by_concept`` scans the stored
+relevances ``concepts/<layer>``. Neither needs another pass over the images. Their conditional heatmaps point at the part of each image the
 concept responds to; ``relevance_box`` finds that part so the picture can be cropped to it.
 """
 
@@ -336,6 +337,21 @@ def top_rows_by_concept(
             order = np.lexsort((keys, -values))[:k]
             best_rows[channel], best_values[channel] = keys[order], values[order]
     return best_rows
+
+
+def collected_top_rows(
+    collected: tuple[np.ndarray, np.ndarray] | None, channels: Sequence[int], k: int
+) -> dict[int, np.ndarray] | None:
+    """:func:`top_rows_by_concept` over the whole dataset, read from the reference rows the
+    attribution pass collected (``Attributions.references[layer]``: rows and values, K×C).
+
+    Returns ``None`` when nothing was collected or fewer than ``k`` rows per channel were
+    kept: then scan the stored relevances with :func:`top_rows_by_concept`.
+    """
+    if collected is None or len(collected[0]) < k:
+        return None
+    rows = collected[0]
+    return {int(channel): rows[:k, int(channel)][rows[:k, int(channel)] >= 0] for channel in channels}
 
 
 def _read_rows(array: Any, rows: np.ndarray) -> np.ndarray:

@@ -13,8 +13,8 @@ For each chosen cluster and one concept layer:
    and the channels with the largest positive ``d_c`` (used more by the cluster than by
    the rest) are the cluster's concepts.
 2. **Reference samples.** For each concept, the rows of the whole dataset with the highest
-   stored relevance of that channel (relevance maximisation; no pass over the data, see
-   ``spray.attribution.crp.top_rows_by_concept``), shown cropped to where the channel's
+   stored relevance of that channel (relevance maximisation, collected during the
+   attribution pass; see ``spray.attribution.crp.collected_top_rows``), shown cropped to where the channel's
    conditional heatmap puts its relevance (``relevance_box``).
 3. **On the cluster.** The concept's conditional heatmap on the cluster's most typical
    member (closest to the cluster centre in the spectral embedding).
@@ -38,6 +38,7 @@ from spray.analysis.result import ClassAnalysis, ClusterResult
 from spray.attribution.crp import (
     ConditionalExplainer,
     FastConditionalExplainer,
+    collected_top_rows,
     iter_conditional_heatmaps,
     relevance_box,
     top_rows_by_concept,
@@ -139,7 +140,10 @@ def build_concept_atlas(
     if not plans:
         return []
     channels = sorted({channel for plan in plans for channel in plan.channels})
-    references = top_rows_by_concept(concepts, channels, settings.n_references)
+    collected = getattr(attributions, "references", {}).get(layer)
+    references = collected_top_rows(collected, channels, settings.n_references)
+    if references is None:  # a file without collected references: scan the stored relevances
+        references = top_rows_by_concept(concepts, channels, settings.n_references)
     requests = [
         (row, int(targets[row]), channel)
         for plan in plans

@@ -10,7 +10,16 @@ Layout (format ``spray-attributions``, version 1; the first three names are ViRe
 ``target``             int64 N         the class whose logit was explained
 ``concepts/<layer>``   float32 N×C     relevance per channel at ``<layer>``, summed over space
 ``complete``           bool n_chunks   which chunks of ``chunk_size`` rows are written
+``references/<layer>`` group           per channel, the ``REFERENCE_ROWS`` rows with the
+                                       highest relevance (``rows`` int64 K×C, -1 where
+                                       the dataset has fewer rows; ``values`` float32 K×C),
+                                       highest first, ties to the lower row
 =====================  ==============  ===============================================
+
+The reference rows (CRP's relevance maximisation) are collected while the chunks are
+written, so finding a concept's most relevant samples never needs another read of the
+concept relevances; a resumed run rebuilds them from the chunks already done. Files
+written before they existed lack the group, and readers fall back to a scan.
 
 Attributes: ``format``, ``format_version``, ``chunk_size``, ``fingerprint`` (hash of
 the inputs that determine the result: data, model weights, composite, layers) and
@@ -37,7 +46,33 @@ from spray.store.common import StoreError, open_h5
 
 FORMAT = "spray-attributions"
 VERSION = 1
+#: Reference rows kept per channel (``references/<layer>``).
+REFERENCE_ROWS = 32
 log = logging.getLogger(__name__)
+
+
+def merge_top_rows(
+    best: tuple[np.ndarray, np.ndarray], rows: np.ndarray, values: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per column, the ``k`` highest values among ``best`` (rows, values: K×C) and a new
+    block (``rows``: b, ``values``: b×C), highest first, ties to the lower row; NaN ranks last.
+
+    Padding rows are -1 with value -inf, so they sort after every real row.
+    """
+    best_rows, best_values = best
+    block_rows = np.broadcast_to(np.asarray(rows, dtype=np.int64)[:, None], values.shape)
+    all_rows = np.concatenate([best_rows, block_rows])
+    all_values = np.nan_to_num(np.concatenate([best_values, values.astype(np.float64)]), nan=-np.inf)
+    padding = all_rows < 0
+    by_row = np.argsort(np.where(padding, np.iinfo(np.int64).max, all_rows), axis=0, kind="stable")
+    all_rows, all_values = np.take_along_axis(all_rows, by_row, 0), np.take_along_axis(all_values, by_row, 0)
+    by_value = np.argsort(-all_values, axis=0, kind="stable")[:k]
+    return np.take_along_axis(all_rows, by_value, 0), np.take_along_axis(all_values, by_value, 0)
+
+
+def empty_top_rows(k: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The starting point of :func:`merge_top_rows`: ``k`` padding rows per channel."""
+    return np.full((k, channels), -1, dtype=np.int64), np.full((k, channels), -np.inf)
 
 
 @dataclass
@@ -66,6 +101,7 @@ class AttributionWriter:
         self.layout = layout
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.handle = self._resume() or self._create(labels, sample_ids)
+        self.references = self._references_so_far()
 
     def _resume(self) -> h5py.File | None:
         if not self.partial.exists():
@@ -111,6 +147,18 @@ class AttributionWriter:
         handle.flush()
         return handle
 
+    def _references_so_far(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Running reference rows per layer, rebuilt from the chunks already complete."""
+        k = min(REFERENCE_ROWS, self.layout.n_samples)
+        references = {name: empty_top_rows(k, channels) for name, channels in self.layout.concept_channels.items()}
+        done = np.flatnonzero(self.handle["complete"][...])
+        for chunk in done.tolist():
+            rows = self.chunk_rows(chunk)
+            window = slice(int(rows[0]), int(rows[-1]) + 1)
+            for name in references:
+                references[name] = merge_top_rows(references[name], rows, self.handle["concepts"][name][window], k)
+        return references
+
     def pending_chunks(self) -> list[int]:
         """Indices of the chunks still to compute, ascending."""
         return [int(i) for i in np.flatnonzero(~self.handle["complete"][...])]
@@ -128,6 +176,8 @@ class AttributionWriter:
         self.handle["target"][window] = targets
         for name, values in concepts.items():
             self.handle["concepts"][name][window] = values
+            best = self.references[name]
+            self.references[name] = merge_top_rows(best, rows, np.asarray(values), len(best[0]))
         self.handle.flush()
         self.handle["complete"][chunk] = True
         self.handle.flush()
@@ -135,6 +185,14 @@ class AttributionWriter:
     def finish(self) -> Path:
         """Close the file and give it its final name; every chunk must be complete."""
         pending = self.pending_chunks()
+        if not pending:
+            group = self.handle.require_group("references")
+            for name, (rows, values) in self.references.items():
+                if name in group:
+                    del group[name]
+                layer = group.create_group(name)
+                layer.create_dataset("rows", data=rows)
+                layer.create_dataset("values", data=values.astype(np.float32))
         self.handle.close()
         if pending:
             raise StoreError(f"{self.partial}: {len(pending)} chunks are not written yet; re-run to resume.")
@@ -161,6 +219,7 @@ class Attributions:
     concepts: dict[str, h5py.Dataset]
     metadata: dict[str, Any]
     fingerprint: str
+    references: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def predictions(self) -> np.ndarray:
@@ -194,4 +253,8 @@ def read_attributions(path: Path) -> Attributions:
         concepts={name: handle["concepts"][name] for name in handle["concepts"]},
         metadata=json.loads(handle.attrs["metadata"]),
         fingerprint=str(handle.attrs["fingerprint"]),
+        references={
+            name: (np.asarray(group["rows"][...]), np.asarray(group["values"][...]))
+            for name, group in handle.get("references", {}).items()
+        },
     )

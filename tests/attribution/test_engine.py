@@ -188,3 +188,45 @@ def test_background_reading_gives_the_same_file_as_inline_reading(tmp_path, sour
         np.testing.assert_array_equal(inline.concepts["features.conv4"][...], ahead.concepts["features.conv4"][...])
     with pytest.raises(AttributionConfigError, match="loader_threads"):
         AttributionSettings(loader_threads=-1)
+
+
+def test_reference_rows_are_collected_during_the_pass_and_survive_a_resume(tmp_path, source, model, monkeypatch) -> None:
+    """``references/<layer>`` holds, per channel, the rows a full scan of the stored concept
+    relevances ranks highest (ties to the lower row), also after an interrupted run."""
+    from spray.attribution.crp import collected_top_rows, top_rows_by_concept
+    from spray.store import attributions as store
+
+    source.images[[5, 6]] = source.images[[7, 7]]  # equal samples: equal relevances, ties to break
+    source.labels[[5, 6]] = source.labels[7]
+    settings = AttributionSettings(layers=LAYERS, batch_size=8)
+    whole = attribute_dataset(source, model, settings, tmp_path / "whole" / "attributions.h5", "d", progress=False)
+
+    calls = {"n": 0}
+    original = store.AttributionWriter.write_chunk
+
+    def crash_after_two(self, *args, **kwargs):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(store.AttributionWriter, "write_chunk", crash_after_two)
+    target = tmp_path / "resumed" / "attributions.h5"
+    with pytest.raises(KeyboardInterrupt):
+        attribute_dataset(source, model, settings, target, "d", progress=False)
+    monkeypatch.setattr(store.AttributionWriter, "write_chunk", original)
+    resumed = attribute_dataset(source, model, settings, target, "d", progress=False)
+
+    for path in (whole, resumed):
+        with read_attributions(path) as stored:
+            for layer in LAYERS:
+                rows, values = stored.references[layer]
+                channels = stored.concepts[layer].shape[1]
+                assert rows.shape == values.shape == (32, channels)
+                scanned = top_rows_by_concept(stored.concepts[layer], range(channels), 32)
+                collected = collected_top_rows(stored.references[layer], range(channels), 32)
+                assert all(np.array_equal(collected[c], scanned[c]) for c in range(channels))
+                np.testing.assert_array_equal(values[:, 0], np.asarray(stored.concepts[layer][...])[rows[:, 0], 0])
+            assert collected_top_rows(stored.references[LAYERS[0]], [0], 33) is None
+            tied = [list(rows[:, c]) for c in range(rows.shape[1]) if {5, 6, 7} <= set(rows[:, c].tolist())]
+            assert tied and all(order.index(6) == order.index(5) + 1 == order.index(7) - 1 for order in tied)
