@@ -269,6 +269,25 @@ def _run_folder(spec: JobSpec) -> Path:
     return folder
 
 
+def report_folder(spec: JobSpec) -> Path:
+    """The folder of the job's latest report: ``<output>/<job>/``, or with ``dated = true``
+    the newest ``runs/<UTC time>/`` that holds a ``summary.json``.
+
+    Raises FileNotFoundError, naming the command to run, when the job has no report yet.
+    """
+    out = spec.output_dir
+    if spec.job.dated:
+        runs = out / "runs"
+        dated = sorted(p for p in runs.iterdir() if p.is_dir() and RUN_NAME.match(p.name)) if runs.is_dir() else []
+        finished = [p for p in dated if (p / "summary.json").is_file()]
+        if finished:
+            return finished[-1]
+        raise FileNotFoundError(f"no finished run under {runs}; run 'spray audit' on the job first.")
+    if not (out / "summary.json").is_file():
+        raise FileNotFoundError(f"{out / 'summary.json'} not found; run 'spray audit' on the job first.")
+    return out
+
+
 def _inside(root: Path, path: Path) -> Path:
     """``path`` if it lies inside ``root`` (both resolved), else a ValueError: nothing is written outside."""
     resolved = path.resolve()

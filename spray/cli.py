@@ -101,10 +101,10 @@ def _run_correct(args: argparse.Namespace) -> None:
     from spray.correction.user import correct_user
     from spray.jobs import load_job
 
+    from spray.audit import report_folder
+
     spec = load_job(args.job)
-    summary = spec.output_dir / "summary.json"
-    if not summary.exists():
-        raise FileNotFoundError(f"{summary} not found; run 'spray audit {args.job}' first.")
+    summary = report_folder(spec) / "summary.json"
     flag = flag_entry(summary, spec.correct.flag if args.flag is None else args.flag)
     config = job_config(spec, method=args.method, layer=args.layer, gate=args.gate)
     reaudit = spec.correct.reaudit if args.reaudit is None else args.reaudit

@@ -143,6 +143,24 @@ def test_dated_runs_keep_the_newest(tmp_path: Path, image_folder: Path) -> None:
     assert json.loads((reports[-1].parent / "summary.json").read_text())["job"] == "user"
 
 
+def test_the_latest_report_of_a_dated_job_is_found_and_a_missing_one_named(
+    tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``spray correct`` reads the flags of the newest dated run; before any audit it says what to run."""
+    from spray.audit import report_folder
+
+    job = _write_job(tmp_path, 'source = "folder"\npath = "images"', job_extra="dated = true")
+    spec = load_job(job)
+    with pytest.raises(FileNotFoundError, match="run 'spray audit' on the job first"):
+        report_folder(spec)
+    reports = [run_audit(spec, progress=False).report for _ in range(2)]
+    (spec.output_dir / "runs" / "29991231T000000Z").mkdir()  # a newer run that never finished
+    assert report_folder(spec) == reports[-1].parent
+    # the flags are read from that run: a random model has none, which is what correct reports
+    assert main(["--no-progress", "correct", str(job)]) == EXIT_ERROR
+    assert "flagged no cluster" in capsys.readouterr().err
+
+
 def test_check_exit_codes(tmp_path: Path, image_folder: Path) -> None:
     job = _write_job(tmp_path, 'source = "folder"\npath = "images"')
     # Random images and a random model: nothing to flag unless the threshold is 0.

@@ -161,11 +161,22 @@ def run_reaudit(
     outcome["report"] = result.report.relative_to(folder.parent).as_posix()
     outcome["artifact_check"] = result.summary.get("artifact_check")
     outcome["test_accuracy"] = finite_number(result.facts.get("test_accuracy"))
-    audit_summary = _read_summary(spec.output_dir)
+    audit = _audit_folder(spec)
+    audit_summary = None if audit is None else _read_summary(audit)
     outcome["artifact_check_before"] = None if audit_summary is None else audit_summary.get("artifact_check")
-    outcome["compare"] = _compare_with_audit(spec.output_dir, folder) if audit_summary is not None else None
+    outcome["compare"] = _compare_with_audit(audit, folder) if audit is not None and audit_summary is not None else None
     outcome["seconds"] = round(time.perf_counter() - start, 3)
     return outcome
+
+
+def _audit_folder(spec: JobSpec) -> Path | None:
+    """The folder of the job's latest report (the newest dated run for ``dated`` jobs), or None."""
+    from spray.audit import report_folder
+
+    try:
+        return report_folder(spec)
+    except FileNotFoundError:
+        return None
 
 
 def _read_summary(audit: Path) -> dict[str, Any] | None:
