@@ -58,7 +58,7 @@ from bench.mnist import (  # noqa: E402
 )
 from spray.analysis.pipeline import HEATMAP_SPACE, SprayConfig, analyze_spaces, concept_space  # noqa: E402
 from spray.attribution.lrp import Explainer, make_composite  # noqa: E402
-from spray.report.summary import fold_findings  # noqa: E402
+from spray.report.summary import group_findings  # noqa: E402
 
 CACHE = REPO / ".bench-cache" / "detection"
 TARGETS = (0, 4, 7)
@@ -157,21 +157,19 @@ def explain(
 
 
 def read_space(analyses, truth: np.ndarray, target: int | None) -> SpaceResult:
-    """Found / precision / recall / F1 of the top flag among ``analyses``; flags = findings."""
-    entries = [
-        {"class_index": a.class_index, "space": a.space, "cluster_id": c.cluster_id,
-         "artifact_score": c.artifact_score, "member_rows": c.member_rows.tolist(), "size": c.size}
-        for a in analyses for c in a.clusters if c.flagged
-    ]
-    entries.sort(key=lambda e: -e["artifact_score"])
-    findings = fold_findings(entries)
+    """Found / precision / recall / F1 of the top flag among ``analyses``; flags = findings
+    (flags grouped as ``summary.json`` groups them)."""
+    flagged = sorted(
+        ((a, c) for a in analyses for c in a.clusters if c.flagged), key=lambda item: -item[1].artifact_score
+    )
+    findings = group_findings(flagged, lambda item: item[1].member_rows)
     result = SpaceResult(flags=len(findings))
     if findings:
-        top = findings[0]
-        result.top = f"class {top['class_index']} {top['space']} score {top['artifact_score']:.2f} size {top['size']}"
-        if target is not None and top["class_index"] == target:
+        where, top = findings[0][0]
+        result.top = f"class {where.class_index} {where.space} score {top.artifact_score:.2f} size {top.size}"
+        if target is not None and where.class_index == target:
             result.found = True
-            result.precision, result.recall, result.f1 = _f1(np.asarray(top["member_rows"]), truth)
+            result.precision, result.recall, result.f1 = _f1(top.member_rows, truth)
     return result
 
 

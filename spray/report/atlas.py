@@ -46,7 +46,7 @@ from spray.attribution.crp import (
 from spray.report.context import AtlasConcept, ClusterAtlas, ConceptPicture
 from spray.report.plots import shrink
 from spray.report.rows import representatives, take_rows, texts_at
-from spray.report.summary import sorted_analyses, sorted_clusters
+from spray.report.summary import group_findings
 
 
 @dataclass(frozen=True)
@@ -194,17 +194,27 @@ def build_concept_atlas(
 def _chosen_clusters(
     analyses: list[ClassAnalysis], settings: AtlasSettings
 ) -> list[tuple[ClassAnalysis, ClusterResult]]:
-    """Clusters to build an atlas for, highest artifact score first (the report's order)."""
+    """Clusters to build an atlas for, in the order of the summary's flags (highest artifact
+    score first, ties by class, space and cluster id).
+
+    With ``flagged_only`` a cluster flagged again in another analysis with (nearly) the same
+    members is left out: the report shows one card per finding, so its atlas would never be
+    shown (``spray.report.summary.group_findings``).
+    """
     chosen = [
         (analysis, cluster)
-        for analysis in sorted_analyses(analyses)
+        for analysis in analyses
         if analysis.analysable
-        for cluster in sorted_clusters(list(analysis.clusters))
+        for cluster in analysis.clusters
         if cluster.flagged or not settings.flagged_only
     ]
-    scores = [np.nan_to_num(float(cluster.artifact_score), nan=-np.inf) for _, cluster in chosen]
-    order = sorted(range(len(chosen)), key=lambda index: -scores[index])
-    return [chosen[index] for index in order[: settings.max_clusters]]
+    chosen.sort(key=lambda item: (
+        -np.nan_to_num(float(item[1].artifact_score), nan=-np.inf),
+        int(item[0].class_index), str(item[0].space), int(item[1].cluster_id),
+    ))
+    if settings.flagged_only:
+        chosen = [primary for primary, _ in group_findings(chosen, lambda item: item[1].member_rows)]
+    return chosen[: settings.max_clusters]
 
 
 def concept_distinction(

@@ -92,7 +92,8 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -101,6 +102,7 @@ from spray.report.context import ArtifactCheck, ReportContext
 from spray.report.rows import take_rows, texts_at
 
 SCHEMA_VERSION = 1
+T = TypeVar("T")
 
 #: Flags whose members overlap at least this much (Jaccard) are one finding.
 SAME_FINDING_JACCARD = 0.5
@@ -319,26 +321,39 @@ def jaccard(first: list[int] | np.ndarray, second: list[int] | np.ndarray) -> fl
     return np.intersect1d(a, b, assume_unique=True).size / union if union else 0.0
 
 
-def fold_findings(flags: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One flag per finding: each flag (highest score first) joins the first kept flag it
-    overlaps by at least :data:`SAME_FINDING_JACCARD`, else it is kept with itself as the
-    first entry of its ``revealed_by``.
+def group_findings(items: list[T], members: Callable[[T], Any]) -> list[tuple[T, list[tuple[T, float]]]]:
+    """Group ``items`` (highest score first) into findings: each joins the first kept item
+    whose ``members`` it overlaps by at least :data:`SAME_FINDING_JACCARD`, else it starts
+    a finding of its own. Returns ``(primary, [(other, jaccard), ...])`` per finding.
 
     The same artifact is usually found in several analyses (heatmap and concept spaces,
     its class and the dataset-wide run); a reviewer and a gate want it once, with the
-    evidence of where it showed.
+    evidence of where it showed. The summary's flags and the concept atlas both use it.
     """
-    kept: list[dict[str, Any]] = []
-    for flag in flags:
-        evidence = {key: flag[key] for key in ("class_index", "space", "cluster_id", "artifact_score")}
-        for primary in kept:
-            overlap_share = jaccard(flag["member_rows"], primary["member_rows"])
+    findings: list[tuple[T, list[tuple[T, float]]]] = []
+    for item in items:
+        for primary, others in findings:
+            overlap_share = jaccard(members(item), members(primary))
             if overlap_share >= SAME_FINDING_JACCARD:
-                primary["revealed_by"].append({**evidence, "jaccard": round(overlap_share, 4)})
+                others.append((item, overlap_share))
                 break
         else:
-            flag["revealed_by"] = [{**evidence, "jaccard": 1.0}]
-            kept.append(flag)
+            findings.append((item, []))
+    return findings
+
+
+def fold_findings(flags: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flag per finding (:func:`group_findings`), the others of a finding listed in its
+    ``revealed_by`` after the flag itself."""
+
+    def evidence(flag: dict[str, Any], overlap_share: float) -> dict[str, Any]:
+        keys = ("class_index", "space", "cluster_id", "artifact_score")
+        return {**{key: flag[key] for key in keys}, "jaccard": round(overlap_share, 4)}
+
+    kept = []
+    for primary, others in group_findings(flags, lambda flag: flag["member_rows"]):
+        primary["revealed_by"] = [evidence(primary, 1.0), *(evidence(flag, share) for flag, share in others)]
+        kept.append(primary)
     return kept
 
 

@@ -182,3 +182,21 @@ def test_an_atlas_needs_a_composite_or_an_explainer(atlas_inputs: dict, report_c
                                                                    targets=np.asarray(report_context.labels), sample_ids=report_context.sample_ids),
             report_context.analyses, LAYER,
         )
+
+
+def test_a_finding_flagged_in_two_spaces_gets_one_atlas(atlas_inputs: dict, report_context: ReportContext) -> None:
+    """The class-0 flag seen again in a concept space is one card in the report, so one atlas:
+    its conditional heatmaps are not computed twice."""
+    class0 = report_context.analyses[2]
+    again = dataclasses.replace(class0, space="concept:features.conv4", clusters=[
+        dataclasses.replace(c, artifact_score=0.85) if c.flagged else c for c in class0.clusters
+    ])
+    labels = np.asarray(report_context.labels)
+    source = ArraySource(atlas_inputs["images"], labels, report_context.sample_ids, report_context.class_names)
+    attributions = SimpleNamespace(concepts={LAYER: atlas_inputs["concepts"]}, targets=labels, sample_ids=report_context.sample_ids)
+    torch.manual_seed(0)
+    atlas = build_concept_atlas(
+        DemoNet(3, width=4).eval(), make_composite("epsilon_plus_flat"), source, attributions,
+        [*report_context.analyses, again], LAYER, AtlasSettings(n_concepts=2, n_references=2, display_side=16),
+    )
+    assert [(item.class_index, item.space, item.cluster_id) for item in atlas] == [(0, "heatmap", 1), (1, "heatmap", 0)]
