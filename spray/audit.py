@@ -263,10 +263,17 @@ def _run_folder(spec: JobSpec) -> Path:
     runs = out / "runs"
     folder = runs / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     folder.mkdir(parents=True, exist_ok=False)
-    dated = sorted(p for p in runs.iterdir() if p.is_dir() and RUN_NAME.match(p.name))
+    dated = _dated_runs(runs)
     for old in dated[: max(0, len(dated) - spec.job.keep_runs)]:
         shutil.rmtree(old)
     return folder
+
+
+def _dated_runs(runs: Path) -> list[Path]:
+    """The run folders (``<UTC time>``) under ``runs``, oldest first; none when it is missing."""
+    if not runs.is_dir():
+        return []
+    return sorted(p for p in runs.iterdir() if p.is_dir() and RUN_NAME.match(p.name))
 
 
 def report_folder(spec: JobSpec) -> Path:
@@ -278,8 +285,7 @@ def report_folder(spec: JobSpec) -> Path:
     out = spec.output_dir
     if spec.job.dated:
         runs = out / "runs"
-        dated = sorted(p for p in runs.iterdir() if p.is_dir() and RUN_NAME.match(p.name)) if runs.is_dir() else []
-        finished = [p for p in dated if (p / "summary.json").is_file()]
+        finished = [p for p in _dated_runs(runs) if (p / "summary.json").is_file()]
         if finished:
             return finished[-1]
         raise FileNotFoundError(f"no finished run under {runs}; run 'spray audit' on the job first.")
