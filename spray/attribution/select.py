@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -115,29 +116,62 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
+class _IEEEFloat32:
+    """The process-wide "no TF32" state, shared by all threads that explain on CUDA.
+
+    The torch flags are global, so overlapping blocks (several Dask worker threads, each
+    explaining a chunk) must not restore them while another block still runs: the first
+    block to enter saves and sets them, the last to leave restores them.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved: tuple = ()
+
+    @staticmethod
+    def _flags() -> tuple[list, tuple]:
+        """The (object, attribute) pairs to set, and the value that means IEEE float32 for each."""
+        conv, matmul = getattr(torch.backends.cudnn, "conv", None), torch.backends.cuda.matmul
+        if conv is not None and hasattr(conv, "fp32_precision"):
+            return [(conv, "fp32_precision"), (matmul, "fp32_precision")], ("ieee", "ieee")
+        return [(torch.backends.cudnn, "allow_tf32"), (matmul, "allow_tf32")], (False, False)  # older torch
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._depth == 0:
+                flags, values = self._flags()
+                self._saved = tuple(getattr(owner, name) for owner, name in flags)
+                for (owner, name), value in zip(flags, values):
+                    setattr(owner, name, value)
+            self._depth += 1
+
+    def exit(self) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                flags, _ = self._flags()
+                for (owner, name), value in zip(flags, self._saved):
+                    setattr(owner, name, value)
+
+
+_IEEE_FLOAT32 = _IEEEFloat32()
+
+
 @contextmanager
 def ieee_float32() -> Iterator[None]:
     """Full float32 CUDA convolutions and matrix products (no TF32) inside the block.
 
     TF32 (cuDNN's default for convolutions on recent GPUs) keeps 10 mantissa bits, and LRP
     divides by sums that can nearly cancel, so heatmaps would drift far from float32 ones.
-    The flags are process-wide; they are restored on exit.
+    The flags are process-wide: they are set while at least one such block runs, in any
+    thread, and restored when the last one ends.
     """
-    conv, matmul = getattr(torch.backends.cudnn, "conv", None), torch.backends.cuda.matmul
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        saved = conv.fp32_precision, matmul.fp32_precision
-        conv.fp32_precision = matmul.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision, matmul.fp32_precision = saved
-    else:  # older torch: the allow_tf32 flags
-        saved = torch.backends.cudnn.allow_tf32, matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved
+    _IEEE_FLOAT32.enter()
+    try:
+        yield
+    finally:
+        _IEEE_FLOAT32.exit()
 
 
 class PlacedExplainer:

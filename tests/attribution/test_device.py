@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -113,6 +115,31 @@ def test_ieee_float32_restores_the_flags() -> None:
     with ieee_float32():
         assert conv.fp32_precision == torch.backends.cuda.matmul.fp32_precision == "ieee"
     assert (conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before
+
+
+def test_ieee_float32_overlapping_blocks_in_threads_keep_the_flags_until_the_last_ends() -> None:
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if not hasattr(conv, "fp32_precision"):
+        pytest.skip("this torch has only the allow_tf32 flags")
+    before = conv.fp32_precision
+    first_inside, first_may_leave, first_left = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with ieee_float32():
+            first_inside.set()
+            first_may_leave.wait(10)
+        first_left.set()
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert first_inside.wait(10)
+    with ieee_float32():
+        first_may_leave.set()
+        assert first_left.wait(10)
+        # The other thread's block has ended; this one still runs with IEEE float32.
+        assert conv.fp32_precision == "ieee"
+    thread.join(10)
+    assert conv.fp32_precision == before
 
 
 def test_dataset_pass_on_auto_device_records_the_precision(tmp_path, no_cuda) -> None:
