@@ -48,7 +48,7 @@ from spray.report.index import write_index
 from spray.report.render import render_report
 from spray.store.analysis import read_analysis, write_analysis
 from spray.store.attributions import read_attributions
-from spray.store.common import StoreError
+from spray.store.common import StoreError, writable_folder
 
 log = logging.getLogger(__name__)
 RUN_NAME = re.compile(r"^\d{8}T\d{6}(\d{6})?Z$")
@@ -209,6 +209,7 @@ def attribution_settings(spec: JobSpec, model: torch.nn.Module) -> AttributionSe
         device=section.device,
         precision=section.precision,
         loader_threads=section.loader_threads,
+        heatmap_size=tuple(section.heatmap_size),
     )
 
 
@@ -334,8 +335,9 @@ def run_audit(
     job_stages = _inside(spec.output_dir, spec.output_dir / "stages")
     out = spec.output_dir if output is None else _inside(spec.output_dir, Path(output))
     stages = _inside(out, out / "stages")
-    stages.mkdir(parents=True, exist_ok=True)
-    job_stages.mkdir(parents=True, exist_ok=True)
+    fix = "set [job] output in the job file to a folder this user can write to."
+    writable_folder(stages, fix)
+    writable_folder(job_stages, fix)
     timings: dict[str, float] = {}
 
     start = time.perf_counter()

@@ -82,7 +82,8 @@ class AttributionSection:
     ``"auto"`` (the default for composite, canonizers and layers) picks them for the model's
     architecture (``spray.attribution.architectures``); ``engine`` chooses the LRP engine;
     ``device`` where it runs (``auto``: CUDA when available, else the CPU) and ``precision``
-    its arithmetic (``float32``, or ``amp``: float16 autocast, CUDA only).
+    its arithmetic (``float32``, or ``amp``: float16 autocast, CUDA only); ``heatmap_size``
+    the grid heatmaps are stored at (``[]``: the images' resolution).
     """
 
     composite: str = "auto"
@@ -94,6 +95,7 @@ class AttributionSection:
     device: str = "auto"
     precision: str = "float32"
     loader_threads: int = 2
+    heatmap_size: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -345,6 +347,12 @@ def _check_values(spec: JobSpec, source: str, text: str) -> None:
     _check_correct(spec, source, text)
     _check_choice(spec.attribution.engine, ("auto", "fast", "zennit"), "attribution", "engine", source, text)
     _check_choice(spec.attribution.target, ("label", "prediction"), "attribution", "target", source, text)
+    size = spec.attribution.heatmap_size
+    if len(size) not in (0, 1, 2) or any(v < 1 for v in size):
+        raise JobSpecError(
+            f"{_where(source, text, 'attribution', 'heatmap_size')}: attribution.heatmap_size must be [] (the images' "
+            "resolution), [side] or [height, width] with positive sizes."
+        )
     if spec.attribution.loader_threads < 0:
         raise JobSpecError(f"{_where(source, text, 'attribution', 'loader_threads')}: loader_threads must be 0 (read inline) or more.")
     if spec.attribution.batch_size < 1:

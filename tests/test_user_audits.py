@@ -125,6 +125,16 @@ def test_weights_file_holding_a_pickle_names_the_opt_in(tmp_path: Path, image_fo
     assert "trust_pickle" in capsys.readouterr().err
 
 
+def test_an_output_folder_that_cannot_be_written_stops_the_audit_before_any_work(tmp_path: Path, image_folder: Path, capsys) -> None:
+    job = _write_job(tmp_path, 'source = "folder"\npath = "images"')
+    (tmp_path / "blocker").write_text("a file where the output folder should be")
+    job.write_text(job.read_text().replace('output = "out"', 'output = "blocker/reports"'))
+    assert main(["--no-progress", "audit", str(job)]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "blocker" in err and "cannot write here" in err and "[job] output" in err
+    assert (tmp_path / "blocker").read_text() == "a file where the output folder should be"
+
+
 def test_output_never_leaves_the_output_folder(tmp_path: Path) -> None:
     job = tmp_path / "job.toml"
     job.write_text('[job]\nname = "../escape"\n')

@@ -25,10 +25,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from spray.attribution.lrp import AttributionConfigError, resolve_layers
+from spray.attribution.resolution import HeatmapSizeError, pool_heatmaps, stored_shape
 from spray.attribution.select import DEVICES, PRECISIONS, PlacedExplainer, engine_name, placed_explainer
 from spray.data.source import DataSource, ReopenableSource
 from spray.store.attributions import AttributionLayout, AttributionWriter, read_attributions
-from spray.store.common import StoreError
+from spray.store.common import StoreError, writable_folder
 from spray.store.shards import join_shards, remove_shards, shard_folder, shard_is_done, shard_path
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,10 @@ class AttributionSettings:
     CUDA when available). ``precision`` (``select.PRECISIONS``): ``"float32"`` or ``"amp"``
     (float16 autocast, CUDA only). Both are resolved where the explainer is built, so each
     Dask worker uses its own GPU.
+
+    ``heatmap_size``: ``()`` stores heatmaps at the images' resolution, ``(side,)`` or
+    ``(height, width)`` sum-pools them to that grid first (``spray.attribution.resolution``;
+    concept relevances and logits do not depend on it).
     """
 
     composite: str = "epsilon_plus_flat"
@@ -65,6 +70,7 @@ class AttributionSettings:
     device: str = "cpu"
     precision: str = "float32"
     loader_threads: int = 2
+    heatmap_size: tuple[int, ...] = ()
 
     def model_input(self, images: np.ndarray) -> torch.Tensor:
         """Display images in [0, 1] -> the model's input (normalised with ``mean``/``std`` if given).
@@ -109,6 +115,10 @@ class AttributionSettings:
             raise AttributionConfigError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}.")
         if self.loader_threads < 0:
             raise AttributionConfigError(f"loader_threads must be 0 or more, got {self.loader_threads}.")
+        try:
+            stored_shape((1, 1), self.heatmap_size)
+        except HeatmapSizeError as error:
+            raise AttributionConfigError(str(error)) from error
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -168,7 +178,8 @@ def explain_chunk(
         targets = explainer.predict(x)
     result = explainer.explain(x, targets)
     concepts = {name: value.numpy() for name, value in result.concepts.items()}
-    return result.heatmaps.numpy(), result.logits.numpy(), targets.numpy(), concepts
+    heatmaps = pool_heatmaps(result.heatmaps.numpy(), stored_shape(images.shape[2:], settings.heatmap_size))
+    return heatmaps, result.logits.numpy(), targets.numpy(), concepts
 
 
 def attribute_dataset(
@@ -197,6 +208,7 @@ def attribute_dataset(
     first = source.read(np.array([0]))
     image_shape = tuple(first.shape[1:])
     concept_channels = _probe_channels(model, settings.model_input(first), layer_modules)
+    heatmap_shape = stored_shape(image_shape[1:], settings.heatmap_size)
     metadata = {
         "model": type(model).__name__,
         "composite": settings.composite,
@@ -208,6 +220,7 @@ def attribute_dataset(
         "input_std": list(settings.std),
         "engine": settings.engine,
         "precision": settings.precision,
+        "heatmap_shape": list(heatmap_shape),
     }
     fingerprint = hashlib.sha256(
         json.dumps({"data": data_fingerprint, "model": model_fingerprint(model), **metadata, "batch": settings.batch_size}, sort_keys=True).encode()
@@ -218,13 +231,14 @@ def attribute_dataset(
         return Path(out_path)
     layout = AttributionLayout(
         n_samples=len(source),
-        heatmap_shape=image_shape[1:],
+        heatmap_shape=heatmap_shape,
         n_classes=n_classes,
         concept_channels=concept_channels,
         chunk_size=settings.batch_size,
         fingerprint=fingerprint,
         metadata=metadata,
     )
+    writable_folder(Path(out_path).parent, "give an output path in a folder this user can write to.")
     writer = AttributionWriter(Path(out_path), layout, source.labels, source.sample_ids)
     try:
         pending = writer.pending_chunks()

@@ -164,11 +164,13 @@ def _mean_share_map(heatmaps: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return (pooled / np.where(totals > 0, totals, 1.0)).mean(axis=0)
 
 
-def cutout_mask(members: np.ndarray, rest: np.ndarray, pooled_size: int) -> np.ndarray:
-    """Boolean (H, W) mask of the artifact: where the members' heatmaps (N, H, W) exceed the rest of the class's.
+def cutout_mask(members: np.ndarray, rest: np.ndarray, pooled_size: int, image_shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Boolean mask of the artifact: where the members' heatmaps (N, h, w) exceed the rest of the class's.
 
-    See the module docstring for the rule. Raises :class:`CorrectionError` when the members'
-    relevance exceeds the class's nowhere (nothing to cut out).
+    The mask has ``image_shape`` (H, W), the display images' size, which is larger than the
+    heatmaps' when they are stored pooled (``[attribution] heatmap_size``); by default the
+    heatmaps' own. See the module docstring for the rule. Raises :class:`CorrectionError`
+    when the members' relevance exceeds the class's nowhere (nothing to cut out).
     """
     from scipy import ndimage
 
@@ -184,7 +186,8 @@ def cutout_mask(members: np.ndarray, rest: np.ndarray, pooled_size: int) -> np.n
         )
     regions, _ = ndimage.label(excess >= MASK_RELATIVE * excess.max())
     top = regions == regions[np.unravel_index(np.argmax(excess), excess.shape)]
-    return top[np.ix_(_pixel_bins(height, grid[0]), _pixel_bins(width, grid[1]))]
+    image_height, image_width = image_shape if image_shape is not None else (height, width)
+    return top[np.ix_(_pixel_bins(image_height, grid[0]), _pixel_bins(image_width, grid[1]))]
 
 
 def cutout_patch(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -250,7 +253,9 @@ def cutout_attack(spec: JobSpec, display: np.ndarray, labels: np.ndarray, fit_ro
     rest = np.setdiff1d(fit_rows[labels[fit_rows] == class_id], members)
     if len(rest) > MAX_REFERENCE_HEATMAPS:
         rest = np.sort(np.random.default_rng(spec.job.seed).choice(rest, MAX_REFERENCE_HEATMAPS, replace=False))
-    mask = cutout_mask(_read_heatmaps(spec, members, len(labels)), _read_heatmaps(spec, rest, len(labels)), spec.analysis.pooled_size)
+    mask = cutout_mask(
+        _read_heatmaps(spec, members, len(labels)), _read_heatmaps(spec, rest, len(labels)), spec.analysis.pooled_size, display.shape[2:]
+    )
     patch = cutout_patch(display[members], mask)
     facts = {
         "kind": "cut-out",

@@ -3,7 +3,9 @@
 Layout (format ``spray-attributions``, version 1; the first three names are ViRelAy's):
 
 =====================  ==============  ===============================================
-``attribution``        float32 N×H×W   input heatmap per sample (channels summed)
+``attribution``        float32 N×H×W   input heatmap per sample (channels summed), at the
+                                       images' resolution or sum-pooled to
+                                       ``[attribution] heatmap_size``
 ``prediction``         float32 N×K     the model's logits
 ``label``              int64 N         true label
 ``sample_id``          str N           dataset-provided id (file name or index)
@@ -23,7 +25,8 @@ written before they existed lack the group, and readers fall back to a scan.
 
 Attributes: ``format``, ``format_version``, ``chunk_size``, ``fingerprint`` (hash of
 the inputs that determine the result: data, model weights, composite, layers) and
-``metadata`` (JSON: model, composite, canonizers, layers, target rule, class names).
+``metadata`` (JSON: model, composite, canonizers, layers, target rule, class names, the
+stored ``heatmap_shape``).
 
 The file is written as ``attributions.h5.partial``; rows are written chunk by chunk and a
 chunk's ``complete`` flag is set and flushed only after its data, so an interrupted run

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,24 @@ import h5py
 
 class StoreError(RuntimeError):
     """A stage file is missing, unreadable, truncated or of another format version."""
+
+
+def writable_folder(folder: Path, fix: str) -> Path:
+    """Create ``folder`` (with its parents) and check that a file can be written in it.
+
+    Done before a stage starts, so a folder that cannot be written (under a file, on a
+    read-only or full disk, without permission) stops the run with one clear error before
+    any work, instead of h5py's message halfway through. ``fix`` says what to change.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".spray-write-check-"):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise StoreError(f"{folder}: cannot write here ({reason}); {fix}") from error
+    return folder
 
 
 @contextlib.contextmanager

@@ -230,3 +230,24 @@ def test_reference_rows_are_collected_during_the_pass_and_survive_a_resume(tmp_p
             assert collected_top_rows(stored.references[LAYERS[0]], [0], 33) is None
             tied = [list(rows[:, c]) for c in range(rows.shape[1]) if {5, 6, 7} <= set(rows[:, c].tolist())]
             assert tied and all(order.index(6) == order.index(5) + 1 == order.index(7) - 1 for order in tied)
+
+
+def test_an_unwritable_output_folder_is_named_and_earlier_work_is_kept(tmp_path, source, model, monkeypatch) -> None:
+    settings = AttributionSettings(layers=LAYERS, batch_size=16)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match=r"file[/\\]out: cannot write here \(Not a directory\); give an output path"):
+        attribute_dataset(source, model, settings, blocker / "out" / "attributions.h5", "d", progress=False)
+    # A read-only or full disk (simulated: the tests may run as root, who may write anywhere).
+    folder = tmp_path / "earlier"
+    folder.mkdir()
+    partial = folder / "attributions.h5.partial"
+    partial.write_bytes(b"chunks of an earlier run")
+
+    def refuse(*_args, **_kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("spray.store.common.tempfile.NamedTemporaryFile", refuse)
+    with pytest.raises(StoreError, match=r"earlier: cannot write here \(Permission denied\)"):
+        attribute_dataset(source, model, settings, folder / "attributions.h5", "d", progress=False)
+    assert partial.read_bytes() == b"chunks of an earlier run"

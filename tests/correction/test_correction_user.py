@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import spray.correction.run as correction_run
+from spray.attribution.resolution import pool_heatmaps
 from spray.audit import run_audit
 from spray.cli import EXIT_ERROR, EXIT_OK, main
 from spray.correction import CorrectionConfig, CorrectionError
@@ -168,6 +169,12 @@ def test_the_cut_out_mask_localises_the_planted_patch(user_job: Path) -> None:
     truth = np.zeros((SIDE, SIDE), bool)
     truth[PATCH] = True
     assert (mask & truth).sum() / (mask | truth).sum() >= 0.8
+    # Heatmaps stored at half the resolution ([attribution] heatmap_size = [8]): the mask is
+    # still given at the images' size, on the same pixels.
+    stored = pool_heatmaps(heatmaps, (SIDE // 2, SIDE // 2))
+    coarse = cutout_mask(stored[members], stored[rest], spec.analysis.pooled_size, (SIDE, SIDE))
+    assert coarse.shape == (SIDE, SIDE)
+    assert np.array_equal(coarse, mask)
     with pytest.raises(CorrectionError, match=r"\[correct\] stamp"):
         cutout_mask(heatmaps[rest], heatmaps[rest], spec.analysis.pooled_size)  # no excess anywhere: nothing to cut out
 
