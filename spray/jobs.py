@@ -327,10 +327,10 @@ def _check_values(spec: JobSpec, source: str, text: str) -> None:
         raise JobSpecError(f"{_where(source, text, 'data', 'std')}: data.mean and data.std need the same length (one value per channel).")
     if any(v <= 0 for v in spec.data.std):
         raise JobSpecError(f"{_where(source, text, 'data', 'std')}: data.std values must be positive.")
-    for key in ("resize", "crop"):
-        values = getattr(spec.data, key)
+    for section, key in (("data", "resize"), ("data", "crop"), ("attribution", "heatmap_size")):
+        values = getattr(getattr(spec, section), key)
         if len(values) not in (0, 1, 2) or any(v < 1 for v in values):
-            raise JobSpecError(f"{_where(source, text, 'data', key)}: data.{key} must be [] , [side] or [height, width] with positive sizes.")
+            raise JobSpecError(f"{_where(source, text, section, key)}: {section}.{key} must be [], [side] or [height, width] with positive sizes.")
     if spec.cluster.kind == "address" and not spec.cluster.address:
         raise JobSpecError(f"{_where(source, text, 'cluster', 'kind')}: cluster.kind = 'address' needs cluster.address (e.g. 'tcp://scheduler:8786').")
     _check_cluster_write(spec, source, text)
@@ -347,12 +347,6 @@ def _check_values(spec: JobSpec, source: str, text: str) -> None:
     _check_correct(spec, source, text)
     _check_choice(spec.attribution.engine, ("auto", "fast", "zennit"), "attribution", "engine", source, text)
     _check_choice(spec.attribution.target, ("label", "prediction"), "attribution", "target", source, text)
-    size = spec.attribution.heatmap_size
-    if len(size) not in (0, 1, 2) or any(v < 1 for v in size):
-        raise JobSpecError(
-            f"{_where(source, text, 'attribution', 'heatmap_size')}: attribution.heatmap_size must be [] (the images' "
-            "resolution), [side] or [height, width] with positive sizes."
-        )
     if spec.attribution.loader_threads < 0:
         raise JobSpecError(f"{_where(source, text, 'attribution', 'loader_threads')}: loader_threads must be 0 (read inline) or more.")
     if spec.attribution.batch_size < 1:

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from spray.attribution.lrp import AttributionConfigError, resolve_layers
-from spray.attribution.resolution import HeatmapSizeError, pool_heatmaps, stored_shape
+from spray.attribution.resolution import HeatmapSizeError, check_heatmap_size, pool_heatmaps, stored_shape
 from spray.attribution.select import DEVICES, PRECISIONS, PlacedExplainer, engine_name, placed_explainer
 from spray.data.source import DataSource, ReopenableSource
 from spray.store.attributions import AttributionLayout, AttributionWriter, read_attributions
@@ -116,7 +116,7 @@ class AttributionSettings:
         if self.loader_threads < 0:
             raise AttributionConfigError(f"loader_threads must be 0 or more, got {self.loader_threads}.")
         try:
-            stored_shape((1, 1), self.heatmap_size)
+            check_heatmap_size(self.heatmap_size)
         except HeatmapSizeError as error:
             raise AttributionConfigError(str(error)) from error
 

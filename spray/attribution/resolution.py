@@ -15,25 +15,32 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from spray.analysis.preprocess import pooled_shape
+
 
 class HeatmapSizeError(ValueError):
     """A ``heatmap_size`` that cannot be used (not one or two positive integers)."""
 
 
-def stored_shape(image_shape: Sequence[int], size: Sequence[int]) -> tuple[int, int]:
-    """The (height, width) heatmaps of ``image_shape`` (H, W) are stored at.
+def check_heatmap_size(size: Sequence[int]) -> tuple[int, int] | None:
+    """``size`` as (height, width), or None for ``[]`` (the images' resolution).
 
-    ``size`` is ``[]`` (the image's resolution), ``[side]`` or ``[height, width]``. A side
-    larger than the image's is the image's: heatmaps are never upsampled.
+    Raises ``HeatmapSizeError`` unless it is ``[]``, ``[side]`` or ``[height, width]`` of positive integers.
     """
-    height, width = int(image_shape[0]), int(image_shape[1])
     size = [int(v) for v in size]
     if len(size) not in (0, 1, 2) or any(v < 1 for v in size):
         raise HeatmapSizeError(f"heatmap_size must be [], [side] or [height, width] with positive sizes, got {list(size)}.")
     if not size:
-        return height, width
-    wanted = (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
-    return min(wanted[0], height), min(wanted[1], width)
+        return None
+    return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+
+
+def stored_shape(image_shape: Sequence[int], size: Sequence[int]) -> tuple[int, int]:
+    """The (height, width) heatmaps of ``image_shape`` (H, W) are stored at, for ``heatmap_size`` ``size``.
+
+    A side larger than the image's is the image's: heatmaps are never upsampled.
+    """
+    return pooled_shape(int(image_shape[0]), int(image_shape[1]), check_heatmap_size(size))
 
 
 def area_pooling_matrix(length: int, bins: int) -> np.ndarray:
