@@ -10,7 +10,8 @@ batch 16 and 8, timed alternately in one process:
 - spray: heatmap plus concept-relevance vectors at three layers, in one pass
   (``spray.attribution.select.make_explainer``, layers from ``architectures``; the default
   forward pass computes zennit's values bit for bit), and the same engine with
-  ``forward="fast"`` (channels-last forward, BatchNorm folded into its layer).
+  ``forward="fast"`` (channels-last forward, BatchNorm folded into its layer). spray's
+  explainers return CPU tensors, so on CUDA their times include copying the results back.
 
 Reports the median images/s, forward units (time ÷ plain forward time), the speed-up over
 zennit, and two accuracy figures, each the largest over samples of max|a − b| / max|b|:
@@ -28,10 +29,12 @@ the concepts ranked by the relevance vectors of the one-pass explanation (as sto
 - a plain forward pass of the 16 samples (the unit);
 - zennit CRP the straightforward way (the anchor): one forward and full backward pass per
   condition, the other channels' relevance masked at the layer by a gradient hook
-  (``spray.attribution.crp.ConditionalExplainer``, 16 conditions per pass, 5 passes);
-- spray's ``FastConditionalExplainer``: one forward pass and the backward sweep above the
-  layer per sample, the sweep below the layer per condition (all 80 conditions);
-- without ``--quick`` also ``ConditionalExplainer`` with the 80 conditions in one batch.
+  (spray's zennit engine, ``spray.attribution.lrp.Explainer.explain_conditional``, 16
+  conditions per pass, 5 passes);
+- spray's fast engine (``FastExplainer.explain_conditional``): one forward pass and the
+  backward sweep above the layer per sample, the sweep below the layer per condition (all 80
+  conditions);
+- without ``--quick`` also the zennit engine with the 80 conditions in one batch.
 
 Reports conditional heatmaps/s, forward units per conditional heatmap (time per heatmap ÷
 plain forward time per image), the speed-up over the anchor and the largest relative
@@ -47,6 +50,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import os
 import platform
 import shlex
@@ -60,10 +64,11 @@ import torch.nn.functional as F
 import torchvision
 import zennit.attribution as za
 
-from spray.attribution.architectures import attribution_defaults
-from spray.attribution.crp import ConditionalExplainer, FastConditionalExplainer, channel_masks
-from spray.attribution.lrp import make_composite
-from spray.attribution.select import PlacedExplainer, engine_name, ieee_float32, make_explainer
+from spray.attribution.architectures import AttributionDefaults, attribution_defaults
+from spray.attribution.crp import channel_masks
+from spray.attribution.lrp import ieee_float32, make_composite
+from spray.attribution.select import make_explainer
+from spray.attribution.settings import AttributionSettings
 
 
 FAST_FORWARD = "  same, forward='fast' (channels-last, BatchNorm folded)"
@@ -112,10 +117,18 @@ def _model(name: str, device: str) -> torch.nn.Module:
     return model
 
 
-def _float64_reference(model, defaults, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _settings(defaults: AttributionDefaults, device: str, layers: tuple[str, ...] | None = None) -> AttributionSettings:
+    """The architecture's composite and canonizers (and its concept layers, or ``layers``) on ``device``."""
+    return AttributionSettings(
+        composite=defaults.composite, canonizers=tuple(defaults.canonizers),
+        layers=tuple(defaults.layers if layers is None else layers), device=device,
+    )
+
+
+def _float64_reference(model, defaults, x: torch.Tensor, targets: torch.Tensor, device: str) -> torch.Tensor:
     """Heatmaps in float64 (spray's engine, equal to zennit's in float64 to ~1e-15)."""
     model64 = copy.deepcopy(model).double()
-    explainer = make_explainer(model64, defaults.composite, defaults.canonizers)
+    explainer = make_explainer(model64, _settings(defaults, device, layers=()))
     return explainer.explain(x.double(), targets).heatmaps
 
 
@@ -129,11 +142,12 @@ def bench_network(name: str, batch: int, repeats: int, device: str, amp: bool, f
     x = torch.randn(batch, 3, 224, 224, generator=generator).to(device)
     targets = (torch.arange(batch) % 10).to(device)
 
+    settings = _settings(defaults, device)
     start = time.perf_counter()
-    explainer = make_explainer(model, defaults.composite, defaults.canonizers, defaults.layers)
+    explainer = make_explainer(model, settings)
     compile_s = time.perf_counter() - start
     # The same engine with the faster forward pass (channels-last, BatchNorm folded into its layer).
-    explainer_ff = make_explainer(model, defaults.composite, defaults.canonizers, defaults.layers, forward="fast")
+    explainer_ff = make_explainer(model, settings, forward="fast")
 
     outputs: dict[str, torch.Tensor] = {}
 
@@ -167,7 +181,7 @@ def bench_network(name: str, batch: int, repeats: int, device: str, amp: bool, f
             result = explainer_ff.explain(inputs, targets[: len(inputs)])
         outputs["spray, fast forward"] = result.heatmaps
 
-    spray_label = f"spray ({engine_name(explainer)}) heatmap + {len(defaults.layers)} concept vectors"
+    spray_label = f"spray ({explainer.engine}) heatmap + {len(defaults.layers)} concept vectors"
     methods: dict[str, Callable[..., None]] = {
         "plain forward": forward,
         "plain forward, channels-last": forward_cl,
@@ -183,7 +197,7 @@ def bench_network(name: str, batch: int, repeats: int, device: str, amp: bool, f
         _per_sample_difference(outputs["spray, fast forward"], outputs["zennit"]),
     )
     worst = per_sample.argsort(descending=True)[:f64_samples].to(x.device)
-    reference = _float64_reference(model, defaults, x[worst], targets[worst])
+    reference = _float64_reference(model, defaults, x[worst], targets[worst], device)
     heatmaps = {spray_label: outputs["spray"], FAST_FORWARD: outputs["spray, fast forward"]}
     base, anchor = medians["plain forward"], medians["zennit Gradient (anchor)"]
     rows = []
@@ -195,27 +209,27 @@ def bench_network(name: str, batch: int, repeats: int, device: str, amp: bool, f
             "images/s": batch / seconds, "units": seconds / base,
             "vs zennit": anchor / seconds if heatmap is not None else None,
             "difference": _relative_difference(ours, outputs["zennit"]) if ours is not None else None,
-            "f64 error": _relative_difference(heatmap[worst], reference) if heatmap is not None else None,
+            "f64 error": _relative_difference(heatmap[worst.to(heatmap.device)], reference) if heatmap is not None else None,
         })
     print(
         f"  {name} batch {batch}: compile {compile_s:.1f} s; float64 reference (spray's engine in float64) on the "
         f"{f64_samples} sample(s) where spray's modes and zennit differ most: {worst.tolist()}"
     )
     if amp:
-        rows.append(_amp_row(name, batch, explainer, x, targets, outputs["zennit"], reference, worst, base, anchor, device))
+        amp_explainer = make_explainer(model, dataclasses.replace(settings, precision="amp"))
+        rows.append(_amp_row(name, batch, amp_explainer, x, targets, outputs["zennit"], reference, worst, base, anchor, device))
     return rows
 
 
 def _amp_row(name, batch, explainer, x, targets, zennit, reference, worst, base, anchor, device) -> dict:
     """spray with ``precision = "amp"`` (float16 autocast, as a job spec runs it): time and
     agreement with zennit's float32 heatmaps."""
-    placed = PlacedExplainer(explainer, torch.device(device), torch.float16)
     times = []
     for _ in range(3):
         _sync(device)
         start = time.perf_counter()
-        with placed:
-            heatmaps = placed.explain(x, targets).heatmaps
+        with explainer:
+            heatmaps = explainer.explain(x, targets).heatmaps
         _sync(device)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
@@ -235,11 +249,12 @@ def bench_conditional(name: str, repeats: int, device: str, batched_anchor: bool
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(samples, 3, 224, 224, generator=generator).to(device)
     targets = (torch.arange(samples) % 10).to(device)
-    concepts = make_explainer(model, defaults.composite, defaults.canonizers, [layer]).explain(x, targets).concepts[layer]
+    settings = _settings(defaults, device, layers=(layer,))
+    fast = make_explainer(model, settings)
+    zennit = make_explainer(model, dataclasses.replace(settings, engine="zennit"))
+    concepts = fast.explain(x, targets).concepts[layer]
     ranked = concepts.topk(top, dim=1).indices.cpu()  # (samples, top): each sample's most relevant channels
     channels = concepts.shape[1]
-    composite = make_composite(defaults.composite, defaults.canonizers)
-    fast = FastConditionalExplainer(model, defaults.composite, defaults.canonizers, layer)
     picks = torch.arange(samples).repeat_interleave(top).to(device)
     masks = channel_masks(channels, ranked.reshape(-1, 1).tolist()).to(device)
     per_rank = [channel_masks(channels, ranked[:, k : k + 1].tolist()).to(device) for k in range(top)]
@@ -250,26 +265,27 @@ def bench_conditional(name: str, repeats: int, device: str, batched_anchor: bool
             model(x)
 
     def anchor() -> None:
-        with ConditionalExplainer(model, composite, layer) as explainer:
-            parts = [explainer.explain(x, targets, per_rank[k]).heatmaps for k in range(top)]
+        with zennit:
+            parts = [zennit.explain_conditional(x, targets, layer, per_rank[k]).heatmaps for k in range(top)]
         outputs["anchor"] = torch.stack(parts, dim=1).reshape(samples * top, *x.shape[2:])  # sample-major
 
     def batched() -> None:
-        with ConditionalExplainer(model, composite, layer) as explainer:
-            outputs["batched"] = explainer.explain(x, targets, masks, picks).heatmaps
+        with zennit:
+            outputs["batched"] = zennit.explain_conditional(x, targets, layer, masks, picks).heatmaps
 
     def spray() -> None:
         with fast:
-            outputs["spray"] = fast.explain(x, targets, masks, picks).heatmaps
+            outputs["spray"] = fast.explain_conditional(x, targets, layer, masks, picks).heatmaps
 
     anchor_label = "zennit CRP, one backward per condition (anchor)"
-    spray_label = "spray FastConditionalExplainer (shared forward)"
+    spray_label = f"spray {fast.engine} engine (shared forward)"
+    batched_label = "spray zennit engine, 80 in one batch"
     methods = {"plain forward": forward, anchor_label: anchor, spray_label: spray}
     if batched_anchor:
-        methods["spray ConditionalExplainer (zennit hooks), 80 in one batch"] = batched
+        methods[batched_label] = batched
     medians = _time_alternately(methods, repeats, device, warm_up=lambda fn: None)
     heatmaps = {anchor_label: outputs["anchor"], spray_label: outputs["spray"], **(
-        {"spray ConditionalExplainer (zennit hooks), 80 in one batch": outputs["batched"]} if batched_anchor else {}
+        {batched_label: outputs["batched"]} if batched_anchor else {}
     )}
     n = samples * top
     per_image = medians["plain forward"] / samples

@@ -22,7 +22,8 @@ import torchvision
 from torch.profiler import ProfilerActivity, profile
 
 from spray.attribution.architectures import attribution_defaults
-from spray.attribution.select import engine_name, make_explainer
+from spray.attribution.select import make_explainer
+from spray.attribution.settings import AttributionSettings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     targets = torch.arange(args.batch) % 10
     defaults = attribution_defaults(model)
-    explainer = make_explainer(model, defaults.composite, defaults.canonizers, defaults.layers, forward=args.forward)
+    settings = AttributionSettings(
+        composite=defaults.composite, canonizers=tuple(defaults.canonizers), layers=tuple(defaults.layers), device="cpu"
+    )
+    explainer = make_explainer(model, settings, forward=args.forward)
 
     def forward() -> None:
         with torch.no_grad():
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[: args.rows]
     print(
-        f"{args.network}, batch {args.batch}, {engine_name(explainer)} engine, forward={args.forward!r}, "
+        f"{args.network}, batch {args.batch}, {explainer.engine} engine, forward={args.forward!r}, "
         f"{torch.get_num_threads()} threads: plain forward {unit * 1e3:.0f} ms; explain {total * 1e3:.0f} ms "
         f"under the profiler ({total / unit:.2f} forward units)"
     )

@@ -41,8 +41,9 @@ from bench.mnist import MnistTrainConfig, artifact_region, load_mnist, load_or_t
 from spray.correction import CorrectionConfig, correct_model, evaluate, format_table  # noqa: E402
 from spray.correction.cav import fit_cav  # noqa: E402
 from spray.correction.evaluate import recovered_share  # noqa: E402
-from spray.data.demo import stamp_tag, tag_region  # noqa: E402
 from spray.jobs import demo_job, load_job  # noqa: E402
+from spray.models.demo import DEMO_CAV_LAYER  # noqa: E402
+from spray.store.folders import SUMMARY_FILE  # noqa: E402
 
 CACHE = REPO / ".bench-cache" / "correction"
 
@@ -85,21 +86,22 @@ def run_case(title: str, model, train_x, train_y, test_x, test_y, rows, stamp, m
 
 
 def demo_cases(quick: bool) -> list[dict]:
-    from spray.correction.run import load_demo
+    from spray.correction.job import load_job_inputs
 
     if quick:
         spec = demo_job(output=CACHE, name="demo-quick", n_per_class=300)
-        spec.model.epochs = 6
+        spec = replace(spec, model=replace(spec.model, epochs=6))
     else:
         spec = load_job(REPO / "jobs" / "demo.toml")
     start = time.perf_counter()
-    inputs = load_demo(spec)
-    print(f"demo: {len(inputs.train.images)} training / {len(inputs.test.images)} test images, model {inputs.weights} ({time.perf_counter() - start:.1f} s)")
-    configs = methods(quick, "features.relu3", None)
-    tr, te = inputs.train, inputs.test
+    inputs = load_job_inputs(spec)
+    planted = inputs.planted
+    te = planted.test
+    print(f"demo: {len(inputs.labels)} training / {len(te.labels)} test images, model cache {spec.folders.model_cache} ({time.perf_counter() - start:.1f} s)")
+    configs = methods(quick, DEMO_CAV_LAYER, None)
     out = [run_case(f"demo ({spec.data.n_per_class} per class), CAV from the truly stamped rows", inputs.model,
-                    tr.images, tr.labels, te.images, te.labels, np.flatnonzero(tr.stamped), stamp_tag, tag_region(), configs)]
-    summary_path = spec.output_dir / "summary.json"
+                    inputs.display, inputs.labels, te.images, te.labels, planted.rows, planted.stamp, planted.region, configs)]
+    summary_path = spec.folders.root / SUMMARY_FILE
     if not quick:
         if summary_path.exists():
             summary = json.loads(summary_path.read_text())
@@ -108,8 +110,8 @@ def demo_cases(quick: bool) -> list[dict]:
                 rows = np.asarray(flag["member_rows"], dtype=np.int64)
                 title = (f"demo, CAV from the audit's top flag (class {flag['class_name']}, {flag['space']}, cluster {flag['cluster_id']}, "
                          f"precision {flag.get('precision')}, recall {flag.get('recall')})")
-                out.append(run_case(title, inputs.model, tr.images, tr.labels, te.images, te.labels, rows, stamp_tag, tag_region(),
-                                    configs, class_id=int(flag["class_index"])))
+                out.append(run_case(title, inputs.model, inputs.display, inputs.labels, te.images, te.labels, rows, planted.stamp,
+                                    planted.region, configs, class_id=int(flag["class_index"])))
             else:
                 print(f"\n{summary_path} has no flags: audit-flag case skipped.")
         else:

@@ -56,7 +56,8 @@ from bench.mnist import (  # noqa: E402
     make_planted,
     stamp,
 )
-from spray.analysis.pipeline import HEATMAP_SPACE, SprayConfig, analyze_spaces, concept_space  # noqa: E402
+from spray.analysis.config import HEATMAP_SPACE, SprayConfig, concept_space  # noqa: E402
+from spray.analysis.pipeline import analyze_spaces  # noqa: E402
 from spray.attribution.lrp import Explainer, make_composite  # noqa: E402
 from spray.report.summary import group_findings  # noqa: E402
 

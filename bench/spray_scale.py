@@ -82,7 +82,8 @@ def _ari(truth: np.ndarray, labels: np.ndarray) -> float:
 def worker_spray(n: int, threads: int, seed: int, umap: bool) -> dict:
     from spray.analysis.embed import embed_2d
     from spray.analysis.graph import affinity_graph, reduce_dimensions
-    from spray.analysis.pipeline import SprayConfig, analyze_class, thread_limit
+    from spray.analysis.config import SprayConfig
+    from spray.analysis.pipeline import analyze_class, thread_limit
 
     import torch  # noqa: F401 - loaded in any audit (the model); not part of the analysis time
 

@@ -82,12 +82,12 @@ def _run_other(args: argparse.Namespace) -> int:
 
         print(f"comparison: {write_comparison(args.before, args.after, args.output)}")
     elif args.command == "export-virelay":
-        from spray.audit import open_data
+        from spray.audit import open_job_data
         from spray.report.virelay import export_virelay
 
         spec = load_job(args.job)
-        data = open_data(spec, spec.output_dir / "stages")
-        print(f"ViRelAy project: {export_virelay(spec.output_dir, args.output, source=data.source)}")
+        data = open_job_data(spec)
+        print(f"ViRelAy project: {export_virelay(spec.folders.root, args.output, source=data.source)}")
     else:
         _run_correct(args)
     return EXIT_OK
@@ -95,30 +95,24 @@ def _run_other(args: argparse.Namespace) -> int:
 
 def _run_correct(args: argparse.Namespace) -> None:
     """``spray correct``: ClArC for one flag of the job's audit, the re-audit, and what they found."""
+    from spray.correction.job import correct_job
     from spray.correction.page import PAGE_FILE
     from spray.correction.reaudit import describe_outcome
-    from spray.correction.run import correct_demo, flag_entry, job_config
-    from spray.correction.user import correct_user
+    from spray.correction.run import flag_entry, job_config
     from spray.jobs import load_job
-
-    from spray.audit import report_folder
+    from spray.store.folders import SUMMARY_FILE
 
     spec = load_job(args.job)
-    summary = report_folder(spec) / "summary.json"
-    flag = flag_entry(summary, spec.correct.flag if args.flag is None else args.flag)
-    config = job_config(spec, method=args.method, layer=args.layer, gate=args.gate)
-    reaudit = spec.correct.reaudit if args.reaudit is None else args.reaudit
-    if spec.model.source == "demo":
-        report = correct_demo(spec, flag["member_rows"], config, flag=flag, reaudit=reaudit, progress=not args.no_progress)
-    else:
-        choose_layer = args.layer is None and spec.correct.layer is None
-        report = correct_user(spec, flag, config, choose_layer=choose_layer, reaudit=reaudit, progress=not args.no_progress)
+    config = job_config(spec, method=args.method, flag=args.flag, layer=args.layer, gate=args.gate, reaudit=args.reaudit)
+    flag = flag_entry(spec.folders.latest_report(spec.job.dated) / SUMMARY_FILE, config.flag)
+    report = correct_job(spec, flag, config, progress=not args.no_progress)
+    if report.evaluation_set is not None:
         print(f"attacked set: {report.evaluation_set['attack']['description']}")
     print(report.table())
     print(f"recovered share of the attacked-accuracy loss: {report.recovered:.3f}; clean accuracy change: {report.clean_change:+.4f}")
     if report.reaudit is not None:
         print(describe_outcome(report.reaudit))
-        print(f"re-audit report: {spec.output_dir / 'correction' / config.method / report.reaudit['report']}")
+        print(f"re-audit report: {spec.folders.correction(config.method) / report.reaudit['report']}")
     if report.export is not None:
         print(f"exported: {report.export.folder}")
         print(f"correction page: {report.export.folder / PAGE_FILE}")

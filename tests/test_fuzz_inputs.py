@@ -9,7 +9,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spray.data.sources import ArrayFileSource, DataSourceError
+from spray.data.arrays import ArrayFileSource
+from spray.data.base import DataSourceError
 from spray.jobs import SECTIONS, JobSpecError, parse_job
 
 KEYS = sorted({f for cls in SECTIONS.values() for f in cls.__dataclass_fields__} | {"nme", "weights_only", ""})

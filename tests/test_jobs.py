@@ -15,23 +15,23 @@ def test_demo_job_file_is_valid_and_writes_under_reports() -> None:
     spec = load_job(REPO / "jobs" / "demo.toml")
     assert spec.job.name == "demo"
     assert spec.output_dir == REPO / "reports" / "demo"
-    assert spec.attribution.layers == ["features.conv3", "features.conv4"]
+    assert spec.attribution.layers == ("features.conv3", "features.conv4")
     assert spec.data.artifact_fraction == pytest.approx(0.3)
 
 
 def test_defaults_fill_missing_sections() -> None:
     spec = parse_job('[job]\nname = "tiny"\n')
-    assert spec.analysis.n_neighbors == 10 and spec.attribution.composite == "auto" and spec.attribution.layers == ["auto"]
+    assert spec.analysis.n_neighbors == 10 and spec.attribution.composite == "auto" and spec.attribution.layers == ("auto",)
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('[job]\nname = "a"\n[data]\nn_per_clas = 5\n', r"x\.toml:4: unknown key 'n_per_clas' in \[data\]; valid keys: .*n_per_class"),
-        ('[job]\nname = "a"\n\n[attribution]\nbatch_size = "64"\n', r"x\.toml:5: \[attribution\] batch_size must be int, got str '64'"),
+        ('[job]\nname = "a"\n[data]\nn_per_clas = 5\n', r"x\.toml:4: data\.n_per_clas is not a key of \[data\]; valid keys: .*n_per_class"),
+        ('[job]\nname = "a"\n\n[attribution]\nbatch_size = "64"\n', r"x\.toml:5: attribution\.batch_size must be an integer, got str '64'"),
         ('[job]\nname = "a"\n[analyss]\n', r"x\.toml:3: unknown section \[analyss\]"),
-        ('[job]\nname = "../../etc"\n', r"x\.toml:2: job\.name '\.\./\.\./etc' must be"),
-        ('[job]\nname = "a"\n[data]\nartifact_fraction = true\n', r"artifact_fraction must be float, got bool"),
+        ('[job]\nname = "../../etc"\n', r"x\.toml:2: job\.name must be 1-100 letters, digits.*got '\.\./\.\./etc'"),
+        ('[job]\nname = "a"\n[data]\nartifact_fraction = true\n', r"x\.toml:4: data\.artifact_fraction must be a number, got bool"),
         ("[job\nname=1", r"x\.toml: not valid TOML"),
     ],
 )
@@ -41,7 +41,7 @@ def test_bad_specs_name_file_line_and_key(text: str, message: str) -> None:
 
 
 def test_unsupported_source_is_named() -> None:
-    with pytest.raises(JobSpecError, match=r"x\.toml:4: data\.source must be one of demo, folder, h5, npz, entrypoint; got 'web'"):
+    with pytest.raises(JobSpecError, match=r"x\.toml:4: data\.source must be one of 'demo', 'folder', 'h5', 'npz', 'entrypoint'; got 'web'"):
         parse_job('[job]\nname = "a"\n[data]\nsource = "web"\n', source="jobs/x.toml")
 
 
@@ -60,13 +60,13 @@ def test_torchvision_model_needs_an_architecture(tmp_path: Path) -> None:
     (tmp_path / "imgs").mkdir()
     job = tmp_path / "j.toml"
     job.write_text('[job]\nname = "a"\n[data]\nsource = "folder"\npath = "imgs"\n[model]\nsource = "torchvision"\nweights = "w.pt"\n')
-    with pytest.raises(JobSpecError, match=r"j\.toml:7: model\.source = 'torchvision' needs model\.architecture"):
+    with pytest.raises(JobSpecError, match=r"j\.toml:7: model\.source 'torchvision' needs model\.architecture"):
         load_job(job)
 
 
 def test_analysis_spaces_default_to_heatmap_and_every_concept_layer() -> None:
     spec = parse_job('[job]\nname = "a"\n')
-    assert spec.analysis.spaces == ["heatmap", "concept:*"] and spec.analysis.dataset_wide is False
+    assert spec.analysis.spaces == ("heatmap", "concept:*") and spec.analysis.dataset_wide is False
 
 
 @pytest.mark.parametrize(
@@ -74,9 +74,9 @@ def test_analysis_spaces_default_to_heatmap_and_every_concept_layer() -> None:
     [
         ("[]", r"x\.toml:4: analysis\.spaces must name at least one space"),
         ('["heatmap", "heatmap"]', r"x\.toml:4: analysis\.spaces repeats a space"),
-        ('["pixels"]', r"x\.toml:4: unknown analysis space 'pixels'"),
-        ('["concept:"]', r"x\.toml:4: unknown analysis space 'concept:'"),
-        ('["concept:layer9"]', r"x\.toml:4: analysis space 'concept:layer9' needs its layer in attribution\.layers \(\['layer3'\]\)"),
+        ('["pixels"]', r"x\.toml:4: analysis\.spaces item 0: must be 'heatmap', 'concept:\*' or 'concept:<layer>'; got 'pixels'"),
+        ('["concept:"]', r"x\.toml:4: analysis\.spaces item 0: must be .*; got 'concept:'"),
+        ('["concept:layer9"]', r"x\.toml:4: analysis\.spaces names 'concept:layer9', which needs its layer in attribution\.layers \(\['layer3'\]\)"),
     ],
 )
 def test_bad_analysis_spaces_name_the_line_and_the_fix(spaces: str, message: str) -> None:
@@ -85,15 +85,22 @@ def test_bad_analysis_spaces_name_the_line_and_the_fix(spaces: str, message: str
         parse_job(text, source="jobs/x.toml")
 
 
-def test_concept_wildcard_expands_to_the_stored_layers_and_a_missing_layer_is_named() -> None:
-    from spray.audit import analysis_spaces
+def test_concept_wildcard_expands_to_the_stored_layers_in_order_and_a_missing_layer_is_named() -> None:
+    import numpy as np
 
-    spec = parse_job('[job]\nname = "a"\n[analysis]\nspaces = ["concept:*", "heatmap"]\n')
-    assert analysis_spaces(spec, ["layer2", "layer4"]) == ["concept:layer2", "concept:layer4", "heatmap"]
-    assert analysis_spaces(spec, []) == ["heatmap"]
+    from spray.analysis.pipeline import analyze_spaces
+    from spray.analysis.preprocess import AnalysisInputError
+
+    spec = parse_job('[job]\nname = "a"\n[analysis]\nspaces = ["concept:*", "heatmap"]\nmin_class_size = 5\nn_neighbors = 3\nembedding = "spectral"\n')
+    rng = np.random.default_rng(0)
+    maps, labels = rng.random((12, 4, 4)), np.zeros(12, int)
+    concepts = {"layer2": rng.random((12, 3)), "layer4": rng.random((12, 5))}
+    results = analyze_spaces(maps, labels, ["a"], spec.analysis, concepts=concepts)
+    assert [r.space for r in results] == ["concept:layer2", "concept:layer4", "heatmap"]
+    assert [r.space for r in analyze_spaces(maps, labels, ["a"], spec.analysis)] == ["heatmap"]
     named = parse_job('[job]\nname = "a"\n[analysis]\nspaces = ["concept:layer4"]\n')
-    with pytest.raises(ValueError, match=r"'concept:layer4', but the attributions hold concept relevances of \['layer2'\]"):
-        analysis_spaces(named, ["layer2"])
+    with pytest.raises(AnalysisInputError, match=r"unknown analysis space 'concept:layer4'; available: \['heatmap', 'concept:layer2'\]"):
+        analyze_spaces(maps, labels, ["a"], named.analysis, concepts={"layer2": concepts["layer2"]})
 
 
 def test_cluster_write_defaults_to_client_and_accepts_workers() -> None:
@@ -105,10 +112,10 @@ def test_cluster_write_defaults_to_client_and_accepts_workers() -> None:
 @pytest.mark.parametrize(
     ("cluster", "message"),
     [
-        ('kind = "local"\nwrite = "shared"', r"x\.toml:5: cluster\.write must be one of client, workers; got 'shared'"),
-        ('write = "workers"', r"x\.toml:4: cluster\.write = 'workers' needs Dask workers; set cluster\.kind"),
+        ('kind = "local"\nwrite = "shared"', r"x\.toml:5: cluster\.write must be one of 'client', 'workers'; got 'shared'"),
+        ('write = "workers"', r"x\.toml:4: cluster\.write 'workers' needs Dask workers; set cluster\.kind"),
         ('kind = "local"\nwrite = "workers"\n[data]\nsource = "entrypoint"\nentrypoint = "m:f"\n[model]\nsource = "entrypoint"\nentrypoint = "m:g"',
-         r"x\.toml:5: cluster\.write = 'workers' needs data the workers can open from files.*use write = 'client'"),
+         r"x\.toml:5: cluster\.write 'workers' needs data the workers can open from files.*use write = 'client'"),
     ],
 )
 def test_bad_cluster_write_names_file_line_and_fix(cluster: str, message: str) -> None:

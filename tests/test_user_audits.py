@@ -157,15 +157,14 @@ def test_the_latest_report_of_a_dated_job_is_found_and_a_missing_one_named(
     tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``spray correct`` reads the flags of the newest dated run; before any audit it says what to run."""
-    from spray.audit import report_folder
 
     job = _write_job(tmp_path, 'source = "folder"\npath = "images"', job_extra="dated = true")
     spec = load_job(job)
     with pytest.raises(FileNotFoundError, match="run 'spray audit' on the job first"):
-        report_folder(spec)
+        spec.folders.latest_report(spec.job.dated)
     reports = [run_audit(spec, progress=False).report for _ in range(2)]
     (spec.output_dir / "runs" / "29991231T000000Z").mkdir()  # a newer run that never finished
-    assert report_folder(spec) == reports[-1].parent
+    assert spec.folders.latest_report(spec.job.dated) == reports[-1].parent
     # the flags are read from that run: a random model has none, which is what correct reports
     assert main(["--no-progress", "correct", str(job)]) == EXIT_ERROR
     assert "flagged no cluster" in capsys.readouterr().err

@@ -30,213 +30,28 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 from scipy.sparse.linalg import ArpackError, ArpackNoConvergence
 from threadpoolctl import threadpool_limits
 
-from spray.analysis.artifacts import (
-    DEFAULT_MAX_CLUSTER_FRACTION,
-    DEFAULT_MIN_CLUSTER_SIZE,
-    DEFAULT_THRESHOLD,
-    score_clusters,
-)
-from spray.analysis.cluster import CLUSTERERS, DEFAULT_MINIBATCH_ABOVE, cluster_spectral
-from spray.analysis.embed import DEFAULT_MAX_SAMPLES, EMBEDDINGS, embed_2d
-from spray.analysis.graph import (
-    AFFINITIES,
-    DEFAULT_EXACT_BELOW,
-    DEFAULT_PCA_COMPONENTS,
-    KNN_METHODS,
-    affinity_graph,
-    reduce_dimensions,
-)
-from spray.analysis.preprocess import (
-    DEFAULT_POOLED_SIZE,
-    NORMALISATIONS,
-    RELEVANCE_MODES,
-    SCALINGS,
-    AnalysisInputError,
-    linear_maps,
-    preprocess,
-)
+from spray.analysis.artifacts import score_clusters
+from spray.analysis.cluster import cluster_spectral
+from spray.analysis.config import ALL_CONCEPTS, CONCEPT_PREFIX, HEATMAP_SPACE, SprayConfig, concept_space
+from spray.analysis.embed import embed_2d
+from spray.analysis.graph import affinity_graph, reduce_dimensions
+from spray.analysis.preprocess import AnalysisInputError, linear_maps, preprocess
 from spray.analysis.result import ClassAnalysis, ClusterResult
-from spray.analysis.spectral import (
-    DEFAULT_MIN_RATIO,
-    DEFAULT_N_EIGEN,
-    choose_n_clusters,
-    laplacian_eigenpairs,
-)
+from spray.analysis.spectral import choose_n_clusters, laplacian_eigenpairs
 
 logger = logging.getLogger(__name__)
 
-# Smallest subset UMAP/t-SNE may be fitted on for large classes.
-MIN_EMBED_SAMPLES = 100
-
-HEATMAP_SPACE = "heatmap"
-CONCEPT_PREFIX = "concept:"
 DATASET_WIDE = -1
 DATASET_WIDE_NAME = "all classes"
-
-
-@dataclass
-class SprayConfig:
-    """Parameters of a SpRAy analysis.
-
-    Attributes:
-        pooled_size: (h, w) grid heatmaps are sum-pooled to (capped at their size);
-            ``None`` keeps full resolution.
-        relevance: ``"signed"``, ``"positive"`` or ``"absolute"`` relevance.
-        scaling: ``"sqrt"`` (Hellinger-like distances between relevance maps) or
-            ``"linear"``; see :mod:`spray.analysis.preprocess`.
-        normalisation: per-sample ``"l2"``, ``"max"``, ``"sum"`` or ``"none"``.
-        n_neighbors: neighbours per sample in the affinity graph.
-        n_eigen: Laplacian eigenpairs computed (capped at n - 1 per class).
-        max_clusters: the eigengap considers at most this many clusters.
-        min_eigen_ratio: eigengap ratio needed to report more than one cluster
-            (see :func:`~spray.analysis.spectral.choose_n_clusters`).
-        knn_method: neighbour search: ``"auto"`` (exact below ``knn_exact_below``
-            samples, inverted-file index above), ``"exact"``, ``"ivf"`` or
-            ``"pynndescent"`` (see :func:`~spray.analysis.graph.knn`).
-        knn_exact_below: with ``knn_method="auto"``, exact kNN below this many samples.
-        pca_components: the neighbour search runs on this many principal components
-            (``None``: on the full vectors); see
-            :func:`~spray.analysis.graph.reduce_dimensions`.
-        affinity: ``"gaussian"`` (self-tuning kernel) or ``"connectivity"``.
-        clusterer: ``"kmeans"``, ``"agglomerative"``, ``"dbscan"`` or ``"hdbscan"``.
-        minibatch_above: k-means switches to mini-batches above this many samples.
-        embedding: 2-d picture: ``"umap"``, ``"tsne"`` or ``"spectral"``.
-        embedding_neighbors: UMAP neighbourhood size.
-        embedding_max_samples: UMAP/t-SNE embed at most this many samples directly; the
-            others are placed through the kNN graph.
-        threshold: artifact score at or above which a cluster is flagged.
-        max_cluster_fraction: clusters larger than this share of the class are never
-            flagged (the artifact is the minority strategy).
-        min_cluster_size: clusters with fewer members are never flagged.
-        min_class_size: classes with fewer analysable samples are not analysed
-            (at least ``n_neighbors + 1`` is needed in any case).
-        random_state: seed for every random step.
-        n_threads: BLAS/OpenMP/torch threads during the analysis (``None``: leave the
-            libraries' own setting). The default 1 is fastest on a machine shared with
-            other work, where idle threads of multi-threaded BLAS spin and can make small
-            matrix products ten times slower; raise it on a dedicated many-core machine.
-    """
-
-    pooled_size: tuple[int, int] | None = DEFAULT_POOLED_SIZE
-    relevance: str = "signed"
-    scaling: str = "sqrt"
-    normalisation: str = "l2"
-    n_neighbors: int = 10
-    n_eigen: int = DEFAULT_N_EIGEN
-    max_clusters: int = 8
-    min_eigen_ratio: float = DEFAULT_MIN_RATIO
-    knn_method: str = "auto"
-    knn_exact_below: int = DEFAULT_EXACT_BELOW
-    pca_components: int | None = DEFAULT_PCA_COMPONENTS
-    affinity: str = "gaussian"
-    clusterer: str = "kmeans"
-    minibatch_above: int = DEFAULT_MINIBATCH_ABOVE
-    embedding: str = "umap"
-    embedding_neighbors: int = 15
-    embedding_max_samples: int = DEFAULT_MAX_SAMPLES
-    threshold: float = DEFAULT_THRESHOLD
-    max_cluster_fraction: float = DEFAULT_MAX_CLUSTER_FRACTION
-    min_cluster_size: int = DEFAULT_MIN_CLUSTER_SIZE
-    min_class_size: int = 20
-    random_state: int = 0
-    n_threads: int | None = 1
-
-    def __post_init__(self) -> None:
-        if self.pooled_size is not None:
-            size = tuple(self.pooled_size)
-            if len(size) != 2 or not all(_is_int(v) and v >= 1 for v in size):
-                raise ValueError(
-                    f"pooled_size must be two positive integers (h, w) or None, "
-                    f"got {self.pooled_size!r}."
-                )
-            self.pooled_size = (int(size[0]), int(size[1]))
-        _check_choice("relevance", self.relevance, RELEVANCE_MODES)
-        _check_choice("normalisation", self.normalisation, NORMALISATIONS)
-        _check_choice("scaling", self.scaling, SCALINGS)
-        _check_choice("affinity", self.affinity, AFFINITIES)
-        _check_choice("clusterer", self.clusterer, CLUSTERERS)
-        _check_choice("embedding", self.embedding, EMBEDDINGS)
-        _check_choice("knn_method", self.knn_method, KNN_METHODS)
-        _check_int("n_neighbors", self.n_neighbors, 1)
-        _check_int("n_eigen", self.n_eigen, 2)
-        _check_int("max_clusters", self.max_clusters, 1)
-        _check_int("knn_exact_below", self.knn_exact_below, 0)
-        _check_int("embedding_neighbors", self.embedding_neighbors, 2)
-        _check_int("min_cluster_size", self.min_cluster_size, 1)
-        _check_int("min_class_size", self.min_class_size, 2)
-        _check_int("random_state", self.random_state, 0)
-        _check_int("minibatch_above", self.minibatch_above, 1)
-        _check_int("embedding_max_samples", self.embedding_max_samples, MIN_EMBED_SAMPLES)
-        if self.pca_components is not None:
-            _check_int("pca_components", self.pca_components, 2)
-        if self.n_threads is not None:
-            _check_int("n_threads", self.n_threads, 1)
-        if self.max_clusters >= self.n_eigen:
-            raise ValueError(
-                f"max_clusters ({self.max_clusters}) must be below n_eigen ({self.n_eigen}): "
-                "the eigengap after the k-th eigenvalue needs eigenvalue k+1. "
-                "Raise n_eigen or lower max_clusters."
-            )
-        if not (_is_number(self.min_eigen_ratio) and self.min_eigen_ratio > 1):
-            raise ValueError(f"min_eigen_ratio must be a number above 1, got {self.min_eigen_ratio!r}.")
-        if not _is_number(self.threshold):
-            raise ValueError(f"threshold must be a finite number, got {self.threshold!r}.")
-        if not (_is_number(self.max_cluster_fraction) and 0 < self.max_cluster_fraction <= 1):
-            raise ValueError(
-                f"max_cluster_fraction must be in (0, 1], got {self.max_cluster_fraction!r}."
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        values = asdict(self)
-        if values["pooled_size"] is not None:
-            values["pooled_size"] = list(values["pooled_size"])
-        return values
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> SprayConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error, missing keys default."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown SprayConfig fields {unknown}; known: {sorted(known)}.")
-        values = dict(values)
-        if values.get("pooled_size") is not None:
-            values["pooled_size"] = tuple(values["pooled_size"])
-        return cls(**values)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float, np.integer, np.floating))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if not _is_int(value) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}.")
 
 
 def not_analysable(class_index: int, class_name: str, space: str, reason: str) -> ClassAnalysis:
@@ -588,19 +403,14 @@ def analyze_dataset(
     return analyses
 
 
-def concept_space(layer: str) -> str:
-    """The ``space`` name of the concept relevances of ``layer``."""
-    return f"{CONCEPT_PREFIX}{layer}"
-
-
 def analyze_spaces(
     heatmaps: Any,
     labels: Any,
     class_names: Sequence[str],
     config: SprayConfig | None = None,
     concepts: Mapping[str, Any] | None = None,
-    spaces: Sequence[str] = (HEATMAP_SPACE,),
-    dataset_wide: bool = False,
+    spaces: Sequence[str] | None = None,
+    dataset_wide: bool | None = None,
     rows: Sequence[int] | np.ndarray | None = None,
     classes: Sequence[int] | None = None,
 ) -> list[ClassAnalysis]:
@@ -614,8 +424,9 @@ def analyze_spaces(
         concepts: layer name -> (N, C) concept-relevance vectors (``concepts/<layer>``).
         spaces: which representations, in this order: ``"heatmap"``,
             ``"concept:<layer>"`` for a layer of ``concepts``, or ``"concept:*"`` for every
-            layer of ``concepts`` (in their order).
-        dataset_wide: also analyse all selected rows of each space together (class -1).
+            layer of ``concepts`` (in their order); None: ``config.spaces``.
+        dataset_wide: also analyse all selected rows of each space together (class -1);
+            None: ``config.dataset_wide``.
         rows, classes: as for :func:`analyze_dataset`.
 
     Returns:
@@ -626,12 +437,15 @@ def analyze_spaces(
         AnalysisInputError: an unknown space or layer (naming the available ones), and the
             errors of :func:`analyze_dataset`.
     """
+    config = config or SprayConfig()
+    spaces = config.spaces if spaces is None else spaces
+    dataset_wide = config.dataset_wide if dataset_wide is None else dataset_wide
     concepts = dict(concepts or {})
     resolved: list[tuple[str, Any]] = []
     for space in spaces:
         if space == HEATMAP_SPACE:
             resolved.append((space, heatmaps))
-        elif space == f"{CONCEPT_PREFIX}*":
+        elif space == ALL_CONCEPTS:
             resolved.extend((concept_space(layer), data) for layer, data in concepts.items())
         elif space.startswith(CONCEPT_PREFIX) and space[len(CONCEPT_PREFIX) :] in concepts:
             resolved.append((space, concepts[space[len(CONCEPT_PREFIX) :]]))

@@ -3,23 +3,19 @@
 A concept is a channel of a layer (``features.conv4`` channel 12). Its *conditional
 heatmap* for a class answers "where in the input is the evidence that flows through this
 channel?": the LRP backward pass of the class logit is run as usual, but at the layer's
-output every channel outside the condition gets zero relevance.
+output every channel outside the condition gets zero relevance. Every LRP rule is linear in
+the relevance it receives (the forward activations are fixed), so masks that partition the
+channels give conditional heatmaps that sum to the full heatmap exactly (up to rounding).
 
-How it is done with zennit: under a composite, the gradient arriving at a layer's output
-*is* that output's relevance (zennit's rule hooks store it and map it to the layer's
-input). A tensor hook on the output, registered after the composite's hooks, scales that
-gradient by a 0/1 channel mask before zennit's rule reads it, so the rest of the backward
-pass propagates the masked relevance only. Every zennit rule is linear in the relevance
-it receives (the forward activations are fixed), so masks that partition the channels
-give conditional heatmaps that sum to the full heatmap exactly (up to rounding).
-
-Several conditions on one sample share a forward pass: ``explain(images, targets, masks,
-picks)`` takes one mask per condition and, in ``picks``, the image row each condition
-explains. zennit's ``ConditionalExplainer`` repeats the picked rows along the batch axis (a
-forward and a full backward per condition); ``FastConditionalExplainer`` (spray's fast LRP
-engine, ``spray.attribution.fast``) runs the forward pass and the backward sweep above the
-layer once per image and only the part below the layer once per condition, with the same
-heatmaps. ``make_conditional_explainer`` picks the fast one where the model is supported.
+Both LRP engines compute them: ``explain_conditional(images, targets, layer, masks, picks)``
+of an ``LRPExplainer`` (``spray.attribution.lrp``; built by
+``spray.attribution.select.make_explainer``) takes one channel mask per condition and, in
+``picks``, the image row each condition explains. zennit's engine repeats the picked rows
+along the batch axis (a forward and a full backward per condition); the fast engine runs the
+forward pass and the backward sweep above the layer once per image and only the part below
+the layer once per condition, with the same heatmaps. This module turns channel sets into
+masks (``channel_masks``, ``explain_channels``) and batches many ``(row, target, channel)``
+requests (``iter_conditional_heatmaps``).
 
 Reference samples (relevance maximisation): the samples of the dataset on which a concept
 carries the most relevance. The attribution pass collects the top rows of every channel
@@ -31,19 +27,13 @@ concept responds to; ``relevance_box`` finds that part so the picture can be cro
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from zennit.core import Composite
 
-from spray.attribution.fast import FastExplainer, UnsupportedModel
-from spray.attribution.lrp import AttributionConfigError, ConditionalExplanation, make_composite, resolve_layers
-
-log = logging.getLogger(__name__)
+from spray.attribution.lrp import ConditionalExplanation, LRPExplainer
 
 #: Rows of a concept matrix read at once by ``top_rows_by_concept``.
 READ_CHUNK = 4096
@@ -69,238 +59,13 @@ def channel_masks(
     return masks
 
 
-class _ChannelSets:
-    """``explain_channels`` for explainers with ``n_channels`` and ``explain(images, targets, masks, picks)``."""
-
-    def n_channels(self, sample: torch.Tensor) -> int:
-        raise NotImplementedError
-
-    def explain(
-        self, images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, picks: torch.Tensor | None = None
-    ) -> ConditionalExplanation:
-        raise NotImplementedError
-
-    def explain_channels(
-        self, image: torch.Tensor, target: int, channel_sets: Sequence[Sequence[int]]
-    ) -> ConditionalExplanation:
-        """Conditional heatmaps of one image (C, H, W) for several channel sets, one forward pass."""
-        n_channels = self.n_channels(image[None])
-        masks = channel_masks(n_channels, channel_sets, dtype=image.dtype)
-        picks = torch.zeros(len(channel_sets), dtype=torch.long)
-        return self.explain(image[None], torch.tensor([int(target)]), masks, picks)
-
-
-def _check_lengths(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, picks: torch.Tensor | None) -> None:
-    if picks is None and not (len(images) == len(targets) == len(masks)):
-        raise ValueError(
-            f"images, targets and masks need the same length, got {len(images)}, {len(targets)} and {len(masks)}."
-        )
-    if picks is not None and not (len(images) == len(targets) and len(masks) == len(picks)):
-        raise ValueError(
-            f"images and targets need the same length ({len(images)}, {len(targets)}), and masks one row per pick "
-            f"({len(masks)}, {len(picks)})."
-        )
-
-
-class ConditionalExplainer(_ChannelSets):
-    """LRP heatmaps whose relevance is restricted to chosen channels of one layer (zennit's hooks).
-
-    Use as a context manager (like ``spray.attribution.lrp.Explainer``): the composite
-    is registered on entry and removed on exit; parameters are frozen meanwhile.
-
-    Args:
-        model: the classifier (put in eval mode).
-        composite: the zennit composite, the same one the attribution stage used, so
-            conditional heatmaps add up to the stored heatmaps.
-        layer: name of the concept layer (as in ``model.named_modules()``).
-    """
-
-    def __init__(self, model: nn.Module, composite: Composite, layer: str) -> None:
-        self.model = model.eval()
-        self.composite = composite
-        self.layer_name = layer
-        self.layer = resolve_layers(model, [layer])[layer]
-        self._mask: torch.Tensor | None = None
-        self._output: torch.Tensor | None = None
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
-        self._requires_grad: list[bool] = []
-
-    def __enter__(self) -> ConditionalExplainer:
-        parameters = list(self.model.parameters())
-        self._requires_grad = [p.requires_grad for p in parameters]
-        for parameter in parameters:
-            parameter.requires_grad_(False)
-        self.composite.register(self.model)
-        # After the composite's hooks: the mask acts on the gradient zennit's rule receives.
-        self._handle = self.layer.register_forward_hook(self._attach_mask)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        self.composite.remove()
-        for parameter, flag in zip(self.model.parameters(), self._requires_grad):
-            parameter.requires_grad_(flag)
-
-    def _attach_mask(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        if not isinstance(output, torch.Tensor):
-            raise AttributionConfigError(
-                f"layer {self.layer_name!r} returns {type(output).__name__}; a concept layer must "
-                "return one tensor (batch, channels, ...)."
-            )
-        mask = self._mask
-        if mask is None or not output.requires_grad:
-            return
-        if self._output is not None:
-            raise AttributionConfigError(
-                f"layer {self.layer_name!r} runs more than once per forward pass (a shared "
-                "module); choose a layer that runs once, e.g. a convolution or a block."
-            )
-        if mask.shape != output.shape[:2]:
-            raise ValueError(
-                f"masks have shape {tuple(mask.shape)} but layer {self.layer_name!r} has output "
-                f"{tuple(output.shape)}; give one mask of {output.shape[1]} channels per row."
-            )
-        shaped = mask.to(output.device, output.dtype).reshape(*mask.shape, *([1] * (output.ndim - 2)))
-        self._output = output
-        output.register_hook(lambda grad: grad * shaped)
-
-    def n_channels(self, sample: torch.Tensor) -> int:
-        """Channels of the concept layer, from one forward pass of ``sample`` (1, C, H, W)."""
-        seen: list[int] = []
-        handle = self.layer.register_forward_hook(lambda _m, _i, out: seen.append(int(out.shape[1])))
-        try:
-            with torch.no_grad():
-                self.model(sample)
-        finally:
-            handle.remove()
-        return seen[0]
-
-    def explain(
-        self, images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, picks: torch.Tensor | None = None
-    ) -> ConditionalExplanation:
-        """Conditional heatmaps: condition ``k`` explains ``targets[picks[k]]`` of ``images[picks[k]]``
-        through ``masks[k]``.
-
-        Args:
-            images: (B, C, H, W) model inputs.
-            targets: (B,) class whose logit is explained; its value is the initial relevance.
-            masks: (N, n_channels) weights on the layer's output channels (0/1 for a
-                condition; all ones gives the ordinary heatmap).
-            picks: (N,) image row of each condition; default ``0..B-1`` (N = B). The picked
-                rows are repeated along the batch axis: one forward and backward row per condition.
-        """
-        _check_lengths(images, targets, masks, picks)
-        if picks is not None:
-            images, targets = images[picks], targets[picks]
-        x = images.detach().clone().requires_grad_(True)
-        self._mask = masks.detach()
-        self._output = None
-        try:
-            with torch.enable_grad():
-                logits = self.model(x)
-                if logits.ndim != 2:
-                    raise AttributionConfigError(
-                        f"the model must return (batch, classes) logits, got {tuple(logits.shape)}."
-                    )
-                rows = torch.arange(len(targets), device=logits.device)
-                targets = targets.to(logits.device)
-                seed = torch.zeros_like(logits)
-                seed[rows, targets] = logits[rows, targets].detach()
-                output = self._output
-                if output is None:
-                    raise AttributionConfigError(
-                        f"layer {self.layer_name!r} was not reached in the forward pass."
-                    )
-                output.retain_grad()
-                logits.backward(seed)
-        finally:
-            self._mask = None
-            self._output = None
-        relevance = output.grad.reshape(len(x), -1).sum(dim=1)
-        return ConditionalExplanation(
-            heatmaps=x.grad.sum(dim=1).detach(),
-            relevance=relevance.detach(),
-            logits=logits.detach(),
-        )
-
-
-class FastConditionalExplainer(_ChannelSets):
-    """``ConditionalExplainer``'s heatmaps from spray's fast LRP engine, with the forward pass shared.
-
-    The forward pass and the backward sweep above ``layer`` run once per explained image; the
-    sweep below it runs once per condition (``FastExplainer.explain_conditional``). Same API
-    as ``ConditionalExplainer``; raises ``UnsupportedModel`` where the fast engine cannot
-    compile the model.
-
-    Args:
-        model: the classifier (put in eval mode; left unchanged).
-        composite: a composite name of ``spray.attribution.lrp.COMPOSITES``.
-        canonizers: canonizer names, as for the attribution stage.
-        layer: name of the concept layer (as in ``model.named_modules()``).
-        low, high: the input range, for ``epsilon_gamma_box``.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        composite: str = "epsilon_plus_flat",
-        canonizers: Sequence[str] = ("merge_batchnorm",),
-        layer: str = "",
-        low: float | None = None,
-        high: float | None = None,
-    ) -> None:
-        self.model = model.eval()
-        self.layer_name = layer
-        self.explainer = FastExplainer(model, composite, canonizers, [layer], low=low, high=high)
-
-    def __enter__(self) -> FastConditionalExplainer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def n_channels(self, sample: torch.Tensor) -> int:
-        """Channels of the concept layer, from one forward pass of ``sample`` (1, C, H, W)."""
-        return int(self.explainer.concept_shapes(sample)[self.layer_name][1])
-
-    def explain(
-        self, images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, picks: torch.Tensor | None = None
-    ) -> ConditionalExplanation:
-        """As ``ConditionalExplainer.explain``; each image row is run forward once, whatever its conditions."""
-        _check_lengths(images, targets, masks, picks)
-        return self.explainer.explain_conditional(images, targets, self.layer_name, masks, picks)
-
-
-def make_conditional_explainer(
-    model: nn.Module,
-    composite: str = "epsilon_plus_flat",
-    canonizers: Sequence[str] = ("merge_batchnorm",),
-    layer: str = "",
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    engine: str = "auto",
-) -> ConditionalExplainer | FastConditionalExplainer:
-    """A conditional explainer for ``layer``: the fast engine where it supports the model, else zennit's hooks.
-
-    ``engine`` as in ``spray.attribution.select.make_explainer``: ``auto`` (fall back with one
-    warning in the log), ``fast`` (raise ``AttributionConfigError`` instead) or ``zennit``.
-    """
-    bounds = {} if low is None and high is None else {"low": low, "high": high}
-    zennit_composite = make_composite(composite, canonizers, **bounds)  # also validates the names
-    resolve_layers(model, [layer])
-    if engine not in ("auto", "fast", "zennit"):
-        raise AttributionConfigError(f"unknown engine {engine!r}; choose one of ['auto', 'fast', 'zennit'].")
-    if engine != "zennit":
-        try:
-            return FastConditionalExplainer(model, composite, canonizers, layer, **bounds)
-        except UnsupportedModel as error:
-            if engine == "fast":
-                raise AttributionConfigError(f"the fast LRP engine cannot explain this model: {error}") from error
-            log.warning("fast LRP engine not used for conditional heatmaps of %s: %s; using zennit's hooks.", type(model).__name__, error)
-    return ConditionalExplainer(model, zennit_composite, layer)
+def explain_channels(
+    explainer: LRPExplainer, image: torch.Tensor, target: int, layer: str, channel_sets: Sequence[Sequence[int]]
+) -> ConditionalExplanation:
+    """Conditional heatmaps of one image (C, H, W) at ``layer`` for several channel sets, one row each."""
+    masks = channel_masks(explainer.n_channels(layer, image[None]), channel_sets, dtype=image.dtype)
+    picks = torch.zeros(len(channel_sets), dtype=torch.long)
+    return explainer.explain_conditional(image[None], torch.tensor([int(target)]), layer, masks, picks)
 
 
 def top_rows_by_concept(
@@ -400,7 +165,8 @@ def _padded(start: int, stop: int, side: int, pad: float, min_fraction: float) -
 
 
 def iter_conditional_heatmaps(
-    explainer: ConditionalExplainer | FastConditionalExplainer,
+    explainer: LRPExplainer,
+    layer: str,
     read: Callable[[np.ndarray], np.ndarray],
     requests: Sequence[tuple[int, int, int]],
     batch_size: int = 32,
@@ -413,7 +179,8 @@ def iter_conditional_heatmaps(
     and target share one image row (one forward pass with the fast engine).
 
     Args:
-        explainer: an entered ``ConditionalExplainer`` or ``FastConditionalExplainer``.
+        explainer: an entered explainer with ``layer`` among its concept layers.
+        layer: the concept layer the channels belong to.
         read: images (n, C, H, W) of ascending unique rows (as stored: display pixels).
         requests: ``(row, target class, channel)`` triples.
         model_input: maps ``read``'s images to the model's input (e.g. normalisation);
@@ -431,7 +198,7 @@ def iter_conditional_heatmaps(
         inputs = images if model_input is None else model_input(images)
         tensor = inputs if isinstance(inputs, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(inputs))
         if n_channels is None:
-            n_channels = explainer.n_channels(tensor[:1])
+            n_channels = explainer.n_channels(layer, tensor[:1])
         position = {int(row): index for index, row in enumerate(rows.tolist())}
         pairs = sorted({(row, target) for row, target, _ in batch})
         pair_index = {pair: index for index, pair in enumerate(pairs)}
@@ -439,13 +206,14 @@ def iter_conditional_heatmaps(
         targets = torch.tensor([target for _, target in pairs], dtype=torch.long)
         picks = torch.tensor([pair_index[(row, target)] for row, target, _ in batch], dtype=torch.long)
         masks = channel_masks(n_channels, [[channel] for _, _, channel in batch], tensor.dtype)
-        explained = explainer.explain(images_in, targets, masks, picks)
+        explained = explainer.explain_conditional(images_in, targets, layer, masks, picks)
         for (row, _, channel), heatmap in zip(batch, explained.heatmaps):
             yield row, channel, heatmap.double().numpy(), images[position[row]]
 
 
 def conditional_heatmaps_for_rows(
-    explainer: ConditionalExplainer | FastConditionalExplainer,
+    explainer: LRPExplainer,
+    layer: str,
     read: Callable[[np.ndarray], np.ndarray],
     requests: Sequence[tuple[int, int, int]],
     batch_size: int = 32,
@@ -453,5 +221,5 @@ def conditional_heatmaps_for_rows(
     """``{(row, channel): heatmap}`` for ``requests`` (see ``iter_conditional_heatmaps``)."""
     return {
         (row, channel): heatmap
-        for row, channel, heatmap, _ in iter_conditional_heatmaps(explainer, read, requests, batch_size)
+        for row, channel, heatmap, _ in iter_conditional_heatmaps(explainer, layer, read, requests, batch_size)
     }

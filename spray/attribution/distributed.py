@@ -8,19 +8,25 @@ device: ``[attribution] device = "auto"`` resolves on each worker), so the model
 or the composite's hooks are registered once per worker, not per chunk. At most two chunks
 per worker thread are in flight, so memory stays bounded.
 
+A :class:`DaskCluster` (from :func:`start_client` or :func:`cluster_client`) is what
+``spray.attribution.engine.attribute_dataset`` takes as ``client``: the engine calls its
+methods and never imports this module; workers explain chunks as the engine does
+(``spray.attribution.chunks``).
+
 Two ways to write (``[cluster] write``):
 
-- ``"client"`` (``explain_on_cluster``): the client reads the data, sends each chunk's
+- ``"client"`` (``DaskCluster.explain``): the client reads the data, sends each chunk's
   images, gets the results back and writes the single resumable HDF5 file. Needs no shared
   filesystem.
-- ``"workers"`` (``explain_to_shards``): a task names a chunk only; the worker opens the data
-  source itself from its ``SourceRecipe`` (cached: once per worker), explains the chunk and
-  writes ``shards/chunk-<index>.h5`` (``spray.store.shards``). The client only learns which
+- ``"workers"`` (``DaskCluster.explain_to_shards``): a task names a chunk only; the worker
+  opens the data source itself from its ``SourceRecipe`` (cached: once per worker), explains
+  the chunk and writes ``shards/chunk-<index>.h5`` (``spray.store.shards``). The client only learns which
   shards are done. Needs the data and the output folder on a filesystem every worker sees.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import pickle
@@ -32,15 +38,17 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from spray.attribution.engine import AttributionSettings, check_batch, explain_chunk
-from spray.attribution.select import PlacedExplainer
-from spray.data.source import DataSource, SourceRecipe
+from spray.attribution.chunks import check_batch, explain_chunk
+from spray.attribution.lrp import LRPExplainer
+from spray.attribution.select import make_explainer
+from spray.attribution.settings import AttributionSettings, ClusterSettings
+from spray.data.base import DataSource, SourceRecipe
 from spray.store.shards import shard_path, write_shard
 
 _WORKER_STATE = threading.local()
 
 
-def _worker_explainer(model_bytes: bytes, settings: AttributionSettings) -> PlacedExplainer:
+def _worker_explainer(model_bytes: bytes, settings: AttributionSettings) -> LRPExplainer:
     """This worker thread's explainer for the pickled model (built on first use, then kept)."""
     cache = getattr(_WORKER_STATE, "explainers", None)
     if cache is None:
@@ -48,7 +56,7 @@ def _worker_explainer(model_bytes: bytes, settings: AttributionSettings) -> Plac
     key = (hashlib.sha256(model_bytes).hexdigest(), settings)
     if key not in cache:
         model = pickle.loads(model_bytes)
-        explainer = settings.explainer(model)
+        explainer = make_explainer(model, settings)
         explainer.__enter__()
         cache[key] = (model, explainer)
     return cache[key][1]
@@ -125,38 +133,55 @@ def _scatter_model(client: Any, model: nn.Module) -> Any:
     return client.scatter(pickle.dumps(model.eval()), broadcast=True)
 
 
-def explain_on_cluster(
-    client: Any, model: nn.Module, settings: AttributionSettings, batches: Iterable[tuple[int, np.ndarray, np.ndarray]]
-) -> Iterator[tuple[int, tuple]]:
-    """Yield ``(chunk, result)`` as the cluster finishes chunks (in completion order)."""
-    remote_model = _scatter_model(client, model)
-    jobs = ((chunk, (remote_model, settings, images, labels)) for chunk, images, labels in batches)
-    yield from _bounded_map(client, _explain_remote, jobs)
+class DaskCluster:
+    """A ``dask.distributed`` client as the workers of the attribution pass (``engine.ChunkCluster``).
 
-
-def explain_to_shards(
-    client: Any,
-    model: nn.Module,
-    settings: AttributionSettings,
-    recipe: SourceRecipe,
-    windows: Iterable[tuple[int, tuple[int, int]]],
-    image_shape: tuple[int, ...],
-    folder: Path,
-    fingerprint: str,
-) -> Iterator[int]:
-    """Have the workers explain each ``(chunk, (start, stop))`` and write its shard into ``folder``.
-
-    Yields each chunk as its shard is written (completion order). ``folder`` must be a path
-    every worker can write to; it is created here.
+    ``client``: a connected ``distributed.Client``. ``owns_cluster``: the client's
+    ``LocalCluster`` was started for it (by :func:`start_client`) and is closed with it.
     """
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    remote_model = _scatter_model(client, model)
-    jobs = (
-        (chunk, (remote_model, settings, recipe, chunk, window, image_shape, str(folder), fingerprint))
-        for chunk, window in windows
-    )
-    for chunk, _ in _bounded_map(client, _explain_shard, jobs):
-        yield chunk
+
+    def __init__(self, client: Any, owns_cluster: bool = False) -> None:
+        self.client = client
+        self.owns_cluster = owns_cluster
+
+    def explain(
+        self, model: nn.Module, settings: AttributionSettings, batches: Iterable[tuple[int, np.ndarray, np.ndarray]]
+    ) -> Iterator[tuple[int, tuple]]:
+        """Explain each ``(chunk, images, labels)`` on a worker; yield ``(chunk, result)`` as the
+        cluster finishes chunks (in completion order)."""
+        remote_model = _scatter_model(self.client, model)
+        jobs = ((chunk, (remote_model, settings, images, labels)) for chunk, images, labels in batches)
+        yield from _bounded_map(self.client, _explain_remote, jobs)
+
+    def explain_to_shards(
+        self,
+        model: nn.Module,
+        settings: AttributionSettings,
+        recipe: SourceRecipe,
+        windows: Iterable[tuple[int, tuple[int, int]]],
+        image_shape: tuple[int, ...],
+        folder: Path,
+        fingerprint: str,
+    ) -> Iterator[int]:
+        """Have the workers explain each ``(chunk, (start, stop))`` and write its shard into ``folder``.
+
+        Yields each chunk as its shard is written (completion order). ``folder`` must be a path
+        every worker can write to; it is created here.
+        """
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        remote_model = _scatter_model(self.client, model)
+        jobs = (
+            (chunk, (remote_model, settings, recipe, chunk, window, image_shape, str(folder), fingerprint))
+            for chunk, window in windows
+        )
+        for chunk, _ in _bounded_map(self.client, _explain_shard, jobs):
+            yield chunk
+
+    def close(self) -> None:
+        """Close the client and, when it owns one, its local cluster."""
+        self.client.close()
+        if self.owns_cluster:
+            self.client.cluster.close()
 
 
 def start_client(
@@ -166,16 +191,39 @@ def start_client(
     memory_limit: str = "4GiB",
     address: str = "",
     processes: bool = True,
-) -> Any:
-    """A ``distributed.Client``: a ``LocalCluster`` started here, or the scheduler at ``address``.
+) -> DaskCluster:
+    """A client of a ``LocalCluster`` started here, or of the scheduler at ``address``; ``close()`` it when done.
 
     ``processes=False`` runs the local workers as threads of this process (fast to start; for tests).
     """
     from distributed import Client, LocalCluster
 
     if kind == "address":
-        return Client(address, timeout="30s")
+        return DaskCluster(Client(address, timeout="30s"))
     cluster = LocalCluster(
         n_workers=workers, threads_per_worker=threads_per_worker, memory_limit=memory_limit, processes=processes, dashboard_address=None
     )
-    return Client(cluster)
+    return DaskCluster(Client(cluster), owns_cluster=True)
+
+
+@contextlib.contextmanager
+def cluster_client(cluster: ClusterSettings, given: Any = None) -> Iterator[DaskCluster | None]:
+    """The Dask cluster an audit runs with, for the length of the block.
+
+    ``given``: a client the caller owns (a ``DaskCluster`` or a ``distributed.Client``; yielded
+    as a ``DaskCluster``, never closed). Otherwise ``[cluster] kind`` decides: ``none`` yields
+    None (everything runs in this process), ``local`` starts a ``LocalCluster`` and
+    ``address`` connects to a scheduler; either is closed when the block ends, whatever
+    happens inside it.
+    """
+    if given is not None:
+        yield given if isinstance(given, DaskCluster) else DaskCluster(given)
+        return
+    if cluster.kind == "none":
+        yield None
+        return
+    started = start_client(cluster.kind, cluster.workers, cluster.threads_per_worker, cluster.memory_limit, cluster.address)
+    try:
+        yield started
+    finally:
+        started.close()

@@ -13,112 +13,50 @@ import hashlib
 import json
 import logging
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from spray.attribution.chunks import check_batch, explain_chunk
 from spray.attribution.lrp import AttributionConfigError, resolve_layers
-from spray.attribution.resolution import HeatmapSizeError, check_heatmap_size, pool_heatmaps, stored_shape
-from spray.attribution.select import DEVICES, PRECISIONS, PlacedExplainer, engine_name, placed_explainer
-from spray.data.source import DataSource, ReopenableSource
+from spray.attribution.resolution import stored_shape
+from spray.attribution.select import make_explainer
+from spray.attribution.settings import WRITE_MODES, AttributionSettings
+from spray.data.base import DataSource, ReopenableSource, SourceRecipe
 from spray.store.attributions import AttributionLayout, AttributionWriter, read_attributions
 from spray.store.common import StoreError, writable_folder
 from spray.store.shards import join_shards, remove_shards, shard_folder, shard_is_done, shard_path
 
 log = logging.getLogger(__name__)
 
-WRITE_MODES = ("client", "workers")
 
+class ChunkCluster(Protocol):
+    """Workers that explain chunks of the pass (``spray.attribution.distributed.DaskCluster``)."""
 
-class BadInputError(ValueError):
-    """A sample the model cannot be explained on (NaN/Inf pixels, wrong shape)."""
+    def explain(
+        self, model: nn.Module, settings: AttributionSettings, batches: Iterable[tuple[int, np.ndarray, np.ndarray]]
+    ) -> Iterator[tuple[int, tuple]]:
+        """Explain each ``(chunk, images, labels)``; yield ``(chunk, explain_chunk's result)`` as chunks finish."""
+        ...
 
-
-@dataclass(frozen=True)
-class AttributionSettings:
-    """How to explain: composite, canonizers, concept layers, target rule, batch size, engine, device.
-
-    ``loader_threads``: background threads that read (and decode) the next chunks while the
-    current one is explained; 0 reads in the explaining thread. Results do not depend on it.
-
-    ``device`` (``select.DEVICES``) is where the model runs: ``"cpu"`` by default here, so
-    library calls give the same numbers on every machine (job specs default to ``"auto"``:
-    CUDA when available). ``precision`` (``select.PRECISIONS``): ``"float32"`` or ``"amp"``
-    (float16 autocast, CUDA only). Both are resolved where the explainer is built, so each
-    Dask worker uses its own GPU.
-
-    ``heatmap_size``: ``()`` stores heatmaps at the images' resolution, ``(side,)`` or
-    ``(height, width)`` sum-pools them to that grid first (``spray.attribution.resolution``;
-    concept relevances and logits do not depend on it).
-    """
-
-    composite: str = "epsilon_plus_flat"
-    canonizers: tuple[str, ...] = ("merge_batchnorm",)
-    layers: tuple[str, ...] = ()
-    target: str = "label"
-    batch_size: int = 64
-    mean: tuple[float, ...] = ()
-    std: tuple[float, ...] = ()
-    engine: str = "auto"
-    device: str = "cpu"
-    precision: str = "float32"
-    loader_threads: int = 2
-    heatmap_size: tuple[int, ...] = ()
-
-    def model_input(self, images: np.ndarray) -> torch.Tensor:
-        """Display images in [0, 1] -> the model's input (normalised with ``mean``/``std`` if given).
-
-        Heatmaps are taken at this tensor, so they stay aligned with the display images.
-        """
-        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-        if self.mean:
-            mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
-            std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
-            x = (x - mean) / std
-        return x
-
-    @property
-    def input_range(self) -> tuple[float, float]:
-        """Smallest and largest model input (display range [0, 1] after normalisation), for box rules."""
-        if not self.mean:
-            return 0.0, 1.0
-        lows = [(0.0 - m) / s for m, s in zip(self.mean, self.std)]
-        highs = [(1.0 - m) / s for m, s in zip(self.mean, self.std)]
-        return min(lows), max(highs)
-
-    def explainer(self, model: nn.Module) -> PlacedExplainer:
-        """The explainer for ``model`` on this device: the fast engine where it applies, zennit's hooks otherwise.
-
-        Raises ``AttributionConfigError`` for ``device="cuda"`` without CUDA and for amp off CUDA.
-        """
-        low, high = self.input_range if self.composite == "epsilon_gamma_box" else (None, None)
-        return placed_explainer(
-            model, self.composite, self.canonizers, self.layers,
-            device=self.device, precision=self.precision, low=low, high=high, engine=self.engine,
-        )
-
-    def __post_init__(self) -> None:
-        if self.target not in ("label", "prediction"):
-            raise AttributionConfigError(f"target must be 'label' or 'prediction', got {self.target!r}.")
-        if self.batch_size < 1:
-            raise AttributionConfigError(f"batch_size must be at least 1, got {self.batch_size}.")
-        if self.device not in DEVICES:
-            raise AttributionConfigError(f"device must be one of {list(DEVICES)}, got {self.device!r}.")
-        if self.precision not in PRECISIONS:
-            raise AttributionConfigError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}.")
-        if self.loader_threads < 0:
-            raise AttributionConfigError(f"loader_threads must be 0 or more, got {self.loader_threads}.")
-        try:
-            check_heatmap_size(self.heatmap_size)
-        except HeatmapSizeError as error:
-            raise AttributionConfigError(str(error)) from error
+    def explain_to_shards(
+        self,
+        model: nn.Module,
+        settings: AttributionSettings,
+        recipe: SourceRecipe,
+        windows: Iterable[tuple[int, tuple[int, int]]],
+        image_shape: tuple[int, ...],
+        folder: Path,
+        fingerprint: str,
+    ) -> Iterator[int]:
+        """Have the workers read, explain and write the shard of each ``(chunk, (start, stop))``; yield each chunk when written."""
+        ...
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -128,24 +66,6 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def check_batch(images: np.ndarray, rows: np.ndarray, sample_ids: Sequence[str], expected: tuple[int, ...]) -> None:
-    """Reject a batch of another image shape than the dataset's, or with NaN/Inf pixels, naming the samples.
-
-    Public because the Dask workers check the batches they read themselves (``write="workers"``).
-    """
-    if images.shape[1:] != expected:
-        raise BadInputError(
-            f"sample {sample_ids[int(rows[0])]!r}: image shape {images.shape[1:]} differs from the dataset's "
-            f"{expected}; resize it in the dataset's preprocessing."
-        )
-    bad = ~np.isfinite(images).reshape(len(images), -1).all(axis=1)
-    if bad.any():
-        names = [sample_ids[int(r)] for r in rows[bad]][:5]
-        raise BadInputError(
-            f"{int(bad.sum())} image(s) contain NaN or Inf, e.g. {names}; fix or remove them from the dataset."
-        )
 
 
 def _check_model(model: nn.Module, source: DataSource, settings: AttributionSettings) -> int:
@@ -167,21 +87,6 @@ def _check_model(model: nn.Module, source: DataSource, settings: AttributionSett
     return n_classes
 
 
-def explain_chunk(
-    explainer: PlacedExplainer, settings: AttributionSettings, images: np.ndarray, labels: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Heatmaps, logits, explained targets and concept relevances of one chunk of display images."""
-    x = settings.model_input(images)
-    if settings.target == "label":
-        targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    else:
-        targets = explainer.predict(x)
-    result = explainer.explain(x, targets)
-    concepts = {name: value.numpy() for name, value in result.concepts.items()}
-    heatmaps = pool_heatmaps(result.heatmaps.numpy(), stored_shape(images.shape[2:], settings.heatmap_size))
-    return heatmaps, result.logits.numpy(), targets.numpy(), concepts
-
-
 def attribute_dataset(
     source: DataSource,
     model: nn.Module,
@@ -189,20 +94,21 @@ def attribute_dataset(
     out_path: Path,
     data_fingerprint: str,
     progress: bool = True,
-    client: Any = None,
+    client: ChunkCluster | None = None,
     write: str = "client",
 ) -> Path:
     """Explain every sample of ``source`` and write ``out_path`` (see ``spray.store.attributions``).
 
     Returns the finished file's path. Interrupted runs resume from ``out_path.partial``. With a
-    ``dask.distributed.Client``, chunks are explained on its workers (each holds one copy of
-    the model). ``write="client"``: results come back and are written here as they complete.
+    ``client`` (a ``spray.attribution.distributed.DaskCluster``, as ``cluster_client`` yields),
+    chunks are explained on its workers (each holds one copy of the model). ``write="client"``: results come back and are written here as they complete.
     ``write="workers"``: each worker opens ``source`` itself (it must have ``recipe()``) and
     writes one shard per chunk into ``shards/`` beside ``out_path``; when all are written they
     are joined into ``out_path`` and the folder is removed. Either way the file is the same as
     a local run's.
     """
     _check_write(write, client, source)
+    settings = settings.for_model(model)
     n_classes = _check_model(model, source, settings)
     layer_modules = resolve_layers(model, settings.layers)
     first = source.read(np.array([0]))
@@ -257,7 +163,7 @@ def attribute_dataset(
         writer.close()
 
 
-def _check_write(write: str, client: Any, source: DataSource) -> None:
+def _check_write(write: str, client: ChunkCluster | None, source: DataSource) -> None:
     """``write`` is a known mode, and ``"workers"`` has a cluster and a source the workers can reopen."""
     if write not in WRITE_MODES:
         raise AttributionConfigError(f"write must be one of {list(WRITE_MODES)}, got {write!r}.")
@@ -269,7 +175,7 @@ def _check_write(write: str, client: Any, source: DataSource) -> None:
         raise AttributionConfigError(
             f"write='workers' needs a dataset that every Dask worker can open from files, but {type(source).__name__} "
             "lives in this process only (an in-memory or entry-point dataset); use write='client' ([cluster] write = "
-            "\"client\"), or save the data as an HDF5 file (spray.data.source.write_input_h5) and use data.source = \"h5\"."
+            "\"client\"), or save the data as an HDF5 file (spray.data.h5.write_input_h5) and use data.source = \"h5\"."
         )
 
 
@@ -300,7 +206,7 @@ def _rows_of(writer: AttributionWriter, chunks: list[int]) -> int:
 
 
 def _write_here(
-    client: Any,
+    client: ChunkCluster | None,
     model: nn.Module,
     settings: AttributionSettings,
     source: DataSource,
@@ -321,14 +227,12 @@ def _write_here(
         return read_ahead(load, pending, settings.loader_threads)
 
     if client is None:
-        with settings.explainer(model) as explainer:
-            log.info("attribution engine: %s on %s (%s)", engine_name(explainer), explainer.device, settings.precision)
+        with make_explainer(model, settings) as explainer:
+            log.info("attribution engine: %s on %s (%s)", explainer.engine, explainer.device, settings.precision)
             results = ((chunk, explain_chunk(explainer, settings, images, labels)) for chunk, images, labels in batches())
             _write_all(writer, results, bar)
     else:
-        from spray.attribution.distributed import explain_on_cluster
-
-        _write_all(writer, explain_on_cluster(client, model, settings, batches()), bar)
+        _write_all(writer, client.explain(model, settings, batches()), bar)
 
 
 def _write_all(writer: AttributionWriter, results: Iterator[tuple[int, tuple]], bar: Any) -> None:
@@ -339,7 +243,7 @@ def _write_all(writer: AttributionWriter, results: Iterator[tuple[int, tuple]], 
 
 
 def _explain_on_workers(
-    client: Any,
+    client: ChunkCluster,
     model: nn.Module,
     settings: AttributionSettings,
     source: ReopenableSource,
@@ -350,15 +254,13 @@ def _explain_on_workers(
     bar: Any,
 ) -> None:
     """Have the workers write a shard for each ``pending`` chunk that has no finished shard yet."""
-    from spray.attribution.distributed import explain_to_shards
-
     fingerprint = writer.layout.fingerprint
     todo = [c for c in pending if not shard_is_done(shard_path(folder, c), fingerprint, c)]
     if len(todo) < len(pending):
         log.info("%s: %d of %d chunks already have a shard", folder, len(pending) - len(todo), len(pending))
     bar.update(_rows_of(writer, pending) - _rows_of(writer, todo))
     windows = ((c, (int(writer.chunk_rows(c)[0]), int(writer.chunk_rows(c)[-1]) + 1)) for c in todo)
-    for chunk in explain_to_shards(client, model, settings, source.recipe(), windows, image_shape, folder, fingerprint):
+    for chunk in client.explain_to_shards(model, settings, source.recipe(), windows, image_shape, folder, fingerprint):
         bar.update(len(writer.chunk_rows(chunk)))
 
 

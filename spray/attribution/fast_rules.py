@@ -10,9 +10,10 @@ Where a layer's input is known to be non-negative (it comes from a ReLU, possibl
 pooling or reshaping), the terms of the negative input part vanish exactly and are skipped:
 z+ then costs one extra forward map and one adjoint.
 
-The rule assignment of the named composites (``rule_map``) mirrors ``zennit.composites``:
-the same module types get the same rules, and the "first layer" is the first matching
-module in ``named_modules()`` order, as in zennit's ``SpecialFirstLayerMapComposite``.
+The rule assignment of a composite (``rule_map`` of a ``CompositeSpec``; the named ones are
+built by ``spray.attribution.lrp.COMPOSITES``) mirrors ``zennit.composites``: the same module
+types get the same rules, and the "first layer" is the first matching module in
+``named_modules()`` order, as in zennit's ``SpecialFirstLayerMapComposite``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from zennit.layer import Sum
-from zennit.types import Activation, AvgPool, BatchNorm, Convolution
-from zennit.types import Linear as AnyLinear
+from zennit.types import Activation, AvgPool, BatchNorm
 
 # ----------------------------------------------------------------------------------------------
 # Rules (parameters only; the arithmetic is in the functions below)
@@ -97,13 +97,14 @@ Rule = Epsilon | ZPlus | AlphaBeta | Gamma | ZBox | Flat | Norm | Pass
 LINEAR_RULES = (Epsilon, ZPlus, AlphaBeta, Gamma, ZBox, Flat)
 
 # ----------------------------------------------------------------------------------------------
-# Composites by name: the same assignments as zennit.composites
+# Composites: rule maps by module type (the named ones are ``spray.attribution.lrp.COMPOSITES``)
 # ----------------------------------------------------------------------------------------------
 
 TypeMap = Sequence[tuple[type | tuple[type, ...], Rule]]
 
 
-def _base_map(stabilizer: float) -> list[tuple[type, Rule]]:
+def base_map(stabilizer: float) -> list[tuple[type, Rule]]:
+    """The rules every composite shares: Pass for activations and batch norms, Norm for sums and average pools."""
     return [(Activation, Pass()), (Sum, Norm(stabilizer)), (AvgPool, Norm(stabilizer)), (BatchNorm, Pass())]
 
 
@@ -113,39 +114,6 @@ class CompositeSpec:
 
     layer_map: TypeMap
     first_map: TypeMap = ()
-
-
-def composite_spec(
-    name: str,
-    epsilon: float = 1e-6,
-    stabilizer: float = 1e-6,
-    low: float | torch.Tensor | None = None,
-    high: float | torch.Tensor | None = None,
-) -> CompositeSpec:
-    """The rule maps of the composite ``name`` (the names of ``spray.attribution.lrp.COMPOSITES``).
-
-    Raises ``KeyError`` for a name without a fast rule map, ``ValueError`` when
-    ``epsilon_gamma_box`` lacks its input range.
-    """
-    base = _base_map(stabilizer)
-    linear = (nn.Linear, Epsilon(epsilon))
-    flat_first = ((AnyLinear, Flat(stabilizer)),)
-    if name == "epsilon_plus_flat":
-        return CompositeSpec([*base, (Convolution, ZPlus(stabilizer)), linear], flat_first)
-    if name == "epsilon_plus":
-        return CompositeSpec([*base, (Convolution, ZPlus(stabilizer)), linear])
-    if name == "epsilon_alpha2_beta1":
-        return CompositeSpec([*base, (Convolution, AlphaBeta(2.0, 1.0, stabilizer)), linear])
-    if name == "epsilon_alpha2_beta1_flat":
-        return CompositeSpec([*base, (Convolution, AlphaBeta(2.0, 1.0, stabilizer)), linear], flat_first)
-    if name == "epsilon_gamma_box":
-        if low is None or high is None:
-            raise ValueError("composite 'epsilon_gamma_box' needs 'low' and 'high' (the input range).")
-        return CompositeSpec(
-            [*base, (Convolution, Gamma(0.25, stabilizer)), linear],
-            ((Convolution, ZBox(low, high, stabilizer)),),
-        )
-    raise KeyError(name)
 
 
 def rule_map(model: nn.Module, spec: CompositeSpec) -> dict[nn.Module, Rule]:

@@ -10,78 +10,67 @@ Modules: ``cav`` (activations and CAV estimation), ``clarc`` (the corrections),
 ``evaluate`` (clean/attacked accuracy, artifact relevance, gate quality), ``export``
 (weights + JSON, TorchScript), ``reaudit`` (the audit of the corrected model and whether
 the flag is gone), ``page`` (``report.json`` and the correction's HTML page), ``errors``,
-``run`` (the glue, the job's ``[correct]`` settings and the demo entry point ``correct_demo``)
-and ``user`` (``correct_user``: the same for a job's own data and model, with a held-out split
-and an attacked set from the job's stamping function or the artifact cut out of the flag).
+``run`` (the glue: ``correct_model`` for any model and data, the job's ``[correct]`` settings and
+its flag), ``job`` (``correct_job``: what ``spray correct`` runs, on a job's data and model as
+the audit opened them) and ``user`` (the evaluation data of data without a planted artifact: a
+held-out split and an attacked set from the job's stamping function or the artifact cut out
+of the flag).
 """
 
-from spray.correction.cav import CAV, fit_cav, fit_direction, layer_activations, pool_activation
-from spray.correction.clarc import (
-    ClarcModel,
-    ExplainableClarc,
-    Gate,
-    RRHistory,
-    calibrate_threshold,
-    p_clarc,
-    project_activation,
-    r_clarc,
-    rr_clarc,
-    split_model,
-)
-from spray.correction.errors import CAVError, CorrectionError
-from spray.correction.evaluate import EvaluationResult, attack, evaluate, format_table, recovered_share
-from spray.correction.export import ExportPaths, export_corrected, load_corrected
-from spray.correction.reaudit import REAUDIT_FOLDER, match_flag, run_reaudit
-from spray.correction.user import correct_user, cutout_mask, held_out_split
-from spray.correction.run import (
-    CorrectionConfig,
-    CorrectionReport,
-    correct_demo,
-    correct_model,
-    flag_entry,
-    flag_rows,
-    job_config,
-    load_demo,
-)
+from __future__ import annotations
 
-__all__ = [
-    "CAV",
-    "CAVError",
-    "ClarcModel",
-    "ExplainableClarc",
-    "CorrectionConfig",
-    "CorrectionError",
-    "CorrectionReport",
-    "EvaluationResult",
-    "ExportPaths",
-    "REAUDIT_FOLDER",
-    "Gate",
-    "RRHistory",
-    "attack",
-    "calibrate_threshold",
-    "correct_demo",
-    "correct_model",
-    "correct_user",
-    "cutout_mask",
-    "evaluate",
-    "export_corrected",
-    "fit_cav",
-    "fit_direction",
-    "flag_entry",
-    "flag_rows",
-    "format_table",
-    "held_out_split",
-    "job_config",
-    "layer_activations",
-    "load_corrected",
-    "load_demo",
-    "match_flag",
-    "p_clarc",
-    "pool_activation",
-    "project_activation",
-    "r_clarc",
-    "recovered_share",
-    "rr_clarc",
-    "run_reaudit",
-    "split_model",
-]
+import importlib
+from typing import Any
+
+#: Public name -> the module that defines it. Imported on first use, so that importing a
+#: light submodule (``spray.correction.config``) does not load torch and every correction.
+_EXPORTS: dict[str, str] = {
+    "CAV": "spray.correction.cav",
+    "CAVError": "spray.correction.errors",
+    "ClarcModel": "spray.correction.clarc",
+    "CorrectionConfig": "spray.correction.config",
+    "CorrectionError": "spray.correction.errors",
+    "CorrectionReport": "spray.correction.run",
+    "EvaluationPlan": "spray.correction.run",
+    "EvaluationResult": "spray.correction.evaluate",
+    "ExplainableClarc": "spray.correction.clarc",
+    "ExportPaths": "spray.correction.export",
+    "Gate": "spray.correction.clarc",
+    "RRHistory": "spray.correction.clarc",
+    "attack": "spray.correction.evaluate",
+    "calibrate_threshold": "spray.correction.clarc",
+    "correct_job": "spray.correction.job",
+    "correct_model": "spray.correction.run",
+    "cutout_mask": "spray.correction.user",
+    "evaluate": "spray.correction.evaluate",
+    "export_corrected": "spray.correction.export",
+    "fit_cav": "spray.correction.cav",
+    "fit_direction": "spray.correction.cav",
+    "flag_entry": "spray.correction.run",
+    "flag_rows": "spray.correction.run",
+    "format_table": "spray.correction.evaluate",
+    "held_out_evaluation": "spray.correction.user",
+    "held_out_split": "spray.correction.user",
+    "job_config": "spray.correction.run",
+    "layer_activations": "spray.correction.cav",
+    "load_corrected": "spray.correction.export",
+    "load_job_inputs": "spray.correction.job",
+    "match_flag": "spray.correction.reaudit",
+    "p_clarc": "spray.correction.clarc",
+    "pool_activation": "spray.correction.cav",
+    "project_activation": "spray.correction.clarc",
+    "r_clarc": "spray.correction.clarc",
+    "recovered_share": "spray.correction.evaluate",
+    "rr_clarc": "spray.correction.clarc",
+    "run_reaudit": "spray.correction.reaudit",
+    "split_model": "spray.correction.clarc",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """The public name ``name``, imported from its module on first use."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

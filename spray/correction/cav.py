@@ -43,11 +43,9 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_sp
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from spray.correction.config import CLEAN_SCOPES, ESTIMATORS, POOLINGS
 from spray.correction.errors import CAVError
 
-POOLINGS: tuple[str, ...] = ("max", "mean", "flatten")
-ESTIMATORS: tuple[str, ...] = ("pattern", "svm", "logistic", "ridge")
-CLEAN_SCOPES: tuple[str, ...] = ("same_class", "all")
 
 #: The fewest artifact samples a CAV is estimated from.
 MIN_ARTIFACT_SAMPLES = 5

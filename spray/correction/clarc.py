@@ -55,12 +55,12 @@ import torch
 from torch import fx, nn
 
 from spray.correction.cav import CAV, layer_module
+from spray.correction.config import RR_TARGETS
 from spray.correction.errors import CorrectionError
 
 log = logging.getLogger(__name__)
 
 GATE_KINDS: tuple[str, ...] = ("always", "class", "detector", "both")
-RR_TARGETS: tuple[str, ...] = ("predicted", "all")
 RR_PENALTY_POINTS: tuple[str, ...] = ("path", "data")
 
 

@@ -10,13 +10,15 @@
 * **artifact relevance**: on attacked images of the other classes, the share of positive
   LRP relevance that falls inside the artifact's mask (mean over samples). By default the
   explained logit is the artifact class's: how much of the evidence *for* that class comes
-  from the artifact.
+  from the artifact. The heatmaps are the audit's (its ``[attribution]`` rules, engine,
+  device and precision; ``spray.attribution.select.make_explainer``).
 * **gate rates** (R-ClArC): how often the gate fires on the attacked images and on the same
   images without the artifact, and its precision on the union of the two.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -26,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from spray.attribution.lrp import Explainer, make_composite
+from spray.attribution.select import make_explainer
+from spray.attribution.settings import AttributionSettings
 from spray.correction.clarc import ClarcModel, CorrectionError
 from spray.models.demo import predict
 
@@ -89,25 +92,40 @@ def _as_mask(mask: np.ndarray | tuple[slice, slice], shape: tuple[int, int]) -> 
     return boolean
 
 
+def explained_view(model: nn.Module, attribution: AttributionSettings) -> tuple[nn.Module, AttributionSettings]:
+    """The module whose heatmaps stand for ``model``'s, and the settings to explain it with (no concept layers).
+
+    ``"auto"`` choices of ``attribution`` are resolved for the model itself or, for a ClArC
+    model, for the model it corrects. A ClArC model is explained through its explainable view
+    (one head pass) with zennit's engine: the fast engine cannot trace its gate.
+    """
+    if isinstance(model, ClarcModel):
+        settings = attribution.for_model(model.model)
+        return model.explainable(), dataclasses.replace(settings, engine="zennit", layers=())
+    return model, dataclasses.replace(attribution.for_model(model), layers=())
+
+
 def artifact_relevance(
     model: nn.Module,
     images: np.ndarray,
     targets: np.ndarray,
     mask: np.ndarray | tuple[slice, slice],
+    attribution: AttributionSettings = AttributionSettings(),
     *,
-    composite: str = "epsilon_plus_flat",
-    canonizers: Sequence[str] = ("merge_batchnorm",),
     batch_size: int = 32,
 ) -> float:
     """Mean share of positive LRP relevance inside ``mask`` for ``images`` explained at ``targets``.
 
-    ``mask`` is a boolean (H, W) array or a (rows, columns) pair of slices (e.g. the demo's
-    ``tag_region()``). Samples without positive relevance are left out of the mean.
+    ``images`` are model inputs (already normalised), explained as they are. ``mask`` is a
+    boolean (H, W) array or a (rows, columns) pair of slices (e.g. the demo's
+    ``tag_region()``). ``attribution``: the audit's ``[attribution]`` settings (composite,
+    canonizers, engine, device, precision; the input range for ``epsilon_gamma_box``), see
+    :func:`explained_view`. Samples without positive relevance are left out of the mean.
     """
-    view = model.explainable() if isinstance(model, ClarcModel) else model
+    view, settings = explained_view(model, attribution)
     boolean = _as_mask(mask, tuple(images.shape[-2:]))
     shares: list[np.ndarray] = []
-    with Explainer(view, make_composite(composite, tuple(canonizers))) as explainer:
+    with make_explainer(view, settings) as explainer:
         for start in range(0, len(images), batch_size):
             x = torch.as_tensor(np.ascontiguousarray(images[start : start + batch_size]))
             heatmaps = explainer.explain(x, torch.as_tensor(targets[start : start + batch_size], dtype=torch.long)).heatmaps
@@ -148,8 +166,7 @@ def evaluate(
     name: str = "",
     relevance_samples: int = 64,
     relevance_target: str = "artifact",
-    composite: str = "epsilon_plus_flat",
-    canonizers: Sequence[str] = ("merge_batchnorm",),
+    attribution: AttributionSettings = AttributionSettings(),
     random_state: int = 0,
 ) -> EvaluationResult:
     """Evaluate ``model`` on clean and attacked test images (see the module docstring).
@@ -162,6 +179,7 @@ def evaluate(
         mask: where the artifact is, for the relevance share; None skips relevance.
         relevance_samples: attacked images explained (a fixed random subset).
         relevance_target: explained logit: ``"artifact"`` class, the ``"predicted"`` class or the ``"label"``.
+        attribution: the audit's ``[attribution]`` settings, for the relevance (:func:`artifact_relevance`).
         random_state: seed of the relevance subset (same subset for every model).
     """
     if relevance_target not in RELEVANCE_TARGETS:
@@ -185,7 +203,7 @@ def evaluate(
             targets = labels[chosen]
         else:
             targets = predict(model, subset).argmax(1)
-        result.artifact_relevance = artifact_relevance(model, subset, targets, mask, composite=composite, canonizers=canonizers)
+        result.artifact_relevance = artifact_relevance(model, subset, targets, mask, attribution)
     if isinstance(model, ClarcModel) and other_rows.size:
         result.gate_rate_attacked, result.gate_rate_clean, result.gate_precision = gate_statistics(
             model, images[other_rows], attacked[other_rows]

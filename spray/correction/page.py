@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import quote
 
 from spray.report.render import environment
-from spray.report.summary import write_text_atomic
+from spray.store.common import write_text_atomic
 
 PAGE_FILE = "index.html"
 REPORT_FILE = "report.json"

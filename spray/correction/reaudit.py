@@ -39,9 +39,6 @@ from spray.jobs import JobSpec
 from spray.report.render import SUMMARY_FILE
 from spray.report.summary import SAME_FINDING_JACCARD, jaccard
 
-#: Folder of the re-audit inside a correction's folder.
-REAUDIT_FOLDER = "reaudit"
-
 
 def explainable_model(model: nn.Module) -> nn.Module:
     """The module an audit explains for ``model``: the explainable view of a ClArC model, else the model."""
@@ -54,15 +51,13 @@ def reaudit_spec(spec: JobSpec, original: nn.Module, corrected: nn.Module) -> Jo
     ``"auto"`` composite, canonizers and layers are resolved for ``original``; the engine is
     ``"zennit"`` for a ClArC model (its gate cannot be traced by the fast engine).
     """
-    from spray.audit import attribution_settings
-
-    settings = attribution_settings(spec, original)
+    settings = spec.attribution.for_model(original)
     engine = "zennit" if isinstance(corrected, ClarcModel) else spec.attribution.engine
     attribution = dataclasses.replace(
         spec.attribution,
         composite=settings.composite,
-        canonizers=list(settings.canonizers),
-        layers=list(settings.layers),
+        canonizers=settings.canonizers,
+        layers=settings.layers,
         engine=engine,
     )
     return dataclasses.replace(spec, attribution=attribution)
@@ -171,10 +166,8 @@ def run_reaudit(
 
 def _audit_folder(spec: JobSpec) -> Path | None:
     """The folder of the job's latest report (the newest dated run for ``dated`` jobs), or None."""
-    from spray.audit import report_folder
-
     try:
-        return report_folder(spec)
+        return spec.folders.latest_report(spec.job.dated)
     except FileNotFoundError:
         return None
 

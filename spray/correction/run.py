@@ -1,10 +1,9 @@
 """One correction from start to end: CAV from artifact rows, P-/R-/RR-ClArC, before/after evaluation, export.
 
-:func:`correct_model` works on any model and data in memory; :func:`correct_demo` loads the
-demo data and model of a job spec exactly as the audit does (same generator seed, same
-cached weights under ``<output>/<job>/stages/model``) and writes its results under
-``<output>/<job>/correction/<method>/``; :func:`spray.correction.user.correct_user` does the
-same for a job's own data and model.
+:func:`correct_model` works on any model and data in memory. A job's data come to it as an
+:class:`EvaluationPlan` (see :func:`spray.correction.job.correct_job`, which opens the data and
+model of a job spec exactly as the audit does); :func:`job_config` gives a job's
+``[correct]`` parameters and :func:`flag_entry` the audit's flag to correct.
 """
 
 from __future__ import annotations
@@ -13,8 +12,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from spray.correction.cav import CAV, CLEAN_SCOPES, ESTIMATORS, POOLINGS, fit_cav, layer_activations
+from spray.attribution.settings import AttributionSettings
+from spray.correction.cav import CAV, fit_cav, layer_activations
+from spray.correction.config import CorrectionConfig
 from spray.correction.clarc import (
-    RR_TARGETS,
     CorrectionError,
     Gate,
     RRHistory,
@@ -33,104 +33,11 @@ from spray.correction.clarc import (
     r_clarc,
     rr_clarc,
 )
-from spray.correction.evaluate import EvaluationResult, evaluate, format_table, recovered_share
+from spray.correction.evaluate import EvaluationResult, Stamp, evaluate, format_table, recovered_share
 from spray.correction.export import ExportPaths, export_corrected
 from spray.correction.page import write_correction_files
 
 log = logging.getLogger(__name__)
-
-METHODS: tuple[str, ...] = ("r-clarc", "p-clarc", "rr-clarc")
-#: Gates of R-ClArC (P-ClArC is the gate "always").
-R_GATES: tuple[str, ...] = ("class", "detector", "both")
-#: The choices of CorrectionConfig's text fields.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "method": METHODS,
-    "pooling": POOLINGS,
-    "estimator": ESTIMATORS,
-    "clean": CLEAN_SCOPES,
-    "gate": R_GATES,
-    "detector_estimator": ESTIMATORS,
-    "rr_target": RR_TARGETS,
-}
-
-
-@dataclass(frozen=True)
-class CorrectionConfig:
-    """Parameters of one correction (defaults suit the demo model).
-
-    Attributes:
-        method: ``"r-clarc"`` (default), ``"p-clarc"`` or ``"rr-clarc"``.
-        layer: layer whose activations hold the CAV (a name from ``model.named_modules()``).
-        pooling: ``"flatten"`` (default: the demo's tag has a fixed position, and the whole
-            activation tensor captures its signature best), ``"max"`` or ``"mean"``.
-        estimator: CAV estimator of the projected/penalised direction (``"pattern"`` default).
-        clean: clean samples for the CAV: ``"same_class"`` (default) or ``"all"``.
-        gate: R-ClArC gate: ``"class"`` (default: the uncorrected prediction is the artifact
-            class), ``"detector"`` or ``"both"``.
-        detector_estimator: filter estimator of the detector gate (``"logistic"`` default).
-        target_fpr: false-positive rate the detector threshold is calibrated to, on training
-            samples of the other classes.
-        soft_gate: scale the projection by a sigmoid of the detector score.
-        temperature: soft gate temperature (detector-score units).
-        rr_lambda: weight of RR-ClArC's gradient penalty.
-        rr_epochs: maximum RR-ClArC fine-tuning epochs.
-        rr_learning_rate: Adam learning rate of RR-ClArC.
-        rr_target: explained output of the penalty: ``"predicted"`` logit or ``"all"`` logits summed.
-        rr_max_samples: fine-tune RR-ClArC on a random subset of at most this many training
-            samples (None: all), to bound its time on large sets.
-        test_size: held-out share for the CAV's detection AUC.
-        held_out: share of each class of a user job's audited samples held out (seeded, stratified)
-            for the before/after evaluation; the CAV, the detector and fine-tuning see the rest
-            (see :mod:`spray.correction.user`; the demo has its own test split).
-        relevance_samples: attacked images explained for the artifact-relevance share (0 skips).
-        seed: random state of every random choice.
-        torchscript: also export a TorchScript file.
-    """
-
-    method: str = "r-clarc"
-    layer: str = "features.relu3"
-    pooling: str = "flatten"
-    estimator: str = "pattern"
-    clean: str = "same_class"
-    gate: str = "class"
-    detector_estimator: str = "logistic"
-    target_fpr: float = 0.01
-    soft_gate: bool = False
-    temperature: float = 1.0
-    rr_lambda: float = 100.0
-    rr_epochs: int = 3
-    rr_learning_rate: float = 1e-3
-    rr_target: str = "predicted"
-    rr_max_samples: int | None = None
-    test_size: float = 0.25
-    held_out: float = 0.25
-    relevance_samples: int = 64
-    seed: int = 0
-    torchscript: bool = True
-
-    def __post_init__(self) -> None:
-        """Refuse unknown choices and impossible numbers; each message starts with the field's name."""
-        for key, choices in CHOICES.items():
-            value = getattr(self, key)
-            if value not in choices:
-                hint = " ('always' is P-ClArC: set method = 'p-clarc')" if key == "gate" and value == "always" else ""
-                raise CorrectionError(f"{key} {value!r} is unknown; choose one of {list(choices)}{hint}.")
-        if not self.layer:
-            raise CorrectionError("layer must name a module of the model (a name from model.named_modules()).")
-        ranges = (
-            ("target_fpr", 0.0 <= self.target_fpr < 1.0, "in [0, 1)"),
-            ("temperature", 0 < self.temperature < math.inf, "a positive finite number"),
-            ("rr_lambda", 0 <= self.rr_lambda < math.inf, "a finite number, at least 0"),
-            ("rr_epochs", self.rr_epochs >= 1, "at least 1"),
-            ("rr_learning_rate", 0 < self.rr_learning_rate < math.inf, "a positive finite number"),
-            ("rr_max_samples", self.rr_max_samples is None or self.rr_max_samples >= 1, "at least 1"),
-            ("test_size", 0.0 < self.test_size < 1.0, "in (0, 1)"),
-            ("held_out", 0.0 < self.held_out < 1.0, "in (0, 1)"),
-            ("relevance_samples", self.relevance_samples >= 0, "at least 0"),
-        )
-        for key, valid, wanted in ranges:
-            if not valid:
-                raise CorrectionError(f"{key} must be {wanted}, got {getattr(self, key)!r}.")
 
 
 def job_config(spec: Any, **overrides: Any) -> CorrectionConfig:
@@ -140,16 +47,17 @@ def job_config(spec: Any, **overrides: Any) -> CorrectionConfig:
     ``spray correct``), over the defaults of :class:`CorrectionConfig`; the seed is the job's.
     """
     chosen = {key: value for key, value in overrides.items() if value is not None}
-    return CorrectionConfig(**{"seed": spec.job.seed, **spec.correct.config_values(), **chosen})
+    return replace(spec.correct, seed=spec.job.seed, **chosen)
 
 
 @dataclass
 class CorrectionReport:
     """The outcome of one correction: the CAV, before/after rows, recovered share, timings, files
-    and, after :func:`correct_demo`'s re-audit, its outcome (``reaudit``, see :mod:`spray.correction.reaudit`).
+    and, after a job's re-audit, its outcome (``reaudit``, see :mod:`spray.correction.reaudit`).
 
-    ``evaluation_set`` says how a user job's evaluation data were made (held-out split,
-    attacked set, artifact mask; see :mod:`spray.correction.user`); None for the demo.
+    ``evaluation_set`` says how a job's evaluation data were made (held-out split, attacked
+    set, artifact mask; see :mod:`spray.correction.user`); None when the data brought their
+    own test split (the demo's planted artifact).
     """
 
     method: str
@@ -248,6 +156,27 @@ def build_correction(
     return r_clarc(model, cav, gate, detector), facts
 
 
+@dataclass
+class EvaluationPlan:
+    """The data that a job's correction is fitted and evaluated on: :func:`correct_model`'s data arguments.
+
+    Images are display images in [0, 1] (the job converts them to the model's input).
+    ``artifact_rows`` index ``fit_images``; ``stamp`` puts the artifact on display images for
+    the attacked test set; ``mask`` is its region for the relevance share (None skips it);
+    ``facts`` says how the sets were made (``evaluation_set`` of the report; None when the
+    data brought their own test split).
+    """
+
+    fit_images: np.ndarray
+    fit_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    artifact_rows: np.ndarray
+    stamp: Stamp
+    mask: np.ndarray | tuple[slice, slice] | None
+    facts: dict[str, Any] | None
+
+
 def correct_model(
     model: nn.Module,
     train_images: np.ndarray,
@@ -265,8 +194,7 @@ def correct_model(
     before: EvaluationResult | None = None,
     cav: CAV | None = None,
     job: str = "",
-    composite: str = "epsilon_plus_flat",
-    canonizers: Sequence[str] = ("merge_batchnorm",),
+    attribution: AttributionSettings = AttributionSettings(),
     evaluation_set: dict[str, Any] | None = None,
 ) -> CorrectionReport:
     """Correct ``model`` for the artifact carried by ``train_images[artifact_rows]`` and evaluate it.
@@ -285,7 +213,7 @@ def correct_model(
         before: the original model's evaluation, when already computed (saves time).
         cav: a CAV to use instead of fitting one.
         job: the job's name, for the page's title.
-        composite, canonizers: the LRP rules of the artifact-relevance share (the audit's).
+        attribution: the audit's ``[attribution]`` settings, for the artifact-relevance share.
         evaluation_set: how the test and attacked data were made, recorded in the report.
     """
     config = config or CorrectionConfig()
@@ -304,7 +232,7 @@ def correct_model(
         return evaluate(
             candidate, test_images, test_labels, cav.class_id, stamp, mask=mask, name=name,
             relevance_samples=config.relevance_samples, random_state=config.seed,
-            composite=composite, canonizers=canonizers,
+            attribution=attribution,
         )
 
     start = time.perf_counter()
@@ -363,92 +291,3 @@ def flag_rows(summary: dict[str, Any] | Path, flag: int = 0) -> tuple[np.ndarray
     """(member rows, class index) of the ``flag``-th flagged cluster of an audit's ``summary.json`` (see :func:`flag_entry`)."""
     entry = flag_entry(summary, flag)
     return np.asarray(entry["member_rows"], dtype=np.int64), int(entry["class_index"])
-
-
-@dataclass
-class DemoInputs:
-    """The demo data and model of a job spec, as the audit sees them."""
-
-    model: nn.Module
-    train: Any  # spray.data.demo.DemoSplit
-    test: Any
-    n_classes: int
-    weights: Path
-
-
-def load_demo(spec: Any) -> DemoInputs:
-    """The demo set and model of job ``spec``, exactly as ``spray audit`` builds them.
-
-    The set is regenerated from ``[data]`` and ``job.seed``; the model is read from (or
-    trained into) the audit's cache ``<output>/<job>/stages/model``.
-    """
-    from spray.data.demo import DemoConfig, make_demo
-    from spray.models.demo import TrainConfig, load_or_train_demo_model
-
-    demo = DemoConfig(
-        n_per_class=spec.data.n_per_class,
-        artifact_class=spec.data.artifact_class,
-        artifact_fraction=spec.data.artifact_fraction,
-        seed=spec.job.seed,
-    )
-    train, test = make_demo(demo)
-    n_classes = len(demo.class_names)
-    model, weights, _ = load_or_train_demo_model(
-        train.images, train.labels, n_classes, TrainConfig(epochs=spec.model.epochs, seed=spec.job.seed),
-        spec.output_dir / "stages" / "model",
-    )
-    return DemoInputs(model=model, train=train, test=test, n_classes=n_classes, weights=weights)
-
-
-def correct_demo(
-    spec: Any,
-    artifact_rows: np.ndarray,
-    config: CorrectionConfig | None = None,
-    *,
-    flag: dict[str, Any] | None = None,
-    reaudit: bool = True,
-    progress: bool = False,
-) -> CorrectionReport:
-    """Correct the demo model of job ``spec`` (a :class:`spray.jobs.JobSpec`) for the artifact in ``artifact_rows``.
-
-    The data and model are those of ``spray audit`` for the same spec (see :func:`load_demo`).
-    ``artifact_rows`` index the training split, i.e. the rows of the audit's ``input.h5``
-    (``member_rows`` of a flag in ``summary.json``). Results are written to
-    ``<output>/<job>/correction/<method>/``: the export files (see
-    :mod:`spray.correction.export`), ``report.json`` and the page ``index.html``.
-
-    With ``reaudit``, the corrected model is audited again on the same data into
-    ``reaudit/`` there (see :mod:`spray.correction.reaudit`); ``flag`` is the audit's
-    ``summary.json`` entry of the corrected flag (default: its rows and the CAV's class),
-    whose disappearance the outcome (``report.reaudit``) records. When the audit's own
-    summary exists, ``compare.html`` beside the page compares the two audits. The reports
-    index above the job's folder is written again and lists the correction.
-    """
-    from spray.correction.reaudit import REAUDIT_FOLDER, run_reaudit
-    from spray.data.demo import stamp_tag, tag_region
-
-    config = config or CorrectionConfig()
-    inputs = load_demo(spec)
-    folder = spec.output_dir / "correction" / config.method
-    report = correct_model(
-        inputs.model, inputs.train.images, inputs.train.labels, inputs.test.images, inputs.test.labels,
-        np.asarray(artifact_rows), stamp=stamp_tag, mask=tag_region(), config=config, n_classes=inputs.n_classes,
-        output_dir=folder, job=spec.job.name,
-    )
-    if reaudit:
-        original = flag if flag is not None else {"class_index": report.cav.class_id, "member_rows": np.asarray(artifact_rows).tolist()}
-        report.reaudit = run_reaudit(spec, inputs.model, report.model, original, folder / REAUDIT_FOLDER, progress=progress)
-        report.seconds["reaudit"] = report.reaudit["seconds"]
-        write_correction_files(report.to_dict(), folder, spec.job.name)
-    refresh_index(spec.output_dir.parent)
-    return report
-
-
-def refresh_index(root: Path) -> None:
-    """Write the reports index above the job's folder again, so that it lists the correction (a warning if it cannot)."""
-    from spray.report.index import write_index
-
-    try:
-        write_index(root)
-    except (OSError, ValueError) as error:
-        log.warning("audit index not updated: %s", error)

@@ -1,9 +1,8 @@
-"""Correction of a job's own model (torchvision, entry point, pickle) on the data it was audited on.
+"""The evaluation data of a correction on data that carry no planted artifact (a user's own).
 
-:func:`correct_user` is what ``spray correct`` runs for every job whose model is not the
-demo's. Data and model are opened exactly as the audit opens them
-(:func:`spray.audit.open_data`, :func:`spray.audit.open_model`), and the corrected flag's
-member rows come from the audit's ``summary.json``.
+:func:`held_out_evaluation` is what :func:`spray.correction.job.correct_job` uses for every
+job whose data do not bring their own test split and stamping function (the demo's do).
+The corrected flag's member rows come from the audit's ``summary.json``.
 
 **Held-out split.** The audited samples are split once, deterministically (``config.seed``)
 and stratified by class: ``config.held_out`` of each class (default 25%) is held out for the
@@ -14,7 +13,7 @@ of every fit (their number is recorded).
 **Attacked set.** The artifact is stamped on the held-out images of the other classes:
 
 * with ``[correct] stamp = "module:function"`` (or ``"file.py:function"``, relative to the job
-  file), by that function: it takes and returns an (N, C, H, W) float array in [0, 1]
+  file; ``config.stamp``), by that function: it takes and returns an (N, C, H, W) float array in [0, 1]
   (display images, before the model's normalisation). Its artifact mask is the pixels it
   changes in at least half of the held-out images it was tried on;
 * without one, by pasting the artifact *cut out* of the flagged members. The mask rule
@@ -30,16 +29,11 @@ of every fit (their number is recorded).
 The mask also delimits the artifact's share of relevance in the evaluation. How the attacked
 set was made is recorded under ``evaluation_set`` in ``report.json`` and shown on the page,
 with pictures of the mask and the patch for a cut-out (``artifact_mask.png``,
-``artifact_patch.png`` beside the page).
-
-**Input space.** Sources yield display images in [0, 1]; the model sees them normalised with
-``[data] mean``/``std``. The correction works on the normalised images (so the exported model
-takes the same input as the audited one); stamping happens on display images.
+``artifact_patch.png`` beside the page). Everything here works on display images in [0, 1].
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,11 +42,13 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from spray.correction.config import CorrectionConfig
 from spray.correction.errors import CorrectionError
 from spray.correction.evaluate import Stamp
 from spray.correction.page import MASK_PICTURE, PATCH_PICTURE
-from spray.correction.run import CorrectionConfig, CorrectionReport, correct_model, refresh_index
+from spray.correction.run import EvaluationPlan
 from spray.jobs import JobSpec
+from spray.store.folders import ATTRIBUTIONS_FILE
 
 #: A cell belongs to the cut-out mask when the members' excess relevance reaches this share of the largest excess.
 MASK_RELATIVE = 0.5
@@ -64,8 +60,6 @@ MAX_REFERENCE_HEATMAPS = 2000
 STAMP_PROBE_IMAGES = 64
 #: Shortest side of the mask and patch pictures on the page (nearest-neighbour upscaling).
 PICTURE_SIDE = 96
-#: Images read from the source at once.
-READ_BATCH = 256
 
 
 def held_out_split(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -85,38 +79,6 @@ def held_out_split(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndar
     return np.setdiff1d(np.arange(len(labels)), held_rows), held_rows
 
 
-@dataclass(frozen=True)
-class InputSpace:
-    """Display images in [0, 1] <-> the model's input (normalised with ``mean``/``std`` when given)."""
-
-    mean: tuple[float, ...] = ()
-    std: tuple[float, ...] = ()
-
-    def _stats(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        shape = (1, -1) + (1,) * (images.ndim - 2)
-        return np.asarray(self.mean, np.float32).reshape(shape), np.asarray(self.std, np.float32).reshape(shape)
-
-    def to_model(self, images: np.ndarray) -> np.ndarray:
-        """The model's input for display ``images`` (float32)."""
-        images = np.asarray(images, dtype=np.float32)
-        if not self.mean:
-            return images
-        mean, std = self._stats(images)
-        return ((images - mean) / std).astype(np.float32)
-
-    def to_display(self, inputs: np.ndarray) -> np.ndarray:
-        """Display images for model ``inputs``, clipped to [0, 1] against rounding."""
-        inputs = np.asarray(inputs, dtype=np.float32)
-        if not self.mean:
-            return inputs
-        mean, std = self._stats(inputs)
-        return np.clip(inputs * std + mean, 0.0, 1.0).astype(np.float32)
-
-    def stamp_inputs(self, stamp: Stamp) -> Stamp:
-        """``stamp`` (on display images) as a stamp on model inputs."""
-        return lambda inputs: self.to_model(stamp(self.to_display(inputs)))
-
-
 def checked_stamp(function: Callable[..., Any], name: str) -> Stamp:
     """``function`` with its output checked: an (N, C, H, W) float array like its input, finite, in [0, 1]."""
     fix = f"[correct] stamp {name!r} must take and return an (N, C, H, W) float array in [0, 1] (display images)"
@@ -134,15 +96,16 @@ def checked_stamp(function: Callable[..., Any], name: str) -> Stamp:
     return stamp
 
 
-def load_stamp(spec: JobSpec) -> Stamp | None:
-    """The job's ``[correct] stamp`` entry point, checked (see :func:`checked_stamp`), or None when unset."""
-    from spray.data.sources import DataSourceError, load_entry_point
+def load_stamp(name: str, base_dir: Path) -> Stamp | None:
+    """The ``[correct] stamp`` entry point ``name`` (relative to ``base_dir``, the job file's folder),
+    checked (see :func:`checked_stamp`), or None when unset."""
+    from spray.data.base import DataSourceError
+    from spray.data.entrypoint import load_entry_point
 
-    name = spec.correct.stamp
     if not name:
         return None
     try:
-        function = load_entry_point(name, spec.base_dir)
+        function = load_entry_point(name, base_dir)
     except DataSourceError as error:
         raise CorrectionError(f"[correct] stamp: {error} Fix the entry point or remove the key to cut the artifact out of the flagged samples.") from error
     return checked_stamp(function, name)
@@ -164,8 +127,11 @@ def _mean_share_map(heatmaps: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return (pooled / np.where(totals > 0, totals, 1.0)).mean(axis=0)
 
 
-def cutout_mask(members: np.ndarray, rest: np.ndarray, pooled_size: int, image_shape: tuple[int, int] | None = None) -> np.ndarray:
-    """Boolean mask of the artifact: where the members' heatmaps (N, h, w) exceed the rest of the class's.
+def cutout_mask(
+    members: np.ndarray, rest: np.ndarray, pooled_size: tuple[int, int] | None, image_shape: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Boolean mask of the artifact: where the members' heatmaps (N, h, w) exceed the rest of the class's,
+    compared on the analysis grid ``pooled_size`` ((h, w) as ``[analysis] pooled_size`` holds it; None: unpooled).
 
     The mask has ``image_shape`` (H, W), the display images' size, which is larger than the
     heatmaps' when they are stored pooled (``[attribution] heatmap_size``); by default the
@@ -177,7 +143,7 @@ def cutout_mask(members: np.ndarray, rest: np.ndarray, pooled_size: int, image_s
     from spray.analysis.preprocess import pooled_shape
 
     height, width = members.shape[1:]
-    grid = pooled_shape(height, width, (pooled_size, pooled_size))
+    grid = pooled_shape(height, width, pooled_size)
     excess = _mean_share_map(members, grid) - _mean_share_map(rest, grid)
     if not excess.max() > 0:
         raise CorrectionError(
@@ -237,7 +203,7 @@ def _read_heatmaps(spec: JobSpec, rows: np.ndarray, n_samples: int) -> np.ndarra
     """
     from spray.store.attributions import read_attributions
 
-    path = spec.output_dir / "stages" / "attributions.h5"
+    path = spec.folders.stages / ATTRIBUTIONS_FILE
     if not path.is_file():
         raise CorrectionError(f"{path} not found; run 'spray audit' on the job first.")
     with read_attributions(path) as attributions:
@@ -246,6 +212,11 @@ def _read_heatmaps(spec: JobSpec, rows: np.ndarray, n_samples: int) -> np.ndarra
         if len(rows) == 0:
             return np.zeros((0, *attributions.heatmaps.shape[1:]), dtype=np.float32)
         return np.asarray(attributions.heatmaps[np.asarray(rows)], dtype=np.float32)
+
+
+def _grid_name(pooled_size: tuple[int, int] | None) -> str:
+    """The analysis grid for people: "8×8", or the heatmaps' own when they are not pooled."""
+    return "the heatmaps' own" if pooled_size is None else "×".join(str(int(side)) for side in pooled_size)
 
 
 def cutout_attack(spec: JobSpec, display: np.ndarray, labels: np.ndarray, fit_rows: np.ndarray, members: np.ndarray, class_id: int) -> AttackSet:
@@ -260,7 +231,7 @@ def cutout_attack(spec: JobSpec, display: np.ndarray, labels: np.ndarray, fit_ro
     facts = {
         "kind": "cut-out",
         "description": "the flagged members' median pixels inside the mask, pasted on the held-out images of the other classes",
-        "mask_rule": f"pooled cells ({spec.analysis.pooled_size}-grid) where the members' mean relevance share exceeds the rest of "
+        "mask_rule": f"pooled cells ({_grid_name(spec.analysis.pooled_size)} grid) where the members' mean relevance share exceeds the rest of "
         f"the class's by at least {MASK_RELATIVE:.0%} of the largest excess; the connected region of the largest excess",
         "n_members": int(len(members)),
         "n_reference": int(len(rest)),
@@ -268,12 +239,12 @@ def cutout_attack(spec: JobSpec, display: np.ndarray, labels: np.ndarray, fit_ro
     return AttackSet(paste(patch, mask), mask, facts, patch)
 
 
-def function_attack(spec: JobSpec, stamp: Stamp, probe: np.ndarray) -> AttackSet:
-    """The job's stamping function, tried on ``probe`` images now (a bad function fails before any fitting)."""
+def function_attack(name: str, stamp: Stamp, probe: np.ndarray) -> AttackSet:
+    """The job's stamping function ``name``, tried on ``probe`` images now (a bad function fails before any fitting)."""
     mask = stamp_mask(stamp, probe)
     facts = {
         "kind": "stamp",
-        "description": f"the job's stamping function {spec.correct.stamp} applied to the held-out images of the other classes",
+        "description": f"the job's stamping function {name} applied to the held-out images of the other classes",
         "mask_rule": f"pixels the function changes in at least {STAMP_MASK_SHARE:.0%} of {len(probe)} held-out images",
     }
     return AttackSet(stamp, mask if mask.any() else None, facts)
@@ -319,115 +290,45 @@ def default_layer(model: nn.Module, candidates: tuple[str, ...]) -> str:
     )
 
 
-def read_images(source: Any) -> np.ndarray:
-    """Every display image (N, C, H, W) of ``source``, read in batches."""
-    rows = np.arange(len(source))
-    return np.concatenate([source.read(rows[start : start + READ_BATCH]) for start in range(0, len(rows), READ_BATCH)])
-
-
-@dataclass
-class UserData:
-    """The audited samples and model of a job, as :func:`correct_user` uses them."""
-
-    model: nn.Module
-    display: np.ndarray
-    labels: np.ndarray
-    n_classes: int
-    space: InputSpace
-    composite: str
-    canonizers: tuple[str, ...]
-    layers: tuple[str, ...]
-
-
-def load_user(spec: JobSpec) -> UserData:
-    """Data and model of job ``spec`` exactly as ``spray audit`` opens them, with the audit's attribution settings."""
-    from spray.audit import attribution_settings, open_data, open_model
-
-    stages = spec.output_dir / "stages"
-    data = open_data(spec, stages)
-    try:
-        model, _ = open_model(spec, data, stages)
-        display, labels = read_images(data.source), np.asarray(data.source.labels)
-        n_classes = len(data.source.class_names)
-    finally:
-        if hasattr(data.source, "close"):
-            data.source.close()
-    settings = attribution_settings(spec, model)
-    # The relevance share explains with the audit's rules; epsilon_gamma_box would also need the
-    # input range, which the evaluation does not pass, so it is measured with epsilon_plus_flat.
-    composite = "epsilon_plus_flat" if settings.composite == "epsilon_gamma_box" else settings.composite
-    return UserData(
-        model=model.eval(), display=display, labels=labels, n_classes=n_classes, space=InputSpace(settings.mean, settings.std),
-        composite=composite, canonizers=settings.canonizers, layers=settings.layers,
-    )
-
-
-def _attack_set(spec: JobSpec, data: UserData, fit_rows: np.ndarray, test_rows: np.ndarray, members: np.ndarray, class_id: int) -> AttackSet:
-    """The job's stamp when ``[correct] stamp`` names one, else the cut-out artifact; with its mask described."""
-    stamp = load_stamp(spec)
+def _attack_set(
+    spec: JobSpec, stamp_name: str, display: np.ndarray, labels: np.ndarray, fit_rows: np.ndarray, test_rows: np.ndarray,
+    members: np.ndarray, class_id: int,
+) -> AttackSet:
+    """The stamping function ``stamp_name`` (``[correct] stamp``) when set, else the cut-out artifact; with its mask described."""
+    stamp = load_stamp(stamp_name, spec.base_dir)
     if stamp is None:
-        attack = cutout_attack(spec, data.display, data.labels, fit_rows, members, class_id)
+        attack = cutout_attack(spec, display, labels, fit_rows, members, class_id)
     else:
-        others = test_rows[data.labels[test_rows] != class_id][:STAMP_PROBE_IMAGES]
+        others = test_rows[labels[test_rows] != class_id][:STAMP_PROBE_IMAGES]
         if len(others) == 0:
             raise CorrectionError("the held-out part holds no image of another class to stamp; raise [correct] held_out.")
-        attack = function_attack(spec, stamp, data.display[others])
+        attack = function_attack(stamp_name, stamp, display[others])
     _describe_mask(attack)
     return attack
 
 
-def correct_user(
-    spec: JobSpec,
-    flag: dict[str, Any],
-    config: CorrectionConfig | None = None,
-    *,
-    choose_layer: bool = False,
-    reaudit: bool = True,
-    progress: bool = False,
-) -> CorrectionReport:
-    """Correct the model of job ``spec`` for ``flag`` (an entry of its ``summary.json`` flags) and evaluate it.
+def held_out_evaluation(
+    spec: JobSpec, display: np.ndarray, labels: np.ndarray, members: np.ndarray, class_id: int, config: CorrectionConfig, folder: Path
+) -> EvaluationPlan:
+    """Split the audited ``display`` images (and ``labels``) for correcting the flag of class ``class_id``
+    with ``members`` (sorted unique rows), and make the attacked set; see the module docstring.
 
-    See the module docstring for the split, the attacked set and the input space.
-    ``choose_layer``: the CAV layer was not given, so take :func:`default_layer` of the audit's
-    concept layers. Results go to ``<output>/<job>/correction/<method>/`` as for the demo:
-    the export, ``report.json``, ``index.html`` and (``reaudit``) the re-audit of the corrected
-    model on every audited sample in ``reaudit/``.
+    The mask and patch pictures of a cut-out are written to ``folder`` (the correction's).
     """
-    from spray.correction.page import write_correction_files
-    from spray.correction.reaudit import REAUDIT_FOLDER, run_reaudit
-
-    config = config or CorrectionConfig()
-    data = load_user(spec)
-    if choose_layer:
-        config = dataclasses.replace(config, layer=default_layer(data.model, data.layers))
-    class_id = int(flag["class_index"])
-    members = np.unique(np.asarray(flag["member_rows"], dtype=np.int64))
-    if members.size and (members.min() < 0 or members.max() >= len(data.labels)):
-        raise CorrectionError(f"the flag's member rows reach {int(members.max())}, but the data hold {len(data.labels)} samples; audit the job again.")
-    fit_rows, test_rows = held_out_split(data.labels, config.held_out, config.seed)
+    fit_rows, test_rows = held_out_split(labels, config.held_out, config.seed)
     fit_members = np.intersect1d(members, fit_rows)
     if fit_members.size == 0:
         raise CorrectionError(f"none of the flag's {members.size} member(s) falls outside the held-out part; lower [correct] held_out.")
-    folder = spec.output_dir / "correction" / config.method
-    attack = _attack_set(spec, data, fit_rows, test_rows, fit_members, class_id)
+    attack = _attack_set(spec, config.stamp, display, labels, fit_rows, test_rows, fit_members, class_id)
     attack.facts["pictures"] = write_pictures(attack, folder)
-    evaluation_set = {
+    facts = {
         "held_out": {
             "share": config.held_out, "seed": config.seed, "n_fit": int(len(fit_rows)), "n_held_out": int(len(test_rows)),
             "n_flagged": int(len(members)), "n_flagged_held_out": int(len(members) - len(fit_members)),
         },
         "attack": attack.facts,
     }
-    images = data.space.to_model(data.display)
-    report = correct_model(
-        data.model, images[fit_rows], data.labels[fit_rows], images[test_rows], data.labels[test_rows],
-        np.searchsorted(fit_rows, fit_members), stamp=data.space.stamp_inputs(attack.stamp), mask=attack.mask,
-        config=config, output_dir=folder, n_classes=data.n_classes, class_id=class_id, job=spec.job.name,
-        composite=data.composite, canonizers=data.canonizers, evaluation_set=evaluation_set,
+    return EvaluationPlan(
+        fit_images=display[fit_rows], fit_labels=labels[fit_rows], test_images=display[test_rows], test_labels=labels[test_rows],
+        artifact_rows=np.searchsorted(fit_rows, fit_members), stamp=attack.stamp, mask=attack.mask, facts=facts,
     )
-    if reaudit:
-        report.reaudit = run_reaudit(spec, data.model, report.model, flag, folder / REAUDIT_FOLDER, progress=progress)
-        report.seconds["reaudit"] = report.reaudit["seconds"]
-        write_correction_files(report.to_dict(), folder, spec.job.name)
-    refresh_index(spec.output_dir.parent)
-    return report

@@ -11,18 +11,21 @@ Everything is generated from a seed in a second or two, so the demo needs no dow
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-CLASS_NAMES: tuple[str, ...] = ("disc", "square", "triangle", "cross")
+from spray.config import Range, setting, validate
+from spray.data.config import DEMO_CLASS_NAMES, artifact_class_setting, artifact_fraction_setting, n_per_class_setting
+
+CLASS_NAMES: tuple[str, ...] = DEMO_CLASS_NAMES
 IMAGE_SIZE = 32
 TAG_SIZE = 7
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Parameters of the generated dataset.
+    """Parameters of the generated dataset (declared with ``[data]``'s demo keys).
 
     Attributes:
         n_per_class: training images per class (the test split has ``n_per_class // 4``).
@@ -31,21 +34,14 @@ class DemoConfig:
         seed: random seed; the same seed gives the same images bit for bit.
     """
 
-    n_per_class: int = 600
-    artifact_class: int = 1
-    artifact_fraction: float = 0.3
-    seed: int = 0
-    class_names: tuple[str, ...] = field(default=CLASS_NAMES)
+    n_per_class: int = n_per_class_setting()
+    artifact_class: int = artifact_class_setting()
+    artifact_fraction: float = artifact_fraction_setting()
+    seed: int = setting(0, Range(0, 2**32 - 1))
+    class_names: tuple[str, ...] = setting(CLASS_NAMES)
 
     def __post_init__(self) -> None:
-        if self.n_per_class < 10:
-            raise ValueError(f"n_per_class must be at least 10, got {self.n_per_class}.")
-        if not 0 <= self.artifact_class < len(self.class_names):
-            raise ValueError(
-                f"artifact_class must be in 0..{len(self.class_names) - 1}, got {self.artifact_class}."
-            )
-        if not 0.0 <= self.artifact_fraction <= 1.0:
-            raise ValueError(f"artifact_fraction must be in [0, 1], got {self.artifact_fraction}.")
+        validate(self)
 
 
 @dataclass

@@ -63,6 +63,9 @@ class DemoNet(nn.Module):
 
 
 DEMO_CONCEPT_LAYERS: tuple[str, ...] = ("features.conv3", "features.conv4")
+#: Where a correction removes the demo's tag best, and so what ``[correct] layer = "auto"`` means
+#: for this net: the activations after its third convolution.
+DEMO_CAV_LAYER = "features.relu3"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from spray.data.sources import load_entry_point
+from spray.data.entrypoint import load_entry_point
 
 
 class ModelSourceError(ValueError):

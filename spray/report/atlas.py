@@ -31,18 +31,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from torch import nn
-from zennit.core import Composite
 
 from spray.analysis.result import ClassAnalysis, ClusterResult
 from spray.attribution.crp import (
-    ConditionalExplainer,
-    FastConditionalExplainer,
     collected_top_rows,
     iter_conditional_heatmaps,
     relevance_box,
     top_rows_by_concept,
 )
+from spray.attribution.lrp import LRPExplainer
 from spray.report.context import AtlasConcept, ClusterAtlas, ConceptPicture
 from spray.report.plots import shrink
 from spray.report.rows import representatives, take_rows, texts_at
@@ -88,8 +85,7 @@ class _Plan:
 
 
 def build_concept_atlas(
-    model: nn.Module,
-    composite: Composite | None,
+    explainer: LRPExplainer,
     source: Any,
     attributions: Any,
     analyses: list[ClassAnalysis],
@@ -97,14 +93,14 @@ def build_concept_atlas(
     settings: AtlasSettings = AtlasSettings(),
     model_input: Callable[[np.ndarray], Any] | None = None,
     images: Any | None = None,
-    *,
-    conditional: ConditionalExplainer | FastConditionalExplainer | None = None,
 ) -> list[ClusterAtlas]:
     """Compute the concept atlas of the flagged (or all) clusters at ``layer``.
 
     Args:
-        model: the audited classifier.
-        composite: the zennit composite of the attribution stage (a fresh instance).
+        explainer: the audited classifier's explainer, with the attribution stage's composite
+            and ``layer`` among its concept layers (``spray.attribution.select.make_explainer``
+            with the stage's settings), so conditional heatmaps add up to the stored ones;
+            entered here while the heatmaps are computed.
         source: the dataset (``read(rows)`` gives display images in [0, 1] for ascending rows).
         attributions: the open ``attributions.h5`` (``spray.store.attributions.Attributions``
             or anything with ``concepts``, ``targets`` and ``sample_ids``).
@@ -114,10 +110,6 @@ def build_concept_atlas(
         model_input: maps display images to the model's input, as in the attribution
             stage (``AttributionSettings.model_input``: normalisation); default: unchanged.
         images: display images (N, C, H, W) in [0, 1]; default: ``source.read``.
-        conditional: a conditional explainer for ``layer`` to use instead of zennit's hooks
-            with ``composite`` (e.g. ``spray.attribution.crp.make_conditional_explainer``,
-            which takes the fast engine where it supports the model: several times faster,
-            same heatmaps).
 
     Returns:
         One ``ClusterAtlas`` per chosen cluster, in report order (highest score first).
@@ -156,11 +148,9 @@ def build_concept_atlas(
     uncropped = {(plan.representative, channel) for plan in plans for channel in plan.channels}
     cropped = {(int(row), channel) for channel in channels for row in references[channel].tolist()}
     pictures: dict[tuple[int, int, bool], ConceptPicture] = {}
-    if conditional is None and composite is None:
-        raise ValueError("build_concept_atlas needs a zennit composite or a conditional explainer.")
-    with conditional if conditional is not None else ConditionalExplainer(model, composite, layer) as explainer:
+    with explainer:
         for row, channel, heatmap, image in iter_conditional_heatmaps(
-            explainer, source.read, requests, settings.batch_size, model_input
+            explainer, layer, source.read, requests, settings.batch_size, model_input
         ):
             pixels = _display(images, row, image)
             for crop in (False, True):

@@ -47,8 +47,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from spray.report.render import REPORT_FILE, SUMMARY_FILE, environment
-from spray.report.summary import write_summary, write_text_atomic
+from spray.report.render import REPORT_FILE, environment
+from spray.report.summary import write_summary
+from spray.store.common import write_text_atomic
+from spray.store.folders import SUMMARY_FILE
 
 SCHEMA_VERSION = 1
 COMPARE_HTML = "compare.html"

@@ -17,19 +17,23 @@ from __future__ import annotations
 
 import json
 import os
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from spray.report.render import REPORT_FILE, SUMMARY_FILE, environment
-from spray.report.summary import write_text_atomic
+from spray.report.render import REPORT_FILE, environment
+from spray.store.common import write_text_atomic
+from spray.store.folders import STAGES, SUMMARY_FILE, VIRELAY
+
+log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.html"
 #: Marks a page as a spray audit index, so ``write_index`` replaces only its own pages.
 GENERATOR = "spray audit index"
 MAX_DEPTH = 3
-SKIPPED_FOLDERS = frozenset({"stages", "virelay", "__pycache__"})
+SKIPPED_FOLDERS = frozenset({STAGES, VIRELAY, "__pycache__"})
 
 
 @dataclass
@@ -250,3 +254,12 @@ def _text(value: Any) -> str:
 
 def _int(value: Any) -> int | None:
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def refresh_index(root: Path) -> None:
+    """Write the index of the reports folder ``root`` again after a run (a warning, not an
+    error, when it cannot: the run's own report is already written)."""
+    try:
+        write_index(root)
+    except (OSError, ValueError) as error:
+        log.warning("audit index not updated: %s", error)

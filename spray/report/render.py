@@ -26,25 +26,27 @@ import jinja2
 from markupsafe import Markup
 
 from spray.report.context import ReportContext
-from spray.report.summary import build_summary, write_summary, write_text_atomic
-from spray.report.views import ReportLimits, build_page
+from spray.report.summary import build_summary, write_summary
+from spray.store.common import write_text_atomic
+from spray.store.folders import SUMMARY_FILE
+from spray.report.config import ReportConfig
+from spray.report.views import build_page
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 REPORT_FILE = "index.html"
-SUMMARY_FILE = "summary.json"
 
 
 def render_report(
     context: ReportContext,
     out_dir: str | os.PathLike[str],
-    limits: ReportLimits = ReportLimits(),
+    limits: ReportConfig = ReportConfig(),
 ) -> Path:
     """Render the report of one audit into ``out_dir`` and return the path of ``index.html``.
 
     Args:
         context: the audit's results and the arrays to draw pictures from.
         out_dir: folder to write into; created if missing.
-        limits: caps on the sample grids (see ``ReportLimits``).
+        limits: caps on the sample grids (see ``ReportConfig``).
 
     Raises:
         NotADirectoryError: ``out_dir`` exists and is not a folder.

@@ -90,7 +90,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -100,6 +99,7 @@ import numpy as np
 from spray.analysis.result import ClassAnalysis, ClusterResult
 from spray.report.context import ArtifactCheck, ReportContext
 from spray.report.rows import take_rows, texts_at
+from spray.store.common import write_text_atomic
 
 SCHEMA_VERSION = 1
 T = TypeVar("T")
@@ -154,29 +154,6 @@ def write_summary(path: str | os.PathLike[str], summary: dict[str, Any]) -> Path
     text = json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     write_text_atomic(path, text)
     return path
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary sibling and ``os.replace``.
-
-    Replacing the name never follows a symlink at ``path``, so the write stays in the
-    folder the caller chose. The file is made world-readable (0644): reports are shared.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=".partial", dir=path.parent
-    )
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
 
 
 def sorted_analyses(analyses: list[ClassAnalysis]) -> list[ClassAnalysis]:

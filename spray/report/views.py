@@ -5,7 +5,7 @@ so the page and the JSON never disagree; pictures come from the context's arrays
 string here is plain text: the template escapes it. Anchors are built from integers
 only, never from dataset strings.
 
-Size control: sample grids are capped (``ReportLimits``) and the members shown are chosen
+Size control: sample grids are capped (``ReportConfig``) and the members shown are chosen
 deterministically (closest to the cluster centre first, see ``spray.report.rows``).
 Each sample's thumbnails are rendered once, however many grids show it.
 """
@@ -20,34 +20,12 @@ import numpy as np
 from spray.analysis.artifacts import SCORED
 from spray.analysis.result import ClassAnalysis, ClusterResult
 from spray.report import plots
+from spray.report.config import ReportConfig
 from spray.report.context import ClusterAtlas, ConceptPicture, ReportContext
 from spray.report.rows import representatives, take_rows, texts_at
 from spray.report.summary import class_name, sorted_analyses, sorted_clusters
 
 READ_CHUNK = 64
-
-
-@dataclass(frozen=True)
-class ReportLimits:
-    """Caps that keep a report of a large dataset small and quick to open.
-
-    Attributes:
-        flag_samples: members shown per flagged cluster (image and overlay each).
-        cluster_samples: members shown per cluster in the class sections (overlay only).
-        max_class_thumbnails: total overlays across all class sections; with many classes
-            ``cluster_samples`` shrinks (down to 1) to stay within it.
-        max_flag_sections: flags shown in full; further flags are listed in a table.
-
-    With the defaults a page holds at most 30 * 24 * 2 + 1500 = 2940 thumbnails of at most
-    64 px a side (about 10 kB each for noisy 224 px photos, less for simpler images), plus
-    two charts of about 5-20 kB per class. A concept atlas adds, per detailed flag,
-    2 * n_concepts * (1 + n_references) small pictures (56 with the atlas defaults).
-    """
-
-    flag_samples: int = 24
-    cluster_samples: int = 8
-    max_class_thumbnails: int = 1500
-    max_flag_sections: int = 30
 
 
 @dataclass
@@ -192,7 +170,7 @@ class PageView:
 
 
 def build_page(
-    context: ReportContext, summary: dict[str, Any], limits: ReportLimits = ReportLimits()
+    context: ReportContext, summary: dict[str, Any], limits: ReportConfig = ReportConfig()
 ) -> PageView:
     """Assemble the page model: class sections, flags in summary order, thumbnails."""
     analyses = sorted_analyses(context.analyses)
@@ -210,7 +188,7 @@ def build_page(
             sources[cluster_view.anchor] = (analysis, cluster)
     for flag in flags:
         if flag.detailed:
-            flag.samples = _tiles(*sources[flag.cluster.anchor], limits.flag_samples)
+            flag.samples = _tiles(*sources[flag.cluster.anchor], limits.samples_per_grid)
     _fill_tiles(context, classes, flags)
     _attach_atlas(context.concept_atlas, flags)
     return PageView(
@@ -331,7 +309,7 @@ def component_views(components: dict[str, float | None]) -> list[ComponentView]:
 
 
 def _flag_views(
-    classes: list[ClassView], flags: list[dict[str, Any]], limits: ReportLimits
+    classes: list[ClassView], flags: list[dict[str, Any]], limits: ReportConfig
 ) -> list[FlagView]:
     """Flags in the summary's order (highest score first), linked to their class sections."""
     lookup = {
@@ -369,7 +347,7 @@ def _evidence_lines(flag: dict[str, Any], classes: list[ClassView]) -> list[str]
     return lines
 
 
-def _class_grid_size(classes: list[ClassView], limits: ReportLimits) -> int:
+def _class_grid_size(classes: list[ClassView], limits: ReportConfig) -> int:
     """Members per cluster grid in the class sections, shrunk when there are many clusters."""
     n_clusters = sum(len(view.clusters) for view in classes)
     if n_clusters == 0:

@@ -53,10 +53,12 @@ import h5py
 import numpy as np
 
 from spray.analysis.result import ClassAnalysis
-from spray.report.summary import write_text_atomic
+from spray.store.common import write_text_atomic
 from spray.store.analysis import read_analysis, read_config
 from spray.store.attributions import read_attributions
 from spray.store.common import StoreError, atomic_h5
+from spray.store.folders import ANALYSIS_FILE, ATTRIBUTIONS_FILE, SUMMARY_FILE, JobFolders
+from spray.store.folders import INPUT_FILE as STAGE_INPUT_FILE
 
 PROJECT_FILE = "project.yaml"
 LABEL_MAP_FILE = "label-map.json"
@@ -81,8 +83,8 @@ class VirelayExport:
 def find_stages(audit_dir: Path) -> Path:
     """The ``stages`` folder of an audit: in the folder, or two levels up for dated runs
     (``<job>/runs/<time>/``)."""
-    for candidate in (audit_dir / "stages", audit_dir.parent.parent / "stages"):
-        if (candidate / "attributions.h5").is_file() and (candidate / "analysis.h5").is_file():
+    for candidate in (JobFolders(audit_dir).stages, JobFolders(audit_dir.parent.parent).stages):
+        if (candidate / ATTRIBUTIONS_FILE).is_file() and (candidate / ANALYSIS_FILE).is_file():
             return candidate
     raise StoreError(
         f"{audit_dir}: no stages/attributions.h5 and stages/analysis.h5 found in the audit "
@@ -111,18 +113,18 @@ def export_virelay(
     """
     audit = Path(audit_dir).resolve()
     stages = find_stages(audit)
-    out = Path(out_dir).resolve() if out_dir is not None else audit / "virelay"
+    out = Path(out_dir).resolve() if out_dir is not None else JobFolders(audit).virelay
     out.mkdir(parents=True, exist_ok=True)
     summary = _read_summary(audit)
-    analyses = read_analysis(stages / "analysis.h5")
-    config = read_config(stages / "analysis.h5")
-    with read_attributions(stages / "attributions.h5") as attributions:
+    analyses = read_analysis(stages / ANALYSIS_FILE)
+    config = read_config(stages / ANALYSIS_FILE)
+    with read_attributions(stages / ATTRIBUTIONS_FILE) as attributions:
         class_names = [str(name) for name in attributions.metadata.get("class_names", [])]
         class_names = class_names or [str(name) for name in summary.get("class_names", [])]
         shape = tuple(attributions.heatmaps.shape[1:])
         n_samples = int(attributions.heatmaps.shape[0])
         metadata = attributions.metadata
-        _write_input(out / INPUT_FILE, stages / "input.h5", source, n_samples, link_input)
+        _write_input(out / INPUT_FILE, stages / STAGE_INPUT_FILE, source, n_samples, link_input)
         with h5py.File(out / INPUT_FILE, "r") as written_input:
             channels = int(written_input["data"].shape[1])
         _write_attribution(out / ATTRIBUTION_FILE, attributions, max(2, channels))
@@ -161,7 +163,7 @@ def _label_map(class_names: list[str]) -> list[dict[str, Any]]:
 
 
 def _read_summary(audit: Path) -> dict[str, Any]:
-    path = audit / "summary.json"
+    path = audit / SUMMARY_FILE
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -34,7 +34,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from spray.analysis.pipeline import SprayConfig
+from spray.analysis.config import SprayConfig
 from spray.analysis.result import ClassAnalysis, ClusterResult
 from spray.store.common import StoreError, atomic_h5, open_h5
 

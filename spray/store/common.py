@@ -78,3 +78,26 @@ def open_h5(path: Path, kind: str, version: int, mode: str = "r") -> h5py.File:
             f"format={found_kind!r} version={found_version!r}. Delete it and re-run the stage."
         )
     return handle
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary sibling and ``os.replace``.
+
+    Replacing the name never follows a symlink at ``path``, so the write stays in the
+    folder the caller chose. The file is made world-readable (0644): reports are shared.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=".partial", dir=path.parent
+    )
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temp_name, 0o644)
+        os.replace(temp_name, path)
+    except BaseException:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+        raise

@@ -16,7 +16,8 @@ from spray.analysis.artifacts import (
 )
 from spray.analysis.cluster import cluster_spectral
 from spray.analysis.graph import affinity_graph
-from spray.analysis.pipeline import SprayConfig, analyze_class
+from spray.analysis.config import SprayConfig
+from spray.analysis.pipeline import analyze_class
 from spray.analysis.preprocess import preprocess
 from spray.analysis.spectral import laplacian_eigenpairs
 

@@ -17,7 +17,8 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from spray.analysis.pipeline import SprayConfig, analyze_dataset
+from spray.analysis.config import SprayConfig
+from spray.analysis.pipeline import analyze_dataset
 from spray.attribution.lrp import Explainer, make_composite
 
 TARGET = 3

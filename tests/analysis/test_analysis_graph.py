@@ -18,7 +18,8 @@ import tracemalloc
 
 from spray.analysis import graph as graph_module
 from spray.analysis.graph import affinity_graph, ivf_knn, knn, reduce_dimensions
-from spray.analysis.pipeline import SprayConfig, analyze_class
+from spray.analysis.config import SprayConfig
+from spray.analysis.pipeline import analyze_class
 from spray.analysis.preprocess import AnalysisInputError
 from spray.analysis.spectral import choose_n_clusters, laplacian_eigenpairs
 

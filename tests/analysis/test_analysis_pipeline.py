@@ -6,7 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from spray.analysis.pipeline import SprayConfig, analyze_class, analyze_dataset, analyze_spaces
+from spray.analysis.config import SprayConfig
+from spray.analysis.pipeline import analyze_class, analyze_dataset, analyze_spaces
 from spray.analysis.preprocess import AnalysisInputError
 
 CONFIG = SprayConfig(embedding="spectral")

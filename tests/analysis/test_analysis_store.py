@@ -9,7 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from spray.analysis.pipeline import SprayConfig, analyze_class, not_analysable
+from spray.analysis.config import SprayConfig
+from spray.analysis.pipeline import analyze_class, not_analysable
 from spray.analysis.result import ClassAnalysis, ClusterResult
 from spray.store.analysis import read_analysis, read_config, write_analysis
 from spray.store.common import StoreError

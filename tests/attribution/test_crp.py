@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from spray.attribution.crp import (
-    ConditionalExplainer,
     channel_masks,
     conditional_heatmaps_for_rows,
+    explain_channels,
     relevance_box,
     top_rows_by_concept,
 )
-from spray.attribution.lrp import Explainer, make_composite
+from spray.attribution.fast import FastExplainer
+from spray.attribution.lrp import AttributionConfigError, Explainer, make_composite
+from spray.attribution.select import make_explainer
+from spray.attribution.settings import AttributionSettings
 from spray.models.demo import DemoNet
 
 LAYERS = ("features.conv3", "features.conv4")
@@ -45,9 +50,9 @@ def test_conditional_heatmaps_of_all_channels_sum_to_full_heatmap(zero_bias: boo
     target = 2
     with Explainer(net, make_composite("epsilon_plus_flat"), [layer]) as explainer:
         full = explainer.explain(image[None], torch.tensor([target]))
-    with ConditionalExplainer(net, make_composite("epsilon_plus_flat"), layer) as conditional:
-        n_channels = conditional.n_channels(image[None])
-        parts = conditional.explain_channels(image, target, [[c] for c in range(n_channels)])
+    with Explainer(net, make_composite("epsilon_plus_flat"), [layer]) as conditional:
+        n_channels = conditional.n_channels(layer, image[None])
+        parts = explain_channels(conditional, image, target, layer, [[c] for c in range(n_channels)])
     torch.testing.assert_close(parts.heatmaps.sum(dim=0), full.heatmaps[0], rtol=1e-9, atol=1e-12)
     # Each condition carries exactly its channel's stored concept relevance.
     torch.testing.assert_close(parts.relevance, full.concepts[layer][0], rtol=1e-9, atol=1e-12)
@@ -59,9 +64,9 @@ def test_all_ones_mask_gives_the_ordinary_heatmap_and_disjoint_sets_add_up() -> 
     targets = torch.tensor([0, 3])
     with Explainer(net, make_composite("epsilon_plus_flat"), ["features.conv4"]) as explainer:
         full = explainer.explain(images, targets).heatmaps
-    with ConditionalExplainer(net, make_composite("epsilon_plus_flat"), "features.conv4") as conditional:
-        ones = conditional.explain(images, targets, torch.ones(2, 16, dtype=torch.float64))
-        halves = conditional.explain_channels(images[1], 3, [range(0, 5), range(5, 16)])
+    with Explainer(net, make_composite("epsilon_plus_flat"), ["features.conv4"]) as conditional:
+        ones = conditional.explain_conditional(images, targets, "features.conv4", torch.ones(2, 16, dtype=torch.float64))
+        halves = explain_channels(conditional, images[1], 3, "features.conv4", [range(0, 5), range(5, 16)])
     torch.testing.assert_close(ones.heatmaps, full, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(halves.heatmaps.sum(dim=0), full[1], rtol=1e-9, atol=1e-12)
 
@@ -70,8 +75,8 @@ def test_explainer_restores_the_model() -> None:
     net = _demo_net(zero_bias=False)
     x = torch.rand(1, 3, 32, 32, dtype=torch.float64)
     before = net(x)
-    with ConditionalExplainer(net, make_composite("epsilon_plus_flat"), "features.conv3") as conditional:
-        conditional.explain_channels(x[0], 1, [[0]])
+    with Explainer(net, make_composite("epsilon_plus_flat"), ["features.conv3"]) as conditional:
+        explain_channels(conditional, x[0], 1, "features.conv3", [[0]])
     assert all(p.requires_grad for p in net.parameters())
     torch.testing.assert_close(net(x), before)
     assert not net.features.conv3._forward_hooks
@@ -125,16 +130,14 @@ def test_batched_requests_equal_single_explanations() -> None:
     net = _demo_net(zero_bias=False)
     images = np.random.default_rng(2).random((5, 3, 32, 32))
     requests = [(4, 1, 7), (0, 2, 3), (4, 1, 9), (2, 0, 7)]
-    with ConditionalExplainer(net, make_composite("epsilon_plus_flat"), "features.conv4") as conditional:
-        batched = conditional_heatmaps_for_rows(conditional, lambda rows: images[rows], requests, batch_size=3)
-        single = conditional.explain_channels(torch.from_numpy(images[4]), 1, [[9]]).heatmaps[0]
+    with Explainer(net, make_composite("epsilon_plus_flat"), ["features.conv4"]) as conditional:
+        batched = conditional_heatmaps_for_rows(conditional, "features.conv4", lambda rows: images[rows], requests, batch_size=3)
+        single = explain_channels(conditional, torch.from_numpy(images[4]), 1, "features.conv4", [[9]]).heatmaps[0]
     assert set(batched) == {(4, 7), (0, 3), (4, 9), (2, 7)}
     np.testing.assert_allclose(batched[(4, 9)], single.numpy(), rtol=1e-9, atol=1e-12)
 
 
 def test_a_layer_run_twice_per_pass_is_refused() -> None:
-    from spray.attribution.lrp import AttributionConfigError
-
     class Twice(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -144,21 +147,34 @@ def test_a_layer_run_twice_per_pass_is_refused() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.conv(self.conv(x)).mean(dim=(2, 3)))
 
-    with ConditionalExplainer(Twice(), make_composite("epsilon_plus_flat", ()), "conv") as conditional:
+    with Explainer(Twice(), make_composite("epsilon_plus_flat", ()), ["conv"]) as conditional:
         with pytest.raises(AttributionConfigError, match="more than once"):
-            conditional.explain(torch.rand(1, 3, 8, 8), torch.tensor([0]), torch.ones(1, 3))
+            conditional.explain_conditional(torch.rand(1, 3, 8, 8), torch.tensor([0]), "conv", torch.ones(1, 3))
 
 
-def test_make_conditional_explainer_picks_the_fast_engine_and_falls_back(caplog) -> None:
+def test_conditional_requests_are_checked_by_both_engines() -> None:
+    net = _demo_net(zero_bias=False)
+    x, targets = torch.rand(2, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1])
+    for explainer in (
+        Explainer(net, make_composite("epsilon_plus_flat"), ["features.conv4"]),
+        FastExplainer(net, "epsilon_plus_flat", ("merge_batchnorm",), ["features.conv4"]),
+    ):
+        with explainer:
+            with pytest.raises(AttributionConfigError, match="not a concept layer"):
+                explainer.explain_conditional(x, targets, "features.conv3", torch.ones(2, 16, dtype=torch.float64))
+            with pytest.raises(ValueError, match="one row per pick"):
+                explainer.explain_conditional(x, targets, "features.conv4", torch.ones(3, 16, dtype=torch.float64))
+            with pytest.raises(ValueError, match="one mask of 16 channels per row"):
+                explainer.explain_conditional(x, targets, "features.conv4", torch.ones(2, 15, dtype=torch.float64))
+
+
+def test_the_factory_picks_the_fast_engine_for_conditional_heatmaps_and_falls_back(caplog) -> None:
     import logging
 
-    from spray.attribution.crp import FastConditionalExplainer, make_conditional_explainer
-    from spray.attribution.lrp import AttributionConfigError
-
     net = _demo_net(zero_bias=False)
-    assert isinstance(make_conditional_explainer(net, "epsilon_plus_flat", ("merge_batchnorm",), "features.conv4"), FastConditionalExplainer)
-    zennit = make_conditional_explainer(net, "epsilon_plus_flat", ("merge_batchnorm",), "features.conv4", engine="zennit")
-    assert isinstance(zennit, ConditionalExplainer)
+    settings = AttributionSettings(composite="epsilon_plus_flat", canonizers=("merge_batchnorm",), layers=("features.conv4",), device="cpu")
+    assert make_explainer(net, settings).engine == "fast"
+    assert make_explainer(net, dataclasses.replace(settings, engine="zennit")).engine == "zennit"
 
     class Gated(nn.Module):
         """A product of two tensors: no fast rule."""
@@ -172,27 +188,28 @@ def test_make_conditional_explainer_picks_the_fast_engine_and_falls_back(caplog)
             h = self.conv(x)
             return self.head((h * torch.sigmoid(h)).mean(dim=(2, 3)))
 
-    with caplog.at_level(logging.WARNING, logger="spray.attribution.crp"):
-        fallback = make_conditional_explainer(Gated(), "epsilon_plus_flat", (), "conv")
-    assert isinstance(fallback, ConditionalExplainer)
-    assert any("using zennit's hooks" in record.getMessage() for record in caplog.records)
+    gated = dataclasses.replace(settings, canonizers=(), layers=("conv",))
+    with caplog.at_level(logging.WARNING, logger="spray.attribution.select"):
+        fallback = make_explainer(Gated(), gated)
+    assert fallback.engine == "zennit"
+    assert len([record for record in caplog.records if "falling back to zennit's hooks" in record.getMessage()]) == 1
+    with fallback:
+        parts = explain_channels(fallback, torch.rand(3, 8, 8), 1, "conv", [[0, 1], [2, 3]])
+    assert parts.heatmaps.shape == (2, 8, 8)
     with pytest.raises(AttributionConfigError, match="fast LRP engine cannot explain"):
-        make_conditional_explainer(Gated(), "epsilon_plus_flat", (), "conv", engine="fast")
+        make_explainer(Gated(), dataclasses.replace(gated, engine="fast"))
 
 
 def test_batched_requests_are_the_same_with_both_engines() -> None:
     """Requests sharing a row (and one row with two targets) explained by the fast engine equal zennit's."""
-    from spray.attribution.crp import FastConditionalExplainer
-
     net = _demo_net(zero_bias=False)
     images = np.random.default_rng(3).random((5, 3, 32, 32))
     requests = [(4, 1, 7), (0, 2, 3), (4, 1, 9), (2, 0, 7), (4, 3, 7), (0, 2, 11)]
     read = lambda rows: images[rows]  # noqa: E731
-    with ConditionalExplainer(net, make_composite("epsilon_plus_flat"), "features.conv4") as zennit:
-        expected = conditional_heatmaps_for_rows(zennit, read, requests, batch_size=4)
-    fast = FastConditionalExplainer(net, "epsilon_plus_flat", ("merge_batchnorm",), "features.conv4")
-    with fast:
-        ours = conditional_heatmaps_for_rows(fast, read, requests, batch_size=4)
+    with Explainer(net, make_composite("epsilon_plus_flat"), ["features.conv4"]) as zennit:
+        expected = conditional_heatmaps_for_rows(zennit, "features.conv4", read, requests, batch_size=4)
+    with FastExplainer(net, "epsilon_plus_flat", ("merge_batchnorm",), ["features.conv4"]) as fast:
+        ours = conditional_heatmaps_for_rows(fast, "features.conv4", read, requests, batch_size=4)
     assert set(ours) == set(expected) == {(4, 7), (0, 3), (4, 9), (2, 7), (0, 11)}
     for key, heatmap in expected.items():
         np.testing.assert_allclose(ours[key], heatmap, rtol=1e-9, atol=1e-12 * np.abs(heatmap).max())

@@ -8,19 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from spray.attribution.engine import AttributionSettings, attribute_dataset
-from spray.attribution.lrp import AttributionConfigError
-from spray.attribution.select import (
-    PlacedExplainer,
-    _on_device,
-    autocast_dtype,
-    engine_name,
-    ieee_float32,
-    make_explainer,
-    placed_explainer,
-    resolve_device,
-)
-from spray.data.source import ArraySource
+from spray.attribution.settings import AttributionSettings
+from spray.attribution.engine import attribute_dataset
+from spray.attribution.fast import FastExplainer
+from spray.attribution.lrp import AttributionConfigError, ieee_float32, on_device
+from spray.config import ConfigError
+from spray.attribution.select import autocast_dtype, make_explainer, resolve_device
+from spray.data.arrays import ArraySource
 from spray.jobs import JobSpecError, parse_job
 from spray.models.demo import DemoNet
 from spray.store.attributions import read_attributions
@@ -62,31 +56,31 @@ def test_amp_is_float16_on_cuda_only() -> None:
 
 
 def test_settings_check_device_and_precision(no_cuda) -> None:
-    with pytest.raises(AttributionConfigError, match="device must be one of"):
+    with pytest.raises(ConfigError, match="device must be one of"):
         AttributionSettings(device="gpu")
-    with pytest.raises(AttributionConfigError, match="precision must be one of"):
+    with pytest.raises(ConfigError, match="precision must be one of"):
         AttributionSettings(precision="half")
     with pytest.raises(AttributionConfigError, match="needs CUDA"):
-        AttributionSettings(precision="amp", device="auto").explainer(_net())
+        make_explainer(_net(), AttributionSettings(precision="amp", device="auto"))
     with pytest.raises(AttributionConfigError, match="CUDA is not available"):
-        AttributionSettings(device="cuda").explainer(_net())
+        make_explainer(_net(), AttributionSettings(device="cuda"))
 
 
 def test_cpu_placement_keeps_the_model_and_gives_the_engines_results(no_cuda) -> None:
     net = _net()
     x, targets = torch.rand(3, 3, 32, 32), torch.tensor([0, 1, 3])
-    placed = placed_explainer(net, layers=["features.conv3"], device="auto")
-    assert placed.model is net and placed.device == torch.device("cpu") and engine_name(placed) == "fast"
-    with placed:
-        ours = placed.explain(x, targets)
-    direct = make_explainer(net, layers=["features.conv3"]).explain(x, targets)
+    explainer = make_explainer(net, AttributionSettings(layers=("features.conv3",), device="auto"))
+    assert explainer.model is net and explainer.device == torch.device("cpu") and explainer.engine == "fast"
+    with explainer:
+        ours = explainer.explain(x, targets)
+    direct = FastExplainer(net, "epsilon_plus_flat", ("merge_batchnorm",), ["features.conv3"]).explain(x, targets)
     assert torch.equal(ours.heatmaps, direct.heatmaps) and torch.equal(ours.concepts["features.conv3"], direct.concepts["features.conv3"])
-    assert torch.equal(placed.predict(x), net(x).argmax(1))
+    assert torch.equal(explainer.predict(x), net(x).argmax(1))
 
 
 def test_a_model_elsewhere_is_copied_not_moved() -> None:
     net = _net()
-    moved = _on_device(net, torch.device("meta"))
+    moved = on_device(net, torch.device("meta"))
     assert moved is not net and next(moved.parameters()).device.type == "meta"
     assert next(net.parameters()).device.type == "cpu"
 
@@ -97,11 +91,12 @@ def test_autocast_runs_both_engines_and_returns_float32(engine: str) -> None:
     relevance of mixed dtypes flows through every step; heatmaps come back float32, close to float32's."""
     net = _net()
     x, targets = torch.rand(4, 3, 32, 32), torch.arange(4)
-    explainer = make_explainer(net, layers=["features.conv3"], engine=engine)
+    explainer = make_explainer(net, AttributionSettings(layers=("features.conv3",), device="cpu", engine=engine))
     with explainer:
         reference = explainer.explain(x, targets).heatmaps
-    with PlacedExplainer(explainer, torch.device("cpu"), torch.bfloat16) as placed:
-        ours = placed.explain(x, targets)
+    explainer.autocast = torch.bfloat16  # the factory refuses amp off CUDA; the arithmetic path is the same
+    with explainer:
+        ours = explainer.explain(x, targets)
     assert ours.heatmaps.dtype == ours.logits.dtype == ours.concepts["features.conv3"].dtype == torch.float32
     correlation = torch.corrcoef(torch.stack([ours.heatmaps.flatten(), reference.flatten()]))[0, 1]
     assert correlation > 0.99
@@ -161,22 +156,20 @@ JOB = '[job]\nname = "a"\n\n[attribution]\n'
 
 
 def test_job_spec_device_and_precision_defaults_and_plumbing() -> None:
-    from spray.audit import attribution_settings
-
     spec = parse_job(JOB, "x.toml")
     assert (spec.attribution.device, spec.attribution.precision) == ("auto", "float32")
     spec = parse_job(JOB + 'device = "cuda"\nprecision = "amp"\n', "x.toml")
-    settings = attribution_settings(spec, DemoNet(4))
+    settings = spec.attribution.for_model(DemoNet(4))
     assert (settings.device, settings.precision) == ("cuda", "amp")
 
 
 @pytest.mark.parametrize(
     ("lines", "message"),
     [
-        ('device = "gpu"\n', r"x\.toml:5: attribution\.device must be one of auto, cpu, cuda; got 'gpu'"),
-        ('precision = "fp16"\n', r"x\.toml:5: attribution\.precision must be one of float32, amp; got 'fp16'"),
-        ('device = "cpu"\nprecision = "amp"\n', r"x\.toml:6: attribution\.precision = 'amp'.*CUDA only.*'cpu'"),
-        ("device = 0\n", r"x\.toml:5: \[attribution\] device must be str"),
+        ('device = "gpu"\n', r"x\.toml:5: attribution\.device must be one of 'auto', 'cpu', 'cuda'; got 'gpu'"),
+        ('precision = "fp16"\n', r"x\.toml:5: attribution\.precision must be one of 'float32', 'amp'; got 'fp16'"),
+        ('device = "cpu"\nprecision = "amp"\n', r"x\.toml:6: attribution\.precision 'amp'.*CUDA only.*'cpu'"),
+        ("device = 0\n", r"x\.toml:5: attribution\.device must be a string, got int 0"),
     ],
 )
 def test_job_spec_rejects_bad_device_and_precision(lines: str, message: str) -> None:

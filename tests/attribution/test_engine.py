@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from spray.attribution.engine import AttributionSettings, BadInputError, attribute_dataset
+from spray.attribution.settings import AttributionSettings
+from spray.attribution.chunks import BadInputError
+from spray.attribution.engine import attribute_dataset
 from spray.attribution.lrp import AttributionConfigError, Explainer, make_composite
-from spray.data.source import ArraySource
+from spray.config import ConfigError
+from spray.data.arrays import ArraySource
 from spray.models.demo import DemoNet
 from spray.store.attributions import AttributionWriter, read_attributions
 from spray.store.common import StoreError
@@ -117,7 +120,6 @@ def test_dask_local_cluster_gives_the_same_file_as_one_process(tmp_path, source,
         spread = attribute_dataset(source, model, settings, tmp_path / "dask" / "attributions.h5", "d", progress=False, client=client)
     finally:
         client.close()
-        client.cluster.close()
     with read_attributions(local) as a, read_attributions(spread) as b:
         np.testing.assert_array_equal(a.heatmaps[...], b.heatmaps[...])
         np.testing.assert_array_equal(a.logits[...], b.logits[...])
@@ -186,7 +188,7 @@ def test_background_reading_gives_the_same_file_as_inline_reading(tmp_path, sour
     with read_attributions(paths[0]) as inline, read_attributions(paths[1]) as ahead:
         np.testing.assert_array_equal(inline.heatmaps[...], ahead.heatmaps[...])
         np.testing.assert_array_equal(inline.concepts["features.conv4"][...], ahead.concepts["features.conv4"][...])
-    with pytest.raises(AttributionConfigError, match="loader_threads"):
+    with pytest.raises(ConfigError, match="loader_threads"):
         AttributionSettings(loader_threads=-1)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -14,13 +15,12 @@ from torchvision.models.vgg import make_layers
 from zennit.types import Activation, Convolution
 
 from spray.attribution import fast_rules as fr
-from spray.attribution.crp import ConditionalExplainer
 from spray.attribution.fast import FastExplainer, UnsupportedModel
-from spray.attribution.lrp import AttributionConfigError, Explainer, make_composite
-from spray.attribution.select import engine_name, make_explainer
+from spray.attribution.lrp import COMPOSITES, AttributionConfigError, Explainer, make_composite
+from spray.attribution.select import make_explainer
+from spray.attribution.settings import COMPOSITE_NAMES, AttributionSettings
 from spray.models.demo import DemoNet
 
-COMPOSITES = ["epsilon_plus_flat", "epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1", "epsilon_alpha2_beta1_flat"]
 BOUNDS = {"low": -3.0, "high": 3.0}
 
 
@@ -35,6 +35,11 @@ def _one_thread():
 
 def _bounds(composite: str) -> dict[str, float]:
     return BOUNDS if composite == "epsilon_gamma_box" else {}
+
+
+def _settings(composite: str, canonizers, layers=(), engine: str = "auto") -> AttributionSettings:
+    """Settings naming everything (no "auto"), on the CPU."""
+    return AttributionSettings(composite=composite, canonizers=tuple(canonizers), layers=tuple(layers), engine=engine, device="cpu")
 
 
 def _randomize_batchnorms(net: nn.Module, seed: int = 1) -> nn.Module:
@@ -127,7 +132,7 @@ def assert_matches_zennit(net, composite, canonizers, layers, x, targets, rtol=1
         torch.testing.assert_close(ours.concepts[name], expected.concepts[name], rtol=rtol, atol=rtol * concept_scale)
 
 
-@pytest.mark.parametrize("composite", COMPOSITES)
+@pytest.mark.parametrize("composite", COMPOSITE_NAMES)
 def test_resnet_heatmaps_and_concepts_equal_zennit(composite: str) -> None:
     """BasicBlocks with merged BatchNorms and canonized residual sums, float64, rtol 1e-6."""
     x, targets = _inputs()
@@ -143,7 +148,7 @@ def test_torchvision_resnet_equals_zennit() -> None:
     assert_matches_zennit(net, "epsilon_plus_flat", ("resnet",), ["layer2", "layer4"], x[:2, :, :16, :16], targets[:2])
 
 
-@pytest.mark.parametrize("composite", COMPOSITES)
+@pytest.mark.parametrize("composite", COMPOSITE_NAMES)
 def test_vgg_heatmaps_and_concepts_equal_zennit(composite: str) -> None:
     x, targets = _inputs()
     assert_matches_zennit(tiny_vgg(), composite, ("vgg",), ["features.4", "features.11", "classifier.0"], x, targets)
@@ -162,7 +167,7 @@ def _relative(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours - reference).abs().amax() / reference.abs().amax()).item()
 
 
-@pytest.mark.parametrize("composite", COMPOSITES)
+@pytest.mark.parametrize("composite", COMPOSITE_NAMES)
 @pytest.mark.parametrize("net_name", sorted(NETS))
 def test_float32_default_heatmaps_and_concepts_equal_zennit_to_1e4(net_name: str, composite: str) -> None:
     """The default float32 path (zennit's forward, channels-last backward) agrees with zennit within 1e-4."""
@@ -231,8 +236,8 @@ def test_fast_conditional_heatmaps_equal_zennit_crp(net_name: str, layer: str, c
     picks = torch.tensor([3, 0, 0, 1, 3, 2, 3])
     masks = (torch.rand(len(picks), channels, generator=torch.Generator().manual_seed(3)) > 0.6).double()
     ours = explainer.explain_conditional(x, targets, layer, masks, picks)
-    with ConditionalExplainer(net, make_composite(composite, canonizers, **_bounds(composite)), layer) as hooked:
-        expected = hooked.explain(x, targets, masks, picks)
+    with Explainer(net, make_composite(composite, canonizers, **_bounds(composite)), [layer]) as hooked:
+        expected = hooked.explain_conditional(x, targets, layer, masks, picks)
     assert ours.heatmaps.shape == (len(picks), 32, 32)
     torch.testing.assert_close(ours.heatmaps, expected.heatmaps, rtol=1e-9, atol=1e-9 * expected.heatmaps.abs().amax())
     torch.testing.assert_close(ours.relevance, expected.relevance, rtol=1e-9, atol=1e-9 * expected.relevance.abs().amax())
@@ -292,8 +297,8 @@ def test_conservation_with_zero_bias_and_epsilon_rule() -> None:
 def test_demo_net_runs_on_the_fast_path() -> None:
     net = _randomize_batchnorms(DemoNet(4)).double().eval()
     x, targets = _inputs()
-    explainer = make_explainer(net, "epsilon_plus_flat", ("merge_batchnorm",), ["features.conv3", "features.conv4"])
-    assert engine_name(explainer) == "fast"
+    explainer = make_explainer(net, _settings("epsilon_plus_flat", ("merge_batchnorm",), ["features.conv3", "features.conv4"]))
+    assert explainer.engine == "fast"
     assert_matches_zennit(net, "epsilon_plus_flat", ("merge_batchnorm",), ["features.conv3", "features.conv4"], x, targets)
 
 
@@ -317,15 +322,15 @@ def test_unsupported_parts_fall_back_to_zennit_with_one_warning(activation, capl
     net = _net_with(activation)
     x, targets = _inputs()
     with caplog.at_level(logging.WARNING, logger="spray.attribution.select"):
-        explainer = make_explainer(net, "epsilon_plus_flat", ("merge_batchnorm",), ["0"])
-    assert engine_name(explainer) == "zennit"
+        explainer = make_explainer(net, _settings("epsilon_plus_flat", ("merge_batchnorm",), ["0"]))
+    assert explainer.engine == "zennit"
     assert len([r for r in caplog.records if "falling back" in r.getMessage()]) == 1
     with explainer:
         heatmaps = explainer.explain(x, targets).heatmaps
     reference = zennit_heatmaps(net, "epsilon_plus_flat", ("merge_batchnorm",), x, targets)
     torch.testing.assert_close(heatmaps, reference, rtol=1e-6, atol=1e-6 * reference.abs().amax())
     with pytest.raises(AttributionConfigError, match="fast LRP engine cannot explain"):
-        make_explainer(net, "epsilon_plus_flat", ("merge_batchnorm",), engine="fast")
+        make_explainer(net, _settings("epsilon_plus_flat", ("merge_batchnorm",), engine="fast"))
 
 
 def test_elu_uses_zennit_pass_rule_on_the_fast_path() -> None:
@@ -336,7 +341,7 @@ def test_elu_uses_zennit_pass_rule_on_the_fast_path() -> None:
         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 5),
     ).double().eval()
     x, targets = _inputs()
-    assert engine_name(make_explainer(net, "epsilon_alpha2_beta1_flat", ())) == "fast"
+    assert make_explainer(net, _settings("epsilon_alpha2_beta1_flat", ())).engine == "fast"
     for composite in ("epsilon_plus_flat", "epsilon_alpha2_beta1_flat", "epsilon_gamma_box"):
         assert_matches_zennit(net, composite, (), ["2"], x, targets)
 
@@ -383,7 +388,7 @@ def test_a_layer_called_twice_falls_back() -> None:
 
     with pytest.raises(UnsupportedModel, match="called 2 times"):
         FastExplainer(Twice().double(), "epsilon_plus_flat", ())
-    assert engine_name(make_explainer(Twice().double(), "epsilon_plus_flat", ())) == "zennit"
+    assert make_explainer(Twice().double(), _settings("epsilon_plus_flat", ())).engine == "zennit"
 
 
 def test_model_is_left_unchanged() -> None:
@@ -400,12 +405,31 @@ def test_model_is_left_unchanged() -> None:
 def test_configuration_errors_are_reported() -> None:
     net = tiny_resnet()
     with pytest.raises(AttributionConfigError, match="unknown composite"):
-        make_explainer(net, "lrp_magic")
+        FastExplainer(net, "lrp_magic")
     with pytest.raises(AttributionConfigError, match="needs 'low' and 'high'"):
-        make_explainer(net, "epsilon_gamma_box")
+        FastExplainer(net, "epsilon_gamma_box", ("resnet",))
+    with pytest.raises(AttributionConfigError, match="unknown canonizer"):
+        FastExplainer(net, "epsilon_plus_flat", ("resnet50",))
     with pytest.raises(AttributionConfigError, match="layer9.*valid layers"):
-        make_explainer(net, "epsilon_plus_flat", ("resnet",), ["layer9"])
-    with pytest.raises(AttributionConfigError, match="unknown engine"):
-        make_explainer(net, engine="turbo")
-    with pytest.raises(UnsupportedModel, match="fast rule map"):
-        FastExplainer(net, "guided_backprop")
+        make_explainer(net, _settings("epsilon_plus_flat", ("resnet",), ["layer9"]))
+
+
+def test_gamma_box_gets_the_settings_input_range() -> None:
+    """The factory bounds epsilon_gamma_box by the normalised display range, for both engines."""
+    net = tiny_resnet()
+    x, targets = _inputs()
+    settings = dataclasses.replace(_settings("epsilon_gamma_box", ("resnet",)), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert settings.input_range == (-2.0, 2.0)
+    expected = FastExplainer(net, "epsilon_gamma_box", ("resnet",), low=-2.0, high=2.0).explain(x, targets).heatmaps
+    for engine in ("fast", "zennit"):
+        with make_explainer(net, dataclasses.replace(settings, engine=engine)) as explainer:
+            ours = explainer.explain(x, targets).heatmaps
+        torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6 * expected.abs().amax())
+
+
+def test_the_composite_table_names_every_composite_of_the_settings_once() -> None:
+    """One table: every composite a job may name has zennit's class and the fast rule maps."""
+    assert tuple(COMPOSITES) == COMPOSITE_NAMES
+    for name, rules in COMPOSITES.items():
+        assert isinstance(make_composite(name, (), **BOUNDS), rules.zennit)
+        assert rules.fast_spec(**BOUNDS).layer_map

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from spray.attribution.engine import AttributionSettings, attribute_dataset
-from spray.attribution.lrp import AttributionConfigError
+from spray.attribution.settings import AttributionSettings
+from spray.attribution.engine import attribute_dataset
+from spray.config import ConfigError
 from spray.attribution.resolution import HeatmapSizeError, area_pooling_matrix, pool_heatmaps, stored_shape
-from spray.data.source import ArraySource
+from spray.data.arrays import ArraySource
 from spray.jobs import JobSpecError, parse_job
 from spray.models.demo import DemoNet
 from spray.store.attributions import read_attributions
@@ -43,7 +44,7 @@ def test_stored_shape_never_upsamples_and_rejects_bad_sizes() -> None:
     for bad in ([0], [8, 8, 8], [-4, 4]):
         with pytest.raises(HeatmapSizeError, match="heatmap_size"):
             stored_shape((32, 32), bad)
-    with pytest.raises(AttributionConfigError, match="heatmap_size"):
+    with pytest.raises(ConfigError, match="heatmap_size"):
         AttributionSettings(heatmap_size=(0,))
 
 
@@ -71,6 +72,6 @@ def test_a_pass_with_a_heatmap_size_stores_the_pooled_heatmaps_and_the_same_conc
 
 def test_job_spec_heatmap_size_is_checked_with_file_line_and_key() -> None:
     text = '[job]\nname = "x"\n[attribution]\nheatmap_size = [0]\n'
-    with pytest.raises(JobSpecError, match=r"x\.toml:4: attribution\.heatmap_size must be \[\]"):
+    with pytest.raises(JobSpecError, match=r"x\.toml:4: attribution\.heatmap_size item 0: must be at least 1, got 0"):
         parse_job(text, "x.toml")
-    assert parse_job('[job]\nname = "x"\n[attribution]\nheatmap_size = [56]\n', "x.toml").attribution.heatmap_size == [56]
+    assert parse_job('[job]\nname = "x"\n[attribution]\nheatmap_size = [56]\n', "x.toml").attribution.heatmap_size == (56,)

@@ -13,11 +13,14 @@ import torch
 from PIL import Image
 
 import spray.attribution.distributed as distributed
-from spray.attribution.engine import AttributionSettings, attribute_dataset
+from spray.attribution.settings import AttributionSettings
+from spray.attribution.engine import attribute_dataset
 from spray.attribution.lrp import AttributionConfigError
-from spray.audit import attribution_settings, open_data, open_model, run_audit
-from spray.data.source import ArraySource, H5Source, SourceReopenError, write_input_h5
-from spray.data.sources import ArrayFileSource, FolderSource, open_h5_source
+from spray.audit import open_job_data, open_job_model, run_audit
+from spray.data.arrays import ArrayFileSource, ArraySource
+from spray.data.base import SourceReopenError
+from spray.data.folder import FolderSource
+from spray.data.h5 import H5Source, open_h5_source, write_input_h5
 from spray.jobs import parse_job
 from spray.models.demo import DemoNet
 from spray.store.attributions import AttributionWriter
@@ -32,7 +35,6 @@ def client() -> Iterator[object]:
     client = distributed.start_client("local", workers=2, threads_per_worker=1, memory_limit="2GiB", processes=False)
     yield client
     client.close()
-    client.cluster.close()
 
 
 @pytest.fixture()
@@ -197,9 +199,9 @@ def test_demo_audit_with_worker_written_attributions(tmp_path, client, monkeypat
     written = _record_shards(monkeypatch)
     run_audit(spec, progress=False, client=client)
     stages = spec.output_dir / "stages"
-    data = open_data(spec, stages)
-    model, _ = open_model(spec, data, stages)
-    settings = attribution_settings(spec, model)
+    data = open_job_data(spec)
+    model, _ = open_job_model(spec, data)
+    settings = spec.attribution.for_model(model)
     assert settings.batch_size == 8 and sorted(written) == list(range(-(-len(data.source) // 8)))
     assert len(written) > 2
     reference = attribute_dataset(data.source, model, settings, tmp_path / "ref" / "attributions.h5", data.fingerprint, progress=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from spray.correction import CorrectionConfig, correct_demo, correct_model, rr_clarc
+from spray.correction import CorrectionConfig, correct_job, correct_model, rr_clarc
 from spray.correction.cav import CAV
 from spray.correction.clarc import ClarcModel
 from spray.correction.evaluate import EvaluationResult, evaluate
@@ -58,9 +59,12 @@ def test_rr_clarc_lowers_the_penalty_and_exports_a_plain_model(tmp_path: Path, d
     assert not torch.equal(tuned.features.conv1.weight, demo.model.features.conv1.weight)
 
 
-def test_correct_demo_uses_the_audit_data_and_model_cache(tmp_path: Path, demo: Demo, monkeypatch: pytest.MonkeyPatch) -> None:
-    """correct_demo regenerates the spec's demo set and asks the audit's model cache for the model."""
-    import spray.models.demo as demo_models
+def test_correct_job_on_the_demo_uses_the_audit_data_model_cache_and_planted_artifact(
+    tmp_path: Path, demo: Demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """correct_job opens the demo set and model as the audit does (its model cache), takes the
+    demo net's own layer for "auto", and evaluates on the planted artifact's held-out test split."""
+    import spray.models.open as open_models
 
     calls: list[tuple[int, TrainConfig, Path]] = []
 
@@ -68,12 +72,15 @@ def test_correct_demo_uses_the_audit_data_and_model_cache(tmp_path: Path, demo: 
         calls.append((len(images), config, Path(cache_dir)))
         return demo.model, demo.weights, False
 
-    monkeypatch.setattr(demo_models, "load_or_train_demo_model", cached)
+    monkeypatch.setattr(open_models, "load_or_train_demo_model", cached)
     spec = demo_job(output=tmp_path, name="small", n_per_class=DEMO.n_per_class)
-    spec.model.epochs = 6
-    report = correct_demo(spec, np.flatnonzero(demo.train.stamped), CorrectionConfig(method="p-clarc", relevance_samples=0), reaudit=False)
-    assert calls == [(len(demo.train.images), TrainConfig(epochs=6, seed=spec.job.seed), spec.output_dir / "stages" / "model")]
-    folder = spec.output_dir / "correction" / "p-clarc"
+    spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, epochs=6))
+    flag = {"class_index": DEMO.artifact_class, "member_rows": np.flatnonzero(demo.train.stamped).tolist()}
+    report = correct_job(spec, flag, CorrectionConfig(method="p-clarc", relevance_samples=0, reaudit=False))
+    assert calls == [(len(demo.train.images), TrainConfig(epochs=6, seed=spec.job.seed), spec.folders.model_cache)]
+    assert report.cav.layer == "features.relu3" and report.cav.n_artifact == int(demo.train.stamped.sum())
+    assert report.before.n_clean == len(demo.test.labels) and report.evaluation_set is None
+    folder = spec.folders.correction("p-clarc")
     assert report.export is not None and report.export.folder == folder
     assert {p.name for p in folder.iterdir()} >= {"correction.json", "weights.pt", "cav.pt", "cav.json", "model.torchscript.pt", "report.json", "index.html"}
     assert report.reaudit is None and json.loads((folder / "report.json").read_text())["reaudit"] is None

@@ -17,7 +17,9 @@ from spray.attribution.resolution import pool_heatmaps
 from spray.audit import run_audit
 from spray.cli import EXIT_ERROR, EXIT_OK, main
 from spray.correction import CorrectionConfig, CorrectionError
-from spray.correction.user import correct_user, cutout_mask, held_out_split
+from spray.correction.job import correct_job
+from spray.correction.run import job_config
+from spray.correction.user import cutout_mask, held_out_split
 from spray.jobs import load_job
 
 MODEL_PY = '''
@@ -230,8 +232,8 @@ def test_rr_clarc_fine_tunes_on_the_fitting_rows_only(user_job: Path, monkeypatc
         return original(model, cav, images, labels, **options)
 
     monkeypatch.setattr(correction_run, "rr_clarc", recording)
-    config = CorrectionConfig(method="rr-clarc", layer="4", rr_epochs=1, rr_max_samples=120, relevance_samples=0, torchscript=False)
-    report = correct_user(load_job(user_job), _flag(user_job), config, reaudit=False)
+    config = CorrectionConfig(method="rr-clarc", layer="4", rr_epochs=1, rr_max_samples=120, relevance_samples=0, torchscript=False, reaudit=False)
+    report = correct_job(load_job(user_job), _flag(user_job), config)
     assert seen == [120] and report.history is not None and len(report.history.val_loss) == 1
     assert report.history.val_penalty[0] < report.history.initial_val_penalty  # observed 0.035 < 0.039
     assert type(report.model) is nn.Sequential and report.export is not None and report.export.weights.is_file()
@@ -251,11 +253,12 @@ def test_a_bad_stamp_is_a_clear_error_naming_the_fix(user_job: Path, stamp: str,
     err = capsys.readouterr().err
     assert err.startswith("spray: error: ") and re.search(message, err), err
     with pytest.raises(CorrectionError, match=message):
-        correct_user(load_job(job), _flag(job), CorrectionConfig(method="p-clarc", layer="4"), reaudit=False)
+        spec = load_job(job)
+        correct_job(spec, _flag(job), job_config(spec, layer="4"))
 
 
 def test_a_stamp_that_is_not_an_entry_point_is_refused_by_the_job_spec(user_job: Path) -> None:
     from spray.jobs import JobSpecError
 
-    with pytest.raises(JobSpecError, match=r"bad-form.toml:\d+: \[correct\] stamp must look like 'package.module:function'"):
+    with pytest.raises(JobSpecError, match=r"bad-form.toml:\d+: correct\.stamp must be 'package\.module:function' or 'file\.py:function'; got 'stamp\.py'"):
         load_job(_job_with(user_job, "bad-form.toml", 'stamp = "stamp.py"'))

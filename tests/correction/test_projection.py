@@ -161,3 +161,31 @@ def test_explainable_view_gives_the_same_logits_and_unchanged_heatmaps_where_the
     assert 0 < int(closed.sum()) < len(x)
     torch.testing.assert_close(view[closed], original[closed], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(view[~closed], original[~closed])
+
+
+def test_artifact_relevance_explains_with_the_audits_settings_and_a_clarc_view_with_zennit(caplog) -> None:
+    """The share is measured with the audit's composite, here epsilon_gamma_box bounded by the
+    normalised input range; a ClArC model is explained through its view with zennit's engine
+    (resolved for the model it corrects), without a fallback warning."""
+    import logging
+
+    import numpy as np
+
+    from spray.attribution.lrp import Explainer, make_composite
+    from spray.attribution.settings import AttributionSettings
+    from spray.correction.evaluate import artifact_relevance, explained_view
+
+    net, x = _net_and_inputs()
+    images, targets, mask = x[:6].numpy(), np.zeros(6, dtype=np.int64), (slice(20, 28), slice(20, 28))
+    settings = AttributionSettings(composite="epsilon_gamma_box", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), device="cpu")
+    with Explainer(net, make_composite("epsilon_gamma_box", ("merge_batchnorm",), low=-2.0, high=2.0)) as explainer:
+        positive = explainer.explain(x[:6], torch.zeros(6, dtype=torch.long)).heatmaps.clamp(min=0).double()
+    expected = float((positive[:, 20:28, 20:28].sum(dim=(1, 2)) / positive.sum(dim=(1, 2))).mean())
+    assert artifact_relevance(net, images, targets, mask, settings) == pytest.approx(expected, rel=1e-5)
+
+    corrected = ClarcModel(net, _cav(_unit(32, 11), "features.relu3", (32, 8, 8)), Gate(kind="always"))
+    view, used = explained_view(corrected, settings)
+    assert view is not corrected and (used.engine, used.canonizers, used.layers) == ("zennit", ("merge_batchnorm",), ())
+    with caplog.at_level(logging.WARNING, logger="spray.attribution.select"):
+        share = artifact_relevance(corrected, images, targets, mask, settings)
+    assert 0.0 <= share <= 1.0 and not caplog.records

@@ -11,7 +11,8 @@ import torch
 
 from spray.attribution.lrp import AttributionConfigError
 from spray.audit import run_audit
-from spray.attribution.select import engine_name, make_explainer
+from spray.attribution.select import make_explainer
+from spray.attribution.settings import AttributionSettings
 from spray.correction.cav import CAV
 from spray.correction.clarc import ClarcModel, Gate
 from spray.correction.evaluate import EvaluationResult
@@ -35,8 +36,11 @@ def _flat_cav(seed: int) -> CAV:
 
 
 def _explain(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, engine: str = "auto"):
-    with make_explainer(model, "epsilon_plus_flat", ("merge_batchnorm",), DEMO_CONCEPT_LAYERS, engine=engine) as explainer:
-        return engine_name(explainer), explainer.explain(x, targets)
+    settings = AttributionSettings(
+        composite="epsilon_plus_flat", canonizers=("merge_batchnorm",), layers=DEMO_CONCEPT_LAYERS, engine=engine, device="cpu"
+    )
+    with make_explainer(model, settings) as explainer:
+        return explainer.engine, explainer.explain(x, targets)
 
 
 def test_corrected_models_keep_layer_names_and_are_explained_at_the_audits_concept_layers() -> None:
@@ -76,10 +80,10 @@ def test_reaudit_settings_are_those_the_original_model_was_audited_with() -> Non
     net = DemoNet(4)
     gated = reaudit_spec(spec, net, ClarcModel(net, _flat_cav(2), Gate(kind="always"))).attribution
     assert (gated.composite, gated.canonizers, gated.layers, gated.engine) == (
-        "epsilon_plus_flat", ["merge_batchnorm"], list(DEMO_CONCEPT_LAYERS), "zennit"
+        "epsilon_plus_flat", ("merge_batchnorm",), DEMO_CONCEPT_LAYERS, "zennit"
     )
     assert reaudit_spec(spec, net, DemoNet(4)).attribution.engine == spec.attribution.engine
-    assert spec.attribution.layers == ["auto"]  # the job's own spec is left as it was
+    assert spec.attribution.layers == ("auto",)  # the job's own spec is left as it was
 
 
 def _summary(clusters: list[tuple[int, str, list[int], float | None, bool]]) -> dict:

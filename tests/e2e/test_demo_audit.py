@@ -14,7 +14,7 @@ import pytest
 
 from spray.audit import run_audit
 from spray.cli import main
-from spray.correction import Gate, fit_cav, load_demo, r_clarc, run_reaudit
+from spray.correction import Gate, fit_cav, load_job_inputs, r_clarc, run_reaudit
 from spray.jobs import JobSpec, demo_job
 
 pytestmark = pytest.mark.slow
@@ -172,8 +172,8 @@ def test_reaudit_finds_the_flag_again_when_the_correction_changes_nothing(plante
     (observed: the same 60 members, Jaccard 1.0, score as in the audit)."""
     spec, result = planted
     flag = result.summary["flags"][0]
-    inputs = load_demo(spec)
-    cav = fit_cav(inputs.model, inputs.train.images, inputs.train.labels, flag["member_rows"], "features.relu3", pooling="flatten")
+    inputs = load_job_inputs(spec)
+    cav = fit_cav(inputs.model, inputs.display, inputs.labels, flag["member_rows"], "features.relu3", pooling="flatten")
     idle = r_clarc(inputs.model, cav, Gate(kind="detector", threshold=math.inf))
     outcome = run_reaudit(spec, inputs.model, idle, flag, spec.output_dir / "correction" / "idle" / "reaudit")
     assert outcome["flag_gone"] is False, outcome["best_match"]

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from spray.attribution.lrp import make_composite
-from spray.data.source import ArraySource
+from spray.attribution.lrp import AttributionConfigError, Explainer, make_composite
+from spray.attribution.select import make_explainer
+from spray.attribution.settings import AttributionSettings
+from spray.data.arrays import ArraySource
 from spray.models.demo import DemoNet
 from spray.report.atlas import AtlasSettings, build_concept_atlas, concept_distinction, relevance_shares
 from spray.report.context import ReportContext
@@ -20,6 +22,11 @@ from spray.report.render import render_report
 
 PLANTED = 5
 LAYER = "features.conv4"
+
+
+def _zennit(model: torch.nn.Module, layers: tuple[str, ...] = (LAYER,)) -> Explainer:
+    """zennit's engine with the demo's composite: the reference the fast engine is compared with."""
+    return Explainer(model, make_composite("epsilon_plus_flat"), layers)
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +50,7 @@ def atlas_inputs(report_context: ReportContext) -> dict:
     )
     source = ArraySource(images, np.asarray(report_context.labels), report_context.sample_ids, report_context.class_names)
     settings = AtlasSettings(n_concepts=3, n_references=4, display_side=16)
-    atlas = build_concept_atlas(
-        model, make_composite("epsilon_plus_flat"), source, attributions,
-        report_context.analyses, LAYER, settings,
-    )
+    atlas = build_concept_atlas(_zennit(model), source, attributions, report_context.analyses, LAYER, settings)
     return {"atlas": atlas, "concepts": concepts, "images": images}
 
 
@@ -97,10 +101,7 @@ def test_distinction_is_a_standardised_difference() -> None:
 def test_missing_layer_is_a_clear_error(report_context: ReportContext) -> None:
     attributions = SimpleNamespace(concepts={}, targets=np.zeros(3), sample_ids=["a", "b", "c"])
     with pytest.raises(KeyError, match="features.conv9"):
-        build_concept_atlas(
-            DemoNet(3, width=4), make_composite("epsilon_plus_flat"), None, attributions,
-            report_context.analyses, "features.conv9",
-        )
+        build_concept_atlas(_zennit(DemoNet(3, width=4)), None, attributions, report_context.analyses, "features.conv9")
 
 
 def test_report_shows_the_atlas_and_summary_lists_concepts(
@@ -138,7 +139,7 @@ def test_model_input_is_applied_before_the_model(report_context: ReportContext, 
     )
     source = ArraySource(atlas_inputs["images"], np.asarray(report_context.labels), report_context.sample_ids, report_context.class_names)
     atlas = build_concept_atlas(
-        model, make_composite("epsilon_plus_flat"), source, attributions, report_context.analyses[2:],
+        _zennit(model), source, attributions, report_context.analyses[2:],
         LAYER, AtlasSettings(n_concepts=1, n_references=1, display_side=16), model_input=normalise,
     )
     assert seen and 0.0 <= seen[0][0] and seen[0][1] <= 1.0  # display images went in
@@ -146,11 +147,9 @@ def test_model_input_is_applied_before_the_model(report_context: ReportContext, 
     assert 0.0 <= picture.image.min() and picture.image.max() <= 1.0  # display pixels came out
 
 
-def test_the_fast_conditional_explainer_gives_the_same_atlas(atlas_inputs: dict, report_context: ReportContext) -> None:
-    """The audit builds the atlas with spray's fast CRP engine; its pictures must be those of
-    zennit's hooks (same channels, references, crops and conditional heatmaps)."""
-    from spray.attribution.crp import FastConditionalExplainer, make_conditional_explainer
-
+def test_the_fast_engine_gives_the_same_atlas(atlas_inputs: dict, report_context: ReportContext) -> None:
+    """The audit builds the atlas with the factory's explainer, spray's fast engine for the demo net;
+    its pictures must be those of zennit's hooks (same channels, references, crops and conditional heatmaps)."""
     torch.manual_seed(0)
     model = DemoNet(3, width=4).eval()
     labels = np.asarray(report_context.labels)
@@ -158,11 +157,10 @@ def test_the_fast_conditional_explainer_gives_the_same_atlas(atlas_inputs: dict,
     attributions = SimpleNamespace(
         concepts={LAYER: atlas_inputs["concepts"]}, targets=labels, sample_ids=report_context.sample_ids,
     )
-    conditional = make_conditional_explainer(model, "epsilon_plus_flat", ("merge_batchnorm",), LAYER)
-    assert isinstance(conditional, FastConditionalExplainer)
+    explainer = make_explainer(model, AttributionSettings(layers=("features.conv3", LAYER), device="cpu"))
+    assert explainer.engine == "fast"
     fast = build_concept_atlas(
-        model, None, source, attributions, report_context.analyses, LAYER,
-        AtlasSettings(n_concepts=3, n_references=4, display_side=16), conditional=conditional,
+        explainer, source, attributions, report_context.analyses, LAYER, AtlasSettings(n_concepts=3, n_references=4, display_side=16),
     )
     reference = atlas_inputs["atlas"]
     assert [(a.class_index, a.cluster_id) for a in fast] == [(a.class_index, a.cluster_id) for a in reference]
@@ -175,12 +173,13 @@ def test_the_fast_conditional_explainer_gives_the_same_atlas(atlas_inputs: dict,
                 assert np.abs(p_mine.heatmap - p_theirs.heatmap).max() / scale < 1e-4
 
 
-def test_an_atlas_needs_a_composite_or_an_explainer(atlas_inputs: dict, report_context: ReportContext) -> None:
-    with pytest.raises(ValueError, match="composite or a conditional explainer"):
+def test_the_explainer_must_condition_at_the_atlas_layer(atlas_inputs: dict, report_context: ReportContext) -> None:
+    labels = np.asarray(report_context.labels)
+    source = ArraySource(atlas_inputs["images"], labels, report_context.sample_ids, report_context.class_names)
+    attributions = SimpleNamespace(concepts={LAYER: atlas_inputs["concepts"]}, targets=labels, sample_ids=report_context.sample_ids)
+    with pytest.raises(AttributionConfigError, match="not a concept layer"):
         build_concept_atlas(
-            DemoNet(3, width=4).eval(), None, None, SimpleNamespace(concepts={LAYER: atlas_inputs["concepts"]},
-                                                                   targets=np.asarray(report_context.labels), sample_ids=report_context.sample_ids),
-            report_context.analyses, LAYER,
+            _zennit(DemoNet(3, width=4).eval(), ("features.conv3",)), source, attributions, report_context.analyses, LAYER,
         )
 
 
@@ -196,7 +195,7 @@ def test_a_finding_flagged_in_two_spaces_gets_one_atlas(atlas_inputs: dict, repo
     attributions = SimpleNamespace(concepts={LAYER: atlas_inputs["concepts"]}, targets=labels, sample_ids=report_context.sample_ids)
     torch.manual_seed(0)
     atlas = build_concept_atlas(
-        DemoNet(3, width=4).eval(), make_composite("epsilon_plus_flat"), source, attributions,
+        _zennit(DemoNet(3, width=4).eval()), source, attributions,
         [*report_context.analyses, again], LAYER, AtlasSettings(n_concepts=2, n_references=2, display_side=16),
     )
     assert [(item.class_index, item.space, item.cluster_id) for item in atlas] == [(0, "heatmap", 1), (1, "heatmap", 0)]

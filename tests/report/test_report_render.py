@@ -15,7 +15,7 @@ import pytest
 
 from spray.report.context import ReportContext
 from spray.report.render import render_report
-from spray.report.views import ReportLimits
+from spray.report.config import ReportConfig
 
 HOSTILE_NAME = "<img src=x onerror=alert(1)>"
 
@@ -115,7 +115,7 @@ def test_h5py_datasets_as_inputs(report_context: ReportContext, tmp_path: Path) 
 
 
 def test_grids_are_capped(report_context: ReportContext, tmp_path: Path) -> None:
-    limits = ReportLimits(flag_samples=2, cluster_samples=1)
+    limits = ReportConfig(samples_per_grid=2, cluster_samples=1)
     html = _html(render_report(report_context, tmp_path / "out", limits))
     flag = html[html.index('id="flag-0"') : html.index('id="flag-1"')]
     assert flag.count('<figure class="tile') == 2
@@ -125,7 +125,7 @@ def test_grids_are_capped(report_context: ReportContext, tmp_path: Path) -> None
 
 
 def test_flags_beyond_the_cap_are_listed(report_context: ReportContext, tmp_path: Path) -> None:
-    limits = ReportLimits(max_flag_sections=1)
+    limits = ReportConfig(max_flag_sections=1)
     html = _html(render_report(report_context, tmp_path / "out", limits))
     assert 'id="flag-0"' in html and 'id="flag-1"' not in html
     assert html.count('class="flag-row"') == 1

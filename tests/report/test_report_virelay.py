@@ -9,8 +9,9 @@ import h5py
 import numpy as np
 import pytest
 
-from spray.analysis.pipeline import SprayConfig
-from spray.data.source import ArraySource, write_input_h5
+from spray.analysis.config import SprayConfig
+from spray.data.arrays import ArraySource
+from spray.data.h5 import write_input_h5
 from spray.report.context import ReportContext
 from spray.report.render import render_report
 from spray.report.virelay import export_virelay

@@ -1,12 +1,17 @@
-"""Dataset sources as seen by the attribution stage: rows of images, labels and ids.
+"""What a dataset source is, independent of its format: the interface every format implements.
 
 A source is anything with ``len()``, ``class_names``, ``sample_ids``, ``labels`` and
-``read(rows)``; rows are integers in ``0..len-1``. ``H5Source`` reads the ViRelAy input
-layout (``data`` N×C×H×W, ``label`` N) that spray also writes for the demo.
+``read(rows)``; rows are integers in ``0..len-1`` and ``read`` gives *display* images:
+float32 N×C×H×W in [0, 1]. The model's normalisation (mean, std) is applied by the
+attribution engine, so heatmaps stay aligned with the pictures a reviewer sees.
 
 A file-backed source also has ``recipe()``: a small picklable ``SourceRecipe`` (its class
 and constructor arguments, paths rather than pixels) with which a Dask worker opens the
 same dataset itself (``[cluster] write = "workers"``). In-memory sources have none.
+
+The formats live in modules of their own, each importing only this one: ``h5`` (the
+ViRelAy input layout), ``folder`` (one sub-folder per class), ``arrays`` (in memory and
+``.npz``) and ``entrypoint`` (a torch ``Dataset`` from a Python function).
 """
 
 from __future__ import annotations
@@ -18,10 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import h5py
 import numpy as np
-
-from spray.store.common import StoreError, atomic_h5
 
 
 class DataSource(Protocol):
@@ -36,6 +38,10 @@ class DataSource(Protocol):
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Images (len(rows), C, H, W) float32 for ascending ``rows``."""
         ...
+
+
+class DataSourceError(ValueError):
+    """A dataset that cannot be read; the message names the file and the fix."""
 
 
 class SourceReopenError(ValueError):
@@ -93,71 +99,39 @@ class ReopenableSource(DataSource, Protocol):
     def recipe(self) -> SourceRecipe: ...
 
 
-@dataclass
-class ArraySource:
-    """An in-memory dataset (images N×C×H×W float32)."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    sample_ids: list[str]
-    class_names: list[str]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def read(self, rows: np.ndarray) -> np.ndarray:
-        return np.asarray(self.images[rows], dtype=np.float32)
+def checked_class_names(labels: np.ndarray, class_names: Sequence[str] | None, path: Path) -> list[str]:
+    """The class names for ``labels`` (given, or '0'..'K-1'); errors for empty data and bad labels."""
+    if len(labels) == 0:
+        raise DataSourceError(f"{path}: the dataset holds no samples.")
+    if labels.min() < 0:
+        raise DataSourceError(f"{path}: labels must be class indices >= 0; found {int(labels.min())}.")
+    names = list(class_names or [str(i) for i in range(int(labels.max()) + 1)])
+    if labels.max() >= len(names):
+        raise DataSourceError(f"{path}: label {int(labels.max())} but only {len(names)} class names; give data.class_names for every class.")
+    return names
 
 
-def write_input_h5(path: Path, images: np.ndarray, labels: np.ndarray, sample_ids: list[str], class_names: list[str]) -> None:
-    """Write a dataset in the ViRelAy input layout (``data``, ``label``) plus ids and class names."""
-    with atomic_h5(Path(path)) as handle:
-        handle.create_dataset("data", data=images.astype(np.float32), chunks=(min(64, len(images)), *images.shape[1:]), compression="gzip", compression_opts=1)
-        handle.create_dataset("label", data=labels.astype(np.int64))
-        handle.create_dataset("sample_id", data=np.array(sample_ids, dtype=object), dtype=h5py.string_dtype())
-        handle.attrs["class_names"] = json.dumps(list(class_names))
+def to_display(images: np.ndarray, path: Path) -> np.ndarray:
+    """N×C×H×W (or N×H×W×C, or N×H×W) of uint8 or float -> float32 N×C×H×W in [0, 1]."""
+    array = np.asarray(images)
+    if array.ndim == 3:
+        array = array[:, None]
+    if array.ndim != 4:
+        raise DataSourceError(f"{path}: images must be N×C×H×W or N×H×W×C, got shape {array.shape}.")
+    if array.shape[1] not in (1, 3) and array.shape[-1] in (1, 3):
+        array = array.transpose(0, 3, 1, 2)
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    return array.astype(np.float32)
 
 
-class H5Source:
-    """A dataset stored in the ViRelAy input layout; images are read lazily per batch."""
-
-    def __init__(self, path: Path, class_names: Sequence[str] | None = None) -> None:
-        self.path = Path(path)
-        try:
-            self._file = h5py.File(self.path, "r")
-        except OSError as error:
-            raise StoreError(f"{self.path}: cannot open as HDF5 ({error}); check the path or re-create the file.") from error
-        for key in ("data", "label"):
-            if key not in self._file:
-                raise StoreError(f"{self.path}: dataset '{key}' missing; the input layout needs 'data' (N×C×H×W) and 'label' (N).")
-        self._data = self._file["data"]
-        self.labels = np.asarray(self._file["label"][...], dtype=np.int64)
-        if len(self.labels) != self._data.shape[0]:
-            raise StoreError(f"{self.path}: 'data' has {self._data.shape[0]} rows but 'label' has {len(self.labels)}.")
-        if "sample_id" in self._file:
-            self.sample_ids = [s.decode() if isinstance(s, bytes) else str(s) for s in self._file["sample_id"][...]]
-        else:
-            self.sample_ids = [str(i) for i in range(len(self.labels))]
-        stored = json.loads(self._file.attrs.get("class_names", "null"))
-        from spray.data.sources import DataSourceError, checked_class_names
-
-        try:
-            self.class_names = checked_class_names(self.labels, class_names or stored, self.path)
-        except DataSourceError as error:
-            raise StoreError(str(error)) from error
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def read(self, rows: np.ndarray) -> np.ndarray:
-        return np.asarray(self._data[np.asarray(rows)], dtype=np.float32)
-
-    def recipe(self) -> SourceRecipe:
-        """Reopen this file (by its absolute path) with the same class names."""
-        return file_recipe(self)
-
-    def close(self) -> None:
-        self._file.close()
+def file_hash(path: Path) -> str:
+    """SHA-256 of a file's bytes (read in 1 MiB blocks), shortened."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 class SourceImages:

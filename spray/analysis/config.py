@@ -1,0 +1,156 @@
+"""The SpRAy analysis's settings (``[analysis]``), declared once (:mod:`spray.config`).
+
+Every parameter of the steps of :mod:`spray.analysis.pipeline` lives in one
+:class:`SprayConfig`, which is stored with the results so a report can say how they were
+obtained. The choices come from the modules of the steps that use them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from spray.analysis.artifacts import DEFAULT_MAX_CLUSTER_FRACTION, DEFAULT_MIN_CLUSTER_SIZE, DEFAULT_THRESHOLD
+from spray.analysis.cluster import CLUSTERERS, DEFAULT_MINIBATCH_ABOVE
+from spray.analysis.embed import DEFAULT_MAX_SAMPLES, EMBEDDINGS
+from spray.analysis.graph import AFFINITIES, DEFAULT_EXACT_BELOW, DEFAULT_PCA_COMPONENTS, KNN_METHODS
+from spray.analysis.preprocess import DEFAULT_POOLED_SIZE, NORMALISATIONS, RELEVANCE_MODES, SCALINGS
+from spray.analysis.spectral import DEFAULT_MIN_RATIO, DEFAULT_N_EIGEN
+from spray.config import Choice, ConfigError, Each, Length, Pattern, Range, setting, validate
+
+#: Smallest subset UMAP/t-SNE may be fitted on for large classes.
+MIN_EMBED_SAMPLES = 100
+HEATMAP_SPACE = "heatmap"
+CONCEPT_PREFIX = "concept:"
+#: ``spaces`` entry for every stored concept layer.
+ALL_CONCEPTS = f"{CONCEPT_PREFIX}*"
+SPACE = Pattern(r"heatmap|concept:.+", "'heatmap', 'concept:*' or 'concept:<layer>'", optional=False)
+
+
+def concept_space(layer: str) -> str:
+    """The ``space`` name of the concept relevances of ``layer``."""
+    return f"{CONCEPT_PREFIX}{layer}"
+
+
+def space_layer(space: str) -> str | None:
+    """The layer of a ``concept:<layer>`` space (``*`` for every layer); None for the heatmap space."""
+    return space[len(CONCEPT_PREFIX) :] if space.startswith(CONCEPT_PREFIX) else None
+
+
+@dataclass
+class SprayConfig:
+    """Parameters of a SpRAy analysis.
+
+    Attributes:
+        spaces: what is clustered, in this order: ``"heatmap"`` (pooled LRP heatmaps),
+            ``"concept:<layer>"`` (the concept-relevance vectors of one stored layer) or
+            ``"concept:*"`` (every stored layer).
+        dataset_wide: also analyse all classes together per space (class -1).
+        pooled_size: (h, w) grid heatmaps are sum-pooled to (capped at their size); one
+            integer for a square grid; ``None`` keeps full resolution.
+        relevance: ``"signed"``, ``"positive"`` or ``"absolute"`` relevance.
+        scaling: ``"sqrt"`` (Hellinger-like distances between relevance maps) or
+            ``"linear"``; see :mod:`spray.analysis.preprocess`.
+        normalisation: per-sample ``"l2"``, ``"max"``, ``"sum"`` or ``"none"``.
+        n_neighbors: neighbours per sample in the affinity graph.
+        n_eigen: Laplacian eigenpairs computed (capped at n - 1 per class).
+        max_clusters: the eigengap considers at most this many clusters.
+        min_eigen_ratio: eigengap ratio needed to report more than one cluster
+            (see :func:`~spray.analysis.spectral.choose_n_clusters`).
+        knn_method: neighbour search: ``"auto"`` (exact below ``knn_exact_below``
+            samples, inverted-file index above), ``"exact"``, ``"ivf"`` or
+            ``"pynndescent"`` (see :func:`~spray.analysis.graph.knn`).
+        knn_exact_below: with ``knn_method="auto"``, exact kNN below this many samples.
+        pca_components: the neighbour search runs on this many principal components
+            (``None``: on the full vectors); see
+            :func:`~spray.analysis.graph.reduce_dimensions`.
+        affinity: ``"gaussian"`` (self-tuning kernel) or ``"connectivity"``.
+        clusterer: ``"kmeans"``, ``"agglomerative"``, ``"dbscan"`` or ``"hdbscan"``.
+        minibatch_above: k-means switches to mini-batches above this many samples.
+        embedding: 2-d picture: ``"umap"``, ``"tsne"`` or ``"spectral"``.
+        embedding_neighbors: UMAP neighbourhood size.
+        embedding_max_samples: UMAP/t-SNE embed at most this many samples directly; the
+            others are placed through the kNN graph.
+        threshold: artifact score at or above which a cluster is flagged.
+        max_cluster_fraction: clusters larger than this share of the class are never
+            flagged (the artifact is the minority strategy).
+        min_cluster_size: clusters with fewer members are never flagged.
+        min_class_size: classes with fewer analysable samples are not analysed
+            (at least ``n_neighbors + 1`` is needed in any case).
+        random_state: seed for every random step (a job's ``[job] seed``).
+        n_threads: BLAS/OpenMP/torch threads during the analysis (``None``: leave the
+            libraries' own setting). The default 1 is fastest on a machine shared with
+            other work, where idle threads of multi-threaded BLAS spin and can make small
+            matrix products ten times slower; raise it on a dedicated many-core machine.
+    """
+
+    spaces: tuple[str, ...] = setting((HEATMAP_SPACE, ALL_CONCEPTS), Each(SPACE), doc="what is clustered")
+    dataset_wide: bool = setting(False, doc="also analyse all classes together")
+    pooled_size: int | tuple[int, ...] | None = setting(DEFAULT_POOLED_SIZE, Length((2,)), Each(Range(1)), doc="grid heatmaps are pooled to")
+    relevance: str = setting("signed", Choice(RELEVANCE_MODES), doc="signed, positive or absolute relevance")
+    scaling: str = setting("sqrt", Choice(SCALINGS), doc="sqrt (Hellinger-like) or linear")
+    normalisation: str = setting("l2", Choice(NORMALISATIONS), doc="per-sample normalisation")
+    n_neighbors: int = setting(10, Range(1), doc="neighbours per sample in the affinity graph")
+    n_eigen: int = setting(DEFAULT_N_EIGEN, Range(2), doc="Laplacian eigenpairs computed")
+    max_clusters: int = setting(8, Range(1), doc="the eigengap considers at most this many clusters")
+    min_eigen_ratio: float = setting(DEFAULT_MIN_RATIO, Range(1.0, low_open=True), doc="eigengap ratio needed for more than one cluster")
+    knn_method: str = setting("auto", Choice(KNN_METHODS), doc="neighbour search")
+    knn_exact_below: int = setting(DEFAULT_EXACT_BELOW, Range(0), doc="auto: exact kNN below this many samples")
+    pca_components: int | None = setting(DEFAULT_PCA_COMPONENTS, Range(2), doc="principal components of the neighbour search")
+    affinity: str = setting("gaussian", Choice(AFFINITIES), doc="edge weights of the graph")
+    clusterer: str = setting("kmeans", Choice(CLUSTERERS), doc="clustering of the spectral embedding")
+    minibatch_above: int = setting(DEFAULT_MINIBATCH_ABOVE, Range(1), doc="mini-batch k-means above this many samples")
+    embedding: str = setting("umap", Choice(EMBEDDINGS), doc="2-d picture")
+    embedding_neighbors: int = setting(15, Range(2), doc="UMAP neighbourhood size")
+    embedding_max_samples: int = setting(DEFAULT_MAX_SAMPLES, Range(MIN_EMBED_SAMPLES), doc="embedded directly; the rest placed by the graph")
+    threshold: float = setting(DEFAULT_THRESHOLD, Range(), doc="artifact score at or above which a cluster is flagged")
+    max_cluster_fraction: float = setting(DEFAULT_MAX_CLUSTER_FRACTION, Range(0.0, 1.0, low_open=True), doc="largest flaggable share of a class")
+    min_cluster_size: int = setting(DEFAULT_MIN_CLUSTER_SIZE, Range(1), doc="smallest flaggable cluster")
+    min_class_size: int = setting(20, Range(2), doc="classes with fewer samples are not analysed")
+    random_state: int = setting(0, Range(0, 2**32 - 1), doc="seed of every random step (the job's seed)", job_key=False)
+    n_threads: int | None = setting(1, Range(1), doc="BLAS/OpenMP/torch threads during the analysis")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pooled_size, int) and not isinstance(self.pooled_size, bool):
+            self.pooled_size = (self.pooled_size, self.pooled_size)
+        elif isinstance(self.pooled_size, list):
+            self.pooled_size = tuple(self.pooled_size)
+        if isinstance(self.spaces, (list, str)):
+            self.spaces = (self.spaces,) if isinstance(self.spaces, str) else tuple(self.spaces)
+        _numpy_scalars_to_python(self)
+        validate(self)
+        if not self.spaces:
+            raise ConfigError("spaces", "must name at least one space, e.g. [\"heatmap\"]")
+        if len(set(self.spaces)) != len(self.spaces):
+            raise ConfigError("spaces", f"repeats a space: {list(self.spaces)}")
+        if self.max_clusters >= self.n_eigen:
+            raise ConfigError(
+                "max_clusters",
+                f"({self.max_clusters}) must be below n_eigen ({self.n_eigen}): the eigengap after the k-th "
+                "eigenvalue needs eigenvalue k+1. Raise n_eigen or lower max_clusters",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SprayConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error, missing keys default."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown SprayConfig fields {unknown}; known: {sorted(known)}.")
+        values = dict(values)
+        for key in ("pooled_size", "spaces"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+def _numpy_scalars_to_python(config: SprayConfig) -> None:
+    """NumPy integers and floats given by library callers, as Python numbers (what the validator checks)."""
+    for item in fields(config):
+        value = getattr(config, item.name)
+        if type(value).__module__ == "numpy" and hasattr(value, "item"):
+            setattr(config, item.name, value.item())

@@ -1,0 +1,85 @@
+"""HDF5 datasets in the ViRelAy input layout: ``data`` (N×C×H×W) and ``label`` (N).
+
+spray writes this layout itself for the demo (``stages/input.h5``, :func:`write_input_h5`)
+and reads users' files in it (``data.source = "h5"``, :func:`open_h5_source`), which may
+also hold N×H×W×C or uint8 images. Images are read lazily, one batch at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from spray.data.base import DataSourceError, SourceRecipe, checked_class_names, file_hash, file_recipe, to_display
+from spray.store.common import StoreError, atomic_h5
+
+
+def write_input_h5(path: Path, images: np.ndarray, labels: np.ndarray, sample_ids: list[str], class_names: list[str]) -> None:
+    """Write a dataset in the ViRelAy input layout (``data``, ``label``) plus ids and class names."""
+    with atomic_h5(Path(path)) as handle:
+        handle.create_dataset("data", data=images.astype(np.float32), chunks=(min(64, len(images)), *images.shape[1:]), compression="gzip", compression_opts=1)
+        handle.create_dataset("label", data=labels.astype(np.int64))
+        handle.create_dataset("sample_id", data=np.array(sample_ids, dtype=object), dtype=h5py.string_dtype())
+        handle.attrs["class_names"] = json.dumps(list(class_names))
+
+
+class H5Source:
+    """A dataset stored in the ViRelAy input layout (float32 display images); read lazily per batch."""
+
+    def __init__(self, path: Path, class_names: Sequence[str] | None = None) -> None:
+        self.path = Path(path)
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as error:
+            raise StoreError(f"{self.path}: cannot open as HDF5 ({error}); check the path or re-create the file.") from error
+        for key in ("data", "label"):
+            if key not in self._file:
+                raise StoreError(f"{self.path}: dataset '{key}' missing; the input layout needs 'data' (N×C×H×W) and 'label' (N).")
+        self._data = self._file["data"]
+        self.labels = np.asarray(self._file["label"][...], dtype=np.int64)
+        if len(self.labels) != self._data.shape[0]:
+            raise StoreError(f"{self.path}: 'data' has {self._data.shape[0]} rows but 'label' has {len(self.labels)}.")
+        if "sample_id" in self._file:
+            self.sample_ids = [s.decode() if isinstance(s, bytes) else str(s) for s in self._file["sample_id"][...]]
+        else:
+            self.sample_ids = [str(i) for i in range(len(self.labels))]
+        stored = json.loads(self._file.attrs.get("class_names", "null"))
+        try:
+            self.class_names = checked_class_names(self.labels, class_names or stored, self.path)
+        except DataSourceError as error:
+            raise StoreError(str(error)) from error
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self._data[np.asarray(rows)], dtype=np.float32)
+
+    def recipe(self) -> SourceRecipe:
+        """Reopen this file (by its absolute path) with the same class names."""
+        return file_recipe(self)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class DisplayH5Source(H5Source):
+    """``H5Source`` that also accepts N×H×W×C and uint8 data (converted to display images)."""
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        return to_display(self._data[np.asarray(rows)], self.path)
+
+    def fingerprint(self) -> str:
+        return file_hash(self.path)
+
+
+def open_h5_source(path: Path, class_names: list[str] | None) -> DisplayH5Source:
+    """A user's HDF5 file as a source; a file that cannot be read is a ``DataSourceError``."""
+    try:
+        return DisplayH5Source(path, class_names)
+    except StoreError as error:
+        raise DataSourceError(str(error)) from error
