@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from spray.analysis.config import SprayConfig
+from spray.analysis.config import SprayConfig, expand_spaces
 from spray.analysis.pipeline import analyze_spaces
 from spray.analysis.result import ClassAnalysis
 from spray.attribution.distributed import cluster_client
@@ -37,11 +37,13 @@ from spray.models.demo import predict
 from spray.models.open import held_out_accuracy, open_model
 from spray.report.atlas import build_concept_atlas
 from spray.report.context import ArtifactCheck, ReportContext
+from spray.report.failed import set_aside, write_failure
 from spray.report.index import refresh_index
 from spray.report.render import render_report
 from spray.store.analysis import read_analysis, write_analysis
 from spray.store.attributions import Attributions, read_attributions
 from spray.store.common import writable_folder
+from spray.store.lock import job_lock
 from spray.store.folders import ANALYSIS_FILE, ATTRIBUTIONS_FILE, STAGES, SUMMARY_FILE
 from spray.store.stage_cache import cached, fingerprint
 
@@ -93,11 +95,15 @@ def artifact_check(model: torch.nn.Module, planted: PlantedArtifact) -> Artifact
 
 def analyse(attributions: Attributions, class_names: list[str], config: SprayConfig, path: Path) -> list[ClassAnalysis]:
     """The analysis stage: SpRAy per class and space, reusing ``path`` when it was computed
-    from the same attributions and config."""
+    from the same attributions and config. Every class of ``class_names`` gets a result, a
+    class without samples one that says it could not be analysed."""
     return cached(
         path,
-        fingerprint({"attributions": attributions.fingerprint, "config": config.to_dict()}),
-        compute=lambda: analyze_spaces(attributions.heatmaps, attributions.labels, class_names, config, concepts=attributions.concepts),
+        fingerprint({"attributions": attributions.fingerprint, "config": config.to_dict(), "classes": "every class"}),
+        compute=lambda: analyze_spaces(
+            attributions.heatmaps, attributions.labels, class_names, config, concepts=attributions.concepts,
+            classes=list(range(len(class_names))),
+        ),
         write=lambda target, analyses: write_analysis(target, analyses, config),
         read=read_analysis,
     )
@@ -181,6 +187,10 @@ def report_context(
         artifact_check=check,
         ground_truth_rows=data.planted.rows if data.planted is not None and len(data.planted.rows) else None,
         concept_atlas=atlas,
+        expected_spaces=expand_spaces(spec.analysis.spaces, list(attributions.concepts)),
+        dataset_wide=spec.analysis.dataset_wide,
+        skipped_images=len(data.skipped),
+        check=spec.check,
     )
 
 
@@ -215,6 +225,7 @@ def run_audit(
     *,
     model: torch.nn.Module | None = None,
     output: Path | None = None,
+    wait: bool = False,
 ) -> AuditResult:
     """Run every stage of ``spec`` and return the report's location and headline numbers.
 
@@ -222,6 +233,12 @@ def run_audit(
     workers when given, else as ``[cluster]`` says), analyse the attributions (SpRAy per
     class and space), check the demo's planted artifact, and write the report and the
     audit index.
+
+    One run at a time holds the job's folder (``spray.store.lock``): another run raises
+    ``JobBusyError``, or with ``wait`` waits for it. The previous report is set aside before
+    the stages start, and a run that fails or is interrupted leaves a ``summary.json`` with
+    the verdict ``error`` (``spray.report.failed``), so no reader takes an old verdict for
+    this run.
 
     ``model``: audit this in-memory model instead of the one ``[model]`` names (a
     corrected model, say); the data are still those of ``[data]``. ``output``: a folder
@@ -235,6 +252,29 @@ def run_audit(
     out = folders.root if output is None else folders.inside(output)
     stages = writable_folder(folders.inside(out / STAGES), WRITE_FIX)
     writable_folder(folders.inside(folders.stages), WRITE_FIX)
+    with job_lock(folders.root, wait=wait):
+        report_dir = folders.inside(_report_folder(spec, None if output is None else out))
+        set_aside(report_dir)
+        try:
+            result = _run_stages(spec, stages, report_dir, progress, client, model)
+        except BaseException as error:
+            write_failure(report_dir, spec.job.name, describe_failure(error))
+            refresh_index(folders.root.parent)
+            raise
+    return result
+
+
+def describe_failure(error: BaseException) -> str:
+    """What ``summary.json`` says about a run that stopped with ``error``."""
+    if isinstance(error, KeyboardInterrupt):
+        return "the run was interrupted (KeyboardInterrupt) before it finished."
+    return f"{type(error).__name__}: {error}"
+
+
+def _run_stages(
+    spec: JobSpec, stages: Path, report_dir: Path, progress: bool, client: Any, model: torch.nn.Module | None
+) -> AuditResult:
+    """The stages of :func:`run_audit`, writing stage files to ``stages`` and the report to ``report_dir``."""
     clock = _StageClock()
     with clock("data"):
         data = open_job_data(spec)
@@ -252,7 +292,7 @@ def run_audit(
                 analyses = analyse(attributions, data.source.class_names, spec.analysis, stages / ANALYSIS_FILE)
             with clock("report"):
                 context = report_context(spec, data, model, settings, attributions, analyses, facts, check)
-                report = render_report(context, folders.inside(_report_folder(spec, None if output is None else out)), spec.report)
+                report = render_report(context, report_dir, spec.report)
     finally:
         data.close()
     with clock("report"):

@@ -1,8 +1,11 @@
 """The ``spray`` command line: ``demo``, ``audit``, ``check``, ``report``, ``validate``, ``correct``,
 ``index``, ``compare`` and ``export-virelay``.
 
-Exit codes: 0 success (for ``check``: no flag), 1 a flag was raised (``check`` only),
-2 an error (bad job spec, missing file, a model that does not fit the data...).
+Exit codes (``spray.verdict``): 0 success (for ``check``: the verdict is clean: every class
+analysed in every space, no flag), 1 a flag was raised (``check`` only), 2 an error (bad job
+spec, missing file, a model that does not fit the data, user code that raised or exited...),
+3 incomplete (``check`` only: no flag, but something could not be checked), 4 busy (another
+run holds the job's folder), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_OK, EXIT_FLAGGED, EXIT_ERROR = 0, 1, 2
+from spray.verdict import EXIT_BUSY, EXIT_ERROR, EXIT_FLAGGED, EXIT_INCOMPLETE, EXIT_OK, describe_incomplete, exit_code
+
+#: The conventional exit status of a command stopped by Ctrl-C (128 + SIGINT).
+EXIT_INTERRUPTED = 130
+__all__ = ["EXIT_BUSY", "EXIT_ERROR", "EXIT_FLAGGED", "EXIT_INCOMPLETE", "EXIT_INTERRUPTED", "EXIT_OK", "main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,11 +37,12 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, text in (
         ("audit", "run an audit from a job spec"),
-        ("check", "audit and exit 1 when a flag is raised (0: no flag, 2: error)"),
+        ("check", "audit, then exit 0 only when every class was checked and nothing flagged (1: flag, 2: error, 3: incomplete, 4: busy)"),
         ("report", "re-render the report of a job (stages that are up to date are reused)"),
     ):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("job", type=Path, help="job spec (TOML)")
+        sub.add_argument("--wait", action="store_true", help="wait for another run of the job to finish instead of exiting 4")
 
     validate = commands.add_parser("validate", help="check a job spec without running it")
     validate.add_argument("job", type=Path, help="job spec (TOML)")
@@ -50,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         help="layer of the CAV (default: [correct] layer, else features.relu3 of the demo net, or the last of the audit's concept layers where a user model can be cut)",
     )
     correct.add_argument("--gate", choices=("class", "detector", "both"), default=None, help="R-ClArC gate (default: [correct] gate, else class)")
+    correct.add_argument("--wait", action="store_true", help="wait for another run of the job to finish instead of exiting 4")
     correct.add_argument(
         "--reaudit", action=argparse.BooleanOptionalAction, default=None,
         help="audit the corrected model again and report whether the flag is gone (default: [correct] reaudit, else on)",
@@ -101,11 +110,13 @@ def _run_correct(args: argparse.Namespace) -> None:
     from spray.correction.run import flag_entry, job_config
     from spray.jobs import load_job
     from spray.store.folders import SUMMARY_FILE
+    from spray.store.lock import job_lock
 
     spec = load_job(args.job)
     config = job_config(spec, method=args.method, flag=args.flag, layer=args.layer, gate=args.gate, reaudit=args.reaudit)
-    flag = flag_entry(spec.folders.latest_report(spec.job.dated) / SUMMARY_FILE, config.flag)
-    report = correct_job(spec, flag, config, progress=not args.no_progress)
+    with job_lock(spec.folders.root, wait=args.wait):
+        flag = flag_entry(spec.folders.latest_report(spec.job.dated) / SUMMARY_FILE, config.flag)
+        report = correct_job(spec, flag, config, progress=not args.no_progress)
     if report.evaluation_set is not None:
         print(f"attacked set: {report.evaluation_set['attack']['description']}")
     print(report.table())
@@ -130,6 +141,10 @@ def _print_summary(result: object, elapsed: float) -> None:
     print(f"flags: {len(flags)}")
     for flag in flags[:5]:
         print(f"  class {flag['class_name']!r} cluster {flag['cluster_id']}: {flag['size']} samples, score {flag['artifact_score']:.3f}")
+    complete = "every class checked" if result.summary["complete"] else "NOT every class checked"
+    print(f"verdict: {result.summary['verdict']} ({complete})")
+    for line in describe_incomplete(result.summary)[:20]:
+        print(f"  {line}")
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"time: {elapsed:.1f}s ({stages}); peak memory {peak_mib:.0f} MiB")
@@ -141,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from spray.jobs import JobSpecError, demo_job, load_job
     from spray.store.common import StoreError
+    from spray.store.lock import JobBusyError
 
     started = time.perf_counter()
     try:
@@ -155,18 +171,49 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         from spray.audit import run_audit
 
-        result = run_audit(spec, progress=not args.no_progress)
-    except (JobSpecError, StoreError, ValueError, OSError) as error:
+        result = run_audit(spec, progress=not args.no_progress, wait=getattr(args, "wait", False))
+    except JobBusyError as error:
+        print(f"spray: busy: {error}", file=sys.stderr)
+        return EXIT_BUSY
+    except KeyboardInterrupt:
+        print("spray: interrupted; the job's summary.json says verdict 'error' until it runs again.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except JobSpecError as error:
+        print(f"spray: error: {error}", file=sys.stderr)
+        if args.command in ("audit", "check", "report"):
+            _record_spec_failure(args.job, str(error))
+        return EXIT_ERROR
+    except (StoreError, ValueError, OSError) as error:
         print(f"spray: error: {error}", file=sys.stderr)
         return EXIT_ERROR
-    except Exception as error:  # anything else is still an error (exit 2), never a "flag" (exit 1)
+    except BaseException as error:  # anything else, SystemExit from user code included, is an error (exit 2), never a verdict
         logging.getLogger("spray").debug("unexpected error", exc_info=True)
-        print(f"spray: error: {type(error).__name__}: {error} (run with -v for details)", file=sys.stderr)
+        print(f"spray: error: {_describe_unexpected(error)} (run with -v for details)", file=sys.stderr)
         return EXIT_ERROR
     _print_summary(result, time.perf_counter() - started)
-    if args.command == "check":
-        return EXIT_FLAGGED if result.summary["flags"] else EXIT_OK
-    return EXIT_OK
+    return exit_code(result.summary) if args.command == "check" else EXIT_OK
+
+
+def _record_spec_failure(job_file: Path, error: str) -> None:
+    """Leave verdict ``error`` in the job's folder when its spec is invalid, so an earlier
+    ``summary.json`` is not read as this run's verdict (see ``spray.report.failed``)."""
+    from spray.jobs import declared_job
+    from spray.report.failed import record_failure
+
+    job = declared_job(job_file)
+    if job is not None:
+        root = (Path(job_file).resolve().parent / job.output).resolve() / job.name
+        record_failure(root, job.name, job.dated, f"the job spec is invalid: {error}")
+
+
+def _describe_unexpected(error: BaseException) -> str:
+    """An error the command did not expect, in words; a ``SystemExit`` can only come from user code."""
+    if isinstance(error, SystemExit):
+        return (
+            f"user code (a model, dataset or stamp entry point of the job) called sys.exit({error.code!r}); "
+            "nothing was audited. Raise an exception there instead, or remove the call"
+        )
+    return f"{type(error).__name__}: {error}"
 
 
 if __name__ == "__main__":

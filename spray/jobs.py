@@ -1,7 +1,7 @@
 """Job specs: TOML files in ``jobs/`` parsed into validated, typed configuration.
 
 A job spec has the sections ``[job]``, ``[data]``, ``[model]``, ``[attribution]``,
-``[analysis]``, ``[report]``, ``[cluster]`` and ``[correct]``; every key is optional except ``job.name``. Unknown keys,
+``[analysis]``, ``[report]``, ``[cluster]``, ``[correct]`` and ``[check]``; every key is optional except ``job.name``. Unknown keys,
 wrong types and impossible values are rejected with the file, line and key named.
 Relative paths are resolved against the directory of the job file.
 """
@@ -23,6 +23,7 @@ from spray.data.config import DataConfig
 from spray.models.config import ModelConfig
 from spray.report.config import ReportConfig
 from spray.store.folders import JobFolders
+from spray.verdict import CheckConfig
 
 #: What a job name may be: it names the output folder.
 SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"
@@ -73,6 +74,7 @@ class JobSpec:
     report: ReportConfig = field(default_factory=ReportConfig)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     correct: CorrectionConfig = field(default_factory=CorrectionConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)
     path: Path | None = None
 
     def __post_init__(self) -> None:
@@ -109,6 +111,7 @@ SECTIONS: dict[str, type] = {
     "report": ReportConfig,
     "cluster": ClusterSettings,
     "correct": CorrectionConfig,
+    "check": CheckConfig,
 }
 
 
@@ -203,6 +206,26 @@ def _check_paths(spec: JobSpec, source: str, text: str) -> None:
         _check_path(spec, spec.data.path, "data", "path", source, text, folder=spec.data.source == "folder")
     if spec.model.source in ("torchvision", "pickle") or (spec.model.source == "entrypoint" and spec.model.weights):
         _check_path(spec, spec.model.weights, "model", "weights", source, text, folder=False)
+    entry_points = [("data", "entrypoint", spec.data.entrypoint), ("model", "entrypoint", spec.model.entrypoint), ("correct", "stamp", spec.correct.stamp)]
+    for section, key, value in entry_points:
+        _check_entry_point_file(spec, value, section, key, source, text)
+
+
+def _check_entry_point_file(spec: JobSpec, value: str, section: str, key: str, source: str, text: str) -> None:
+    """A ``file.py:function`` entry point names an existing file inside the job's folder
+    (``package.module:function`` is checked when it is imported)."""
+    file_part = value.rsplit(":", 1)[0] if ":" in value else ""
+    if not file_part.endswith(".py"):
+        return
+    folder = spec.base_dir.resolve()
+    resolved = spec.resolve(file_part)
+    if not resolved.is_relative_to(folder):
+        raise JobSpecError(
+            f"{_where(source, text, section, key)}: {section}.{key} {value!r} names {resolved}, outside the job's folder "
+            f"{folder}; put the file in that folder (or below it), or install it as a package and write 'package.module:function'."
+        )
+    if not resolved.is_file():
+        raise JobSpecError(f"{_where(source, text, section, key)}: {section}.{key} {value!r}: file {resolved} not found; give its path relative to the job file.")
 
 
 def _check_path(spec: JobSpec, value: str, section: str, key: str, source: str, text: str, folder: bool) -> None:
@@ -223,6 +246,18 @@ def load_job(path: Path) -> JobSpec:
     except OSError as error:
         raise JobSpecError(f"{path}: cannot read the job spec ({error.strerror}); check the path.") from error
     return parse_job(text, source=str(path), path=path.resolve())
+
+
+def declared_job(path: Path) -> JobSection | None:
+    """The ``[job]`` name, output and dated keys of a job file that may be invalid elsewhere
+    (other keys at their defaults), or None when they cannot be read: where a failed run
+    says that it failed."""
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8")).get("job", {})
+        where = {key: raw[key] for key in ("name", "output", "dated") if key in raw} if isinstance(raw, dict) else None
+        return None if where is None else build(JobSection, where, "job")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, ConfigError, TypeError):
+        return None
 
 
 def demo_job(output: Path | str = "reports", name: str = "demo", **data_overrides: Any) -> JobSpec:

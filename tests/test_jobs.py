@@ -121,3 +121,16 @@ def test_cluster_write_defaults_to_client_and_accepts_workers() -> None:
 def test_bad_cluster_write_names_file_line_and_fix(cluster: str, message: str) -> None:
     with pytest.raises(JobSpecError, match=message):
         parse_job(f'[job]\nname = "a"\n[cluster]\n{cluster}\n', source="jobs/x.toml")
+
+
+def test_a_file_entry_point_outside_the_job_folder_or_missing_is_refused_by_validate(tmp_path: Path) -> None:
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "elsewhere.py").write_text("def build(num_classes):\n    raise SystemExit\n")
+    job = tmp_path / "jobs" / "j.toml"
+    job.write_text('[job]\nname = "a"\n[data]\nsource = "npz"\npath = "d.npz"\n[model]\nsource = "entrypoint"\nentrypoint = "../elsewhere.py:build"\n')
+    (tmp_path / "jobs" / "d.npz").write_bytes(b"")
+    with pytest.raises(JobSpecError, match=r"j\.toml:8: model\.entrypoint '\.\./elsewhere\.py:build' names .*outside the job's folder"):
+        load_job(job)
+    job.write_text(job.read_text().replace("../elsewhere.py", "missing.py"))
+    with pytest.raises(JobSpecError, match=r"j\.toml:8: model\.entrypoint 'missing\.py:build': file .* not found"):
+        load_job(job)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from spray.audit import run_audit
-from spray.cli import EXIT_ERROR, EXIT_FLAGGED, EXIT_OK, main
+from spray.cli import EXIT_ERROR, EXIT_FLAGGED, EXIT_INCOMPLETE, EXIT_OK, main
 from spray.jobs import JobSpecError, load_job
 
 MODEL_PY = '''
@@ -172,7 +172,10 @@ def test_the_latest_report_of_a_dated_job_is_found_and_a_missing_one_named(
 
 def test_check_exit_codes(tmp_path: Path, image_folder: Path) -> None:
     job = _write_job(tmp_path, 'source = "folder"\npath = "images"')
-    # Random images and a random model: nothing to flag unless the threshold is 0.
+    # Random images and a random model: nothing to flag unless the threshold is 0. The folder
+    # holds one corrupt image, so the audit is incomplete until the job accepts skipped images.
+    assert main(["--no-progress", "check", str(job)]) == EXIT_INCOMPLETE
+    job.write_text(job.read_text() + "\n[check]\nallow_skipped_images = true\n")
     assert main(["--no-progress", "check", str(job)]) == EXIT_OK
     job.write_text(job.read_text().replace('[analysis]\n', "[analysis]\nthreshold = 0.0\nmax_clusters = 4\n"))
     code = main(["--no-progress", "check", str(job)])

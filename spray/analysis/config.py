@@ -32,6 +32,20 @@ def concept_space(layer: str) -> str:
     return f"{CONCEPT_PREFIX}{layer}"
 
 
+def expand_spaces(spaces: tuple[str, ...] | list[str], layers: list[str]) -> list[str]:
+    """``spaces`` with ``concept:*`` replaced by one ``concept:<layer>`` per stored layer, in order.
+
+    Names are kept as given otherwise; whether a named layer exists is for the caller to say.
+    """
+    expanded: list[str] = []
+    for space in spaces:
+        if space == ALL_CONCEPTS:
+            expanded.extend(concept_space(layer) for layer in layers)
+        else:
+            expanded.append(space)
+    return expanded
+
+
 def space_layer(space: str) -> str | None:
     """The layer of a ``concept:<layer>`` space (``*`` for every layer); None for the heatmap space."""
     return space[len(CONCEPT_PREFIX) :] if space.startswith(CONCEPT_PREFIX) else None

@@ -41,7 +41,7 @@ from threadpoolctl import threadpool_limits
 
 from spray.analysis.artifacts import score_clusters
 from spray.analysis.cluster import cluster_spectral
-from spray.analysis.config import ALL_CONCEPTS, CONCEPT_PREFIX, HEATMAP_SPACE, SprayConfig, concept_space
+from spray.analysis.config import CONCEPT_PREFIX, HEATMAP_SPACE, SprayConfig, concept_space, expand_spaces
 from spray.analysis.embed import embed_2d
 from spray.analysis.graph import affinity_graph, reduce_dimensions
 from spray.analysis.preprocess import AnalysisInputError, linear_maps, preprocess
@@ -442,11 +442,9 @@ def analyze_spaces(
     dataset_wide = config.dataset_wide if dataset_wide is None else dataset_wide
     concepts = dict(concepts or {})
     resolved: list[tuple[str, Any]] = []
-    for space in spaces:
+    for space in expand_spaces(spaces, list(concepts)):
         if space == HEATMAP_SPACE:
             resolved.append((space, heatmaps))
-        elif space == ALL_CONCEPTS:
-            resolved.extend((concept_space(layer), data) for layer, data in concepts.items())
         elif space.startswith(CONCEPT_PREFIX) and space[len(CONCEPT_PREFIX) :] in concepts:
             resolved.append((space, concepts[space[len(CONCEPT_PREFIX) :]]))
         else:

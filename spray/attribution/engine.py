@@ -10,6 +10,7 @@ kept across interrupted runs.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 from collections import deque
@@ -23,12 +24,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import spray
 from spray.attribution.chunks import check_batch, explain_chunk
 from spray.attribution.lrp import AttributionConfigError, resolve_layers
 from spray.attribution.resolution import stored_shape
 from spray.attribution.select import make_explainer
-from spray.attribution.settings import WRITE_MODES, AttributionSettings
+from spray.attribution.settings import RESULT_INDEPENDENT, WRITE_MODES, AttributionSettings
+from spray.config import to_dict
 from spray.data.base import DataSource, ReopenableSource, SourceRecipe
+from spray.models.fingerprint import model_fingerprint
+from spray.store.attributions import VERSION as FORMAT_VERSION
 from spray.store.attributions import AttributionLayout, AttributionWriter, read_attributions
 from spray.store.common import StoreError, writable_folder
 from spray.store.shards import join_shards, remove_shards, shard_folder, shard_is_done, shard_path
@@ -59,13 +64,21 @@ class ChunkCluster(Protocol):
         ...
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """Hash of a model's architecture and weights (part of the attribution file's fingerprint)."""
-    digest = hashlib.sha256(repr(model).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+def attribution_fingerprint(data_fingerprint: str, model: nn.Module, settings: AttributionSettings, metadata: dict[str, Any]) -> str:
+    """Hash of everything an attribution file's content depends on: the data (every sample,
+    ``data_fingerprint``), the model (weights and code, :func:`model_fingerprint`), every
+    setting but those that cannot change the result (``RESULT_INDEPENDENT``), the file's
+    ``metadata``, spray's and zennit's versions and the file format's version."""
+    payload = {
+        "data": data_fingerprint,
+        "model": model_fingerprint(model),
+        "settings": {key: value for key, value in to_dict(settings).items() if key not in RESULT_INDEPENDENT},
+        "metadata": metadata,
+        "spray": spray.__version__,
+        "zennit": importlib.metadata.version("zennit"),
+        "format_version": FORMAT_VERSION,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _check_model(model: nn.Module, source: DataSource, settings: AttributionSettings) -> int:
@@ -128,9 +141,7 @@ def attribute_dataset(
         "precision": settings.precision,
         "heatmap_shape": list(heatmap_shape),
     }
-    fingerprint = hashlib.sha256(
-        json.dumps({"data": data_fingerprint, "model": model_fingerprint(model), **metadata, "batch": settings.batch_size}, sort_keys=True).encode()
-    ).hexdigest()[:16]
+    fingerprint = attribution_fingerprint(data_fingerprint, model, settings, metadata)
     if _finished_with(Path(out_path), fingerprint):
         log.info("%s is up to date; attribution skipped", out_path)
         remove_shards(shard_folder(Path(out_path)))

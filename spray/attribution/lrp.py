@@ -24,7 +24,7 @@ import copy
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
@@ -281,6 +281,50 @@ def check_mask_channels(layer: str, masks: torch.Tensor, output_shape: Sequence[
 _Self = TypeVar("_Self", bound="LRPExplainer")
 
 
+class _TracingGate:
+    """Keeps torch.fx tracing and model runs of other threads apart.
+
+    While torch.fx traces a model it patches ``torch.nn.Module.__call__`` for the whole
+    process, so a model run in another thread during a trace goes through the tracer and
+    fails (seen with Dask worker threads: one compiles the fast engine while a neighbour
+    explains a chunk). A trace takes the gate alone (:meth:`tracing`); explaining shares it
+    (:meth:`running`), so runs never wait for each other, only for a trace.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._running = 0
+        self._tracing = False
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        with self._condition:
+            self._condition.wait_for(lambda: not self._tracing)
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._running -= 1
+                self._condition.notify_all()
+
+    @contextmanager
+    def tracing(self) -> Iterator[None]:
+        with self._condition:
+            self._condition.wait_for(lambda: not self._tracing and self._running == 0)
+            self._tracing = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._tracing = False
+                self._condition.notify_all()
+
+
+#: The process's gate between torch.fx traces and explaining (see :class:`_TracingGate`).
+TRACING_GATE = _TracingGate()
+
+
 class LRPExplainer(ABC):
     """The interface of both LRP engines: explain a batch, or its CRP conditional heatmaps, on a device.
 
@@ -323,10 +367,14 @@ class LRPExplainer(ABC):
         return None
 
     def _arithmetic(self) -> AbstractContextManager:
-        """The autocast or IEEE-float32 context the model runs in."""
+        """The autocast or IEEE-float32 context the model runs in, inside the tracing gate."""
+        stack = ExitStack()
+        stack.enter_context(TRACING_GATE.running())
         if self.autocast is not None:
-            return torch.autocast(self.device.type, dtype=self.autocast)
-        return ieee_float32() if self.device.type == "cuda" else nullcontext()
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast))
+        elif self.device.type == "cuda":
+            stack.enter_context(ieee_float32())
+        return stack
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """The model's predicted classes (CPU, int64) for a batch."""

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from spray.attribution.fast import FastExplainer, UnsupportedModel
-from spray.attribution.lrp import AttributionConfigError, Explainer, LRPExplainer, make_composite, on_device
+from spray.attribution.lrp import TRACING_GATE, AttributionConfigError, Explainer, LRPExplainer, make_composite, on_device
 from spray.attribution.settings import DEVICES, PRECISIONS, AttributionSettings
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,11 @@ def make_explainer(
     placed = on_device(model, device)
     if settings.engine != "zennit":
         try:
-            return FastExplainer(
-                placed, settings.composite, settings.canonizers, settings.layers, low=low, high=high,
-                memory_format=memory_format, forward=forward, device=device, autocast=autocast,
-            )
+            with TRACING_GATE.tracing():  # compiling traces the model with torch.fx
+                return FastExplainer(
+                    placed, settings.composite, settings.canonizers, settings.layers, low=low, high=high,
+                    memory_format=memory_format, forward=forward, device=device, autocast=autocast,
+                )
         except UnsupportedModel as error:
             if settings.engine == "fast":
                 raise AttributionConfigError(f"the fast LRP engine cannot explain this model: {error}") from error

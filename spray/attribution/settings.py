@@ -45,6 +45,9 @@ CLUSTER_KINDS: tuple[str, ...] = ("none", "local", "address")
 WRITE_MODES: tuple[str, ...] = ("client", "workers")
 
 _SIZES = (Length((0, 1, 2)), Each(Range(1)))
+#: Settings that cannot change an attribution file's content, so its fingerprint leaves them
+#: out (``spray.attribution.engine.attribution_fingerprint``): every other one is in it.
+RESULT_INDEPENDENT: tuple[str, ...] = ("loader_threads",)
 
 
 @dataclass(frozen=True)
@@ -110,12 +113,24 @@ class AttributionSettings:
     def model_input(self, images: np.ndarray) -> torch.Tensor:
         """Display images in [0, 1] -> the model's input (normalised with ``mean``/``std`` if given).
 
-        Heatmaps are taken at this tensor, so they stay aligned with the display images.
+        Heatmaps are taken at this tensor, so they stay aligned with the display images. A
+        ``mean`` of one value applies to every channel; one of another length than the images'
+        channels is an ``AttributionConfigError`` naming ``[data] mean``/``std`` (broadcasting
+        would silently turn one channel into three).
         """
         import numpy as np
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        if self.mean and (x.ndim != 4 or len(self.mean) not in (1, x.shape[1])):
+            from spray.attribution.lrp import AttributionConfigError
+
+            channels = x.shape[1] if x.ndim == 4 else 0
+            raise AttributionConfigError(
+                f"[data] mean = {list(self.mean)} and std = {list(self.std)} hold {len(self.mean)} values, but the images "
+                f"have {channels} channel(s) (shape {tuple(x.shape[1:])}); give {channels} value(s), one per channel, "
+                f"or one for all (e.g. mean = [{self.mean[0]}] and std = [{self.std[0]}])."
+            )
         if self.mean:
             mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
             std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)

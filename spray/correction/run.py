@@ -279,6 +279,8 @@ def flag_entry(summary: dict[str, Any] | Path, flag: int = 0) -> dict[str, Any]:
             summary = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as error:
             raise CorrectionError(f"{path} not found: run the audit first (spray audit <job>).") from error
+    if summary.get("verdict") == "error":
+        raise CorrectionError(f"the latest audit failed ({summary.get('error', 'no message')}); run 'spray audit' on the job again first.")
     flags = summary.get("flags") or []
     if not flags:
         raise CorrectionError("the audit flagged no cluster: there is no artifact to correct.")

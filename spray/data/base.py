@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,10 @@ class DataSource(Protocol):
 
 class DataSourceError(ValueError):
     """A dataset that cannot be read; the message names the file and the fix."""
+
+
+class ImageTooLargeError(DataSourceError):
+    """An image (declared by a file's header or an array's shape) above ``[data] max_image_pixels``."""
 
 
 class SourceReopenError(ValueError):
@@ -88,8 +93,9 @@ class SourceRecipe:
 
 
 def file_recipe(source: Any) -> SourceRecipe:
-    """The recipe of a source built as ``type(source)(path, class_names)`` from one file."""
-    return SourceRecipe(type(source), (Path(source.path).resolve(), tuple(source.class_names)), source_identity(source))
+    """The recipe of a source built as ``type(source)(path, class_names, max_pixels)`` from one file."""
+    args = (Path(source.path).resolve(), tuple(source.class_names), source.max_pixels)
+    return SourceRecipe(type(source), args, source_identity(source))
 
 
 @runtime_checkable
@@ -111,26 +117,121 @@ def checked_class_names(labels: np.ndarray, class_names: Sequence[str] | None, p
     return names
 
 
+#: How far float images may stray outside [0, 1] (resampling overshoot) before they are refused.
+DISPLAY_TOLERANCE = 0.01
+#: Values examined at a time by the range check (bounds its temporary copies).
+_RANGE_BLOCK_VALUES = 1 << 24
+
+
+def channels_last(sample_shape: tuple[int, ...]) -> bool:
+    """Whether one image of this shape (without the sample axis) is H×W×C rather than C×H×W.
+
+    The rule of :func:`to_display`: channels first unless the first axis cannot be channels
+    (not 1 or 3) and the last one can.
+    """
+    return len(sample_shape) == 3 and sample_shape[0] not in (1, 3) and sample_shape[-1] in (1, 3)
+
+
+def image_pixels(shape: tuple[int, ...]) -> int:
+    """Pixels (height × width) of one image of an N×C×H×W, N×H×W×C or N×H×W array of ``shape``."""
+    sample = tuple(int(n) for n in shape[1:])
+    if len(sample) == 3:
+        sample = sample[:2] if channels_last(sample) else sample[1:]
+    return math.prod(sample)
+
+
+def check_image_pixels(shape: tuple[int, ...], path: Path, max_pixels: int) -> None:
+    """Refuse an array of ``shape`` (N first) whose images exceed ``max_pixels`` before any of it is read."""
+    pixels = image_pixels(shape)
+    if pixels > max_pixels:
+        gib = pixels * 3 * 4 / 2**30
+        raise ImageTooLargeError(
+            f"{path}: images of shape {tuple(shape)} hold {pixels:,} pixels each (about {gib:.1f} GiB as float32 RGB), "
+            f"above [data] max_image_pixels = {max_pixels:,}; raise max_image_pixels in the job spec if the images "
+            "really are this large, or store them smaller."
+        )
+
+
+def check_display_range(images: np.ndarray, path: Path) -> None:
+    """Refuse float (or integer, not uint8) images outside [0, 1] (± ``DISPLAY_TOLERANCE``).
+
+    Images in 0..255, or already normalised with a mean and std, would otherwise be explained
+    as they are and give heatmaps of a model fed the wrong input. Non-finite values are left to
+    the attribution pass, which names the sample (``spray.attribution.chunks.check_batch``).
+    """
+    low, high = math.inf, -math.inf
+    rows = max(1, _RANGE_BLOCK_VALUES // max(1, math.prod(images.shape[1:])))
+    for start in range(0, len(images), rows):
+        block = np.asarray(images[start : start + rows])
+        finite = block[np.isfinite(block)]
+        if finite.size:
+            low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+    if low >= -DISPLAY_TOLERANCE and high <= 1 + DISPLAY_TOLERANCE:
+        return
+    if low >= -DISPLAY_TOLERANCE:
+        fix = "they look like 0-255 pixel values: divide them by 255 (or store them as uint8)"
+    else:
+        fix = "they look normalised already: give the images in [0, 1] and the normalisation as [data] mean and std"
+    raise DataSourceError(
+        f"{path}: {images.dtype} images hold values from {low:.4g} to {high:.4g}, but images must lie in [0, 1] "
+        f"(uint8 images are divided by 255 by spray); {fix}."
+    )
+
+
 def to_display(images: np.ndarray, path: Path) -> np.ndarray:
-    """N×C×H×W (or N×H×W×C, or N×H×W) of uint8 or float -> float32 N×C×H×W in [0, 1]."""
+    """N×C×H×W (or N×H×W×C, or N×H×W) of uint8 or float -> float32 N×C×H×W in [0, 1].
+
+    uint8 images are divided by 255; others must already lie in [0, 1] (:func:`check_display_range`)
+    and are clipped to it, so a resampling overshoot within the tolerance is removed.
+    """
     array = np.asarray(images)
     if array.ndim == 3:
         array = array[:, None]
     if array.ndim != 4:
         raise DataSourceError(f"{path}: images must be N×C×H×W or N×H×W×C, got shape {array.shape}.")
-    if array.shape[1] not in (1, 3) and array.shape[-1] in (1, 3):
+    if channels_last(array.shape[1:]):
         array = array.transpose(0, 3, 1, 2)
     if array.dtype == np.uint8:
         return array.astype(np.float32) / 255.0
-    return array.astype(np.float32)
+    check_display_range(array, path)
+    display = array.astype(np.float32)
+    np.clip(display, 0.0, 1.0, out=display, where=np.isfinite(display))
+    return display
 
 
-def file_hash(path: Path) -> str:
-    """SHA-256 of a file's bytes (read in 1 MiB blocks), shortened."""
-    digest = hashlib.sha256()
+def hash_file_into(digest: Any, path: Path) -> None:
+    """Feed a file's bytes (read in 1 MiB blocks) into a hashlib ``digest``."""
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+
+
+def file_hash(path: Path) -> str:
+    """SHA-256 of a file's bytes, shortened."""
+    digest = hashlib.sha256()
+    hash_file_into(digest, path)
+    return digest.hexdigest()[:16]
+
+
+#: Bytes of display images hashed at a time by :func:`content_fingerprint`.
+_FINGERPRINT_BLOCK_BYTES = 64 << 20
+
+
+def content_fingerprint(source: DataSource) -> str:
+    """Hash of every sample a source gives: all display pixels (as ``read`` gives them, so after
+    any conversion), the labels, sample ids and class names.
+
+    The data's part of the attribution stage's fingerprint: changing one pixel of one sample
+    (the last one included) changes it. Reads the whole dataset once, in blocks of about
+    64 MiB; cheap next to explaining it.
+    """
+    digest = hashlib.sha256(source_identity(source).encode())
+    first = source.read(np.array([0]))
+    rows = max(1, _FINGERPRINT_BLOCK_BYTES // max(1, first.nbytes))
+    for start in range(0, len(source), rows):
+        block = np.ascontiguousarray(source.read(np.arange(start, min(start + rows, len(source)))), dtype=np.float32)
+        digest.update(repr(block.shape).encode())
+        digest.update(memoryview(block).cast("B"))
     return digest.hexdigest()[:16]
 
 

@@ -17,6 +17,12 @@ DATA_SOURCES: tuple[str, ...] = ("demo", "folder", "h5", "npz", "entrypoint")
 DEMO_CLASS_NAMES: tuple[str, ...] = ("disc", "square", "triangle", "cross")
 #: ``resize``/``crop``: [], [side] or [height, width] of positive sizes.
 IMAGE_SIZE_CONSTRAINTS = (Length((0, 1, 2)), Each(Range(1)))
+#: The sources whose images are decoded, and so can be resized and cropped on the way.
+RESIZING_SOURCES: tuple[str, ...] = ("folder",)
+#: ``max_image_pixels``'s default: 50 million pixels (height × width) per image, about a
+#: 7000×7000 photograph, 600 MB as float32 RGB. Above it an image is refused before it is
+#: decoded or read, so a 300-byte PNG declaring 12000×12000 cannot take 4.8 GB.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 
 
 def n_per_class_setting() -> Any:
@@ -52,6 +58,9 @@ class DataConfig:
     mean: tuple[float, ...] = setting((), Each(Range()), doc="per-channel mean of the model's input normalisation")
     std: tuple[float, ...] = setting((), Each(Range(0.0, low_open=True)), doc="per-channel std of the model's input normalisation")
     strict: bool = setting(False, doc="folder: stop at an unreadable image instead of skipping it")
+    max_image_pixels: int = setting(
+        DEFAULT_MAX_IMAGE_PIXELS, Range(1), doc="largest image (height × width) decoded or read; a larger one is an error"
+    )
     n_per_class: int = n_per_class_setting()
     artifact_class: int = artifact_class_setting()
     artifact_fraction: float = artifact_fraction_setting()
@@ -60,5 +69,12 @@ class DataConfig:
         validate(self)
         if len(self.mean) != len(self.std):
             raise ConfigError("std", "needs as many values as mean (one per channel)")
+        for key in ("resize", "crop"):
+            if getattr(self, key) and self.source not in RESIZING_SOURCES:
+                raise ConfigError(
+                    key,
+                    f"applies to source = 'folder' only, but source = {self.source!r} gives its images at their stored size "
+                    "and would ignore it; remove the key (resize the images where the file or dataset is made)",
+                )
         if self.source == "entrypoint" and not self.entrypoint:
             raise ConfigError("entrypoint", "must be set when source = 'entrypoint' ('package.module:function' or 'file.py:function')")

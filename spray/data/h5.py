@@ -14,7 +14,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from spray.data.base import DataSourceError, SourceRecipe, checked_class_names, file_hash, file_recipe, to_display
+from spray.data.base import (
+    DataSourceError,
+    SourceRecipe,
+    check_image_pixels,
+    checked_class_names,
+    content_fingerprint,
+    file_recipe,
+    to_display,
+)
+from spray.data.config import DEFAULT_MAX_IMAGE_PIXELS
 from spray.store.common import StoreError, atomic_h5
 
 
@@ -28,10 +37,15 @@ def write_input_h5(path: Path, images: np.ndarray, labels: np.ndarray, sample_id
 
 
 class H5Source:
-    """A dataset stored in the ViRelAy input layout (float32 display images); read lazily per batch."""
+    """A dataset stored in the ViRelAy input layout (float32 display images); read lazily per batch.
 
-    def __init__(self, path: Path, class_names: Sequence[str] | None = None) -> None:
+    ``max_pixels`` (``[data] max_image_pixels``) bounds the images that ``data``'s declared
+    shape may hold: a larger one is refused when the file is opened, before any batch is read.
+    """
+
+    def __init__(self, path: Path, class_names: Sequence[str] | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.path = Path(path)
+        self.max_pixels = max_pixels
         try:
             self._file = h5py.File(self.path, "r")
         except OSError as error:
@@ -40,6 +54,11 @@ class H5Source:
             if key not in self._file:
                 raise StoreError(f"{self.path}: dataset '{key}' missing; the input layout needs 'data' (N×C×H×W) and 'label' (N).")
         self._data = self._file["data"]
+        try:
+            check_image_pixels(self._data.shape, self.path, max_pixels)
+        except DataSourceError:
+            self._file.close()
+            raise
         self.labels = np.asarray(self._file["label"][...], dtype=np.int64)
         if len(self.labels) != self._data.shape[0]:
             raise StoreError(f"{self.path}: 'data' has {self._data.shape[0]} rows but 'label' has {len(self.labels)}.")
@@ -60,8 +79,16 @@ class H5Source:
         return np.asarray(self._data[np.asarray(rows)], dtype=np.float32)
 
     def recipe(self) -> SourceRecipe:
-        """Reopen this file (by its absolute path) with the same class names."""
+        """Reopen this file (by its absolute path) with the same class names and pixel limit."""
         return file_recipe(self)
+
+    def fingerprint(self) -> str:
+        """Hash of every sample's pixels and label (:func:`spray.data.base.content_fingerprint`).
+
+        The pixels as read, not the file's bytes: an HDF5 dataset may be stored in another
+        file (external storage, virtual datasets) whose changes would not show in this one's.
+        """
+        return content_fingerprint(self)
 
     def close(self) -> None:
         self._file.close()
@@ -73,13 +100,10 @@ class DisplayH5Source(H5Source):
     def read(self, rows: np.ndarray) -> np.ndarray:
         return to_display(self._data[np.asarray(rows)], self.path)
 
-    def fingerprint(self) -> str:
-        return file_hash(self.path)
 
-
-def open_h5_source(path: Path, class_names: list[str] | None) -> DisplayH5Source:
+def open_h5_source(path: Path, class_names: list[str] | None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> DisplayH5Source:
     """A user's HDF5 file as a source; a file that cannot be read is a ``DataSourceError``."""
     try:
-        return DisplayH5Source(path, class_names)
+        return DisplayH5Source(path, class_names, max_pixels)
     except StoreError as error:
         raise DataSourceError(str(error)) from error

@@ -1,5 +1,9 @@
 """Open the dataset a job's ``[data]`` section names, with a content fingerprint for stage reuse.
 
+The fingerprint covers every sample (``fingerprint()`` of each format: every pixel and
+label as read, or for image folders every file's bytes and the decoding settings), so an
+attribution file is reused only for the very samples it explains.
+
 The demo is generated and written once to ``stages/input.h5`` (reused while its
 parameters are unchanged); every other source is read where it lies. The demo's data
 also describe the artifact planted in them (:class:`PlantedArtifact`), which the audit's
@@ -19,7 +23,7 @@ from spray.data.arrays import ArrayFileSource
 from spray.data.base import DataSource
 from spray.data.config import DataConfig
 from spray.data.demo import DemoConfig, DemoSplit, make_demo, stamp_tag, tag_region
-from spray.data.entrypoint import DatasetSource, load_entry_point
+from spray.data.entrypoint import DatasetSource, call_user_code, load_entry_point
 from spray.data.folder import FolderSource, ImagePreprocessing
 from spray.data.h5 import H5Source, open_h5_source, write_input_h5
 from spray.store.folders import INPUT_FILE
@@ -86,9 +90,10 @@ def _demo_data(config: DataConfig, seed: int, stages: Path) -> AuditData:
         test=test,
         description="the demo's copyright-like tag stamped in the bottom-right corner",
     )
+    source = H5Source(path, max_pixels=config.max_image_pixels)
     return AuditData(
-        source=H5Source(path),
-        fingerprint=key,
+        source=source,
+        fingerprint=source.fingerprint(),
         description=f"demo ({len(train.labels)} training images, seed {seed})",
         planted=planted,
     )
@@ -101,15 +106,17 @@ def open_data(config: DataConfig, base_dir: Path, seed: int, stages: Path) -> Au
     if config.source == "demo":
         return _demo_data(config, seed, stages)
     if config.source == "folder":
-        source = FolderSource((base_dir / config.path).resolve(), ImagePreprocessing(config.resize, config.crop), config.strict, names)
+        preprocessing = ImagePreprocessing(config.resize, config.crop)
+        source = FolderSource((base_dir / config.path).resolve(), preprocessing, config.strict, names, config.max_image_pixels)
         return AuditData(source, source.fingerprint(), f"image folder {config.path} ({len(source)} images)", skipped=source.skipped)
     if config.source == "h5":
-        source = open_h5_source((base_dir / config.path).resolve(), names)
+        source = open_h5_source((base_dir / config.path).resolve(), names, config.max_image_pixels)
         return AuditData(source, source.fingerprint(), f"HDF5 {config.path} ({len(source)} samples)")
     if config.source == "npz":
-        source = ArrayFileSource((base_dir / config.path).resolve(), names)
+        source = ArrayFileSource((base_dir / config.path).resolve(), names, config.max_image_pixels)
         return AuditData(source, source.fingerprint(), f"npz {config.path} ({len(source)} samples)")
-    dataset = load_entry_point(config.entrypoint, base_dir)()
-    class_names = names or list(getattr(dataset, "classes", [])) or None
-    source = DatasetSource(dataset, class_names or [], config.entrypoint)
-    return AuditData(source, source.fingerprint(), f"entry point {config.entrypoint} ({len(source)} samples)")
+    spec = config.entrypoint
+    dataset = call_user_code(spec, "while building the dataset", load_entry_point(spec, base_dir))
+    class_names = names or call_user_code(spec, "while listing its classes", lambda: list(getattr(dataset, "classes", []))) or None
+    source = DatasetSource(dataset, class_names or [], spec)
+    return AuditData(source, source.fingerprint(), f"entry point {spec} ({len(source)} samples)")

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from spray.verdict import CheckConfig
 from spray.analysis.result import ClassAnalysis
 
 
@@ -118,6 +119,11 @@ class ReportContext:
         concept_atlas: optional CRP concept atlas per cluster (see
             ``spray.report.atlas.build_concept_atlas``, which needs the model and data);
             the report renders without it.
+        expected_spaces: the spaces every class should have been analysed in (the job's
+            spaces with ``concept:*`` expanded); None: those of ``analyses``.
+        dataset_wide: whether a dataset-wide analysis was asked for.
+        skipped_images: unreadable images left out of the audit.
+        check: what the gate accepts as not checked (``[check]``, ``spray.verdict``).
     """
 
     job_name: str
@@ -134,3 +140,7 @@ class ReportContext:
     artifact_check: ArtifactCheck | None = None
     ground_truth_rows: np.ndarray | None = None
     concept_atlas: list[ClusterAtlas] | None = None
+    expected_spaces: list[str] | None = None
+    dataset_wide: bool = False
+    skipped_images: int = 0
+    check: CheckConfig = field(default_factory=CheckConfig)

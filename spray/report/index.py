@@ -26,6 +26,7 @@ from urllib.parse import quote
 from spray.report.render import REPORT_FILE, environment
 from spray.store.common import write_text_atomic
 from spray.store.folders import STAGES, SUMMARY_FILE, VIRELAY
+from spray.verdict import ERROR
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class AuditEntry:
     n_flags: int | None
     top_flag: str
     error: str = ""
+    verdict: str = ""
 
 
 @dataclass
@@ -123,6 +125,7 @@ def read_entry(root: Path, summary_path: Path) -> AuditEntry:
         metadata = summary.get("metadata") or {}
         flags = summary.get("flags")
         flags = flags if isinstance(flags, list) else None
+        failed = summary.get("verdict") == ERROR
         return AuditEntry(
             **base,
             created=str(summary.get("created", "")),
@@ -132,6 +135,8 @@ def read_entry(root: Path, summary_path: Path) -> AuditEntry:
             n_samples=_int(summary.get("n_samples")),
             n_flags=None if flags is None else len(flags),
             top_flag=_top_flag(flags),
+            error=f"run failed: {_text(summary.get('error'))}" if failed else "",
+            verdict=_text(summary.get("verdict")),
         )
     except (OSError, ValueError, TypeError, AttributeError) as error:
         return AuditEntry(

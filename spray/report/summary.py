@@ -8,6 +8,18 @@ timestamps of its own, keys of free-form maps sorted). Non-finite numbers are wr
       "schema_version": 1,              # int; bumped on any incompatible change
       "job": str,                       # audit name
       "created": str,                   # ISO-8601 time the audit ran
+      "verdict": str,                   # "clean", "flagged", "incomplete" or "error"
+                                        #   (spray.verdict; an "error" summary has only
+                                        #   schema_version, job, created, verdict,
+                                        #   complete and error)
+      "complete": bool,                 # every class analysed in every requested space
+                                        #   (up to [check] allow_unanalysed) and no
+                                        #   image skipped (up to allow_skipped_images)
+      "unanalysed": [                   # expected analyses that are missing or failed
+        {"class_index": int, "class_name": str, "space": str, "reason": str,
+         "allowed": bool}, ...          #   allowed: accepted by [check] allow_unanalysed
+      ],
+      "skipped_images": int,            # unreadable images left out
       "threshold": float | null,        # artifact-score threshold used for flags
       "n_samples": int,                 # rows in the attribution file
       "class_names": [str, ...],        # one per class index
@@ -31,7 +43,7 @@ timestamps of its own, keys of free-form maps sorted). Non-finite numbers are wr
           "space": str,                 # "heatmap", "concept:<layer>", ...
           "analysable": bool,
           "reason": str,                # why not analysable; "" otherwise
-          "n_samples": int,             # rows analysed
+          "n_samples": int,             # rows analysed (not analysable: the class's samples)
           "n_clusters": int,            # chosen by the eigengap
           "eigenvalues": [float | null, ...],   # smallest Laplacian eigenvalues, ascending
           "clusters": [                 # highest artifact_score first
@@ -82,7 +94,9 @@ Keys are only ever added within a schema version (``accuracy``, ``concepts`` and
 ``revealed_by`` were),
 so a reader should ignore keys it does not know.
 
-A CI gate can fail a build with ``len(summary["flags"]) > 0``.
+A CI gate fails a build unless ``summary["verdict"] == "clean"`` (``spray check`` exits
+with the matching code: ``spray.verdict``). ``len(summary["flags"]) > 0`` alone is not a
+gate: an audit that could not analyse a class has no flag for it.
 """
 
 from __future__ import annotations
@@ -100,6 +114,7 @@ from spray.analysis.result import ClassAnalysis, ClusterResult
 from spray.report.context import ArtifactCheck, ReportContext
 from spray.report.rows import take_rows, texts_at
 from spray.store.common import write_text_atomic
+from spray.verdict import verdict_entry
 
 SCHEMA_VERSION = 1
 T = TypeVar("T")
@@ -125,10 +140,13 @@ def build_summary(context: ReportContext) -> dict[str, Any]:
     ]
     flags.sort(key=_flag_order)
     flags = fold_findings(flags)
+    spaces = context.expected_spaces if context.expected_spaces is not None else list(dict.fromkeys(a.space for a in analyses))
+    gate = verdict_entry(classes, flags, context.class_names, spaces, context.dataset_wide, context.skipped_images, context.check)
     return {
         "schema_version": SCHEMA_VERSION,
         "job": str(context.job_name),
         "created": str(context.created),
+        **gate,
         "threshold": finite_or_none(context.threshold),
         "n_samples": len(context.sample_ids),
         "class_names": [str(name) for name in context.class_names],
@@ -235,12 +253,18 @@ def _class_entry(
         "space": str(analysis.space),
         "analysable": bool(analysis.analysable),
         "reason": str(analysis.reason or ""),
-        "n_samples": int(rows.size),
+        "n_samples": int(rows.size) if analysis.analysable else _class_size(context, int(analysis.class_index)),
         "n_clusters": int(analysis.n_clusters),
         "accuracy": _accuracy(correct, rows, rows),
         "eigenvalues": [finite_or_none(value) for value in _vector(analysis.eigenvalues)],
         "clusters": clusters,
     }
+
+
+def _class_size(context: ReportContext, class_index: int) -> int:
+    """How many audited samples a class has (all samples for the dataset-wide group)."""
+    labels = np.asarray(context.labels)
+    return int(labels.size if class_index < 0 else np.count_nonzero(labels == class_index))
 
 
 def _vector(values: Any) -> np.ndarray:

@@ -24,7 +24,8 @@ concept relevances; a resumed run rebuilds them from the chunks already done. Fi
 written before they existed lack the group, and readers fall back to a scan.
 
 Attributes: ``format``, ``format_version``, ``chunk_size``, ``fingerprint`` (hash of
-the inputs that determine the result: data, model weights, composite, layers) and
+everything the content depends on: every sample, the model's weights and code, every
+setting, spray's and this format's versions; ``spray.attribution.engine.attribution_fingerprint``) and
 ``metadata`` (JSON: model, composite, canonizers, layers, target rule, class names, the
 stored ``heatmap_shape``).
 

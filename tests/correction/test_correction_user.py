@@ -243,7 +243,6 @@ def test_rr_clarc_fine_tunes_on_the_fitting_rows_only(user_job: Path, monkeypatc
     ("stamp", "message"),
     [
         ("stamp.py:wrong_shape", r"\[correct\] stamp 'stamp.py:wrong_shape' must take and return an \(N, C, H, W\) float array in \[0, 1\].*returned shape \(\d+, 3, 8, 8\)"),
-        ("missing.py:stamp", r"\[correct\] stamp: entry point file .*missing.py not found; give its path relative to the job file"),
         ("stamp.py:absent", r"\[correct\] stamp: entry point 'stamp.py:absent': .* has no function 'absent'"),
     ],
 )
@@ -255,6 +254,17 @@ def test_a_bad_stamp_is_a_clear_error_naming_the_fix(user_job: Path, stamp: str,
     with pytest.raises(CorrectionError, match=message):
         spec = load_job(job)
         correct_job(spec, _flag(job), job_config(spec, layer="4"))
+
+
+def test_a_missing_stamp_file_is_refused_by_the_job_spec(user_job: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from spray.jobs import JobSpecError
+
+    job = _job_with(user_job, "missing.toml", 'method = "p-clarc"\nreaudit = false\nstamp = "missing.py:stamp"')
+    message = r"missing\.toml:\d+: correct\.stamp 'missing\.py:stamp': file .*missing\.py not found; give its path relative to the job file"
+    assert main(["--no-progress", "correct", str(job)]) == EXIT_ERROR
+    assert re.search(message, capsys.readouterr().err)
+    with pytest.raises(JobSpecError, match=message):
+        load_job(job)
 
 
 def test_a_stamp_that_is_not_an_entry_point_is_refused_by_the_job_spec(user_job: Path) -> None:

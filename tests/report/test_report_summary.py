@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import replace
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from spray.analysis.result import ClassAnalysis
@@ -16,7 +17,7 @@ from spray.report.summary import SCHEMA_VERSION, build_summary, jaccard, write_s
 
 TOP_KEYS = {
     "schema_version", "job", "created", "threshold", "n_samples", "class_names", "metadata",
-    "artifact_check", "ground_truth", "classes", "flags",
+    "artifact_check", "ground_truth", "classes", "flags", "verdict", "complete", "unanalysed", "skipped_images",
 }
 CHECK_KEYS = {
     "target_class", "target_class_name", "n_images", "flip_rate", "mean_prob_before",
@@ -206,3 +207,27 @@ def test_jaccard_of_row_sets() -> None:
     assert jaccard([1, 2, 3], [2, 3, 4]) == 0.5
     assert jaccard([], []) == 0.0
     assert jaccard([5, 5, 6], [6, 5]) == 1.0
+
+
+def test_the_verdict_names_every_class_that_was_not_analysed(report_context: ReportContext) -> None:
+    summary = build_summary(report_context)
+    assert summary["verdict"] == "flagged" and summary["complete"] is False
+    assert summary["unanalysed"] == [
+        {"class_index": 2, "class_name": "cat", "space": "heatmap", "reason": "only 3 samples, at least 10 needed", "allowed": False}
+    ]
+    cat = next(entry for entry in summary["classes"] if entry["class_index"] == 2)
+    assert cat["n_samples"] == int(np.count_nonzero(np.asarray(report_context.labels) == 2)) > 0
+
+
+def test_without_flags_an_unanalysed_class_makes_the_verdict_incomplete_unless_accepted(report_context: ReportContext) -> None:
+    from spray.verdict import CheckConfig
+
+    quiet = [dataclasses.replace(a, clusters=[dataclasses.replace(c, flagged=False) for c in a.clusters]) for a in report_context.analyses]
+    context = dataclasses.replace(report_context, analyses=quiet)
+    assert (build_summary(context)["verdict"], build_summary(context)["complete"]) == ("incomplete", False)
+    accepted = dataclasses.replace(context, check=CheckConfig(allow_unanalysed=("cat",)))
+    assert (build_summary(accepted)["verdict"], build_summary(accepted)["complete"]) == ("clean", True)
+    missing_space = dataclasses.replace(accepted, expected_spaces=["heatmap", "concept:layer4"])
+    summary = build_summary(missing_space)
+    assert summary["verdict"] == "incomplete"
+    assert {item["reason"] for item in summary["unanalysed"] if item["space"] == "concept:layer4"} == {"no analysis of this class in this space"}

@@ -1,0 +1,110 @@
+"""The gate's verdict on an audit, and the exit codes of ``spray check``.
+
+A verdict is a promise: ``clean`` means every class of the data was analysed in every
+requested space and nothing was flagged. Anything the audit could not check makes the
+verdict ``incomplete`` (unless the job accepts it in ``[check]``), and a run that failed
+leaves the verdict ``error``, never the previous run's answer.
+
+========== ========= ===================================================================
+verdict    exit code meaning
+========== ========= ===================================================================
+clean      0         every class analysed in every space, no flag
+flagged    1         at least one cluster flagged (whatever else happened)
+error      2         the run failed: bad job spec, unreadable data, a model that does
+                     not fit, user code that raised or exited
+incomplete 3         no flag, but a class or space could not be analysed (too few
+                     samples, NaN heatmaps, constant heatmaps, no samples), or images
+                     were skipped as unreadable
+busy       4         another run holds the job folder (``spray.store.lock``); nothing ran
+========== ========= ===================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from spray.config import setting, validate
+
+EXIT_OK, EXIT_FLAGGED, EXIT_ERROR, EXIT_INCOMPLETE, EXIT_BUSY = 0, 1, 2, 3, 4
+CLEAN, FLAGGED, ERROR, INCOMPLETE = "clean", "flagged", "error", "incomplete"
+EXIT_CODES = {CLEAN: EXIT_OK, FLAGGED: EXIT_FLAGGED, ERROR: EXIT_ERROR, INCOMPLETE: EXIT_INCOMPLETE}
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    """``[check]``: what the gate may accept as not checked.
+
+    ``allow_unanalysed``: class names that may be left unanalysed (datasets with known tiny
+    classes); they are listed in ``summary.json`` but do not make the verdict incomplete.
+    ``allow_skipped_images``: unreadable images that were skipped (``[data] strict =
+    false``) do not make the verdict incomplete.
+    """
+
+    allow_unanalysed: tuple[str, ...] = setting((), doc="class names that may stay unanalysed")
+    allow_skipped_images: bool = setting(False, doc="skipped unreadable images do not make the verdict incomplete")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+def verdict_entry(
+    classes: Sequence[dict[str, Any]],
+    flags: Sequence[dict[str, Any]],
+    class_names: Sequence[str],
+    spaces: Sequence[str],
+    dataset_wide: bool,
+    skipped_images: int = 0,
+    check: CheckConfig = CheckConfig(),
+) -> dict[str, Any]:
+    """``summary.json``'s ``verdict``, ``complete`` and the list of what was not checked.
+
+    ``classes`` are the summary's class entries; every class of ``class_names`` (and the
+    dataset-wide group when ``dataset_wide``) is expected in every space of ``spaces``. An
+    expected analysis that is missing or not analysable is listed under ``unanalysed``
+    (``allowed: true`` when ``check`` accepts it).
+    """
+    found = {(int(entry["class_index"]), str(entry["space"])): entry for entry in classes}
+    groups = [(index, str(name)) for index, name in enumerate(class_names)]
+    if dataset_wide:
+        groups.append((-1, "all classes"))
+    unanalysed = []
+    for space in spaces:
+        for index, name in groups:
+            entry = found.get((index, space))
+            if entry is not None and entry["analysable"]:
+                continue
+            reason = "no analysis of this class in this space" if entry is None else str(entry["reason"])
+            allowed = index >= 0 and name in check.allow_unanalysed
+            unanalysed.append({"class_index": index, "class_name": name, "space": space, "reason": reason, "allowed": allowed})
+    problems = [item for item in unanalysed if not item["allowed"]]
+    skipped_counts = skipped_images > 0 and not check.allow_skipped_images
+    complete = not problems and not skipped_counts
+    if flags:
+        verdict = FLAGGED
+    else:
+        verdict = CLEAN if complete else INCOMPLETE
+    return {
+        "verdict": verdict,
+        "complete": complete,
+        "unanalysed": unanalysed,
+        "skipped_images": int(skipped_images),
+    }
+
+
+def describe_incomplete(summary: dict[str, Any]) -> list[str]:
+    """One line per thing the audit could not check (accepted ones say so)."""
+    lines = [
+        f"class {item['class_name']!r} ({item['space']}) not analysed: {item['reason']}"
+        + (" (accepted by [check] allow_unanalysed)" if item.get("allowed") else "")
+        for item in summary.get("unanalysed", [])
+    ]
+    if summary.get("skipped_images"):
+        lines.append(f"{summary['skipped_images']} unreadable image(s) skipped (listed in the report)")
+    return lines
+
+
+def exit_code(summary: dict[str, Any]) -> int:
+    """The exit code of ``spray check`` for a ``summary.json``."""
+    return EXIT_CODES.get(str(summary.get("verdict")), EXIT_ERROR)
