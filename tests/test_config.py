@@ -146,3 +146,15 @@ def test_constraints_report_what_is_wrong() -> None:
     assert Each(Range(1)).problem((3, 0)) == "item 1: must be at least 1, got 0"
     assert Pattern(r"\d+", "digits").problem("x") == "must be digits; got 'x'"
     assert str(ConfigError("k", "must be 1")) == "k must be 1"
+
+
+def test_a_job_spec_validates_without_loading_torch_or_the_analysis_steps() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from spray.jobs import load_job; load_job(sys.argv[1]); "
+        "heavy = sorted({'torch', 'sklearn', 'h5py', 'umap'} & set(sys.modules)); print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(REPO / "jobs" / "demo.toml")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -336,3 +336,23 @@ def test_a_spec_error_in_a_new_folder_writes_nothing(tmp_path: Path) -> None:
     assert main(["check", str(job)]) == EXIT_ERROR
     assert not (tmp_path / "out").exists()
     assert os.listdir(tmp_path) == ["job.toml"]
+
+
+def test_two_concurrent_runs_give_one_result_and_one_refusal(workspace: Workspace, capsys: pytest.CaptureFixture[str]) -> None:
+    workspace.job.write_text(workspace.job.read_text().replace("batch_size = 16", "batch_size = 1"))  # a slower first run
+    first = subprocess.Popen([sys.executable, "-m", "spray.cli", "--no-progress", "check", str(workspace.job)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lock, deadline = workspace.out / ".spray.lock", time.monotonic() + 120
+    while time.monotonic() < deadline and first.poll() is None:
+        try:
+            if json.loads(lock.read_text() or "{}").get("pid") == first.pid:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    assert first.poll() is None, "the first run ended before the second could start"
+    capsys.readouterr()
+    assert workspace.check() == EXIT_BUSY
+    assert f"pid {first.pid}" in capsys.readouterr().err
+    assert first.wait(timeout=300) == EXIT_OK, first.stderr.read()
+    assert workspace.summary()["verdict"] == "clean"

@@ -63,7 +63,7 @@ noise makes every within-cluster distance large), no higher than for k-means sli
 clean classes (up to 0.46), while their conductance was below 0.01 against 0.02-0.29 for
 the slices. ``docs/analysis.md`` has the numbers.
 
-:data:`DEFAULT_THRESHOLD` is the score at or above which a cluster is flagged.
+:data:`spray.analysis.config.DEFAULT_THRESHOLD` is the score at or above which a cluster is flagged.
 """
 
 from __future__ import annotations
@@ -73,16 +73,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-# Score at or above which a cluster is flagged as a likely Clever Hans strategy; see
-# docs/analysis.md ("Threshold calibration") for the runs behind it. On MNIST with planted
-# artifacts (3 kinds x 3 target classes, LRP epsilon-plus-flat) the artifact clusters found
-# by the eigengap scored 0.82-0.88, while k-means slices of the classes of the same models
-# (k forced to 2, 3, 4) scored at most 0.68; synthetic corner clusters (tests) score above
-# 0.85 and forced splits of synthetic clean classes below 0.6.
-DEFAULT_THRESHOLD = 0.75
+from spray.analysis.config import DEFAULT_MAX_CLUSTER_FRACTION, DEFAULT_MIN_CLUSTER_SIZE
 
-DEFAULT_MAX_CLUSTER_FRACTION = 0.5
-DEFAULT_MIN_CLUSTER_SIZE = 3
 TOP_PIXEL_SHARE = 0.05
 
 # Conductance at and above which a cluster counts as not separated (separation 0).

@@ -31,8 +31,7 @@ import numpy as np
 from sklearn.cluster import DBSCAN, HDBSCAN, AgglomerativeClustering, KMeans, MiniBatchKMeans
 from sklearn.neighbors import NearestNeighbors
 
-CLUSTERERS = ("kmeans", "agglomerative", "dbscan", "hdbscan")
-DEFAULT_MINIBATCH_ABOVE = 100_000
+from spray.analysis.config import CLUSTERERS, DEFAULT_MINIBATCH_ABOVE
 DEFAULT_FIT_SAMPLES = 10_000
 
 

@@ -26,11 +26,10 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 
-EMBEDDINGS = ("umap", "tsne", "spectral")
+from spray.analysis.config import DEFAULT_MAX_SAMPLES, EMBEDDINGS
 
 # Below this many samples UMAP and t-SNE have too few neighbours to be meaningful.
 MIN_SAMPLES_NONLINEAR = 10
-DEFAULT_MAX_SAMPLES = 20_000
 
 
 def _pad_columns(coords: np.ndarray, width: int = 2) -> np.ndarray:

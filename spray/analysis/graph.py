@@ -48,12 +48,9 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 
+from spray.analysis.config import AFFINITIES, DEFAULT_EXACT_BELOW, DEFAULT_PCA_COMPONENTS, KNN_METHODS
 from spray.analysis.preprocess import AnalysisInputError
 
-AFFINITIES = ("gaussian", "connectivity")
-KNN_METHODS = ("auto", "exact", "ivf", "pynndescent")
-DEFAULT_EXACT_BELOW = 20000
-DEFAULT_PCA_COMPONENTS = 64
 DEFAULT_PCA_FIT_SAMPLES = 20000
 
 # Smallest edge weight kept: stops exp() underflow from silently deleting kNN edges (which

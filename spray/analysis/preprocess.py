@@ -37,10 +37,7 @@ from typing import Any
 
 import numpy as np
 
-RELEVANCE_MODES = ("signed", "positive", "absolute")
-SCALINGS = ("sqrt", "linear")
-NORMALISATIONS = ("l2", "max", "sum", "none")
-DEFAULT_POOLED_SIZE = (16, 16)
+from spray.analysis.config import DEFAULT_POOLED_SIZE, NORMALISATIONS, RELEVANCE_MODES, SCALINGS
 
 # Input values read, pooled and converted to float64 at a time (32 MiB): bounds memory for
 # large classes and large heatmaps alike.

@@ -38,9 +38,8 @@ from scipy.sparse.csgraph import connected_components
 from scipy.sparse.linalg import LinearOperator, eigsh
 from threadpoolctl import threadpool_limits
 
-DEFAULT_N_EIGEN = 32
+from spray.analysis.config import DEFAULT_MIN_RATIO, DEFAULT_N_EIGEN
 DEFAULT_DENSE_BELOW = 200
-DEFAULT_MIN_RATIO = 5.0
 DEFAULT_FLOOR = 1e-4
 DEFAULT_TOL = 1e-8
 

@@ -7,13 +7,13 @@ import pytest
 
 from spray.analysis.artifacts import (
     COMPONENTS,
-    DEFAULT_THRESHOLD,
     combine,
     group_distribution,
     score_clusters,
     displacement,
     top_share,
 )
+from spray.analysis.config import DEFAULT_THRESHOLD
 from spray.analysis.cluster import cluster_spectral
 from spray.analysis.graph import affinity_graph
 from spray.analysis.config import SprayConfig
