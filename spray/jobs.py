@@ -214,18 +214,12 @@ def _check_paths(spec: JobSpec, source: str, text: str) -> None:
 def _check_entry_point_file(spec: JobSpec, value: str, section: str, key: str, source: str, text: str) -> None:
     """A ``file.py:function`` entry point names an existing file inside the job's folder
     (``package.module:function`` is checked when it is imported)."""
-    file_part = value.rsplit(":", 1)[0] if ":" in value else ""
-    if not file_part.endswith(".py"):
-        return
-    folder = spec.base_dir.resolve()
-    resolved = spec.resolve(file_part)
-    if not resolved.is_relative_to(folder):
-        raise JobSpecError(
-            f"{_where(source, text, section, key)}: {section}.{key} {value!r} names {resolved}, outside the job's folder "
-            f"{folder}; put the file in that folder (or below it), or install it as a package and write 'package.module:function'."
-        )
-    if not resolved.is_file():
-        raise JobSpecError(f"{_where(source, text, section, key)}: {section}.{key} {value!r}: file {resolved} not found; give its path relative to the job file.")
+    from spray.data.entrypoint import EntryPointError, entry_point_file
+
+    try:
+        entry_point_file(value, spec.base_dir)
+    except EntryPointError as error:
+        raise JobSpecError(f"{_where(source, text, section, key)}: {section}.{key}: {error}") from error
 
 
 def _check_path(spec: JobSpec, value: str, section: str, key: str, source: str, text: str, folder: bool) -> None:

@@ -129,8 +129,8 @@ def test_a_file_entry_point_outside_the_job_folder_or_missing_is_refused_by_vali
     job = tmp_path / "jobs" / "j.toml"
     job.write_text('[job]\nname = "a"\n[data]\nsource = "npz"\npath = "d.npz"\n[model]\nsource = "entrypoint"\nentrypoint = "../elsewhere.py:build"\n')
     (tmp_path / "jobs" / "d.npz").write_bytes(b"")
-    with pytest.raises(JobSpecError, match=r"j\.toml:8: model\.entrypoint '\.\./elsewhere\.py:build' names .*outside the job's folder"):
+    with pytest.raises(JobSpecError, match=r"j\.toml:8: model\.entrypoint: entry point '\.\./elsewhere\.py:build' names .*outside the job's folder"):
         load_job(job)
     job.write_text(job.read_text().replace("../elsewhere.py", "missing.py"))
-    with pytest.raises(JobSpecError, match=r"j\.toml:8: model\.entrypoint 'missing\.py:build': file .* not found"):
+    with pytest.raises(JobSpecError, match=r"j\.toml:8: model\.entrypoint: entry point file .*missing\.py not found"):
         load_job(job)

@@ -130,7 +130,7 @@ def resolve_entry_point(spec: str, base_dir: Path) -> EntryPoint:
         raise EntryPointError(f"entry point {spec!r} must look like 'package.module:function' or 'file.py:function'.")
     module_name, function_name = spec.rsplit(":", 1)
     if module_name.endswith(".py"):
-        module = _import_file(spec, module_name, Path(base_dir))
+        module = _import_file(spec, Path(base_dir))
     elif MODULE_NAME.fullmatch(module_name):
         module = _import_module(spec, module_name, Path(base_dir))
     else:
@@ -149,13 +149,16 @@ def load_entry_point(spec: str, base_dir: Path) -> Callable[..., Any]:
     return resolve_entry_point(spec, base_dir).function
 
 
-def _import_file(spec: str, relative: str, base_dir: Path) -> Any:
-    """Run the entry-point file ``relative`` (inside ``base_dir``) as a module of its own.
+def entry_point_file(spec: str, base_dir: Path) -> Path | None:
+    """The file a ``file.py:function`` entry point names (None for ``package.module:function``).
 
-    The module's name includes a hash of the file's path, so two files of the same name (a
-    data and a model entry point, say) never replace each other in ``sys.modules``.
+    Raises :class:`EntryPointError` when the file lies outside ``base_dir`` (the job's folder)
+    or does not exist. Checks only paths, runs nothing: ``spray validate`` uses it too.
     """
-    folder = base_dir.resolve()
+    relative = spec.rsplit(":", 1)[0] if ":" in spec else ""
+    if not relative.endswith(".py"):
+        return None
+    folder = Path(base_dir).resolve()
     path = (folder / relative).resolve()
     if not path.is_relative_to(folder):
         raise EntryPointError(
@@ -164,6 +167,16 @@ def _import_file(spec: str, relative: str, base_dir: Path) -> Any:
         )
     if not path.is_file():
         raise EntryPointError(f"entry point file {path} not found; give its path relative to the job file.")
+    return path
+
+
+def _import_file(spec: str, base_dir: Path) -> Any:
+    """Run the entry-point file of ``spec`` (inside ``base_dir``) as a module of its own.
+
+    The module's name includes a hash of the file's path, so two files of the same name (a
+    data and a model entry point, say) never replace each other in ``sys.modules``.
+    """
+    path = entry_point_file(spec, base_dir)
     name = f"{FILE_MODULE_PREFIX}{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:

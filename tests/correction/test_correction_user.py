@@ -260,7 +260,7 @@ def test_a_missing_stamp_file_is_refused_by_the_job_spec(user_job: Path, capsys:
     from spray.jobs import JobSpecError
 
     job = _job_with(user_job, "missing.toml", 'method = "p-clarc"\nreaudit = false\nstamp = "missing.py:stamp"')
-    message = r"missing\.toml:\d+: correct\.stamp 'missing\.py:stamp': file .*missing\.py not found; give its path relative to the job file"
+    message = r"missing\.toml:\d+: correct\.stamp: entry point file .*missing\.py not found; give its path relative to the job file"
     assert main(["--no-progress", "correct", str(job)]) == EXIT_ERROR
     assert re.search(message, capsys.readouterr().err)
     with pytest.raises(JobSpecError, match=message):
