@@ -202,8 +202,7 @@ def _record_spec_failure(job_file: Path, error: str) -> None:
 
     job = declared_job(job_file)
     if job is not None:
-        root = (Path(job_file).resolve().parent / job.output).resolve() / job.name
-        record_failure(root, job.name, job.dated, f"the job spec is invalid: {error}")
+        record_failure(job.folder(Path(job_file).resolve().parent), job.name, job.dated, f"the job spec is invalid: {error}")
 
 
 def _describe_unexpected(error: BaseException) -> str:

@@ -51,6 +51,10 @@ class JobSection:
     dated: bool = setting(False, doc="give each run its own runs/<UTC time>/ report folder")
     keep_runs: int = setting(10, Range(1), doc="dated: newest runs kept")
 
+    def folder(self, base_dir: Path) -> Path:
+        """``<output>/<name>``, with ``output`` relative to ``base_dir`` (the job file's folder)."""
+        return (Path(base_dir) / self.output).resolve() / self.name
+
     def __post_init__(self) -> None:
         validate(self)
         if self.name in (".", ".."):
@@ -90,7 +94,7 @@ class JobSpec:
     @property
     def output_dir(self) -> Path:
         """``<output>/<name>``: every file of the job is written below it."""
-        return (self.base_dir / self.job.output).resolve() / self.job.name
+        return self.job.folder(self.base_dir)
 
     @property
     def folders(self) -> JobFolders:
