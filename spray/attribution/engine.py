@@ -81,23 +81,30 @@ def attribution_fingerprint(data_fingerprint: str, model: nn.Module, settings: A
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check_model(model: nn.Module, source: DataSource, settings: AttributionSettings) -> int:
-    """Run one sample through the model and check its output against the class count."""
-    sample = settings.model_input(source.read(np.array([0])))
-    with torch.no_grad():
-        try:
+def _probe_model(model: nn.Module, sample: torch.Tensor, n_classes: int, layers: dict[str, nn.Module]) -> dict[str, int]:
+    """One forward pass of one sample: check the model's output against the class count and
+    count the channels at each concept layer."""
+    channels: dict[str, int] = {}
+    handles = [
+        module.register_forward_hook(lambda _m, _i, out, name=name: channels.__setitem__(name, int(out.shape[1])))
+        for name, module in layers.items()
+    ]
+    try:
+        with torch.no_grad():
             output = model.eval()(sample)
-        except RuntimeError as error:
-            raise AttributionConfigError(
-                f"the model cannot run on the dataset's images of shape {tuple(sample.shape[1:])}: {error}"
-            ) from error
-    n_classes = len(source.class_names)
+    except RuntimeError as error:
+        raise AttributionConfigError(
+            f"the model cannot run on the dataset's images of shape {tuple(sample.shape[1:])}: {error}"
+        ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
     if output.ndim != 2 or output.shape[1] != n_classes:
         raise AttributionConfigError(
             f"the model returns shape {tuple(output.shape[1:])} per sample but the dataset has {n_classes} "
             "classes; give a model with one output per class, or the matching class list."
         )
-    return n_classes
+    return channels
 
 
 def attribute_dataset(
@@ -122,11 +129,10 @@ def attribute_dataset(
     """
     _check_write(write, client, source)
     settings = settings.for_model(model)
-    n_classes = _check_model(model, source, settings)
-    layer_modules = resolve_layers(model, settings.layers)
+    n_classes = len(source.class_names)
     first = source.read(np.array([0]))
     image_shape = tuple(first.shape[1:])
-    concept_channels = _probe_channels(model, settings.model_input(first), layer_modules)
+    concept_channels = _probe_model(model, settings.model_input(first), n_classes, resolve_layers(model, settings.layers))
     heatmap_shape = stored_shape(image_shape[1:], settings.heatmap_size)
     metadata = {
         "model": type(model).__name__,
@@ -285,19 +291,3 @@ def _finished_with(path: Path, fingerprint: str) -> bool:
     except StoreError as error:
         log.warning("%s is not reusable (%s); computing it again", path, error)
         return False
-
-
-def _probe_channels(model: nn.Module, sample: torch.Tensor, layers: dict[str, nn.Module]) -> dict[str, int]:
-    """Number of channels at each concept layer, from one forward pass."""
-    channels: dict[str, int] = {}
-    handles = [
-        module.register_forward_hook(lambda _m, _i, out, name=name: channels.__setitem__(name, int(out.shape[1])))
-        for name, module in layers.items()
-    ]
-    try:
-        with torch.no_grad():
-            model.eval()(sample)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return channels
