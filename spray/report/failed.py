@@ -18,7 +18,8 @@ from spray.report.index import refresh_index
 from spray.report.render import REPORT_FILE, environment
 from spray.report.summary import SCHEMA_VERSION, write_summary
 from spray.store.common import write_text_atomic
-from spray.store.folders import SUMMARY_FILE
+from spray.store.folders import SUMMARY_FILE, JobFolders
+from spray.store.lock import JobBusyError, job_lock
 from spray.verdict import ERROR
 
 PREVIOUS_SUMMARY = "summary.previous.json"
@@ -53,9 +54,6 @@ def record_failure(root: Path, job: str, dated: bool, error: str) -> Path | None
     supersede) or another run holds it. With dated runs a new ``runs/<UTC time>/`` folder
     receives the failure. Returns the failure's ``summary.json``, or None.
     """
-    from spray.store.folders import JobFolders
-    from spray.store.lock import JobBusyError, job_lock
-
     if not root.is_dir():
         return None
     folders = JobFolders(root)
