@@ -11,6 +11,7 @@ newest ``job.keep_runs`` are kept.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -30,6 +31,8 @@ from spray.attribution.distributed import cluster_client
 from spray.attribution.engine import attribute_dataset, model_fingerprint
 from spray.attribution.select import make_explainer
 from spray.attribution.settings import AttributionSettings
+from spray.confirm.predictor import model_predictor
+from spray.confirm.run import confirm_analyses
 from spray.data.base import SourceImages
 from spray.data.open import AuditData, PlantedArtifact, open_data
 from spray.jobs import JobSpec
@@ -93,17 +96,32 @@ def artifact_check(model: torch.nn.Module, planted: PlantedArtifact) -> Artifact
     )
 
 
-def analyse(attributions: Attributions, class_names: list[str], config: SprayConfig, path: Path) -> list[ClassAnalysis]:
-    """The analysis stage: SpRAy per class and space, reusing ``path`` when it was computed
-    from the same attributions and config. Every class of ``class_names`` gets a result, a
-    class without samples one that says it could not be analysed."""
-    return cached(
-        path,
-        fingerprint({"attributions": attributions.fingerprint, "config": config.to_dict(), "classes": "every class"}),
-        compute=lambda: analyze_spaces(
+def analyse(
+    attributions: Attributions, data: AuditData, model: torch.nn.Module, settings: AttributionSettings,
+    spec: JobSpec, path: Path,
+) -> list[ClassAnalysis]:
+    """The analysis stage: SpRAy per class and space, then the causal test of its candidates
+    (``spray.confirm``), reusing ``path`` when it was computed from the same attributions and
+    settings. Every class of the data gets a result, a class without samples one that says it
+    could not be analysed."""
+    config, class_names = spec.analysis, data.source.class_names
+
+    def compute() -> list[ClassAnalysis]:
+        analyses = analyze_spaces(
             attributions.heatmaps, attributions.labels, class_names, config, concepts=attributions.concepts,
             classes=list(range(len(class_names))),
-        ),
+        )
+        predict = model_predictor(model, settings, spec.confirm.batch_size)
+        confirm_analyses(analyses, attributions.heatmaps, attributions.labels, data.source.read, predict, spec.confirm)
+        return analyses
+
+    return cached(
+        path,
+        fingerprint({
+            "attributions": attributions.fingerprint, "config": config.to_dict(),
+            "confirm": dataclasses.asdict(spec.confirm), "classes": "every class",
+        }),
+        compute=compute,
         write=lambda target, analyses: write_analysis(target, analyses, config),
         read=read_analysis,
     )
@@ -289,7 +307,7 @@ def _run_stages(
         check = demo_artifact_check(spec, data, model)
         with read_attributions(attributions_path) as attributions:
             with clock("analysis"):
-                analyses = analyse(attributions, data.source.class_names, spec.analysis, stages / ANALYSIS_FILE)
+                analyses = analyse(attributions, data, model, settings, spec, stages / ANALYSIS_FILE)
             with clock("report"):
                 context = report_context(spec, data, model, settings, attributions, analyses, facts, check)
                 report = render_report(context, report_dir, spec.report)

@@ -244,11 +244,16 @@ def validate(instance: Any) -> None:
 def build(cls: type, values: Mapping[str, Any], section: str) -> Any:
     """A config of ``cls`` from a TOML table: unknown keys and wrong types are a ConfigError.
 
-    Keys that the job fills itself (``job_key=False``) count as unknown here.
+    Keys that the job fills itself (``job_key=False``) count as unknown here. A class may
+    name keys it no longer has, with the reason, in ``RETIRED_KEYS`` (a dict), so that an
+    old job file gets the reason rather than a bare "unknown key".
     """
     hints = dict((item.name, annotation) for item, annotation in declared_fields(cls))
     allowed = job_keys(cls)
+    retired = getattr(cls, "RETIRED_KEYS", {})
     for key, value in values.items():
+        if key in retired:
+            raise ConfigError(key, f"was removed: {retired[key]}")
         if key not in allowed:
             raise ConfigError(key, f"is not a key of [{section}]; valid keys: {', '.join(allowed)}")
         if not type_matches(value, hints[key]):

@@ -1,7 +1,7 @@
 """Job specs: TOML files in ``jobs/`` parsed into validated, typed configuration.
 
 A job spec has the sections ``[job]``, ``[data]``, ``[model]``, ``[attribution]``,
-``[analysis]``, ``[report]``, ``[cluster]``, ``[correct]`` and ``[check]``; every key is optional except ``job.name``. Unknown keys,
+``[analysis]``, ``[confirm]``, ``[report]``, ``[cluster]``, ``[correct]`` and ``[check]``; every key is optional except ``job.name``. Unknown keys,
 wrong types and impossible values are rejected with the file, line and key named.
 Relative paths are resolved against the directory of the job file.
 """
@@ -18,6 +18,7 @@ from typing import Any
 from spray.analysis.config import SprayConfig, space_layer
 from spray.attribution.settings import AttributionSettings, ClusterSettings
 from spray.config import ConfigError, Pattern, Range, build, setting, validate
+from spray.confirm.config import ConfirmConfig
 from spray.correction.config import CorrectionConfig
 from spray.data.config import DataConfig
 from spray.models.config import ModelConfig
@@ -75,6 +76,7 @@ class JobSpec:
     model: ModelConfig = field(default_factory=ModelConfig)
     attribution: AttributionSettings = field(default_factory=AttributionSettings)
     analysis: SprayConfig = field(default_factory=SprayConfig)
+    confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     correct: CorrectionConfig = field(default_factory=CorrectionConfig)
@@ -84,6 +86,7 @@ class JobSpec:
     def __post_init__(self) -> None:
         self.attribution = dataclasses.replace(self.attribution, mean=self.data.mean, std=self.data.std)
         self.analysis = dataclasses.replace(self.analysis, random_state=self.job.seed)
+        self.confirm = dataclasses.replace(self.confirm, random_state=self.job.seed)
         self.correct = dataclasses.replace(self.correct, seed=self.job.seed)
         _check_together(self)
 
@@ -112,6 +115,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "attribution": AttributionSettings,
     "analysis": SprayConfig,
+    "confirm": ConfirmConfig,
     "report": ReportConfig,
     "cluster": ClusterSettings,
     "correct": CorrectionConfig,

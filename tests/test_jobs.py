@@ -33,6 +33,7 @@ def test_defaults_fill_missing_sections() -> None:
         ('[job]\nname = "../../etc"\n', r"x\.toml:2: job\.name must be 1-100 letters, digits.*got '\.\./\.\./etc'"),
         ('[job]\nname = "a"\n[data]\nartifact_fraction = true\n', r"x\.toml:4: data\.artifact_fraction must be a number, got bool"),
         ("[job\nname=1", r"x\.toml: not valid TOML"),
+        ('[job]\nname = "a"\n[analysis]\nmax_cluster_fraction = 0.5\n', r"x\.toml:4: analysis\.max_cluster_fraction was removed: .*causal test"),
     ],
 )
 def test_bad_specs_name_file_line_and_key(text: str, message: str) -> None:

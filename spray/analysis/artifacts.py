@@ -7,8 +7,11 @@ A Clever Hans strategy shows up in SpRAy as a cluster that is
 * **consistent**: its members agree with each other on where that is (one artifact, one
   place), rather than being a bag of leftovers;
 * **separated**: a distinct group of samples, not an arbitrary slice of a continuum of
-  object positions that k-means had to cut somewhere;
-* **a minority**: the artifact is the exception in the class, not the rule.
+  object positions that k-means had to cut somewhere.
+
+Size is *not* a criterion: an artifact may sit on 90 % of a class. Which side of a split
+carries the shortcut is decided by the causal test (:mod:`spray.confirm`), which pastes
+each candidate's evidence into other classes' images; the score only proposes candidates.
 
 Each cluster ``M`` is compared with the rest of its class ``R``. Every member's pooled map
 ``m_i`` is scaled by its total absolute relevance, ``s_i = m_i / sum |m_i|``; ``P_M`` and
@@ -37,25 +40,27 @@ components, each in [0, 1]:
                     top 5 % pixels: 0.5 when the cluster is as concentrated as the rest.
                     Reported for the reader, not part of the score (frames and text banners
                     are artifacts *less* concentrated than the object).
-``size_fraction`` = ``|M| / (|M| + |R|)``, reported, and used only by the gate below. In a
-                    dataset-wide analysis (all classes together) it is the largest share
-                    of any one class held by the cluster, so the minority rule holds per
-                    class there too: a cluster that is simply one class is that class's
-                    main strategy, not an artifact.
+``size_fraction`` = ``|M| / (|M| + |R|)``, reported for the reader. In a dataset-wide
+                    analysis (all classes together) it is the largest share of any one
+                    class held by the cluster, and the gate below uses it there: a cluster
+                    that is (most of) one class is that class's main strategy, not a
+                    strategy inside it.
 
 The score is the geometric mean of the first three, times a gate::
 
     score = gate * (displacement * consistency * separation) ** (1/3)
-    gate  = 1 if min_cluster_size <= |M| and size_fraction <= max_cluster_fraction else 0
+    gate  = 1 if min_cluster_size <= |M| (and, dataset-wide only, size_fraction <= 0.5) else 0
 
 A geometric mean because every property is needed: a cluster that looks elsewhere but is
 only a slice of a continuum (low separation), or a well-separated group that looks at the
 same object (low displacement), is a sub-strategy, not a Clever Hans; one low term pulls
-the score down however high the others are. The gate encodes the minority rule: a cluster
-holding more than ``max_cluster_fraction`` (default 0.5) of the class is the class's main
-strategy and cannot be flagged, and clusters below ``min_cluster_size`` members are
+the score down however high the others are. Clusters below ``min_cluster_size`` members are
 outliers, too small to call a strategy. A class with a single cluster has no rest to
-compare with: its cluster scores 0 (one strategy means no distinct strategy).
+compare with: its cluster scores 0 (one strategy means no distinct strategy). Within one
+class every side of a split may be proposed, the majority included (an artifact on most
+of a class); the causal test then says which side moves predictions. In a dataset-wide
+analysis, a cluster holding more than ``DATASET_WIDE_MAX_SHARE`` of one class is that
+class, not a strategy, and is not proposed.
 
 Why conductance and not a silhouette: on MNIST with planted artifacts (``bench/detection.py``)
 the mean silhouette of artifact clusters in the analysis space was only 0.3-0.5 (pixel
@@ -73,9 +78,12 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from spray.analysis.config import DEFAULT_MAX_CLUSTER_FRACTION, DEFAULT_MIN_CLUSTER_SIZE
+from spray.analysis.config import DEFAULT_MIN_CLUSTER_SIZE
 
 TOP_PIXEL_SHARE = 0.05
+#: In a dataset-wide analysis, a cluster holding more than this share of one class is that
+#: class's main strategy (the clustering found the classes), not a candidate.
+DATASET_WIDE_MAX_SHARE = 0.5
 
 # Conductance at and above which a cluster counts as not separated (separation 0).
 MAX_CONDUCTANCE = 0.05
@@ -239,7 +247,6 @@ def score_clusters(
     maps: np.ndarray,
     vectors: np.ndarray,
     labels: np.ndarray,
-    max_cluster_fraction: float = DEFAULT_MAX_CLUSTER_FRACTION,
     min_cluster_size: int = DEFAULT_MIN_CLUSTER_SIZE,
     random_state: int = 0,
     graph: sp.spmatrix | None = None,
@@ -256,15 +263,13 @@ def score_clusters(
         vectors: (n, d) analysis vectors; used only to build the kNN affinity graph when
             ``graph`` is not given.
         labels: (n,) cluster label per sample.
-        max_cluster_fraction: clusters holding a larger share of the class score 0.
         min_cluster_size: clusters with fewer members score 0.
         random_state: seeds the graph's neighbour search when it is built here.
         graph: the (n, n) affinity graph the clusters were found in.
         groups: (n,) class of each sample when the samples span several classes (a
-            dataset-wide analysis). The minority rule then holds per class:
-            ``size_fraction`` is the largest share of any one class that the cluster
-            holds, so a cluster that *is* a class (its main strategy) is never flagged,
-            while a minority strategy inside one class still can be.
+            dataset-wide analysis). ``size_fraction`` is then the largest share of any
+            one class that the cluster holds, and a cluster holding more than
+            ``DATASET_WIDE_MAX_SHARE`` of a class (it *is* that class) scores 0.
 
     Returns:
         One :class:`ClusterScore` per cluster id, in ascending id order.
@@ -302,7 +307,7 @@ def score_clusters(
         gate = (
             len(ids) > 1
             and size >= min_cluster_size
-            and components["size_fraction"] <= max_cluster_fraction
+            and (groups is None or components["size_fraction"] <= DATASET_WIDE_MAX_SHARE)
         )
         score = combine(components) if gate else 0.0
         scores.append(ClusterScore(int(cluster), score, components))

@@ -221,7 +221,7 @@ def _analyze_class(
     clock.lap("cluster")
     maps = linear_maps(vectors, config.scaling)
     scores = score_clusters(
-        maps, vectors, labels, config.max_cluster_fraction, config.min_cluster_size,
+        maps, vectors, labels, config.min_cluster_size,
         config.random_state, graph=graph, groups=kept_groups,
     )
     sums, counts = _cluster_sums(maps, labels)
@@ -236,7 +236,8 @@ def _analyze_class(
             cluster_id=item.cluster_id,
             member_rows=rows[labels == item.cluster_id],
             artifact_score=item.score,
-            flagged=bool(item.score >= config.threshold),
+            flagged=is_candidate(item.score, int((labels == item.cluster_id).sum()), n_clusters, config),
+            candidate=is_candidate(item.score, int((labels == item.cluster_id).sum()), n_clusters, config),
             score_components=item.components,
             mean_heatmap=(sums[item.cluster_id] / counts[item.cluster_id]).reshape(map_shape).astype(np.float32),
         )
@@ -262,6 +263,12 @@ def _analyze_class(
         class_mean_heatmap=(sums.sum(axis=0) / len(rows)).reshape(map_shape).astype(np.float32),
         analysable=True,
     )
+
+
+def is_candidate(score: float, size: int, n_clusters: int, config: SprayConfig) -> bool:
+    """Whether a cluster is proposed for the causal test: one of several clusters of its
+    class, of at least ``min_cluster_size`` members, scoring at least ``threshold``."""
+    return n_clusters > 1 and size >= config.min_cluster_size and score >= config.threshold
 
 
 class _Clock:

@@ -7,6 +7,7 @@ report stage can be re-run from ``analysis.h5`` alone.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -20,11 +21,20 @@ class ClusterResult:
         member_rows: row indices into the attribution file of the members, ascending.
         artifact_score: the Clever Hans score (higher = more artifact-like), see
             ``spray.analysis.artifacts``.
-        flagged: whether ``artifact_score`` is at or above the audit's threshold.
+        flagged: the verdict: a candidate whose causal test confirmed it, or a candidate
+            that could not be tested (``confirmation["status"] == "untested"``; never
+            taken for clean).
         score_components: the named terms the score is made of, for the report.
         mean_heatmap: the members' mean pooled heatmap, shape (h, w): sign-handled and
             normalised, with the analysis scaling undone (for the default square-root
             scaling and L2 normalisation, each member's map sums to 1 in absolute value).
+        candidate: whether ``artifact_score`` is at or above the audit's threshold, so the
+            cluster was proposed for the causal test (``spray.confirm``).
+        confirmation: the causal test's numbers (JSON-ready; see
+            :class:`spray.confirm.test.Confirmation`), None when no test was asked for.
+        examples: a few before/after images of the test, uint8 (k, H, W, C) display
+            images keyed ``"member"``, ``"evidence"`` (the member with its evidence
+            outlined), ``"removed"``, ``"host"`` and ``"pasted"``; empty when not tested.
     """
 
     cluster_id: int
@@ -33,6 +43,9 @@ class ClusterResult:
     flagged: bool
     score_components: dict[str, float]
     mean_heatmap: np.ndarray
+    candidate: bool = False
+    confirmation: dict[str, Any] | None = None
+    examples: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def size(self) -> int:

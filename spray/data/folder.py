@@ -56,15 +56,18 @@ def _refuse_decompression_bombs() -> None:
 def open_image(path: Path, max_pixels: int) -> PILImage.Image:
     """Open an image file lazily (its header only), refusing one of more than ``max_pixels`` pixels.
 
-    Pillow's own limit (``Image.MAX_IMAGE_PIXELS``) is set from ``max_pixels`` and its warning
-    made an error; the declared size is also checked here, so the limit holds whatever another
-    part of the process did to Pillow's global setting. Raises :class:`ImageTooLargeError`
-    naming the file and ``[data] max_image_pixels``.
+    The declared size (read from the header, before any decoding) is checked here, so the
+    limit holds whatever Pillow's process-wide ``Image.MAX_IMAGE_PIXELS`` is. That global is
+    never lowered (a lowered limit would break every later Pillow user in the process, the
+    report's own PNG checks included); it is raised to ``max_pixels`` when a job allows
+    larger images than Pillow's default, whose warning is made an error. Raises
+    :class:`ImageTooLargeError` naming the file and ``[data] max_image_pixels``.
     """
     from PIL import Image
 
     _refuse_decompression_bombs()
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         image = Image.open(path)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:

@@ -2,7 +2,7 @@
 
 Two kinds of picture:
 
-* charts (eigenvalue spectrum, 2-D embedding) are drawn on a ``matplotlib.figure.Figure``
+* charts (eigenvalue spectrum, 2-D embedding, concept profile) are drawn on a ``matplotlib.figure.Figure``
   with the Agg canvas directly. They never go through ``pyplot``, so no global backend is
   switched, no figure registry grows, and a figure is freed as soon as it is dropped.
   The render is stored as a small palette PNG (Pillow, which matplotlib depends on);
@@ -31,6 +31,8 @@ CHART_DPI = 90
 CHART_COLOURS = 64
 THUMB_SIDE = 64
 HEATMAP_SIDE = 128
+EXAMPLE_SIDE = 96
+PROFILE_CHANNELS = 16
 MAX_SCATTER_POINTS = 20_000
 _PALETTE = matplotlib.colormaps["tab10"].colors + matplotlib.colormaps["Dark2"].colors
 _HEATMAP_COLOURS = matplotlib.colormaps[HEATMAP_CMAP]
@@ -143,6 +145,60 @@ def embedding_png(points: np.ndarray, labels: np.ndarray, flagged: Iterable[int]
     axes.set_yticks([])
     figure.subplots_adjust(left=0.02, right=0.98, top=0.98, bottom=0.02)
     return figure_png(figure)
+
+
+def profile_channels(cluster: np.ndarray, top: int = PROFILE_CHANNELS) -> np.ndarray:
+    """The ``top`` channels with the largest ``|cluster|`` (mean relevance), largest first;
+    ties by channel index, non-finite values last."""
+    values = np.nan_to_num(np.asarray(cluster, dtype=np.float64).reshape(-1), nan=0.0, posinf=0.0, neginf=0.0)
+    order = np.lexsort((np.arange(values.size), -np.abs(values)))
+    return order[: max(int(top), 0)]
+
+
+def concept_profile_png(
+    cluster: np.ndarray,
+    rest: np.ndarray | None,
+    colour: str = "#33415c",
+    top: int = PROFILE_CHANNELS,
+) -> bytes:
+    """Bar chart of a concept-space cluster: mean relevance per channel, cluster beside the
+    rest of its class.
+
+    Shows the ``top`` channels with the largest ``|mean relevance|`` in the cluster
+    (:func:`profile_channels`), largest first, each labelled by its channel index; the
+    rest of the class (when given) as grey bars beside them.
+    """
+    values = np.nan_to_num(np.asarray(cluster, dtype=np.float64).reshape(-1), nan=0.0)
+    channels = profile_channels(values, top)
+    position = np.arange(channels.size, dtype=np.float64)
+    figure = Figure(figsize=(4.4, 2.6))
+    axes = figure.add_subplot()
+    width = 0.42 if rest is not None else 0.8
+    offset = width / 2 if rest is not None else 0.0
+    axes.bar(position - offset, values[channels], width, color=colour, label="cluster")
+    if rest is not None:
+        others = np.nan_to_num(np.asarray(rest, dtype=np.float64).reshape(-1), nan=0.0)
+        axes.bar(position + offset, others[channels], width, color="#9aa5b1", label="rest of class")
+        axes.legend(fontsize=7, frameon=False, loc="best")
+    axes.axhline(0.0, color="#616e7c", linewidth=0.6)
+    axes.set_xticks(position)
+    axes.set_xticklabels([str(int(channel)) for channel in channels], fontsize=6.5, rotation=90 if channels.size > 8 else 0)
+    axes.set_xlabel("channel", fontsize=8)
+    axes.set_ylabel("mean relevance", fontsize=8)
+    axes.tick_params(axis="y", labelsize=7)
+    axes.grid(axis="y", alpha=0.3, linewidth=0.5)
+    figure.subplots_adjust(left=0.16, right=0.98, top=0.96, bottom=0.26)
+    return figure_png(figure)
+
+
+def display_png(pixels: np.ndarray, max_side: int = EXAMPLE_SIDE) -> bytes:
+    """A uint8 (H, W, C) display image (C is 1, 3 or 4; or (H, W) grey) as a small PNG."""
+    array = np.asarray(pixels)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    scale = 255.0 if array.dtype == np.uint8 else 1.0
+    channels = np.transpose(array.astype(np.float64) / scale, (2, 0, 1))
+    return image_png(channels[:3] if channels.shape[0] >= 3 else channels[:1], max_side)
 
 
 def heatmap_rgba(heatmap: np.ndarray) -> np.ndarray:

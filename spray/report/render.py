@@ -93,6 +93,7 @@ def environment() -> jinja2.Environment:
     )
     env.filters["num"] = format_number
     env.filters["pct"] = format_percent
+    env.filters["signed"] = format_signed
     return env
 
 
@@ -110,3 +111,10 @@ def format_percent(value: float | None, digits: int = 1) -> str:
     if value is None or not math.isfinite(float(value)):
         return "n/a"
     return f"{100.0 * float(value):.{digits}f}%"
+
+
+def format_signed(value: float | None, digits: int = 3) -> str:
+    """A change with its sign (``+0.412``, ``-0.050``), ``n/a`` when missing."""
+    if value is None or not math.isfinite(float(value)):
+        return "n/a"
+    return f"{float(value):+.{digits}f}"

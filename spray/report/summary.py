@@ -20,6 +20,8 @@ timestamps of its own, keys of free-form maps sorted). Non-finite numbers are wr
          "allowed": bool}, ...          #   allowed: accepted by [check] allow_unanalysed
       ],
       "skipped_images": int,            # unreadable images left out
+      "untested_flags": int,            # flags whose confirmation status is "untested"
+                                        #   (the causal test could not run: never clean)
       "threshold": float | null,        # artifact-score threshold used for flags
       "n_samples": int,                 # rows in the attribution file
       "class_names": [str, ...],        # one per class index
@@ -51,16 +53,23 @@ timestamps of its own, keys of free-form maps sorted). Non-finite numbers are wr
               "cluster_id": int,
               "size": int,
               "artifact_score": float | null,
-              "flagged": bool,          # artifact_score >= threshold
+              "flagged": bool,          # the verdict: a candidate that the causal test
+                                        #   confirmed or could not test ("untested")
+              "candidate": bool,        # artifact_score >= threshold: proposed for the
+                                        #   causal test (a rejected candidate is not flagged)
+              "confirmation": null | CONFIRMATION,   # the causal test (below); null when
+                                        #   none was asked for
               "score_components": {str: float | null},  # keys sorted
               "member_ids": [str, ...], # sample ids, aligned with member_rows
               "member_rows": [int, ...],    # rows in the attribution file, ascending
               "accuracy": float | null,     # as for the class, over the members
               "precision": float | null,    # only with ground truth: share of members
-                                            #   that carry the planted artifact
+                                            #   that carry the planted artifact; null
+                                            #   when the analysed rows hold none
               "recall": float | null        # only with ground truth: share of the
                                             #   analysed rows carrying the artifact
-                                            #   that fell into this cluster
+                                            #   that fell into this cluster; null when
+                                            #   the analysed rows hold none
             }, ...
           ]
         }, ...
@@ -71,6 +80,7 @@ timestamps of its own, keys of free-form maps sorted). Non-finite numbers are wr
           "size": int, "artifact_score": float | null,
           "member_ids": [str, ...], "member_rows": [int, ...], "accuracy": float | null,
           "precision": float | null, "recall": float | null,  # only with ground truth
+          "candidate": bool, "confirmation": null | CONFIRMATION,   # as in the cluster
           "concepts": [                 # only when the audit built a concept atlas
             {"layer": str, "channel": int, "distinction": float | null,
              "reference_rows": [int, ...]}, ...   # highest stored relevance first
@@ -83,6 +93,30 @@ timestamps of its own, keys of free-form maps sorted). Non-finite numbers are wr
       ]
     }
 
+``CONFIRMATION`` is the causal test of a candidate (``spray.confirm``), passed through as
+the analysis recorded it (non-finite numbers as ``null``)::
+
+    {
+      "status": "confirmed" | "rejected" | "untested",
+      "reason": str,                    # one sentence for people (e.g. why untested)
+      "target_class": int,              # the flagged class
+      "evidence_area": float | null,    # mean share of the image the evidence covers
+      "paste": {                        # the cluster's distinguishing evidence pasted into
+        "n": int, "moved": int,         #   n held-out images of other classes; moved: how
+        "rate": float, "low": float, "high": float,   # many now predict the class;
+        "gain": float                   #   rate = moved / n, Wilson 95% [low, high];
+      },                                #   gain: mean rise of P(class)
+      "control": {...},                 # same keys: the same masks and hosts, pixels
+                                        #   copied from rest-of-class samples that look there
+      "removal": {                      # the evidence removed from members predicted as
+        "n": int, "lost": int,          #   the class; lost: no longer predicted as it
+        "rate": float, "low": float, "high": float,
+        "drop": float                   #   mean fall of P(class)
+      }
+    }
+
+``paste``, ``control`` and ``removal`` may be absent when ``status`` is ``"untested"``.
+
 ``flags`` holds one entry per *finding*. When several analyses flag clusters with (nearly)
 the same members (heatmap and concept spaces, a class and the dataset-wide analysis),
 the members' Jaccard overlap with a higher-scoring flag being at least
@@ -90,8 +124,8 @@ the members' Jaccard overlap with a higher-scoring flag being at least
 its ``revealed_by`` with their overlap. In ``classes`` every flagged cluster keeps
 ``flagged: true``.
 
-Keys are only ever added within a schema version (``accuracy``, ``concepts`` and
-``revealed_by`` were),
+Keys are only ever added within a schema version (``accuracy``, ``concepts``,
+``revealed_by``, ``candidate``, ``confirmation`` and ``untested_flags`` were),
 so a reader should ignore keys it does not know.
 
 A CI gate fails a build unless ``summary["verdict"] == "clean"`` (``spray check`` exits
@@ -147,6 +181,7 @@ def build_summary(context: ReportContext) -> dict[str, Any]:
         "job": str(context.job_name),
         "created": str(context.created),
         **gate,
+        "untested_flags": sum(confirmation_status(flag) == "untested" for flag in flags),
         "threshold": finite_or_none(context.threshold),
         "n_samples": len(context.sample_ids),
         "class_names": [str(name) for name in context.class_names],
@@ -206,12 +241,17 @@ def overlap(
 
     Precision is the share of members that carry the artifact; recall is the share of
     artifact-carrying rows *in the analysed rows* that the cluster holds (a cluster of one
-    class cannot recall rows of another). Either is ``None`` when its denominator is 0.
+    class cannot recall rows of another). Both are ``None`` when the analysed rows hold no
+    artifact-carrying row: without ground truth for the class there is nothing to measure
+    against (a precision of 0 would read as a miss). Precision is also ``None`` for a
+    cluster without members.
     """
     members = np.unique(np.asarray(member_rows, dtype=np.int64))
     hits = np.intersect1d(members, truth, assume_unique=True).size
     analysed = np.unique(np.asarray(analysed_rows, dtype=np.int64))
     relevant = np.intersect1d(analysed, truth, assume_unique=True).size
+    if relevant == 0:
+        return None, None
     precision = hits / members.size if members.size else None
     recall = hits / relevant if relevant else None
     return precision, recall
@@ -236,6 +276,8 @@ def _class_entry(
             "size": int(member_rows.size),
             "artifact_score": finite_or_none(cluster.artifact_score),
             "flagged": bool(cluster.flagged),
+            "candidate": bool(cluster.candidate),
+            "confirmation": _json_value(cluster.confirmation),
             "score_components": {
                 str(name): finite_or_none(cluster.score_components[name])
                 for name in sorted(cluster.score_components, key=str)
@@ -296,7 +338,7 @@ def _flag_entry(
 ) -> dict[str, Any]:
     flag = {key: class_entry[key] for key in ("class_index", "class_name", "space")}
     keys = ("cluster_id", "size", "artifact_score", "member_ids", "member_rows", "accuracy")
-    for key in (*keys, "precision", "recall"):
+    for key in (*keys, "precision", "recall", "candidate", "confirmation"):
         if key in cluster:
             flag[key] = cluster[key]
     items = atlas.get((flag["class_index"], flag["space"], flag["cluster_id"]))
@@ -384,6 +426,16 @@ def _check_entry(check: ArtifactCheck | None, class_names: list[str]) -> dict[st
     }
 
 
+def confirmation_status(entry: dict[str, Any]) -> str | None:
+    """The causal test's status of a cluster or flag entry (``"confirmed"``, ``"rejected"``,
+    ``"untested"``), or None when it has no test."""
+    confirmation = entry.get("confirmation")
+    if not isinstance(confirmation, dict):
+        return None
+    status = confirmation.get("status")
+    return None if status is None else str(status)
+
+
 def class_name(class_names: list[str], index: int) -> str:
     """The name of class ``index``, or the index itself as text when it has none."""
     if 0 <= index < len(class_names):
@@ -402,3 +454,15 @@ def _json_scalar(value: Any) -> Any:
     if isinstance(value, (float, np.floating)):
         return finite_or_none(value)
     return str(value)
+
+
+def _json_value(value: Any) -> Any:
+    """A JSON-ready copy of a nested record (the causal test's numbers): dicts with text
+    keys, lists, and the scalars of :func:`_json_scalar` (NaN and infinity -> null)."""
+    if isinstance(value, dict):
+        return {str(key): _json_value(item) for key, item in value.items()}
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_json_value(item) for item in value]
+    return _json_scalar(value)

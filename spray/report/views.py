@@ -7,7 +7,14 @@ only, never from dataset strings.
 
 Size control: sample grids are capped (``ReportConfig``) and the members shown are chosen
 deterministically (closest to the cluster centre first, see ``spray.report.rows``).
-Each sample's thumbnails are rendered once, however many grids show it.
+Each sample's thumbnails are rendered once, however many grids show it. The causal test's
+example images are drawn for the detailed flags and for at most ``max_flag_sections``
+rejected candidates; the other tests show their numbers only.
+
+Concept spaces: a concept-space cluster's stored mean is a channel profile ``(1, d)``, not
+a picture. It is drawn as a bar chart (cluster beside the rest of its class), and its
+"mean heatmap" is the mean pixel heatmap of the members the page shows, read from the
+attribution heatmaps with the same rows as the sample grids (no extra reads).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from spray.report import plots
 from spray.report.config import ReportConfig
 from spray.report.context import ClusterAtlas, ConceptPicture, ReportContext
 from spray.report.rows import representatives, take_rows, texts_at
-from spray.report.summary import class_name, sorted_analyses, sorted_clusters
+from spray.report.summary import class_name, confirmation_status, sorted_analyses, sorted_clusters
 
 READ_CHUNK = 64
 
@@ -48,7 +55,7 @@ COMPONENT_NOTES: dict[str, str] = {
     "consistency": "members agree with each other on where the relevance is",
     "separation": "a distinct group in the analysis space, not a slice of a continuum",
     "concentration": "relevance more concentrated on few pixels than in the rest of the class",
-    "size_fraction": "share of the class in this cluster (only small minorities can be flagged)",
+    "size_fraction": "share of the class in this cluster (any share can be flagged; the causal test picks the side)",
 }
 #: Components multiplied into the score (geometric mean); the lowest one limits it.
 SCORE_TERMS = SCORED
@@ -64,6 +71,60 @@ class ComponentView:
     bar: float
     limiting: bool = False
     strongest: bool = False
+
+
+@dataclass
+class TestLine:
+    """One row of a causal-test table: ``count`` of ``n`` images changed, with the Wilson
+    95% interval of the rate and the mean change of P(class)."""
+
+    label: str
+    verb: str
+    count: int | None
+    n: int | None
+    rate: float | None
+    low: float | None
+    high: float | None
+    mean_label: str
+    mean: float | None
+
+
+@dataclass
+class ExampleView:
+    """One column of the causal test's example strip: a kind of image, one per example."""
+
+    kind: str
+    caption: str
+    uris: list[str]
+
+
+#: The causal test's example images, in the order shown, with their captions.
+EXAMPLE_KINDS: dict[str, str] = {
+    "member": "member",
+    "evidence": "its evidence (outlined)",
+    "removed": "evidence removed",
+    "host": "host (other class)",
+    "pasted": "evidence pasted in",
+}
+#: The causal test's statuses as the page states them.
+STATUS_WORDS: dict[str, str] = {
+    "confirmed": "confirmed: pasting the evidence moves predictions",
+    "rejected": "rejected: pasting the evidence does not move predictions more than the control",
+    "untested": "untested: the causal test could not be run",
+}
+
+
+@dataclass
+class ConfirmationView:
+    """A candidate cluster's causal test (``ClusterResult.confirmation``) for the page."""
+
+    status: str
+    headline: str
+    detail: str
+    target: str
+    evidence_area: float | None
+    lines: list[TestLine]
+    examples: list[ExampleView] = field(default_factory=list)
 
 
 @dataclass
@@ -83,6 +144,11 @@ class ClusterView:
     accuracy: float | None
     mean_heatmap_uri: str | None
     samples: list[SampleTile] = field(default_factory=list)
+    candidate: bool = False
+    status: str = ""
+    confirmation: ConfirmationView | None = None
+    profile_uri: str | None = None
+    mean_caption: str = "mean heatmap"
 
 
 @dataclass
@@ -137,6 +203,12 @@ class ClassView:
     embedding_uri: str | None
     class_mean_uri: str | None
     clusters: list[ClusterView] = field(default_factory=list)
+    class_mean_caption: str = "class mean heatmap"
+
+    @property
+    def rejected(self) -> list[ClusterView]:
+        """Candidates the causal test rejected (not flagged), highest score first."""
+        return [c for c in self.clusters if c.candidate and c.status == "rejected" and not c.flagged]
 
 
 @dataclass
@@ -167,6 +239,8 @@ class PageView:
     flags: list[FlagView]
     classes: list[ClassView]
     has_atlas: bool = False
+    untested_flags: int = 0
+    n_rejected: int = 0
 
 
 def build_page(
@@ -189,6 +263,7 @@ def build_page(
     for flag in flags:
         if flag.detailed:
             flag.samples = _tiles(*sources[flag.cluster.anchor], limits.samples_per_grid)
+    _attach_examples(classes, flags, sources, limits)
     _fill_tiles(context, classes, flags)
     _attach_atlas(context.concept_atlas, flags)
     return PageView(
@@ -202,6 +277,8 @@ def build_page(
         flags=flags,
         classes=classes,
         has_atlas=any(flag.atlases for flag in flags),
+        untested_flags=int(summary.get("untested_flags", 0)),
+        n_rejected=sum(len(view.rejected) for view in classes),
     )
 
 
@@ -224,6 +301,12 @@ def _class_view(analysis: ClassAnalysis, entry: dict[str, Any], anchor: str) -> 
         _cluster_view(cluster, cluster_entry, anchor, entry["n_samples"])
         for cluster, cluster_entry in zip(ordered, entry["clusters"])
     ]
+    class_profile = _profile(analysis.class_mean_heatmap)
+    for cluster, view in zip(ordered, clusters):
+        profile = _profile(cluster.mean_heatmap)
+        if profile is not None:
+            rest = _rest_profile(class_profile, profile, _array(analysis.rows).size, cluster.size)
+            view.profile_uri = plots.data_uri(plots.concept_profile_png(profile, rest, view.colour))
     eigenvalues = _array(analysis.eigenvalues).reshape(-1)
     embedding = _array(analysis.embedding_2d)
     labels = _array(analysis.labels).reshape(-1).astype(np.int64)
@@ -262,7 +345,7 @@ def _class_view(analysis: ClassAnalysis, entry: dict[str, Any], anchor: str) -> 
             if can_scatter
             else None
         ),
-        class_mean_uri=_heatmap_uri(analysis.class_mean_heatmap),
+        class_mean_uri=None if class_profile is not None else _heatmap_uri(analysis.class_mean_heatmap),
         clusters=clusters,
     )
 
@@ -282,8 +365,95 @@ def _cluster_view(
         precision=entry.get("precision"),
         recall=entry.get("recall"),
         accuracy=entry.get("accuracy"),
-        mean_heatmap_uri=_heatmap_uri(cluster.mean_heatmap),
+        mean_heatmap_uri=None if _profile(cluster.mean_heatmap) is not None else _heatmap_uri(cluster.mean_heatmap),
+        candidate=bool(entry.get("candidate", False)),
+        status=_known_status(confirmation_status(entry)),
+        confirmation=_confirmation_view(entry.get("confirmation")),
     )
+
+
+def _known_status(status: str | None) -> str:
+    """The status when it is one the page knows (it names a CSS class), else ``""``."""
+    return status if status in STATUS_WORDS else ""
+
+
+def _confirmation_view(confirmation: dict[str, Any] | None) -> ConfirmationView | None:
+    """The page model of a causal test (its example images are attached later)."""
+    if not isinstance(confirmation, dict):
+        return None
+    status = str(confirmation.get("status", ""))
+    reason = str(confirmation.get("reason") or "").strip()
+    if status == "confirmed" or status not in STATUS_WORDS:
+        headline = STATUS_WORDS.get(status, f"{status or 'unknown'}: {reason}".rstrip(": "))
+        detail = reason if status == "confirmed" else ""
+    else:
+        headline = f"{status}: {reason}" if reason else STATUS_WORDS[status]
+        detail = ""
+    target = confirmation.get("target_class")
+    lines = [
+        _test_line(confirmation.get("paste"), "pasted into other classes", "moved", "moved", "mean \u0394P", "gain"),
+        _test_line(confirmation.get("control"), "control: same regions from the rest of the class", "moved", "moved", "mean \u0394P", "gain"),
+        _test_line(confirmation.get("removal"), "removed from members", "lost", "lost", "mean drop", "drop"),
+    ]
+    return ConfirmationView(
+        status=status,
+        headline=headline,
+        detail=detail,
+        target="" if target is None else str(target),
+        evidence_area=_number(confirmation.get("evidence_area")),
+        lines=[line for line in lines if line is not None],
+    )
+
+
+def _test_line(
+    part: Any, label: str, verb: str, count_key: str, mean_label: str, mean_key: str
+) -> TestLine | None:
+    """One table row of the causal test, or None when that part was not run."""
+    if not isinstance(part, dict):
+        return None
+    count, n = _number(part.get(count_key)), _number(part.get("n"))
+    return TestLine(
+        label=label,
+        verb=verb,
+        count=None if count is None else int(count),
+        n=None if n is None else int(n),
+        rate=_number(part.get("rate")),
+        low=_number(part.get("low")),
+        high=_number(part.get("high")),
+        mean_label=mean_label,
+        mean=_number(part.get(mean_key)),
+    )
+
+
+def _attach_examples(
+    classes: list[ClassView],
+    flags: list[FlagView],
+    sources: dict[str, tuple[ClassAnalysis, ClusterResult]],
+    limits: ReportConfig,
+) -> None:
+    """Draw the causal test's example images of the detailed flags and of the first
+    ``limits.max_flag_sections`` rejected candidates (page order)."""
+    shown = [flag.cluster for flag in flags if flag.detailed]
+    shown += [cluster for view in classes for cluster in view.rejected][: limits.max_flag_sections]
+    for view in shown:
+        if view.confirmation is not None:
+            view.confirmation.examples = _examples(sources[view.anchor][1].examples)
+
+
+def _examples(examples: dict[str, np.ndarray] | None) -> list[ExampleView]:
+    """The example strip: one column per known kind present, one picture per example."""
+    columns = []
+    for kind, caption in EXAMPLE_KINDS.items():
+        images = None if not examples else examples.get(kind)
+        if images is None:
+            continue
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.ndim != 4 or images.shape[0] == 0 or 0 in images.shape[1:3]:
+            continue
+        columns.append(ExampleView(kind, caption, [plots.data_uri(plots.display_png(image)) for image in images]))
+    return columns
 
 
 def component_views(components: dict[str, float | None]) -> list[ComponentView]:
@@ -375,6 +545,7 @@ def _fill_tiles(context: ReportContext, classes: list[ClassView], flags: list[Fl
     if rows.size == 0:
         return
     need_image = {tile.row for tile in flag_tiles}
+    means = _pixel_means(classes, flags)
     truth = (
         None
         if context.ground_truth_rows is None
@@ -391,6 +562,11 @@ def _fill_tiles(context: ReportContext, classes: list[ClassView], flags: list[Fl
         for row, image, heatmap in zip(chunk.tolist(), images, heatmaps):
             image_uri = plots.data_uri(plots.image_png(image)) if row in need_image else ""
             pictures[row] = (image_uri, plots.data_uri(plots.overlay_png(image, heatmap)))
+            for mean in means:
+                if row in mean.rows:
+                    mean.add(heatmap)
+    for mean in means:
+        mean.finish()
     for tile in tiles + flag_tiles:
         label, prediction = int(labels[tile.row]), int(predictions[tile.row])
         tile.sample_id = ids[tile.row]
@@ -399,6 +575,62 @@ def _fill_tiles(context: ReportContext, classes: list[ClassView], flags: list[Fl
         tile.misclassified = label != prediction
         tile.has_artifact = None if truth is None else tile.row in truth
         tile.image_uri, tile.overlay_uri = pictures[tile.row]
+
+
+class _PixelMean:
+    """The mean pixel heatmap of some shown rows, for a concept-space cluster or class.
+
+    Each heatmap is shrunk to ``plots.HEATMAP_SIDE`` and scaled to sum 1 in ``|R|`` before
+    averaging, so every member counts the same. ``finish`` hands the picture and its
+    caption to ``target`` (a ``ClusterView`` or ``ClassView``).
+    """
+
+    def __init__(self, rows: set[int], target: ClusterView | ClassView, noun: str) -> None:
+        self.rows = rows
+        self.target = target
+        self.noun = noun
+        self.total: np.ndarray | None = None
+        self.count = 0
+
+    def add(self, heatmap: np.ndarray) -> None:
+        values = plots.shrink(np.nan_to_num(np.asarray(heatmap, dtype=np.float64), nan=0.0), plots.HEATMAP_SIDE)
+        if values.ndim != 2 or (self.total is not None and self.total.shape != values.shape):
+            return
+        mass = float(np.abs(values).sum())
+        values = values / mass if mass > 0 else values
+        self.total = values if self.total is None else self.total + values
+        self.count += 1
+
+    def finish(self) -> None:
+        if self.total is None:
+            return
+        uri = plots.data_uri(plots.heatmap_png(self.total / self.count))
+        plural = "" if self.count == 1 else "s"
+        caption = f"mean pixel heatmap of the {self.count} {self.noun}{plural} shown"
+        if isinstance(self.target, ClassView):
+            self.target.class_mean_uri, self.target.class_mean_caption = uri, caption
+        else:
+            self.target.mean_heatmap_uri, self.target.mean_caption = uri, caption
+
+
+def _pixel_means(classes: list[ClassView], flags: list[FlagView]) -> list[_PixelMean]:
+    """Accumulators for the concept-space clusters (profile, no picture) and their classes:
+    the rows of the cluster's class grid and flag grid; for the class, all its clusters'."""
+    flag_rows: dict[str, set[int]] = {}
+    for flag in flags:
+        flag_rows.setdefault(flag.cluster.anchor, set()).update(tile.row for tile in flag.samples)
+    means = []
+    for view in classes:
+        class_rows: set[int] = set()
+        for cluster in view.clusters:
+            if cluster.profile_uri is None:
+                continue
+            rows = {tile.row for tile in cluster.samples} | flag_rows.get(cluster.anchor, set())
+            class_rows |= rows
+            means.append(_PixelMean(rows, cluster, "member"))
+        if class_rows and view.class_mean_uri is None:
+            means.append(_PixelMean(class_rows, view, "sample"))
+    return means
 
 
 def _attach_atlas(atlas: list[ClusterAtlas] | None, flags: list[FlagView]) -> None:
@@ -459,6 +691,34 @@ def _finite(value: float | None) -> float | None:
         return None
     number = float(value)
     return number if np.isfinite(number) else None
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None (missing, non-numeric or non-finite)."""
+    if value is None or isinstance(value, (bool, str)):
+        return None
+    try:
+        return _finite(float(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def _profile(mean: np.ndarray | None) -> np.ndarray | None:
+    """The channel profile when a stored mean is a vector (concept space: shape (1, d) or
+    (d,)), else None (a pooled heatmap, drawn as a picture)."""
+    if mean is None:
+        return None
+    values = np.asarray(mean, dtype=np.float64)
+    if values.size == 0 or not (values.ndim == 1 or (values.ndim == 2 and values.shape[0] == 1)):
+        return None
+    return values.reshape(-1)
+
+
+def _rest_profile(class_profile: np.ndarray | None, profile: np.ndarray, n_class: int, size: int) -> np.ndarray | None:
+    """The mean profile of the class without the cluster, from the class and cluster means."""
+    if class_profile is None or class_profile.shape != profile.shape or n_class <= size:
+        return None
+    return (class_profile * n_class - profile * size) / (n_class - size)
 
 
 def _heatmap_uri(heatmap: np.ndarray | None) -> str | None:

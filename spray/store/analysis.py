@@ -14,9 +14,11 @@ Layout (format ``"spray-analysis"``, version 1)::
         embedding_2d        (n, 2) float32 picture coordinates
         class_mean_heatmap  (h, w) float32 (only if has_class_mean)
         clusters/<j>        j = rank by artifact score (0 = highest)
-            attrs: cluster_id, score, flagged, components (JSON)
+            attrs: cluster_id, score, flagged, candidate, components (JSON),
+                   confirmation (JSON; "null" when no causal test was asked for)
             member_rows     (size,) int64
             mean_heatmap    (h, w)  float32
+            examples/<name> (k, H, W, C) uint8 before/after images of the causal test
 
 ``<class_index>`` is ``-1`` for a dataset-wide analysis. ``<space key>`` is the space name
 (``"heatmap"``, ``"concept:<layer>"``) with ``/`` replaced (HDF5 would read it as a path);
@@ -99,8 +101,13 @@ def _write_class(group: h5py.Group, analysis: ClassAnalysis, position: int) -> N
         item.attrs["components"] = json.dumps(
             {str(k): float(v) for k, v in cluster.score_components.items()}
         )
+        item.attrs["candidate"] = bool(cluster.candidate)
+        item.attrs["confirmation"] = json.dumps(cluster.confirmation, sort_keys=True)
         item.create_dataset("member_rows", data=np.asarray(cluster.member_rows))
         item.create_dataset("mean_heatmap", data=np.asarray(cluster.mean_heatmap))
+        examples = item.create_group("examples")
+        for name, images in cluster.examples.items():
+            examples.create_dataset(name, data=np.asarray(images, dtype=np.uint8))
 
 
 def read_analysis(path: Path) -> list[ClassAnalysis]:
@@ -179,6 +186,9 @@ def _read_cluster(group: h5py.Group) -> ClusterResult:
         flagged=bool(group.attrs["flagged"]),
         score_components={k: float(v) for k, v in json.loads(group.attrs["components"]).items()},
         mean_heatmap=group["mean_heatmap"][()],
+        candidate=bool(group.attrs.get("candidate", group.attrs["flagged"])),
+        confirmation=json.loads(group.attrs.get("confirmation", "null")),
+        examples={name: data[()] for name, data in group["examples"].items()} if "examples" in group else {},
     )
 
 

@@ -29,7 +29,6 @@ CONFIG = SprayConfig(embedding="spectral")
         ({"max_clusters": 40, "n_eigen": 32}, "max_clusters"),
         ({"pooled_size": (16,)}, "pooled_size"),
         ({"pooled_size": (0, 16)}, "pooled_size"),
-        ({"max_cluster_fraction": 1.5}, "max_cluster_fraction"),
         ({"threshold": float("nan")}, "threshold"),
         ({"min_eigen_ratio": 1.0}, "min_eigen_ratio"),
         ({"random_state": -1}, "random_state"),

@@ -6,6 +6,7 @@ escaping tests have something to catch.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +145,57 @@ def rendered(report_context: ReportContext, tmp_path_factory: pytest.TempPathFac
     from spray.report.render import render_report
 
     return render_report(report_context, tmp_path_factory.mktemp("report") / "out")
+
+
+UNTESTED_REASON = "no held-out images of other classes were available"
+REJECTED_REASON = "pasting the evidence moved no more predictions than the control"
+
+
+def confirmation(status: str, reason: str, target: int) -> dict:
+    """A causal-test record in the schema of ``ClusterResult.confirmation``."""
+    record = {"status": status, "reason": reason, "target_class": target, "evidence_area": 0.0625}
+    if status == "untested":
+        return record
+    moved = 17 if status == "confirmed" else 3
+    return {
+        **record,
+        "paste": {"n": 20, "moved": moved, "rate": moved / 20, "low": 0.64 if moved == 17 else 0.052, "high": 0.948 if moved == 17 else 0.36, "gain": 0.412 if moved == 17 else 0.03},
+        "control": {"n": 20, "moved": 2, "rate": 0.1, "low": 0.028, "high": 0.301, "gain": float("nan")},
+        "removal": {"n": 6, "lost": 5, "rate": 5 / 6, "low": 0.436, "high": 0.97, "drop": 0.55},
+    }
+
+
+def examples(k: int, seed: int) -> dict[str, np.ndarray]:
+    """Display images of a causal test: uint8 (k, H, W, C), hosts in grey (C = 1)."""
+    rng = np.random.default_rng(seed)
+    shapes = {"member": 3, "evidence": 3, "removed": 3, "host": 1, "pasted": 1}
+    return {kind: rng.integers(0, 256, size=(k, SIDE, SIDE, c), dtype=np.uint8) for kind, c in shapes.items()}
+
+
+def with_causal_tests(context: ReportContext) -> ReportContext:
+    """``context`` after the causal test: class 0's flag confirmed (3 examples), class 1's
+    flag untested, and class 1's cluster 1 raised to a candidate (score 0.6) that the test
+    rejected (2 examples)."""
+    analyses = []
+    for analysis in context.analyses:
+        clusters = []
+        for cluster in analysis.clusters:
+            key = (analysis.class_index, cluster.cluster_id)
+            if key == (0, 1):
+                cluster = dataclasses.replace(cluster, candidate=True, confirmation=confirmation("confirmed", "", 0), examples=examples(3, 1))
+            elif key == (1, 0):
+                cluster = dataclasses.replace(cluster, candidate=True, confirmation=confirmation("untested", UNTESTED_REASON, 1))
+            elif key == (1, 1):
+                cluster = dataclasses.replace(
+                    cluster, artifact_score=0.6, candidate=True, flagged=False,
+                    confirmation=confirmation("rejected", REJECTED_REASON, 1), examples=examples(2, 2),
+                )
+            clusters.append(cluster)
+        analyses.append(dataclasses.replace(analysis, clusters=clusters))
+    return dataclasses.replace(context, analyses=analyses)
+
+
+@pytest.fixture(scope="session")
+def tested_context(report_context: ReportContext) -> ReportContext:
+    """The synthetic audit with causal tests (see :func:`with_causal_tests`)."""
+    return with_causal_tests(report_context)

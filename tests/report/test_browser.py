@@ -100,8 +100,8 @@ class Visit:
 
 
 @pytest.fixture(scope="module")
-def report(report_context: ReportContext, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    context = dataclasses.replace(report_context, concept_atlas=_atlas(report_context))
+def report(tested_context: ReportContext, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    context = dataclasses.replace(tested_context, concept_atlas=_atlas(tested_context))
     return render_report(context, tmp_path_factory.mktemp("reports") / "audit")
 
 
@@ -134,6 +134,9 @@ def test_flagged_cluster_is_shown_first_with_its_images(visit: Visit, tmp_path: 
     widths = page.eval_on_selector_all("#flag-0 img", "images => images.map(i => i.naturalWidth)")
     assert len(widths) > 10 and all(width > 0 for width in widths)
     assert page.locator("#flag-0 .atlas figure.pic").count() == 8
+    causal = page.locator("#flag-0 .causal")
+    assert "confirmed: pasting the evidence moves predictions" in causal.inner_text()
+    assert page.eval_on_selector_all("#flag-0 .causal img", "images => images.map(i => i.naturalHeight)") == [16] * 15
     first.screenshot(path=str(tmp_path / "flag-0.png"))
     visit.check_clean()
 

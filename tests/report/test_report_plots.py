@@ -50,3 +50,22 @@ def test_data_uri_and_colours() -> None:
     colours = [plots.cluster_colour(cluster) for cluster in range(10)]
     assert len(set(colours)) == 10 and all(colour.startswith("#") for colour in colours)
     assert plots.cluster_colour(3) == plots.cluster_colour(3)
+
+
+def test_concept_profile_shows_the_largest_channels_as_a_chart() -> None:
+    cluster = np.zeros(40)
+    cluster[[3, 17, 30]] = [0.2, -0.9, 0.5]
+    assert plots.profile_channels(cluster, top=4).tolist() == [17, 30, 3, 0]
+    assert plots.profile_channels(np.array([np.nan, 1.0]), top=16).tolist() == [1, 0]
+    chart = _decode(plots.concept_profile_png(cluster, np.full(40, 0.1)))
+    assert chart.shape[0] > 100 and chart.shape[1] > 200
+    assert plots.concept_profile_png(cluster, None) == plots.concept_profile_png(cluster, None)
+
+
+def test_display_images_of_the_causal_test() -> None:
+    rgb = np.zeros((192, 96, 3), dtype=np.uint8)
+    rgb[..., 0] = 255
+    pixels = _decode(plots.display_png(rgb))
+    assert pixels.shape[:2] == (96, 48) and np.allclose(pixels[..., 0], 1.0) and np.allclose(pixels[..., 1], 0.0)
+    grey = _decode(plots.display_png(np.full((16, 16, 1), 128, dtype=np.uint8)))
+    assert grey.shape[:2] == (16, 16) and np.allclose(grey[..., 0], grey[..., 2])

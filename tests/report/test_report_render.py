@@ -194,3 +194,101 @@ def test_a_finding_seen_in_two_spaces_is_one_card_naming_both(report_context: Re
     assert "revealed by" in top
     assert "heatmap, cluster 1: score 0.900" in top
     assert "concept:layer&lt;4&gt;, cluster 1: score 0.800" in top and "concept:layer<4>" not in top
+
+
+def _section(html: str, start: str, end: str) -> str:
+    return html[html.index(start) : html.index(end, html.index(start))]
+
+
+def _png_sizes(html: str, alt: str | None = None) -> list[tuple[int, int]]:
+    """(height, width) of every inline PNG in ``html`` (only ``<img alt="alt">`` when given)."""
+    import io
+
+    from PIL import Image
+
+    pattern = r'<img[^>]*src="data:image/png;base64,([^"]*)"[^>]*alt="([^"]*)"'
+    sizes = []
+    for data, text in re.findall(pattern, html):
+        if alt is None or text == alt:
+            width, height = Image.open(io.BytesIO(base64.b64decode(data))).size
+            sizes.append((height, width))
+    return sizes
+
+
+@pytest.fixture(scope="module")
+def tested_html(tested_context: ReportContext, tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _html(render_report(tested_context, tmp_path_factory.mktemp("tested") / "out"))
+
+
+def test_confirmed_flag_shows_the_causal_test_and_its_examples(tested_html: str) -> None:
+    flag = _section(tested_html, 'id="flag-0"', 'id="flag-1"')
+    assert "Causal test" in flag
+    assert "confirmed: pasting the evidence moves predictions" in flag
+    assert "moved 17/20 = 85.0% <small>[64.0%&ndash;94.8%]</small>" in flag
+    assert "mean \u0394P +0.412" in flag
+    assert "moved 2/20 = 10.0%" in flag and "mean \u0394P n/a" in flag  # control, NaN gain
+    assert "lost 5/6 = 83.3% <small>[43.6%&ndash;97.0%]</small>" in flag and "mean drop +0.550" in flag
+    assert "evidence area</th><td class=\"num\">6.2%" in flag
+    for kind in ("member", "evidence", "removed", "host", "pasted"):
+        assert _png_sizes(flag, kind) == [(16, 16)] * 3, kind
+
+
+def test_untested_flag_says_why(tested_html: str) -> None:
+    flag = _section(tested_html, 'id="flag-1"', 'id="classes"')
+    assert "untested: no held-out images of other classes were available" in flag
+    assert "moved" not in flag and 'alt="pasted"' not in flag
+    head = tested_html[: tested_html.index('id="flags"')]
+    assert "1 untested" in head and "rejected candidates</th><td>1" in head
+
+
+def test_rejected_candidate_is_listed_in_its_class_not_as_a_flag(tested_html: str) -> None:
+    assert tested_html.count('class="card flag"') == 2
+    flags = _section(tested_html, 'id="flags"', 'id="classes"')
+    assert "moved no more predictions than the control" not in flags
+    class1 = _section(tested_html, 'id="class-1"', 'id="class-2"')
+    rejected = class1[class1.index("Tested and rejected") :]
+    assert 'id="class-1-cluster-1-test"' in rejected
+    assert "rejected: pasting the evidence moved no more predictions than the control" in rejected
+    assert "moved 3/20 = 15.0%" in rejected and "score 0.600" in rejected
+    assert len(_png_sizes(rejected, "pasted")) == 2
+    assert "Tested and rejected" not in _section(tested_html, 'id="class-0"', 'id="class-1"')
+
+
+def test_concept_space_cluster_is_a_bar_chart_and_pixel_heatmaps(report_context: ReportContext, tmp_path: Path) -> None:
+    """A concept-space analysis stores (1, channels) means: the page draws a bar chart of
+    them and the members' pixel heatmaps, never a 1-pixel-high picture."""
+    rng = np.random.default_rng(3)
+    class0 = next(a for a in report_context.analyses if a.class_index == 0)
+    profiles = [dataclasses.replace(c, mean_heatmap=rng.random((1, 40)), flagged=False) for c in class0.clusters]
+    concept = dataclasses.replace(
+        class0, space="concept:features.3", clusters=profiles, class_mean_heatmap=rng.random((1, 40))
+    )
+    context = dataclasses.replace(report_context, analyses=[concept])
+    html = _html(render_report(context, tmp_path / "out"))
+    section = html[html.index('id="class-0"') :]
+    sizes = _png_sizes(section)
+    assert sizes and min(height for height, _ in sizes) > 4, sizes
+    charts = _png_sizes(section, "concept profile")
+    assert len(charts) == 2 and all(height > 100 and width > 200 for height, width in charts)
+    assert section.count("<figcaption>mean pixel heatmap of the") == 3  # two clusters and the class
+    for caption in ("of the 8 members shown", "of the 6 members shown", "of the 14 samples shown"):
+        assert len(_png_sizes(section, f"mean pixel heatmap {caption}")) == 1, caption
+
+
+def test_precision_reads_n_a_for_a_class_without_planted_rows(report_context: ReportContext, tmp_path: Path) -> None:
+    context = dataclasses.replace(report_context, ground_truth_rows=np.array([1, 3, 4, 8, 13, 17]))
+    html = _html(render_report(context, tmp_path / "out"))
+    class0 = _section(html, 'id="class-0"', 'id="class-1"')
+    class1 = _section(html, 'id="class-1"', 'id="class-2"')
+    na = '<tr><th>precision</th><td class="num">n/a</td></tr>'
+    assert '<tr><th>precision</th><td class="num">100.0%</td></tr>' in class0 and na not in class0
+    assert class1.count(na) == 3 and "\"num\">0.0%" not in class1
+    flag = _section(html, 'id="flag-1"', 'id="classes"')
+    assert na in flag and '<tr><th>recall</th><td class="num">n/a</td></tr>' in flag
+
+
+def test_causal_tests_keep_the_page_escaped_and_self_contained(tested_html: str) -> None:
+    assert "<img src=x" not in tested_html and "\"&'" not in tested_html
+    assert "predicted as &lt;img src=x onerror=alert(1)&gt;" in tested_html  # target class name in the legend
+    sources = re.findall(r'src="([^"]*)"', tested_html)
+    assert all(source.startswith("data:image/png;base64,") for source in sources)

@@ -18,6 +18,7 @@ from spray.report.summary import SCHEMA_VERSION, build_summary, jaccard, write_s
 TOP_KEYS = {
     "schema_version", "job", "created", "threshold", "n_samples", "class_names", "metadata",
     "artifact_check", "ground_truth", "classes", "flags", "verdict", "complete", "unanalysed", "skipped_images",
+    "untested_flags",
 }
 CHECK_KEYS = {
     "target_class", "target_class_name", "n_images", "flip_rate", "mean_prob_before",
@@ -29,24 +30,51 @@ CLASS_KEYS = {
 }
 CLUSTER_KEYS = {
     "cluster_id", "size", "artifact_score", "flagged", "score_components", "member_ids",
-    "member_rows", "accuracy",
+    "member_rows", "accuracy", "candidate", "confirmation",
 }
 FLAG_KEYS = {
     "class_index", "class_name", "space", "cluster_id", "size", "artifact_score", "member_ids",
-    "member_rows", "accuracy", "revealed_by",
+    "member_rows", "accuracy", "revealed_by", "candidate", "confirmation",
 }
 EVIDENCE_KEYS = {"class_index", "space", "cluster_id", "artifact_score", "jaccard"}
 TRUTH_KEYS = {"precision", "recall"}
+CONFIRMATION_KEYS = {"status", "reason", "target_class", "evidence_area"}
+TEST_PARTS = {
+    "paste": {"n", "moved", "rate", "low", "high", "gain"},
+    "control": {"n", "moved", "rate", "low", "high", "gain"},
+    "removal": {"n", "lost", "rate", "low", "high", "drop"},
+}
 
 
 def _is_number_or_null(value: object) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
+def check_confirmation(record: object) -> None:
+    """A cluster's or flag's ``confirmation``: null or the documented causal-test record."""
+    if record is None:
+        return
+    assert isinstance(record, dict) and CONFIRMATION_KEYS <= set(record)
+    assert record["status"] in {"confirmed", "rejected", "untested"}
+    assert isinstance(record["reason"], str) and isinstance(record["target_class"], int)
+    assert _is_number_or_null(record["evidence_area"])
+    assert set(record) - CONFIRMATION_KEYS <= set(TEST_PARTS)
+    if record["status"] != "untested":
+        assert set(record) == CONFIRMATION_KEYS | set(TEST_PARTS)
+    for name, keys in TEST_PARTS.items():
+        if name in record:
+            assert set(record[name]) == keys
+            assert all(_is_number_or_null(value) for value in record[name].values())
+
+
 def check_shape(summary: dict, with_truth: bool) -> None:
     """Validate ``summary`` against the schema documented in ``spray.report.summary``."""
     extra = TRUTH_KEYS if with_truth else set()
     assert set(summary) == TOP_KEYS
+    assert isinstance(summary["untested_flags"], int)
+    assert summary["untested_flags"] == sum(
+        (flag["confirmation"] or {}).get("status") == "untested" for flag in summary["flags"]
+    )
     assert summary["schema_version"] == SCHEMA_VERSION == 1
     assert isinstance(summary["job"], str) and isinstance(summary["created"], str)
     assert _is_number_or_null(summary["threshold"])
@@ -59,12 +87,15 @@ def check_shape(summary: dict, with_truth: bool) -> None:
         assert all(_is_number_or_null(value) for value in entry["eigenvalues"])
         for cluster in entry["clusters"]:
             assert set(cluster) == CLUSTER_KEYS | extra
+            assert isinstance(cluster["candidate"], bool)
+            check_confirmation(cluster["confirmation"])
             assert cluster["size"] == len(cluster["member_rows"]) == len(cluster["member_ids"])
             assert cluster["member_rows"] == sorted(cluster["member_rows"])
             assert list(cluster["score_components"]) == sorted(cluster["score_components"])
             assert all(_is_number_or_null(v) for v in cluster["score_components"].values())
     for flag in summary["flags"]:
         assert set(flag) == FLAG_KEYS | extra
+        check_confirmation(flag["confirmation"])
         assert all(set(item) == EVIDENCE_KEYS for item in flag["revealed_by"])
         own = flag["revealed_by"][0]
         assert (own["space"], own["cluster_id"], own["jaccard"]) == (flag["space"], flag["cluster_id"], 1.0)
@@ -231,3 +262,47 @@ def test_without_flags_an_unanalysed_class_makes_the_verdict_incomplete_unless_a
     summary = build_summary(missing_space)
     assert summary["verdict"] == "incomplete"
     assert {item["reason"] for item in summary["unanalysed"] if item["space"] == "concept:layer4"} == {"no analysis of this class in this space"}
+
+
+def test_summary_carries_the_causal_tests(tested_context: ReportContext, tmp_path: Path) -> None:
+    """candidate and confirmation on every cluster and flag; a rejected candidate is kept in
+    its class but is no flag; untested flags are counted."""
+    summary = build_summary(tested_context)
+    check_shape(summary, with_truth=True)
+    first, second = summary["flags"]
+    assert (first["class_index"], first["cluster_id"], first["candidate"]) == (0, 1, True)
+    assert first["confirmation"]["status"] == "confirmed"
+    assert first["confirmation"]["paste"] == {"n": 20, "moved": 17, "rate": 0.85, "low": 0.64, "high": 0.948, "gain": 0.412}
+    assert first["confirmation"]["removal"]["lost"] == 5
+    assert first["confirmation"]["control"]["gain"] is None  # NaN in, null out
+    assert second["confirmation"] == {
+        "status": "untested", "reason": "no held-out images of other classes were available",
+        "target_class": 1, "evidence_area": 0.0625,
+    }
+    assert summary["untested_flags"] == 1
+    class1 = next(entry for entry in summary["classes"] if entry["class_index"] == 1)
+    rejected = next(cluster for cluster in class1["clusters"] if cluster["cluster_id"] == 1)
+    assert rejected["candidate"] is True and rejected["flagged"] is False
+    assert rejected["confirmation"]["status"] == "rejected"
+    assert (1, 1) not in {(flag["class_index"], flag["cluster_id"]) for flag in summary["flags"]}
+    plain = next(cluster for cluster in class1["clusters"] if cluster["cluster_id"] == 2)
+    assert plain["candidate"] is False and plain["confirmation"] is None
+    loaded = json.loads(write_summary(tmp_path / "summary.json", summary).read_text(encoding="utf-8"))
+    assert loaded["flags"][0]["confirmation"] == summary["flags"][0]["confirmation"]
+
+
+def test_untested_flags_count_only_untested_tests(tested_context: ReportContext) -> None:
+    assert build_summary(replace(tested_context, analyses=[
+        a for a in tested_context.analyses if a.class_index != 1
+    ]))["untested_flags"] == 0
+
+
+def test_precision_is_null_for_a_class_without_planted_rows(report_context: ReportContext) -> None:
+    """Ground truth only in class 0: class 1's clusters have no precision or recall, class 0's
+    have numbers (0.0 included, for its clean cluster)."""
+    context = replace(report_context, ground_truth_rows=np.array([1, 3, 4, 8, 13, 17]))
+    classes = {entry["class_index"]: entry for entry in build_summary(context)["classes"]}
+    assert all(c["precision"] is None and c["recall"] is None for c in classes[1]["clusters"])
+    by_id = {c["cluster_id"]: c for c in classes[0]["clusters"]}
+    assert (by_id[1]["precision"], by_id[1]["recall"]) == (1.0, 1.0)
+    assert (by_id[0]["precision"], by_id[0]["recall"]) == (0.0, 0.0)

@@ -1,0 +1,52 @@
+"""The causal test's settings (``[confirm]``), declared once (:mod:`spray.config`).
+
+The decision constants (``min_paste_rate``, ``min_lift``) were set on the dev split of
+``bench/detection.py`` (protocol Q3 in ``BENCHMARKS.md``) and never on its test split;
+``docs/analysis.md`` ("Causal confirmation") has the runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from spray.config import Range, setting, validate
+
+DEFAULT_MIN_PASTE_RATE = 0.05
+DEFAULT_MIN_LIFT = 0.10
+
+
+@dataclass
+class ConfirmConfig:
+    """How candidates are tested, and what confirms one.
+
+    Attributes:
+        enabled: run the causal test. Off, every candidate is flagged as ``untested``
+            (the gate never reads an untested candidate as clean).
+        max_candidates: at most this many candidates per audit are tested, highest score
+            first; the rest are flagged as ``untested``.
+        members: members (and rest-of-class samples, for the control) whose evidence is used.
+        hosts: images of other classes each member's evidence is pasted into.
+        evidence_area: largest share of the image one member's evidence may cover.
+        evidence_mass: the evidence covers this share of the member's excess relevance over
+            the rest of its class (capped by ``evidence_area``).
+        min_paste_rate: the lower 95 % bound of the share of pasted hosts that move to the
+            cluster's class must reach this;
+        min_lift: and the share must exceed the control's (the rest of the class's own
+            evidence pasted the same way) by at least this much.
+        batch_size: images per forward pass.
+        random_state: seeds every draw (the job's seed).
+    """
+
+    enabled: bool = setting(True, doc="test every candidate causally")
+    max_candidates: int = setting(24, Range(0), doc="candidates tested per audit, highest score first")
+    members: int = setting(24, Range(1), doc="members whose evidence is pasted and removed")
+    hosts: int = setting(8, Range(1), doc="other-class images each member's evidence is pasted into")
+    evidence_area: float = setting(0.12, Range(0.0, 1.0, low_open=True), doc="largest share of the image the evidence covers")
+    evidence_mass: float = setting(0.5, Range(0.0, 1.0, low_open=True), doc="share of the excess relevance the evidence covers")
+    min_paste_rate: float = setting(DEFAULT_MIN_PASTE_RATE, Range(0.0, 1.0), doc="lower bound of the pasted hosts' move rate that confirms")
+    min_lift: float = setting(DEFAULT_MIN_LIFT, Range(0.0, 1.0), doc="move rate above the control's that confirms")
+    batch_size: int = setting(128, Range(1), doc="images per forward pass")
+    random_state: int = setting(0, Range(0, 2**32 - 1), doc="seed of every draw (the job's seed)", job_key=False)
+
+    def __post_init__(self) -> None:
+        validate(self)

@@ -1,0 +1,147 @@
+"""The causal test on real digits: shortcuts are flagged on their side, legitimate strategies are not.
+
+Each case trains a small CNN on scikit-learn's 8x8 digits (``tests/confirm/digits.py``),
+explains it with LRP, runs SpRAy in the heatmap and a concept space, and tests every
+candidate causally (``spray.confirm``). Numbers measured when the tests were written are in
+the comments.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from spray.confirm.config import ConfirmConfig
+from spray.confirm.run import CandidateTester
+from tests.confirm import digits
+
+
+def _flags(audit: digits.Audit):
+    return [(a, c) for a in audit.analyses for c in a.clusters if c.flagged]
+
+
+def _shift(audit: digits.Audit, stamp) -> float:
+    """Mean rise of P(target) on the other classes' images when ``stamp`` is put on them."""
+    others = audit.images[audit.labels != digits.TARGET]
+    predict = digits.predictor(audit.net)
+    stamped = stamp(others, np.random.default_rng(1))
+    return float((predict(stamped)[:, digits.TARGET] - predict(others)[:, digits.TARGET]).mean())
+
+
+@pytest.fixture(scope="module")
+def minority():
+    images, labels, stamped = digits.plant(digits.patch, 0.3, seed=0)
+    return digits.audit(images, labels, seed=0), stamped
+
+
+@pytest.fixture(scope="module")
+def majority():
+    images, labels, stamped = digits.plant(digits.patch, 0.7, seed=0)
+    return digits.audit(images, labels, seed=0), stamped
+
+
+@pytest.fixture(scope="module")
+def merged():
+    images, labels, mode = digits.merged(1, 7)
+    return digits.audit(images, labels, seed=0), mode
+
+
+def test_the_models_rely_on_the_patch(minority, majority):
+    # measured: +0.27 and +0.45 mean probability of "3" on the other digits
+    assert _shift(minority[0], digits.patch) > 0.1
+    assert _shift(majority[0], digits.patch) > 0.1
+
+
+def test_a_minority_patch_is_the_one_finding(minority):
+    audit, stamped = minority
+    flags = _flags(audit)
+    assert flags and all(a.class_index == digits.TARGET for a, _ in flags)
+    for _, cluster in flags:
+        precision, recall = digits.precision_recall(cluster.member_rows, stamped)
+        # measured: 55 of 55 stamped threes, nothing else
+        assert precision >= 0.95 and recall >= 0.9
+        assert cluster.confirmation["status"] == "confirmed"
+    # the clean majority of the threes was a candidate too, and the test cleared it
+    rejected = [c for a in audit.analyses for c in a.clusters if c.candidate and not c.flagged and a.class_index == digits.TARGET]
+    assert rejected and all(digits.precision_recall(c.member_rows, stamped)[0] < 0.1 for c in rejected)
+
+
+def test_a_majority_patch_is_flagged_on_the_stamped_side(majority):
+    """70 % of the threes carry the patch: the flag names them, not the clean 30 %."""
+    audit, stamped = majority
+    flags = _flags(audit)
+    assert flags
+    top = max(flags, key=lambda item: item[1].artifact_score)[1]
+    precision, recall = digits.precision_recall(top.member_rows, stamped)
+    # measured: precision 1.00, recall 1.00 (128 of 128); the clean side moved 20/192, its control 26/192
+    assert precision >= 0.9 and recall >= 0.8
+    assert top.size > 0.5 * (audit.labels == digits.TARGET).sum()
+
+
+def test_a_merged_two_mode_class_is_split_but_not_flagged(merged):
+    """Ones and sevens under one label: two legitimate strategies, shown apart, not flagged."""
+    audit, mode = merged
+    (heatmap,) = [a for a in audit.analyses if a.class_index == 1 and a.space == "heatmap"]
+    assert heatmap.n_clusters >= 2
+    # measured: ARI 0.98 with the two source digits
+    assert adjusted_rand_score(mode[heatmap.rows], heatmap.labels) >= 0.5
+    assert not _flags(audit)
+
+
+def test_the_causal_test_separates_a_shortcut_from_a_legitimate_sub_population(minority, merged):
+    """The same test on hand-picked clusters: the stamped threes vs the sevens of the merged class."""
+    audit, stamped = minority
+    (threes,) = [a for a in audit.analyses if a.class_index == digits.TARGET and a.space == "heatmap"]
+    shortcut = threes.clusters[0].__class__(
+        cluster_id=99, member_rows=stamped, artifact_score=1.0, flagged=True, score_components={},
+        mean_heatmap=np.zeros((1, 1)), candidate=True,
+    )
+    config = ConfirmConfig(random_state=0)
+    tester = CandidateTester(audit.heatmaps, audit.labels, lambda rows: audit.images[rows], digits.predictor(audit.net), config)
+    record, examples = tester.test(threes, shortcut, seed=0)
+    assert record["status"] == "confirmed"
+    # measured: 46/192 pasted images moved to "3", 0/192 with the same regions from clean threes
+    assert record["paste"]["rate"] - record["control"]["rate"] >= 0.1
+    assert set(examples) == {"member", "evidence", "removed", "host", "pasted"}
+
+    audit_m, mode = merged
+    (ones,) = [a for a in audit_m.analyses if a.class_index == 1 and a.space == "heatmap"]
+    sevens = np.flatnonzero((mode == 1) & (audit_m.labels == 1))
+    legitimate = dataclass_copy(shortcut, member_rows=sevens)
+    tester_m = CandidateTester(audit_m.heatmaps, audit_m.labels, lambda rows: audit_m.images[rows], digits.predictor(audit_m.net), config)
+    record_m, _ = tester_m.test(ones, legitimate, seed=0)
+    assert record_m["status"] == "rejected"
+    assert record_m["paste"]["rate"] - record_m["control"]["rate"] < record["paste"]["rate"] - record["control"]["rate"]
+
+
+def dataclass_copy(cluster, **changes):
+    import dataclasses
+
+    return dataclasses.replace(cluster, **changes)
+
+
+def test_a_mark_at_varying_places_is_found_in_a_concept_space():
+    """90 digits of other classes carry a 2x2 mark somewhere on the image's rim and are
+    relabelled "3" (a backdoor). Their heatmaps share no place (the mark moves, the digits
+    differ); the channels of the second convolution that respond to the mark are shared.
+
+    The concept-space cluster is not separated in the kNN graph (its score is 0), so only an
+    audit that proposes every split (``threshold = 0``) tests it; the default threshold
+    (0.75, chosen on bench Q3's dev split) does not. The causal test then confirms it.
+    """
+    images, labels, stamped = digits.backdoor(digits.random_mark, 90, seed=0)
+    audit = digits.audit(
+        images, labels, seed=0, factory=digits.deeper_model, layer="3", threshold=0.0,
+        confirm_config=ConfirmConfig(max_candidates=200, random_state=0),
+    )
+    # measured: stamping the mark moves 56 % of the other digits to "3"
+    assert _shift(audit, digits.random_mark) > 0.2
+    found = [
+        (a.space, c) for a, c in _flags(audit)
+        if a.class_index == digits.TARGET and a.space == "concept:3"
+    ]
+    assert found
+    precision, recall = digits.precision_recall(found[0][1].member_rows, stamped)
+    # measured: precision 0.70, recall 0.87; pasted evidence moved 70 % of hosts, control 38 %
+    assert precision >= 0.6 and recall >= 0.6

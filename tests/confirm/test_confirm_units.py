@@ -1,0 +1,155 @@
+"""The causal test's parts on hand-made images and a hand-made "model"."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from spray.analysis.result import ClassAnalysis, ClusterResult
+from spray.config import ConfigError
+from spray.confirm.config import ConfirmConfig
+from spray.confirm.evidence import excess_masks, image_masks, matched_donors, rest_share
+from spray.confirm.run import confirm_analyses
+from spray.confirm.test import decide, paste_pairs, paste_test, removal_test, wilson_interval
+from spray.store.analysis import read_analysis, write_analysis
+from spray.analysis.config import SprayConfig
+
+SIDE = 12
+
+
+def corner_model(images: np.ndarray) -> np.ndarray:
+    """Class 1 when the top-left 2x2 corner is bright (a shortcut), else class 0."""
+    corner = images[:, 0, :2, :2].mean(axis=(1, 2))
+    p1 = 1 / (1 + np.exp(-20 * (corner - 0.5)))
+    return np.stack([1 - p1, p1], axis=1)
+
+
+def _data(rng: np.random.Generator):
+    """40 images of class 0 and 40 of class 1, a blob in the middle; 12 of class 1 carry the corner."""
+    images = np.zeros((80, 1, SIDE, SIDE), np.float32)
+    images[:, 0, 4:8, 4:8] = 0.6 + 0.1 * rng.random((80, 1, 1))
+    labels = np.r_[np.zeros(40, int), np.ones(40, int)]
+    stamped = np.arange(40, 52)
+    images[stamped, 0, :2, :2] = 1.0
+    heatmaps = np.zeros((80, SIDE, SIDE), np.float32)
+    heatmaps[:, 4:8, 4:8] = 1.0
+    heatmaps[stamped] = 0.2
+    heatmaps[stamped, :2, :2] = 4.0
+    return images, labels, stamped, heatmaps
+
+
+def _analysis(labels: np.ndarray, members: np.ndarray, score: float = 0.9) -> ClassAnalysis:
+    rows = np.flatnonzero(labels == 1)
+    cluster_labels = np.isin(rows, members).astype(int)
+    clusters = [
+        ClusterResult(1, members, score, True, {}, np.zeros((2, 2), np.float32), candidate=True),
+        ClusterResult(0, np.setdiff1d(rows, members), 0.1, False, {}, np.zeros((2, 2), np.float32)),
+    ]
+    return ClassAnalysis(1, "one", "heatmap", rows, np.zeros(3), 2, cluster_labels, np.zeros((len(rows), 2), np.float32),
+                         np.zeros((len(rows), 2), np.float32), clusters)
+
+
+def test_wilson_interval():
+    low, high = wilson_interval(5, 10)
+    assert 0.2 < low < 0.5 < high < 0.8
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(0, 20)[1] < 0.2
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_evidence_is_where_the_member_looks_and_its_class_does_not():
+    _, _, stamped, heatmaps = _data(np.random.default_rng(0))
+    rest = rest_share(heatmaps[52:80])
+    masks = excess_masks(heatmaps[stamped], rest, area=0.1, mass=0.9)
+    assert masks[:, :2, :2].all() and not masks[:, 4:8, 4:8].any()
+    full = image_masks(masks, (24, 24))  # a heatmap at half the image's resolution
+    assert full.shape == (12, 24, 24) and full[:, :4, :4].all() and not full[:, 12:, 12:].any()
+    # a member that looks exactly where its class looks has no evidence
+    assert not excess_masks(heatmaps[60:61], rest, 0.1, 0.9).any()
+
+
+def test_control_donors_look_where_the_mask_is():
+    rng = np.random.default_rng(0)
+    maps = np.zeros((20, 4, 4))
+    maps[:, 3, 3] = 1.0
+    maps[7, 0, 0] = 5.0  # the one rest sample that looks at the corner
+    mask = np.zeros((1, 4, 4), bool)
+    mask[0, 0, 0] = True
+    assert matched_donors(mask, maps, rng, share=0.05).tolist() == [7]
+
+
+def test_pasting_a_shortcut_moves_hosts_and_its_control_does_not():
+    images, labels, stamped, heatmaps = _data(np.random.default_rng(0))
+    masks = image_masks(excess_masks(heatmaps[stamped], rest_share(heatmaps[52:80]), 0.1, 0.9), (SIDE, SIDE))
+    hosts = images[:40]
+    rng = np.random.default_rng(1)
+    pairs = paste_pairs(masks, len(hosts), 4, rng)
+    assert len(pairs) == 12 * 4
+    paste = paste_test(corner_model, images[stamped], masks, hosts, 1, pairs)
+    control = paste_test(corner_model, images[52:64], masks, hosts, 1, pairs)
+    assert paste.entry["moved"] == paste.entry["n"] == 48 and paste.entry["gain"] > 0.9
+    assert control.entry["moved"] == 0
+    assert decide(paste.entry, control.entry, 0.1, 0.1)[0] == "confirmed"
+    assert decide(control.entry, control.entry, 0.1, 0.1)[0] == "rejected"
+    removal, removed = removal_test(corner_model, images[stamped], masks, np.median(images[52:80], axis=0), 1)
+    assert removal["lost"] == removal["n"] == 12 and not removed[:, 0, :2, :2].any()
+
+
+def test_confirm_analyses_flags_only_what_the_test_confirms():
+    images, labels, stamped, heatmaps = _data(np.random.default_rng(0))
+    shortcut = _analysis(labels, stamped)
+    counts = confirm_analyses([shortcut], heatmaps, labels, lambda rows: images[rows], corner_model, ConfirmConfig(members=12, hosts=4))
+    assert counts == {"candidates": 1, "confirmed": 1, "rejected": 0, "untested": 0}
+    cluster = shortcut.clusters[0]
+    assert cluster.flagged and cluster.confirmation["status"] == "confirmed"
+    assert cluster.confirmation["target_class"] == 1 and cluster.examples["pasted"].dtype == np.uint8
+    # the clean side of the class, proposed as a candidate, is rejected
+    clean_side = _analysis(labels, np.arange(52, 80))
+    confirm_analyses([clean_side], heatmaps, labels, lambda rows: images[rows], corner_model, ConfirmConfig(members=12, hosts=4))
+    assert not clean_side.clusters[0].flagged and clean_side.clusters[0].confirmation["status"] == "rejected"
+
+
+@pytest.mark.parametrize("config, reason", [
+    (ConfirmConfig(enabled=False), "switched off"),
+    (ConfirmConfig(max_candidates=0), "max_candidates"),
+])
+def test_an_untested_candidate_stays_flagged_and_says_why(config, reason):
+    images, labels, stamped, heatmaps = _data(np.random.default_rng(0))
+    analysis = _analysis(labels, np.arange(52, 80))  # would be rejected if tested
+    counts = confirm_analyses([analysis], heatmaps, labels, lambda rows: images[rows], corner_model, config)
+    assert counts["untested"] == 1
+    cluster = analysis.clusters[0]
+    assert cluster.flagged and cluster.confirmation["status"] == "untested" and reason in cluster.confirmation["reason"]
+
+
+def test_a_cluster_that_is_its_whole_class_cannot_be_tested():
+    images, labels, _, heatmaps = _data(np.random.default_rng(0))
+    analysis = _analysis(labels, np.flatnonzero(labels == 1))
+    confirm_analyses([analysis], heatmaps, labels, lambda rows: images[rows], corner_model, ConfirmConfig())
+    assert analysis.clusters[0].confirmation["status"] == "untested"
+    assert "whole class" in analysis.clusters[0].confirmation["reason"]
+
+
+def test_the_test_is_reproducible_and_stored(tmp_path):
+    images, labels, stamped, heatmaps = _data(np.random.default_rng(0))
+    runs = []
+    for _ in range(2):
+        analysis = _analysis(labels, stamped)
+        confirm_analyses([analysis], heatmaps, labels, lambda rows: images[rows], corner_model, ConfirmConfig(members=12, hosts=4, random_state=3))
+        runs.append(analysis)
+    assert runs[0].clusters[0].confirmation == runs[1].clusters[0].confirmation
+    write_analysis(tmp_path / "analysis.h5", runs[:1], SprayConfig())
+    (back,) = read_analysis(tmp_path / "analysis.h5")
+    assert back.clusters[0].confirmation == runs[0].clusters[0].confirmation
+    assert back.clusters[0].candidate and not back.clusters[1].candidate
+    for name, images_out in runs[0].clusters[0].examples.items():
+        assert np.array_equal(back.clusters[0].examples[name], images_out)
+
+
+def test_settings_are_checked():
+    with pytest.raises(ConfigError, match="evidence_area"):
+        ConfirmConfig(evidence_area=0.0)
+    with pytest.raises(ConfigError, match="min_lift"):
+        ConfirmConfig(min_lift=2.0)
+    assert dataclasses.replace(ConfirmConfig(), members=3).members == 3
