@@ -50,20 +50,20 @@ Architectures (:data:`ARCHS`, all zennit-explainable: Conv2d, BatchNorm2d, ReLU,
 MaxPool2d, AdaptiveAvgPool2d, Flatten, Linear; the only non-module operation is the
 residual addition inside :class:`ResidualBlock`):
 
-* ``plain``: ``bench.mnist.MnistNet`` (3 convs, 2 fully connected layers; ~116k params).
+* ``plain``: ``bench.mnist.MnistNet`` (3 convs, 2 fully connected layers; 115k params).
 * ``resnet``: :class:`SmallResNet`, a stem conv + BN + pool and three residual blocks with
   BatchNorm and skips (``layer1`` 16 ch at 14x14, ``layer2`` 32 ch at 7x7 with a 1x1
-  projection skip, ``layer3`` 32 ch), global average pool, linear (~40k params).
+  projection skip, ``layer3`` 32 ch), global average pool, linear (38k params).
 * ``vgg``: :class:`SmallVGG`, conv3x3+ReLU stacks with max pools (16, 32-32, 32-32
-  channels), two fully connected layers (~60k params).
+  channels), two fully connected layers (52k params).
 
 :data:`CONCEPT_LAYERS` names the last two conv-ish blocks' outputs of each architecture.
 Training (:func:`train_config`): Adam with a one-cycle schedule (peak lr 3e-3, batch 64),
 CPU with one intra-op thread, deterministic by the case seed; 3 epochs on MNIST (24k sample
 passes, ~10-15 s a model on this 2-core machine) and 10 epochs on digits (~12k, ~5-8 s).
-State dicts are cached under
-``.bench-cache/cases/`` by a hash of the spec and :data:`GENERATOR_VERSION` (written
-atomically, loaded with ``weights_only=True``).
+State dicts are cached under ``.bench-cache/cases/`` as ``<key>-<digest>.pt``, the digest a
+hash of the spec, the training config, :data:`GENERATOR_VERSION` and the kind's
+:data:`ARTIFACT_VERSIONS` entry (written atomically, loaded with ``weights_only=True``).
 
 Controls:
 
@@ -81,7 +81,12 @@ Controls:
 Reliance (planted cases only; nan/False for controls): the artifact stamped on the held-out
 images of the non-target classes; ``moved`` = share whose argmax is the target after
 stamping minus the share before, ``gain`` = mean rise of P(target); ``relied = moved >= 0.3
-or gain >= 0.2``. ``accuracy`` is the clean held-out accuracy (every case).
+or gain >= 0.2``. ``accuracy`` is the clean held-out accuracy (every case). Seen on the
+dev grid: backdoor cases are relied on from 5-15% on (random marks from ~30%); co-occurring
+artifacts mostly are not (about a quarter of them, frames and textures most often), since
+the digit alone already classifies every target image and the artifact only adds a little
+evidence that rarely outweighs another digit's shape; they stay in the grid and simply
+do not count toward recall.
 
 Split rule (:func:`split_of`): the seed decides, target classes and artifact variants are
 held out with it.
@@ -96,11 +101,13 @@ Any other combination belongs to neither split and may only be built with ``spli
 (never reported). Every constant of the benchmark is set on ``dev``; ``test`` is run once.
 
 :func:`generate_cases` (``size`` "quick" or "full"): "quick" is a handful per split (6
-planted, one per kind, 4 clean, 2 multi-modal); "full" is a seeded, balanced subset of the
+planted, one per kind, fractions 15-60%, both regimes, all archs; 4 clean: 3 MNIST, 1
+digits; 2 multi-modal: one of each; ~3-4 min to train); "full" is a seeded, balanced subset of the
 grid kinds x fractions x regimes x architectures (every (kind, fraction, regime) twice with
 two of the three architectures, each architecture 40 times, a quarter of each kind on
 digits, targets and 5 seeds cycled) = 120 planted cases, plus 36 clean (MNIST 8 seeds x 3
-archs, digits 4 seeds x 3 archs) and 12 multi-modal (2 variants x 3 archs x 2 targets).
+archs, digits 4 seeds x 3 archs) and 12 multi-modal (2 variants x 3 archs x 2 targets):
+168 models, ~35-40 min to train on this machine while it is shared (13 s a model).
 
 Usage::
 
@@ -134,7 +141,11 @@ if str(REPO) not in sys.path:
 from bench.mnist import MnistNet, load_mnist  # noqa: E402
 
 CACHE = REPO / ".bench-cache" / "cases"
+#: Part of every cache key: bump it when the data, models or training change for all cases.
 GENERATOR_VERSION = "cases-v1"
+#: Part of the cache keys of one artifact kind: bump it when that kind's drawing changes
+#: (only its cases retrain). random_mark 2: 5x5 marks placed on background.
+ARTIFACT_VERSIONS: dict[str, int] = {"random_mark": 2}
 SIDE = 28
 
 DATASETS: tuple[str, ...] = ("mnist", "digits")
@@ -252,6 +263,8 @@ class CaseSpec:
         """Hash of everything the trained model depends on (the cache file name)."""
         payload = {**asdict(self), "version": GENERATOR_VERSION, "train": asdict(train_config(self.dataset))}
         payload.pop("split")
+        if self.kind in ARTIFACT_VERSIONS:
+            payload["artifact_version"] = ARTIFACT_VERSIONS[self.kind]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -407,7 +420,7 @@ def _positions(kind: str, shape: tuple[int, int], images: np.ndarray, rng: np.ra
         q = SIDE - w - 1
         return np.stack([1 + draw // q, 1 + draw % q], axis=1)
     # sticker: centre near one of the four corners, +-1 px jitter, at least 1 px from the edge
-    near, far = h // 2 + 2, SIDE - 3 - h // 2
+    near, far = h // 2 + 1, SIDE - 2 - h // 2
     corner = rng.integers(0, 4, size=n)
     centre_r = np.where(corner // 2 == 0, near, far) + rng.integers(-1, 2, size=n)
     centre_c = np.where(corner % 2 == 0, near, far) + rng.integers(-1, 2, size=n)
@@ -703,8 +716,9 @@ class TrainConfig:
     epochs: int
     batch_size: int = 64
     learning_rate: float = 3e-3
-    #: One intra-op thread: as fast as two on a quiet 2-core machine for nets this small, many
-    #: times faster when the other core is busy, and the same floating-point results everywhere.
+    #: One intra-op thread: two are at best ~1.5x faster for nets this small on a quiet 2-core
+    #: machine and up to ten times slower when the other core is busy (shared machines); one
+    #: thread also gives the same floating-point results everywhere.
     threads: int = 1
 
 
@@ -887,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"sizes: MNIST {MNIST_PER_CLASS}/class train, {MNIST_HELD_OUT} held out, {train_config('mnist').epochs} epochs; "
         f"digits {len(_digits_arrays()[1]) if not args.list else '~1200'} train, 1/3 held out, "
-        f"{train_config('digits').epochs} epochs; torch threads {torch.get_num_threads()}"
+        f"{train_config('digits').epochs} epochs; training on {train_config('mnist').threads} thread(s)"
     )
     header = f"{'key':44s} {'arch':6s} {'kind':11s} {'frac':>5s} {'regime':12s} {'tgt':>3s} {'acc':>5s} {'moved':>5s} {'gain':>5s} {'relied':6s} {'sec':>5s}"
     print(header)
