@@ -82,8 +82,10 @@ Reliance (planted cases only; nan/False for controls): the artifact stamped on t
 images of the non-target classes; ``moved`` = share whose argmax is the target after
 stamping minus the share before, ``gain`` = mean rise of P(target); ``relied = moved >= 0.3
 or gain >= 0.2``. ``accuracy`` is the clean held-out accuracy (every case). Seen on the
-dev grid: backdoor cases are relied on from 5-15% on (random marks from ~30%); co-occurring
-artifacts mostly are not (about a quarter of them, frames and textures most often), since
+full dev grid: backdoor cases are relied on in 6/12 cases at 5%, 10/12 at 15% and 36/36
+from 30% on (the random mark is the weakest); co-occurring artifacts mostly are not (10/60,
+frames and textures most often; larger patches, stronger textures or watermarks and 8
+epochs did not change that), since
 the digit alone already classifies every target image and the artifact only adds a little
 evidence that rarely outweighs another digit's shape; they stay in the grid and simply
 do not count toward recall.
@@ -921,9 +923,10 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     if not args.list:
+        loaded = f"; {len(specs) - n_trained} loaded from {CACHE.relative_to(REPO)}" if len(specs) > n_trained else ""
         print(
             f"total {time.perf_counter() - total:.1f} s; trained {n_trained} models in {train_total:.1f} s"
-            f" ({train_total / max(n_trained, 1):.1f} s each); the rest loaded from {CACHE.relative_to(REPO)}"
+            f" ({train_total / max(n_trained, 1):.1f} s each){loaded}"
         )
     return 0
 

@@ -132,7 +132,8 @@ def cluster_records(case: Case, analyses, ratio: float) -> tuple[list[dict], dic
 
 def run_case(spec: CaseSpec, ratios: tuple[float, ...] = EIGEN_RATIOS) -> dict:
     """The stored record of one case for ``ratios`` (computed once, then read from the cache)."""
-    path = CACHE / f"{spec.key()}-{RECORD_VERSION}.json"
+    # the case's digest names its data and model, so a changed generator never serves an old record
+    path = CACHE / f"{spec.key()}-{spec.digest()}-{RECORD_VERSION}.json"
     if path.exists():
         return json.loads(path.read_text())
     started = time.perf_counter()

@@ -147,7 +147,7 @@ class ClusterView:
     candidate: bool = False
     status: str = ""
     confirmation: ConfirmationView | None = None
-    profile_uri: str | None = None
+    profile: list[plots.ProfileBar] = field(default_factory=list)
     mean_caption: str = "mean heatmap"
 
 
@@ -306,7 +306,7 @@ def _class_view(analysis: ClassAnalysis, entry: dict[str, Any], anchor: str) -> 
         profile = _profile(cluster.mean_heatmap)
         if profile is not None:
             rest = _rest_profile(class_profile, profile, _array(analysis.rows).size, cluster.size)
-            view.profile_uri = plots.data_uri(plots.concept_profile_png(profile, rest, view.colour))
+            view.profile = plots.concept_profile_bars(profile, rest)
     eigenvalues = _array(analysis.eigenvalues).reshape(-1)
     embedding = _array(analysis.embedding_2d)
     labels = _array(analysis.labels).reshape(-1).astype(np.int64)
@@ -623,7 +623,7 @@ def _pixel_means(classes: list[ClassView], flags: list[FlagView]) -> list[_Pixel
     for view in classes:
         class_rows: set[int] = set()
         for cluster in view.clusters:
-            if cluster.profile_uri is None:
+            if not cluster.profile:
                 continue
             rows = {tile.row for tile in cluster.samples} | flag_rows.get(cluster.anchor, set())
             class_rows |= rows

@@ -6,6 +6,7 @@ import io
 
 import matplotlib.image
 import numpy as np
+import pytest
 
 from spray.report import plots
 
@@ -57,9 +58,12 @@ def test_concept_profile_shows_the_largest_channels_as_a_chart() -> None:
     cluster[[3, 17, 30]] = [0.2, -0.9, 0.5]
     assert plots.profile_channels(cluster, top=4).tolist() == [17, 30, 3, 0]
     assert plots.profile_channels(np.array([np.nan, 1.0]), top=16).tolist() == [1, 0]
-    chart = _decode(plots.concept_profile_png(cluster, np.full(40, 0.1)))
-    assert chart.shape[0] > 100 and chart.shape[1] > 200
-    assert plots.concept_profile_png(cluster, None) == plots.concept_profile_png(cluster, None)
+    bars = plots.concept_profile_bars(cluster, np.full(40, 0.1), top=4)
+    assert [bar.channel for bar in bars] == [17, 30, 3, 0]
+    assert bars[0].cluster == -0.9 and bars[0].cluster_bar == 1.0  # the largest |value| fills the bar
+    assert bars[1].cluster_bar == pytest.approx(0.5 / 0.9) and bars[3].rest_bar == pytest.approx(0.1 / 0.9)
+    alone = plots.concept_profile_bars(cluster, None, top=2)
+    assert alone[0].rest is None and alone[0].rest_bar is None
 
 
 def test_display_images_of_the_causal_test() -> None:
