@@ -102,7 +102,7 @@ the analysis recorded it (non-finite numbers as ``null``)::
       "target_class": int,              # the flagged class
       "evidence_area": float | null,    # mean share of the image the evidence covers
       "paste": {                        # the cluster's distinguishing evidence pasted into
-        "n": int, "moved": int,         #   n held-out images of other classes; moved: how
+        "n": int, "moved": int,         #   n audited images of other classes; moved: how
         "rate": float, "low": float, "high": float,   # many now predict the class;
         "gain": float                   #   rate = moved / n, Wilson 95% [low, high];
       },                                #   gain: mean rise of P(class)
