@@ -64,6 +64,7 @@ from spray.analysis.pipeline import analyze_spaces  # noqa: E402
 from spray.attribution.select import make_explainer  # noqa: E402
 from spray.attribution.settings import AttributionSettings  # noqa: E402
 from spray.confirm.config import ConfirmConfig  # noqa: E402
+from spray.confirm.predictor import model_predictor  # noqa: E402
 from spray.confirm.run import confirm_analyses  # noqa: E402
 from spray.report.summary import group_findings  # noqa: E402
 
@@ -96,16 +97,6 @@ def explain(case: Case, batch: int = 500) -> tuple[np.ndarray, dict[str, np.ndar
         for layer, values in explanation.concepts.items():
             concepts[layer].append(values.numpy())
     return np.concatenate(heatmaps), {layer: np.concatenate(parts) for layer, parts in concepts.items()}
-
-
-def predictor(model: torch.nn.Module):
-    def predict(images: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            out = [torch.softmax(model(torch.from_numpy(np.ascontiguousarray(images[i : i + 1000]))), 1).numpy()
-                   for i in range(0, len(images), 1000)]
-        return np.concatenate(out) if out else np.zeros((0, 10), np.float32)
-
-    return predict
 
 
 def cluster_records(case: Case, analyses, ratio: float) -> tuple[list[dict], dict]:
@@ -147,7 +138,8 @@ def run_case(spec: CaseSpec, ratios: tuple[float, ...] = EIGEN_RATIOS) -> dict:
         )
         analyses = analyze_spaces(heatmaps, case.train_labels, case.class_names, config, concepts=concepts)
         confirm_analyses(
-            analyses, heatmaps, case.train_labels, lambda rows: case.train_images[rows], predictor(case.model),
+            analyses, heatmaps, case.train_labels, lambda rows: case.train_images[rows],
+            model_predictor(case.model, AttributionSettings(device="cpu"), ConfirmConfig().batch_size),
             ConfirmConfig(max_candidates=10**6, random_state=spec.seed),
         )
         found, ari = cluster_records(case, analyses, ratio)

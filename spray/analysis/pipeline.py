@@ -231,13 +231,15 @@ def _analyze_class(
         eigenvectors=eigenvectors, graph=graph, max_samples=config.embedding_max_samples,
     )
     clock.lap("embed")
+    # until the causal test (spray.confirm) rules, a candidate counts as flagged: never as clean
+    candidates = {item.cluster_id: is_candidate(item.score, int(counts[item.cluster_id]), n_clusters, config) for item in scores}
     clusters = [
         ClusterResult(
             cluster_id=item.cluster_id,
             member_rows=rows[labels == item.cluster_id],
             artifact_score=item.score,
-            flagged=is_candidate(item.score, int((labels == item.cluster_id).sum()), n_clusters, config),
-            candidate=is_candidate(item.score, int((labels == item.cluster_id).sum()), n_clusters, config),
+            flagged=candidates[item.cluster_id],
+            candidate=candidates[item.cluster_id],
             score_components=item.components,
             mean_heatmap=(sums[item.cluster_id] / counts[item.cluster_id]).reshape(map_shape).astype(np.float32),
         )

@@ -85,11 +85,11 @@ class CandidateTester:
         self.predict = predict
         self.config = config
 
-    def test(self, analysis: ClassAnalysis, cluster: ClusterResult, seed: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """The confirmation record and the example images of one candidate."""
+    def test(self, cluster: ClusterResult, target: int, seed: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The confirmation record and the example images of one candidate of class ``target``
+        (:func:`candidate_target`)."""
         config = self.config
         rng = np.random.default_rng([config.random_state, seed])
-        target = candidate_target(analysis, cluster, self.labels)
         members = np.asarray(cluster.member_rows, dtype=np.int64)
         rest = np.setdiff1d(np.flatnonzero(self.labels == target), members)
         hosts_pool = np.flatnonzero(self.labels != target)
@@ -99,7 +99,7 @@ class CandidateTester:
             return untested(target, "the data hold no images of other classes to paste into."), {}
         member_rows = _sample(members, config.members, rng)
         rest_rows = _sample(rest, REST_SAMPLE, rng)
-        host_rows = _sample(hosts_pool, min(len(hosts_pool), config.members * config.hosts), rng)
+        host_rows = _sample(hosts_pool, config.members * config.hosts, rng)
 
         member_maps, rest_maps = _heatmaps(self.heatmaps, member_rows), _heatmaps(self.heatmaps, rest_rows)
         member_images, rest_images = self.read_images(member_rows), self.read_images(rest_rows)
@@ -179,7 +179,7 @@ def confirm_analyses(
                 target, f"only the {config.max_candidates} highest-scoring candidates are tested ([confirm] max_candidates)."
             ), {}
         else:
-            record, examples = tester.test(analysis, cluster, rank)
+            record, examples = tester.test(cluster, target, rank)
         cluster.confirmation, cluster.examples = record, examples
         cluster.flagged = record["status"] != "rejected"
         counts[record["status"]] += 1

@@ -35,20 +35,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import binomtest
 
 #: Probabilities (n, classes) for display images (n, C, H, W) in [0, 1].
 Predict = Callable[[np.ndarray], np.ndarray]
-WILSON_Z = 1.959964
-
-
-def wilson_interval(hits: int, n: int, z: float = WILSON_Z) -> tuple[float, float]:
-    """95 % Wilson score interval of a binomial rate ``hits / n`` ((0, 1) when n is 0)."""
+def wilson_interval(hits: int, n: int) -> tuple[float, float]:
+    """95 % Wilson score interval of a binomial rate ``hits / n`` (scipy's; (0, 1) when n is 0)."""
     if n <= 0:
         return 0.0, 1.0
-    rate = hits / n
-    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+    interval = binomtest(int(hits), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(interval.low), float(interval.high)
 
 
 def rate_entry(hits: int, n: int, shift: float, hit_key: str, shift_key: str) -> dict[str, float | int]:

@@ -19,7 +19,9 @@ from spray.analysis.config import SprayConfig
 from spray.analysis.pipeline import analyze_spaces
 from spray.analysis.result import ClassAnalysis
 from spray.attribution.lrp import Explainer, make_composite
+from spray.attribution.settings import AttributionSettings
 from spray.confirm.config import ConfirmConfig
+from spray.confirm.predictor import model_predictor
 from spray.confirm.run import confirm_analyses
 
 TARGET = 3
@@ -121,11 +123,8 @@ def merged(first: int, second: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def predictor(net: nn.Module):
-    def predict(images: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return torch.softmax(net(torch.from_numpy(np.ascontiguousarray(images, np.float32))), 1).numpy()
-
-    return predict
+    """The audit's own predictor (``spray.confirm.predictor``) of ``net`` on the CPU."""
+    return model_predictor(net, AttributionSettings(device="cpu"), batch_size=512)
 
 
 @dataclass
