@@ -1,8 +1,10 @@
 """The causal test's settings (``[confirm]``), declared once (:mod:`spray.config`).
 
 The decision constants (``min_paste_rate``, ``min_lift``) were set on the dev split of
-``bench/detection.py`` (protocol Q3 in ``BENCHMARKS.md``) and never on its test split;
-``docs/analysis.md`` ("Causal confirmation") has the runs.
+``bench/detection.py`` (protocol Q3 in ``BENCHMARKS.md``) and never on its test split; the
+test's shape (``evidence_area``, ``evidence_mass``, ``members``, ``hosts``, the control's
+donor share in ``spray.confirm.evidence``) was set on the demo before any Q3 run.
+``docs/analysis.md`` ("From candidates to flags", "bench Q3") has the runs.
 """
 
 from __future__ import annotations
