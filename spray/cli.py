@@ -1,5 +1,5 @@
 """The ``spray`` command line: ``demo``, ``audit``, ``check``, ``report``, ``validate``, ``correct``,
-``index``, ``compare`` and ``export-virelay``.
+``index``, ``compare``, ``export-virelay`` and ``serve`` (``spray.service.command``).
 
 Exit codes (``spray.verdict``): 0 success (for ``check``: the verdict is clean: every class
 analysed in every space, no flag), 1 a flag was raised (``check`` only), 2 an error (bad job
@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export-virelay", help="write an audit as a ViRelAy project")
     export.add_argument("job", type=Path, help="job spec (TOML) whose audit has run")
     export.add_argument("--output", type=Path, default=None, help="folder (default: <audit>/virelay)")
+
+    from spray.service.command import add_parser as add_serve
+
+    add_serve(commands)
     return parser
 
 
@@ -162,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("correct", "index", "compare", "export-virelay"):
             return _run_other(args)
+        if args.command == "serve":
+            from spray.service.command import run as serve
+
+            return serve(args)
         if args.command == "demo":
             spec = demo_job(args.output, n_per_class=args.n_per_class, artifact_fraction=0.0 if args.clean else 0.3)
         else:
@@ -191,6 +199,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spray: error: {_describe_unexpected(error)} (run with -v for details)", file=sys.stderr)
         return EXIT_ERROR
     _print_summary(result, time.perf_counter() - started)
+    if args.command == "check" and spec.check.waivers:
+        from spray.service.check import gate_with_waivers
+
+        try:
+            return gate_with_waivers(spec, result.summary, result.summary_path)
+        except (ValueError, OSError) as error:  # an unreadable waiver file: no verdict
+            print(f"spray: error: {error}", file=sys.stderr)
+            return EXIT_ERROR
     return exit_code(result.summary) if args.command == "check" else EXIT_OK
 
 

@@ -1,7 +1,7 @@
 """Job specs: TOML files in ``jobs/`` parsed into validated, typed configuration.
 
 A job spec has the sections ``[job]``, ``[data]``, ``[model]``, ``[attribution]``,
-``[analysis]``, ``[confirm]``, ``[report]``, ``[cluster]``, ``[correct]`` and ``[check]``; every key is optional except ``job.name``. Unknown keys,
+``[analysis]``, ``[confirm]``, ``[report]``, ``[cluster]``, ``[correct]``, ``[check]`` and ``[schedule]``; every key is optional except ``job.name``. Unknown keys,
 wrong types and impossible values are rejected with the file, line and key named.
 Relative paths are resolved against the directory of the job file.
 """
@@ -62,6 +62,39 @@ class JobSection:
             raise ConfigError("name", f"must name a folder, got {self.name!r}")
 
 
+@dataclass(frozen=True)
+class CronExpression:
+    """A five-field cron expression (``minute hour day month weekday``), as ``croniter`` reads it."""
+
+    def problem(self, value: Any) -> str | None:
+        if value == "":
+            return None
+        from croniter import croniter
+
+        if len(str(value).split()) == 5 and croniter.is_valid(value):
+            return None
+        return f"must be a cron expression of five fields such as '0 2 * * *' (02:00 UTC daily); got {value!r}"
+
+    def counterexample(self) -> Any:
+        return "every night"
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """``[schedule]``: when ``spray serve`` runs the job by itself, and where it reports.
+
+    ``cron``: a cron expression in UTC (``"0 2 * * *"``: every day at 02:00); empty: only
+    runs that are asked for. ``webhook``: an ``http(s)://`` URL that receives a JSON POST
+    (with a Slack-compatible ``text`` field) on a new or changed flag and on a failed run.
+    """
+
+    cron: str = setting("", CronExpression(), doc="cron expression (UTC) of scheduled runs")
+    webhook: str = setting("", Pattern(r"https?://[^\s]+", "an http:// or https:// URL"), doc="URL notified of new flags and failed runs")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
 @dataclass
 class JobSpec:
     """A whole validated job spec; ``path`` is the TOML file it came from (None for built-ins).
@@ -81,6 +114,7 @@ class JobSpec:
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     correct: CorrectionConfig = field(default_factory=CorrectionConfig)
     check: CheckConfig = field(default_factory=CheckConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     path: Path | None = None
 
     def __post_init__(self) -> None:
@@ -120,6 +154,7 @@ SECTIONS: dict[str, type] = {
     "cluster": ClusterSettings,
     "correct": CorrectionConfig,
     "check": CheckConfig,
+    "schedule": ScheduleConfig,
 }
 
 

@@ -40,10 +40,15 @@ class CheckConfig:
     classes); they are listed in ``summary.json`` but do not make the verdict incomplete.
     ``allow_skipped_images``: unreadable images that were skipped (``[data] strict =
     false``) do not make the verdict incomplete.
+    ``waivers``: a waiver file (``spray.service.waivers``, relative to the job file) whose
+    reviews ``spray check`` honours (``spray.service.gate``): flags reviewed as legitimate
+    then pass, and the check says which review waived each; empty: no reviews, every flag
+    fails.
     """
 
     allow_unanalysed: tuple[str, ...] = setting((), doc="class names that may stay unanalysed")
     allow_skipped_images: bool = setting(False, doc="skipped unreadable images do not make the verdict incomplete")
+    waivers: str = setting("", doc="waiver file of reviewed flags honoured by spray check (relative to the job file)")
 
     def __post_init__(self) -> None:
         validate(self)

@@ -1,6 +1,6 @@
 """The report in a real browser: headless Chromium driven by Playwright, from file://.
 
-Needs Debian's ``chromium`` (``/usr/bin/chromium``; ``.ci/browser-setup`` installs it) and
+Needs Debian's ``chromium`` (``/usr/bin/chromium``; ``.ci/system-setup`` installs it) and
 the ``playwright`` Python package; no browser is ever downloaded. Skipped with the reason
 when either is missing. Screenshots go to the test's ``tmp_path``.
 """
@@ -37,7 +37,7 @@ sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install playwright; no browser download needed)"
 )
 if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
-    pytest.skip(f"Chromium not found at {CHROMIUM} (run .ci/browser-setup)", allow_module_level=True)
+    pytest.skip(f"Chromium not found at {CHROMIUM} (run .ci/system-setup)", allow_module_level=True)
 
 
 def _atlas(context: ReportContext) -> list[ClusterAtlas]:

@@ -1,0 +1,93 @@
+"""The database: SQLite in WAL mode, migrations that match the models, rebuilds from disk
+that keep reviews and history."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect, select, text
+
+from spray.service.database import DATABASE_FILE, make_engine, migrate, session_factory
+from spray.service.models import Base, ReviewRow, Run
+from spray.service.scan import job_key, scan
+from pathlib import PurePosixPath
+
+from .conftest import Served, flag, iso, serve, summary, write_run
+
+
+def test_sqlite_file_in_the_reports_folder_in_wal_mode(served: Served) -> None:
+    database = served.reports / DATABASE_FILE
+    assert database.is_file()
+    with served.app.state.service.engine.connect() as connection:
+        assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
+    with sqlite3.connect(database) as raw:
+        assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_the_migrations_build_exactly_the_models_schema(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
+    migrate(engine)
+    migrate(engine)  # idempotent
+    with engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+        version = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    assert differences == []
+    assert version == "0001"
+    assert {"jobs", "runs", "flags", "reviews", "tokens", "schedules", "tasks", "settings"} <= set(inspect(engine).get_table_names())
+
+
+def test_a_rebuild_never_loses_a_review(served: Served) -> None:
+    run = served.latest_run()
+    flag_id = served.client.get(f"/api/runs/{run['id']}/flags").json()[0]["id"]
+    served.client.post(f"/api/flags/{flag_id}/reviews", json={"status": "legitimate", "reviewer": "Ada", "reason": "ok"}, headers=served.auth)
+    # the database's audit tables are wiped and rebuilt from disk
+    service = served.app.state.service
+    with service.sessions() as session:
+        for row in session.scalars(select(Run)).all():
+            session.delete(row)
+        session.commit()
+        assert session.scalars(select(Run)).all() == []
+    served.rebuild()
+    with service.sessions() as session:
+        assert len(session.scalars(select(ReviewRow)).all()) == 1
+    gate = served.client.get(f"/api/jobs/{served.job_id()}/gate").json()
+    assert gate["verdict"] == "waived"
+
+
+def test_a_replaced_report_keeps_its_history(tmp_path: Path) -> None:
+    reports = tmp_path / "reports"
+    folder = reports / "plain"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(summary("plain", "2026-01-01T00:00:00+00:00", [flag(range(10))])))
+    served = serve(reports)
+    (folder / "summary.json").write_text(json.dumps(summary("plain", "2026-01-02T00:00:00+00:00", [])))
+    served.rebuild()
+    runs = served.client.get(f"/api/jobs/{served.job_id('plain')}/runs").json()
+    assert [(item["created"][:10], item["on_disk"], item["n_flags"]) for item in runs] == [("2026-01-02", True, 0), ("2026-01-01", False, 1)]
+    assert served.client.get(f"/api/jobs/{served.job_id('plain')}/gate").json()["verdict"] == "clean"
+    served.app.state.service.engine.dispose()
+
+
+def test_report_folders_are_filed_under_their_job() -> None:
+    assert job_key(PurePosixPath("demo")) == ("demo", "latest")
+    assert job_key(PurePosixPath("demo/runs/20260101T020000Z")) == ("demo", "dated")
+    assert job_key(PurePosixPath("team/demo/runs/20260101T020000123456Z")) == ("team/demo", "dated")
+    assert job_key(PurePosixPath("demo/correction/r-clarc/reaudit")) == ("demo", "reaudit")
+    assert job_key(PurePosixPath("demo/runs/not-a-time")) == ("demo/runs/not-a-time", "latest")
+
+
+def test_unreadable_summaries_are_listed_not_fatal(tmp_path: Path) -> None:
+    reports = tmp_path / "reports"
+    write_run(reports, "demo", "20260101T020000Z", summary("demo", iso("20260101T020000Z"), []))
+    (reports / "broken").mkdir()
+    (reports / "broken" / "summary.json").write_text("{not json")
+    engine = make_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    migrate(engine)
+    with session_factory(engine)() as session:
+        result = scan(session, reports)
+    assert result.unreadable == ["broken"] and len(result.new_runs) == 1
