@@ -25,9 +25,11 @@ from typing import Any
 import torch
 
 from spray.analysis.config import SprayConfig, expand_spaces
-from spray.analysis.pipeline import analyze_spaces
+from spray.analysis.distributed import dask_runner
+from spray.analysis.pipeline import TaskRunner, analyze_spaces
 from spray.analysis.result import ClassAnalysis
 from spray.attribution.distributed import cluster_client
+from spray.dask_tasks import dask_starmap, starmap_here
 from spray.attribution.engine import attribute_dataset, model_fingerprint
 from spray.attribution.select import make_explainer
 from spray.attribution.settings import AttributionSettings
@@ -98,18 +100,19 @@ def artifact_check(model: torch.nn.Module, planted: PlantedArtifact) -> Artifact
 
 def analyse(
     attributions: Attributions, data: AuditData, model: torch.nn.Module, settings: AttributionSettings,
-    spec: JobSpec, path: Path,
+    spec: JobSpec, path: Path, runner: TaskRunner | None = None,
 ) -> list[ClassAnalysis]:
     """The analysis stage: SpRAy per class and space, then the causal test of its candidates
     (``spray.confirm``), reusing ``path`` when it was computed from the same attributions and
     settings. Every class of the data gets a result, a class without samples one that says it
-    could not be analysed."""
+    could not be analysed. ``runner``: where the (class, space) analyses run (default: here,
+    one after another; :func:`spray.analysis.distributed.dask_runner` for a Dask cluster)."""
     config, class_names = spec.analysis, data.source.class_names
 
     def compute() -> list[ClassAnalysis]:
         analyses = analyze_spaces(
             attributions.heatmaps, attributions.labels, class_names, config, concepts=attributions.concepts,
-            classes=list(range(len(class_names))),
+            classes=list(range(len(class_names))), runner=runner,
         )
         predict = model_predictor(model, settings, spec.confirm.batch_size)
         confirm_analyses(analyses, attributions.heatmaps, attributions.labels, data.source.read, predict, spec.confirm)
@@ -300,17 +303,20 @@ def _run_stages(
         with clock("model"):
             model, facts = open_job_model(spec, data) if model is None else (model, given_model_facts(model, data))
         settings = spec.attribution.for_model(model)
-        with clock("attribution"), cluster_client(spec.cluster, client) as dask:
-            attributions_path = attribute_dataset(
-                data.source, model, settings, stages / ATTRIBUTIONS_FILE, data.fingerprint, progress=progress, client=dask, write=spec.cluster.write
-            )
-        check = demo_artifact_check(spec, data, model)
-        with read_attributions(attributions_path) as attributions:
-            with clock("analysis"):
-                analyses = analyse(attributions, data, model, settings, spec, stages / ANALYSIS_FILE)
-            with clock("report"):
-                context = report_context(spec, data, model, settings, attributions, analyses, facts, check)
-                report = render_report(context, report_dir, spec.report)
+        with cluster_client(spec.cluster, client) as dask:
+            with clock("attribution"):
+                attributions_path = attribute_dataset(
+                    data.source, model, settings, stages / ATTRIBUTIONS_FILE, data.fingerprint, progress=progress, client=dask, write=spec.cluster.write
+                )
+            check = demo_artifact_check(spec, data, model)
+            with read_attributions(attributions_path) as attributions:
+                with clock("analysis"):
+                    runner = None if dask is None else dask_runner(dask.client)
+                    analyses = analyse(attributions, data, model, settings, spec, stages / ANALYSIS_FILE, runner)
+                with clock("report"):
+                    context = report_context(spec, data, model, settings, attributions, analyses, facts, check)
+                    starmap = starmap_here if dask is None else dask_starmap(dask.client)
+                    report = render_report(context, report_dir, spec.report, starmap)
     finally:
         data.close()
     with clock("report"):

@@ -114,7 +114,10 @@ class SprayConfig:
         affinity: ``"gaussian"`` (self-tuning kernel) or ``"connectivity"``.
         clusterer: ``"kmeans"``, ``"agglomerative"``, ``"dbscan"`` or ``"hdbscan"``.
         minibatch_above: k-means switches to mini-batches above this many samples.
-        embedding: 2-d picture: ``"umap"``, ``"tsne"`` or ``"spectral"``.
+        embedding: 2-d picture: ``"spectral"`` (default: the Laplacian eigenvectors the
+            clusters were found in, free), ``"umap"`` or ``"tsne"`` (nicer islands, but UMAP
+            compiles for about 13 s in every new process and each costs seconds per
+            analysis; see ``docs/analysis.md``, "Pictures").
         embedding_neighbors: UMAP neighbourhood size.
         embedding_max_samples: UMAP/t-SNE embed at most this many samples directly; the
             others are placed through the kNN graph.
@@ -146,7 +149,7 @@ class SprayConfig:
     affinity: str = setting("gaussian", Choice(AFFINITIES), doc="edge weights of the graph")
     clusterer: str = setting("kmeans", Choice(CLUSTERERS), doc="clustering of the spectral embedding")
     minibatch_above: int = setting(DEFAULT_MINIBATCH_ABOVE, Range(1), doc="mini-batch k-means above this many samples")
-    embedding: str = setting("umap", Choice(EMBEDDINGS), doc="2-d picture")
+    embedding: str = setting("spectral", Choice(EMBEDDINGS), doc="2-d picture")
     embedding_neighbors: int = setting(15, Range(2), doc="UMAP neighbourhood size")
     embedding_max_samples: int = setting(DEFAULT_MAX_SAMPLES, Range(MIN_EMBED_SAMPLES), doc="embedded directly; the rest placed by the graph")
     threshold: float = setting(DEFAULT_THRESHOLD, Range(), doc="artifact score at or above which a cluster is tested as a candidate")

@@ -32,7 +32,8 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -354,6 +355,46 @@ def _analyze_or_explain(
         return not_analysable(class_index, name, space, str(error))
 
 
+@dataclass(frozen=True)
+class AnalysisTask:
+    """One analysis: the ``rows`` (ascending) of one class (or of the whole dataset, with
+    their ``groups``) in one ``space``. Tasks are independent of each other, so they can run
+    anywhere and in any order."""
+
+    space: str
+    class_index: int
+    class_name: str
+    rows: np.ndarray
+    groups: np.ndarray | None = None
+
+    def describe(self) -> str:
+        return f"class {self.class_index} ({self.class_name}, {self.space}): {len(self.rows)} samples"
+
+
+#: Runs analysis tasks on their spaces' sources (``space -> (N, ...) array or h5py dataset``)
+#: and returns their results in the tasks' order.
+TaskRunner = Callable[[Sequence[AnalysisTask], Mapping[str, Any], SprayConfig], list[ClassAnalysis]]
+
+
+def run_task(source: Any, task: AnalysisTask, config: SprayConfig, loaded: bool = False) -> ClassAnalysis:
+    """One task's analysis. ``source``: the space's (N, ...) rows, or with ``loaded`` exactly
+    the task's rows in order (what a Dask worker receives). Bad input gives a
+    not-analysable result (:func:`analyze_dataset`)."""
+    logger.info("analysing %s", task.describe())
+    if not loaded:
+        return _analyze_or_explain(source, task.rows, task.class_index, task.class_name, config, task.space, task.groups)
+    try:
+        return analyze_class(source, task.rows, task.class_index, task.class_name, config, task.space, groups=task.groups)
+    except AnalysisInputError as error:
+        logger.warning("%s not analysed: %s", task.describe(), error)
+        return not_analysable(task.class_index, task.class_name, task.space, str(error))
+
+
+def run_here(tasks: Sequence[AnalysisTask], sources: Mapping[str, Any], config: SprayConfig) -> list[ClassAnalysis]:
+    """The default :data:`TaskRunner`: every task in this process, one after another."""
+    return [run_task(sources[task.space], task, config) for task in tasks]
+
+
 def analyze_dataset(
     heatmaps: Any,
     labels: Any,
@@ -363,6 +404,7 @@ def analyze_dataset(
     classes: Sequence[int] | None = None,
     space: str = HEATMAP_SPACE,
     dataset_wide: bool = False,
+    runner: TaskRunner | None = None,
 ) -> list[ClassAnalysis]:
     """Run SpRAy class by class.
 
@@ -379,6 +421,9 @@ def analyze_dataset(
         space: name of the representation, stored with each result.
         dataset_wide: also analyse all selected rows together, as class ``-1``
             (``"all classes"``), appended last.
+        runner: runs the (class) analyses; default :func:`run_here` (one after another in
+            this process); :func:`spray.analysis.distributed.dask_runner` spreads them over
+            Dask workers with the same results.
 
     Returns:
         One :class:`ClassAnalysis` per analysed class. A class whose heatmaps contain
@@ -390,26 +435,32 @@ def analyze_dataset(
     """
     config = config or SprayConfig()
     selected, selected_labels = _select_rows(heatmaps.shape[0], labels, class_names, rows)
+    wanted = _wanted_classes(selected_labels, class_names, classes)
+    return (runner or run_here)(tasks_for(space, selected, selected_labels, wanted, class_names, dataset_wide), {space: heatmaps}, config)
+
+
+def _wanted_classes(selected_labels: np.ndarray, class_names: Sequence[str], classes: Sequence[int] | None) -> list[int]:
+    """The classes to analyse, in order: ``classes``, or every class among the selected rows."""
     wanted = np.unique(selected_labels).tolist() if classes is None else list(classes)
     unknown = [c for c in wanted if not 0 <= int(c) < len(class_names)]
     if unknown:
         raise AnalysisInputError(
             f"classes {unknown} are not among the {len(class_names)} class names."
         )
-    analyses = []
-    for class_index in wanted:
-        class_rows = selected[selected_labels == class_index]
-        name = class_names[class_index]
-        logger.info("analysing class %s (%s): %d samples", class_index, name, len(class_rows))
-        analyses.append(_analyze_or_explain(heatmaps, class_rows, class_index, name, config, space))
+    return [int(c) for c in wanted]
+
+
+def tasks_for(
+    space: str, selected: np.ndarray, selected_labels: np.ndarray, classes: Sequence[int],
+    class_names: Sequence[str], dataset_wide: bool,
+) -> list[AnalysisTask]:
+    """The analyses of one space: each class of ``classes`` in order, then the dataset-wide one."""
+    tasks = [
+        AnalysisTask(space, int(index), str(class_names[index]), selected[selected_labels == index]) for index in classes
+    ]
     if dataset_wide:
-        logger.info("analysing all classes together (%s): %d samples", space, len(selected))
-        analyses.append(
-            _analyze_or_explain(
-                heatmaps, selected, DATASET_WIDE, DATASET_WIDE_NAME, config, space, groups=selected_labels
-            )
-        )
-    return analyses
+        tasks.append(AnalysisTask(space, DATASET_WIDE, DATASET_WIDE_NAME, selected, selected_labels))
+    return tasks
 
 
 def analyze_spaces(
@@ -422,6 +473,7 @@ def analyze_spaces(
     dataset_wide: bool | None = None,
     rows: Sequence[int] | np.ndarray | None = None,
     classes: Sequence[int] | None = None,
+    runner: TaskRunner | None = None,
 ) -> list[ClassAnalysis]:
     """Run SpRAy in several representations at once, per class and optionally dataset-wide.
 
@@ -436,7 +488,7 @@ def analyze_spaces(
             layer of ``concepts`` (in their order); None: ``config.spaces``.
         dataset_wide: also analyse all selected rows of each space together (class -1);
             None: ``config.dataset_wide``.
-        rows, classes: as for :func:`analyze_dataset`.
+        rows, classes, runner: as for :func:`analyze_dataset`.
 
     Returns:
         The results of :func:`analyze_dataset` for each space, concatenated in the order
@@ -465,12 +517,12 @@ def analyze_spaces(
     names = [name for name, _ in resolved]
     if len(set(names)) != len(names):
         raise AnalysisInputError(f"analysis spaces repeat: {names}.")
-    analyses: list[ClassAnalysis] = []
-    for space, source in resolved:
-        analyses.extend(
-            analyze_dataset(
-                source, labels, class_names, config, rows=rows, classes=classes,
-                space=space, dataset_wide=dataset_wide,
-            )
-        )
-    return analyses
+    for name, source in resolved:
+        if source.shape[0] != heatmaps.shape[0]:
+            raise AnalysisInputError(f"space {name!r} has {source.shape[0]} rows but the heatmaps have {heatmaps.shape[0]}.")
+    selected, selected_labels = _select_rows(heatmaps.shape[0], labels, class_names, rows)
+    wanted = _wanted_classes(selected_labels, class_names, classes)
+    tasks = [
+        task for space in names for task in tasks_for(space, selected, selected_labels, wanted, class_names, dataset_wide)
+    ]
+    return (runner or run_here)(tasks, dict(resolved), config)

@@ -31,7 +31,7 @@ import functools
 import hashlib
 import pickle
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from spray.attribution.lrp import LRPExplainer
 from spray.attribution.select import make_explainer
 from spray.attribution.settings import AttributionSettings, ClusterSettings
 from spray.data.base import DataSource, SourceRecipe
+from spray.dask_tasks import bounded_map
 from spray.store.shards import shard_path, write_shard
 
 _WORKER_STATE = threading.local()
@@ -98,36 +99,6 @@ def _explain_shard(
     return chunk
 
 
-def _bounded_map(client: Any, function: Callable[..., Any], jobs: Iterable[tuple[int, tuple]]) -> Iterator[tuple[int, Any]]:
-    """Submit ``function(*args)`` for each ``(chunk, args)``, at most two per worker thread at a time.
-
-    Yields ``(chunk, result)`` in completion order; a task's error is raised here.
-    """
-    from distributed import as_completed
-
-    limit = 2 * max(1, sum(client.nthreads().values()))
-    pending = as_completed()
-    chunk_of: dict[str, int] = {}
-    source = iter(jobs)
-
-    def submit_next() -> bool:
-        try:
-            chunk, args = next(source)
-        except StopIteration:
-            return False
-        future = client.submit(function, *args, pure=False)
-        chunk_of[future.key] = chunk
-        pending.add(future)
-        return True
-
-    for _ in range(limit):
-        if not submit_next():
-            break
-    for future in pending:
-        yield chunk_of.pop(future.key), future.result()
-        submit_next()
-
-
 def _scatter_model(client: Any, model: nn.Module) -> Any:
     """The pickled model, sent once to every worker (a future that tasks take as an argument)."""
     return client.scatter(pickle.dumps(model.eval()), broadcast=True)
@@ -151,7 +122,7 @@ class DaskCluster:
         cluster finishes chunks (in completion order)."""
         remote_model = _scatter_model(self.client, model)
         jobs = ((chunk, (remote_model, settings, images, labels)) for chunk, images, labels in batches)
-        yield from _bounded_map(self.client, _explain_remote, jobs)
+        yield from bounded_map(self.client, _explain_remote, jobs)
 
     def explain_to_shards(
         self,
@@ -174,7 +145,7 @@ class DaskCluster:
             (chunk, (remote_model, settings, recipe, chunk, window, image_shape, str(folder), fingerprint))
             for chunk, window in windows
         )
-        for chunk, _ in _bounded_map(self.client, _explain_shard, jobs):
+        for chunk, _ in bounded_map(self.client, _explain_shard, jobs):
             yield chunk
 
     def close(self) -> None:

@@ -154,7 +154,7 @@ ADDRESS = Pattern(r"(tcp|tls|inproc|ucx)://\S+", "a scheduler address such as 't
 
 @dataclass(frozen=True)
 class ClusterSettings:
-    """``[cluster]``: where the attribution pass runs: in this process, a local Dask cluster, or a scheduler.
+    """``[cluster]``: where the attribution pass and the (class, space) analyses run: in this process, a local Dask cluster, or a scheduler.
 
     ``write``: who writes the results: ``client`` (this process; no shared filesystem needed)
     or ``workers`` (each worker reads its chunks and writes shards, joined at the end; the

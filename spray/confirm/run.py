@@ -19,6 +19,7 @@ from spray.analysis.result import ClassAnalysis, ClusterResult
 from spray.confirm.config import ConfirmConfig
 from spray.confirm.evidence import excess_masks, image_masks, matched_donors, rest_share
 from spray.confirm.test import Predict, decide, paste_pairs, paste_test, removal_test
+from spray.store.rows import take_rows
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ def _sample(rows: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray
 
 
 def _read(source: Any, rows: np.ndarray) -> np.ndarray:
-    """``source[rows]`` for ascending unique rows (what h5py needs), as float arrays."""
-    return np.asarray(source[rows], dtype=np.float32) if len(rows) else np.zeros((0, *source.shape[1:]), np.float32)
+    """``source[rows]`` as float arrays, each HDF5 chunk read once."""
+    return np.asarray(take_rows(source, rows), dtype=np.float32)
 
 
 def _heatmaps(heatmaps: Any, rows: np.ndarray) -> np.ndarray:

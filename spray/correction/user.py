@@ -49,6 +49,7 @@ from spray.correction.page import MASK_PICTURE, PATCH_PICTURE
 from spray.correction.run import EvaluationPlan
 from spray.jobs import JobSpec
 from spray.store.folders import ATTRIBUTIONS_FILE
+from spray.store.rows import take_rows
 
 #: A cell belongs to the cut-out mask when the members' excess relevance reaches this share of the largest excess.
 MASK_RELATIVE = 0.5
@@ -213,7 +214,7 @@ def _read_heatmaps(spec: JobSpec, rows: np.ndarray, n_samples: int) -> np.ndarra
             raise CorrectionError(f"{path} holds {len(attributions.labels)} samples but the data {n_samples}; run 'spray audit' on the job again.")
         if len(rows) == 0:
             return np.zeros((0, *attributions.heatmaps.shape[1:]), dtype=np.float32)
-        return np.asarray(attributions.heatmaps[np.asarray(rows)], dtype=np.float32)
+        return np.asarray(take_rows(attributions.heatmaps, rows), dtype=np.float32)
 
 
 def _grid_name(pooled_size: tuple[int, int] | None) -> str:

@@ -24,7 +24,8 @@ from spray.data.base import (
     to_display,
 )
 from spray.data.config import DEFAULT_MAX_IMAGE_PIXELS
-from spray.store.common import StoreError, atomic_h5
+from spray.store.common import READ_CACHE, StoreError, atomic_h5
+from spray.store.rows import take_rows
 
 
 def write_input_h5(path: Path, images: np.ndarray, labels: np.ndarray, sample_ids: list[str], class_names: list[str]) -> None:
@@ -47,7 +48,7 @@ class H5Source:
         self.path = Path(path)
         self.max_pixels = max_pixels
         try:
-            self._file = h5py.File(self.path, "r")
+            self._file = h5py.File(self.path, "r", **READ_CACHE)
         except OSError as error:
             raise StoreError(f"{self.path}: cannot open as HDF5 ({error}); check the path or re-create the file.") from error
         for key in ("data", "label"):
@@ -76,7 +77,7 @@ class H5Source:
         return len(self.labels)
 
     def read(self, rows: np.ndarray) -> np.ndarray:
-        return np.asarray(self._data[np.asarray(rows)], dtype=np.float32)
+        return np.asarray(take_rows(self._data, rows), dtype=np.float32)
 
     def recipe(self) -> SourceRecipe:
         """Reopen this file (by its absolute path) with the same class names and pixel limit."""
@@ -98,7 +99,7 @@ class DisplayH5Source(H5Source):
     """``H5Source`` that also accepts N×H×W×C and uint8 data (converted to display images)."""
 
     def read(self, rows: np.ndarray) -> np.ndarray:
-        return to_display(self._data[np.asarray(rows)], self.path)
+        return to_display(take_rows(self._data, rows), self.path)
 
 
 def open_h5_source(path: Path, class_names: list[str] | None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> DisplayH5Source:

@@ -27,6 +27,7 @@ from markupsafe import Markup
 
 from spray.report.context import ReportContext
 from spray.report.summary import build_summary, write_summary
+from spray.dask_tasks import StarMap, starmap_here
 from spray.store.common import write_text_atomic
 from spray.store.folders import SUMMARY_FILE
 from spray.report.config import ReportConfig
@@ -40,6 +41,7 @@ def render_report(
     context: ReportContext,
     out_dir: str | os.PathLike[str],
     limits: ReportConfig = ReportConfig(),
+    starmap: StarMap = starmap_here,
 ) -> Path:
     """Render the report of one audit into ``out_dir`` and return the path of ``index.html``.
 
@@ -47,6 +49,7 @@ def render_report(
         context: the audit's results and the arrays to draw pictures from.
         out_dir: folder to write into; created if missing.
         limits: caps on the sample grids (see ``ReportConfig``).
+        starmap: where the class sections' pictures are drawn (see ``build_page``).
 
     Raises:
         NotADirectoryError: ``out_dir`` exists and is not a folder.
@@ -56,7 +59,7 @@ def render_report(
         raise NotADirectoryError(f"{folder}: exists and is not a folder; choose another out_dir.")
     folder.mkdir(parents=True, exist_ok=True)
     summary = build_summary(context)
-    page = build_page(context, summary, limits)
+    page = build_page(context, summary, limits, starmap)
     script, script_hash = page_script()
     html = environment().get_template("report.html").render(
         page=page, script=script, script_hash=script_hash

@@ -1,10 +1,7 @@
 """Reading rows out of stage arrays and choosing which members of a cluster to show.
 
-The report's inputs may be NumPy arrays or open ``h5py`` datasets. ``h5py`` only accepts
-strictly increasing integer index lists, so every read here sorts and de-duplicates the
-requested rows, reads them and restores the caller's order afterwards. For datasets the
-sorted rows are read as contiguous slices: ``h5py`` point selections are about ten times
-slower than one slice read per run of neighbouring rows.
+The report's inputs may be NumPy arrays or open ``h5py`` datasets; every read goes through
+:func:`spray.store.rows.take_rows`, which reads each HDF5 chunk once.
 """
 
 from __future__ import annotations
@@ -14,32 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from spray.store.rows import take_rows
 
-def take_rows(array: Any, rows: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Return ``array[rows]`` as a NumPy array, in the order of ``rows``.
-
-    Works for NumPy arrays, ``h5py`` datasets and plain lists. Rows may be unsorted and
-    may repeat; the underlying read always uses ascending unique indices.
-    """
-    wanted = np.asarray(rows, dtype=np.int64).reshape(-1)
-    if isinstance(array, (list, tuple)):
-        return np.asarray([array[int(row)] for row in wanted])
-    if wanted.size == 0:
-        shape = tuple(getattr(array, "shape", (0,)))
-        dtype = getattr(array, "dtype", np.float64)
-        return np.empty((0, *shape[1:]), dtype=dtype)
-    unique, inverse = np.unique(wanted, return_inverse=True)
-    if isinstance(array, np.ndarray):
-        block = array[unique]
-    else:
-        block = np.concatenate([np.asarray(array[start:stop]) for start, stop in _runs(unique)])
-    return block[inverse.reshape(-1)]
-
-
-def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
-    """Split ascending unique rows into ``(start, stop)`` slices of consecutive rows."""
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    return [(int(run[0]), int(run[-1]) + 1) for run in np.split(rows, breaks)]
+__all__ = ["representatives", "take_rows", "texts_at"]
 
 
 def texts_at(values: Any, rows: Sequence[int] | np.ndarray) -> list[str]:

@@ -26,6 +26,7 @@ import numpy as np
 
 from spray.analysis.artifacts import SCORED
 from spray.analysis.result import ClassAnalysis, ClusterResult
+from spray.dask_tasks import StarMap, starmap_here
 from spray.report import plots
 from spray.report.config import ReportConfig
 from spray.report.context import ClusterAtlas, ConceptPicture, ReportContext
@@ -244,15 +245,19 @@ class PageView:
 
 
 def build_page(
-    context: ReportContext, summary: dict[str, Any], limits: ReportConfig = ReportConfig()
+    context: ReportContext, summary: dict[str, Any], limits: ReportConfig = ReportConfig(),
+    starmap: StarMap = starmap_here,
 ) -> PageView:
-    """Assemble the page model: class sections, flags in summary order, thumbnails."""
+    """Assemble the page model: class sections, flags in summary order, thumbnails.
+
+    ``starmap`` draws the class sections' pictures (one call per analysis, the part that
+    grows with classes x spaces); :func:`spray.dask_tasks.dask_starmap` draws them on Dask
+    workers. Thumbnails and the concept atlas are capped in number (``[report]``) and are
+    drawn here.
+    """
     analyses = sorted_analyses(context.analyses)
     anchors = _class_anchors(analyses)
-    classes = [
-        _class_view(analysis, entry, anchor)
-        for analysis, entry, anchor in zip(analyses, summary["classes"], anchors)
-    ]
+    classes = starmap(_class_view, list(zip(analyses, summary["classes"], anchors)))
     flags = _flag_views(classes, summary["flags"], limits)
     per_cluster = _class_grid_size(classes, limits)
     sources: dict[str, tuple[ClassAnalysis, ClusterResult]] = {}

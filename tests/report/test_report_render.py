@@ -294,3 +294,18 @@ def test_causal_tests_keep_the_page_escaped_and_self_contained(tested_html: str)
     assert "predicted as &lt;img src=x onerror=alert(1)&gt;" in tested_html  # target class name in the legend
     sources = re.findall(r'src="([^"]*)"', tested_html)
     assert all(source.startswith("data:image/png;base64,") for source in sources)
+
+
+def test_class_pictures_drawn_on_dask_workers_give_the_same_report(report_context, rendered, tmp_path):
+    """The class sections drawn as Dask tasks (``dask_starmap``) make the very same page."""
+    from spray.attribution.distributed import start_client
+    from spray.dask_tasks import dask_starmap
+    from spray.report.render import render_report
+
+    cluster = start_client("local", workers=2, threads_per_worker=1, memory_limit="2GiB", processes=False)
+    try:
+        on_workers = render_report(report_context, tmp_path / "dask", starmap=dask_starmap(cluster.client))
+    finally:
+        cluster.close()
+    assert on_workers.read_bytes() == rendered.read_bytes()
+    assert b"<img" in on_workers.read_bytes()  # pictures were drawn, not left out
