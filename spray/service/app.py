@@ -19,10 +19,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.datastructures import MutableHeaders
 from starlette.middleware.sessions import SessionMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from spray.service import notify
 from spray.service.database import default_url, make_engine, migrate, session_factory
@@ -70,6 +72,36 @@ class Service:
     def session(self) -> Iterator[Session]:
         with self.sessions() as session:
             yield session
+
+
+class SecurityHeaders:
+    """Adds the security headers to every response, and the no-script policy to the
+    service's own pages (a static report under ``/reports/`` keeps its own policy).
+
+    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) would
+    run every request through an extra task and response stream.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        page = not str(scope.get("path", "")).startswith("/reports/")
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("X-Content-Type-Options", "nosniff")
+                headers.setdefault("Referrer-Policy", "same-origin")
+                if page:
+                    headers.setdefault("Content-Security-Policy", PAGE_POLICY)
+                    headers.setdefault("X-Frame-Options", "DENY")
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def open_service(config: ServiceConfig) -> Service:
@@ -120,15 +152,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         https_only=config.secure_cookies, max_age=12 * 3600,
     )
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next: Callable[[Request], Any]) -> Any:
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "same-origin")
-        if not request.url.path.startswith("/reports/"):
-            response.headers.setdefault("Content-Security-Policy", PAGE_POLICY)
-            response.headers.setdefault("X-Frame-Options", "DENY")
-        return response
+    app.add_middleware(SecurityHeaders)
 
     app.include_router(api_router)
     app.include_router(page_router)

@@ -30,7 +30,7 @@ waived flag with the review that waived it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from spray.service.matching import Fingerprint, best_match, material_changes
@@ -69,9 +69,9 @@ class Review:
         return f"{self.status} by {self.reviewer} at {self.created}{why}"
 
     def public(self) -> dict[str, Any]:
-        """The review as JSON (the fingerprint without its member ids)."""
-        entry = asdict(self)
-        entry.pop("fingerprint")
+        """The review as JSON (the fingerprint without its member ids). Built field by field:
+        ``asdict`` would deep-copy the thousands of member ids only to drop them."""
+        entry: dict[str, Any] = {item.name: getattr(self, item.name) for item in fields(self) if item.name != "fingerprint"}
         entry["flag"] = {
             "class_index": self.fingerprint.class_index,
             "class_name": self.fingerprint.class_name,
@@ -150,9 +150,15 @@ class GateResult:
         return lines
 
 
-def read_flag(index: int, flag: dict[str, Any], reviews: Sequence[Review]) -> FlagGate:
-    """The gate's reading of one ``summary.json`` flag given the current decisions ``reviews``."""
-    current = Fingerprint.of_flag(flag)
+def flag_fingerprints(summary: dict[str, Any]) -> list[Fingerprint]:
+    """The fingerprints of a summary's flags, in the order :func:`evaluate` reads them."""
+    return [Fingerprint.of_flag(flag) for flag in summary.get("flags") or [] if isinstance(flag, dict)]
+
+
+def read_flag(index: int, flag: dict[str, Any], reviews: Sequence[Review], current: Fingerprint | None = None) -> FlagGate:
+    """The gate's reading of one ``summary.json`` flag given the current decisions ``reviews``
+    (``current``: the flag's fingerprint when the caller has it already)."""
+    current = current if current is not None else Fingerprint.of_flag(flag)
     base = {
         "index": index, "class_index": current.class_index, "class_name": current.class_name,
         "space": current.space, "cluster_id": current.cluster_id, "size": current.size,
@@ -180,16 +186,21 @@ def read_flag(index: int, flag: dict[str, Any], reviews: Sequence[Review]) -> Fl
     return FlagGate(**base, status=NEEDS_LOOK, passes=False, **details, message=f"needs a look: {review.describe()}")
 
 
-def evaluate(summary: dict[str, Any], reviews: Sequence[Review]) -> GateResult:
+def evaluate(summary: dict[str, Any], reviews: Sequence[Review], fingerprints: Sequence[Fingerprint] | None = None) -> GateResult:
     """The gate's verdict on a ``summary.json`` given every review of the job (all of their
-    history; only each subject's newest counts)."""
+    history; only each subject's newest counts). ``fingerprints``: those of the summary's
+    flags (:func:`flag_fingerprints`), when the caller keeps them between verdicts."""
     audit_verdict = str(summary.get("verdict", ERROR))
     complete = bool(summary.get("complete", False))
     if audit_verdict not in (CLEAN, FLAGGED, INCOMPLETE):
         error = summary.get("error") or f"unknown verdict {audit_verdict!r}"
         return GateResult(ERROR, EXIT_ERROR, audit_verdict, complete, [], f"the audit failed: {error}")
     current = latest_reviews(reviews)
-    flags = [read_flag(index, flag, current) for index, flag in enumerate(summary.get("flags") or []) if isinstance(flag, dict)]
+    entries = [(index, flag) for index, flag in enumerate(summary.get("flags") or []) if isinstance(flag, dict)]
+    known = list(fingerprints) if fingerprints is not None else [None] * len(entries)
+    if len(known) != len(entries):
+        raise ValueError(f"{len(known)} fingerprints for {len(entries)} flags")
+    flags = [read_flag(index, flag, current, fingerprint) for (index, flag), fingerprint in zip(entries, known)]
     failing = [flag for flag in flags if not flag.passes]
     if failing:
         return GateResult(FLAGGED, EXIT_FLAGGED, audit_verdict, complete, flags, f"{len(failing)} of {len(flags)} flag(s) fail the gate")

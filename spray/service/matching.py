@@ -94,9 +94,11 @@ def concept_keys(concepts: Iterable[Any]) -> list[str]:
 
 
 def jaccard(first: frozenset[str] | set[str], second: frozenset[str] | set[str]) -> float:
-    """``|A & B| / |A | B|`` of two sets of sample ids (0 when both are empty)."""
-    union = len(first | second)
-    return len(first & second) / union if union else 0.0
+    """``|A & B| / |A | B|`` of two sets of sample ids (0 when both are empty); the union's
+    size is counted, not built (flags hold thousands of ids)."""
+    common = len(first & second)
+    union = len(first) + len(second) - common
+    return common / union if union else 0.0
 
 
 @dataclass(frozen=True)

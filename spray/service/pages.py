@@ -23,13 +23,17 @@ from spray.service.app import Service
 from spray.service.gate import STATUSES
 from spray.service.models import Flag, Job, Run
 from spray.service.reach_view import flag_reach
-from spray.service.reviews import ReviewError, ReviewInput, history, post_review, run_gate
+from spray.service.reviews import ReviewError, ReviewInput, history, post_review, review_counts, run_gate
 from spray.service.security import check_csrf, csrf_token, database_files, form_user, inside_reports, session_user
 from spray.service.tokens import verify
 from spray.service.trend import correction_accuracies, job_trend
 from spray.service.views import job_gate, job_json, job_tasks, jobs, report_link, run_json, runs_newest_first, schedule_of, task_json
 
 router = APIRouter(include_in_schema=False)
+#: Reviews of a flag listed on its run's page, newest first; the page links the whole
+#: history (``/api/flags/{id}/reviews``) when there are more, so a flag reviewed
+#: thousands of times keeps a page of bounded size.
+HISTORY_SHOWN = 20
 TEMPLATES = Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")), autoescape=True)
 
 
@@ -110,7 +114,11 @@ def run_page(run_id: int, request: Request, session: Session = Depends(database)
     run = _get(session, Run, run_id)
     gate = run_gate(session, run)
     readings = {item.index: item for item in gate.flags}
-    flags = [{"flag": flag, "gate": readings.get(flag.position), "history": history(session, flag.subject)} for flag in run.flags]
+    counts = review_counts(session, [flag.subject for flag in run.flags])
+    flags = [
+        {"flag": flag, "gate": readings.get(flag.position), "history": history(session, flag.subject, HISTORY_SHOWN), "n_reviews": counts.get(flag.subject, 0)}
+        for flag in run.flags
+    ]
     return render(
         request, session, "run.html", title=run.path, run=run, job=run.job, gate=gate, flags=flags,
         statuses=STATUSES, report_link=report_link(run),

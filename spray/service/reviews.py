@@ -10,16 +10,18 @@ review of the job and keeps each subject's newest.
 from __future__ import annotations
 
 import threading
+import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, defer
 
-from spray.service.gate import FIXED, LEGITIMATE, STATUSES, GateResult, Review, evaluate
+from spray.service.gate import FIXED, LEGITIMATE, STATUSES, GateResult, Review, evaluate, flag_fingerprints
 from spray.service.matching import Fingerprint
 from spray.service.models import Flag, Job, ReviewRow, Run
 from spray.service.scan import DATED, LATEST
@@ -90,11 +92,11 @@ def fingerprint_of(data: dict[str, Any]) -> Fingerprint:
     )
 
 
-def as_review(row: ReviewRow) -> Review:
-    """The gate's view of a stored review."""
+def as_review(row: ReviewRow, fingerprint: Fingerprint | None = None) -> Review:
+    """The gate's view of a stored review (``fingerprint``: its parsed fingerprint, when known)."""
     return Review(
         subject=row.subject, job=row.job_key, run=row.run_path, status=row.status, reviewer=row.reviewer,
-        created=row.created, fingerprint=fingerprint_of(row.fingerprint), reason=row.reason,
+        created=row.created, fingerprint=fingerprint if fingerprint is not None else fingerprint_of(row.fingerprint), reason=row.reason,
         comment=row.comment, fixed_by=row.fixed_by,
     )
 
@@ -121,20 +123,71 @@ def job_reviews(session: Session, job_key: str | None = None) -> list[Review]:
     return [as_review(row) for row in session.scalars(query)]
 
 
+#: A name per engine for the caches below, so that entries of one database are never
+#: read for another (a database deleted and made again at the same path has a new engine).
+_SCOPES: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+_SCOPES_LOCK = threading.Lock()
+
+
+def cache_scope(session: Session) -> str:
+    """The name of the session's engine in the service's caches."""
+    engine = session.get_bind()
+    engine = getattr(engine, "engine", engine)  # a Connection bound session: its engine
+    with _SCOPES_LOCK:
+        if engine not in _SCOPES:
+            _SCOPES[engine] = uuid.uuid4().hex
+        return _SCOPES[engine]
+
+
+#: Fingerprints of stored reviews, by ``(engine, review id, subject, created)``: a review
+#: row is never changed, so its fingerprint (thousands of member ids) is parsed once.
+_FINGERPRINTS: OrderedDict[tuple[str, int, str, str], Fingerprint] = OrderedDict()
+_FINGERPRINTS_KEPT = 256
+_FINGERPRINTS_LOCK = threading.Lock()
+
+
 def current_reviews(session: Session, job_key: str) -> list[Review]:
     """The newest review of every reviewed flag of a job (the decisions the gate reads),
-    chosen in SQL so that the superseded history is not even loaded."""
+    chosen in SQL so that the superseded history is not even loaded; the fingerprint of a
+    review seen before is not loaded again either."""
     rank = func.row_number().over(partition_by=ReviewRow.subject, order_by=(ReviewRow.created.desc(), ReviewRow.id.desc()))
     ranked = select(ReviewRow.id.label("id"), rank.label("rank")).where(ReviewRow.job_key == job_key).subquery()
-    query = select(ReviewRow).join(ranked, ranked.c.id == ReviewRow.id).where(ranked.c.rank == 1).order_by(ReviewRow.created, ReviewRow.id)
-    return [as_review(row) for row in session.scalars(query)]
+    query = (
+        select(ReviewRow).options(defer(ReviewRow.fingerprint)).join(ranked, ranked.c.id == ReviewRow.id)
+        .where(ranked.c.rank == 1).order_by(ReviewRow.created, ReviewRow.id)
+    )
+    scope = cache_scope(session)
+    found = []
+    for row in session.scalars(query):
+        key = (scope, row.id, row.subject, row.created)
+        with _FINGERPRINTS_LOCK:
+            fingerprint = _FINGERPRINTS.get(key)
+            if fingerprint is not None:
+                _FINGERPRINTS.move_to_end(key)
+        if fingerprint is None:
+            fingerprint = fingerprint_of(row.fingerprint)  # loads the deferred column
+            with _FINGERPRINTS_LOCK:
+                _FINGERPRINTS[key] = fingerprint
+                while len(_FINGERPRINTS) > _FINGERPRINTS_KEPT:
+                    _FINGERPRINTS.popitem(last=False)
+        found.append(as_review(row, fingerprint))
+    return found
 
 
-def history(session: Session, subject: str) -> list[ReviewRow]:
-    """The reviews of one flag, newest first, without the reviewed flag's fingerprint (its
-    member ids make a row large, and a history is read to be shown)."""
+def history(session: Session, subject: str, limit: int | None = None) -> list[ReviewRow]:
+    """The reviews of one flag, newest first (the newest ``limit`` of them, when given),
+    without the reviewed flag's fingerprint (its member ids make a row large, and a history
+    is read to be shown)."""
     query = select(ReviewRow).options(defer(ReviewRow.fingerprint)).where(ReviewRow.subject == subject)
-    return list(session.scalars(query.order_by(ReviewRow.created.desc(), ReviewRow.id.desc())))
+    return list(session.scalars(query.order_by(ReviewRow.created.desc(), ReviewRow.id.desc()).limit(limit)))
+
+
+def review_counts(session: Session, subjects: Sequence[str]) -> dict[str, int]:
+    """How many reviews each of ``subjects`` has (absent: none)."""
+    if not subjects:
+        return {}
+    query = select(ReviewRow.subject, func.count(ReviewRow.id)).where(ReviewRow.subject.in_(list(subjects))).group_by(ReviewRow.subject)
+    return {subject: int(count) for subject, count in session.execute(query)}
 
 
 def import_reviews(session: Session, reviews: Sequence[Review]) -> int:
@@ -164,23 +217,25 @@ def latest_run(session: Session, job: Job) -> Run | None:
     )
 
 
-#: Parsed gate inputs of recent runs: ``(database, id, folder, created)`` -> the summary's
-#: verdict, completeness, error and flags. A run row's summary never changes once stored,
+#: Parsed gate inputs of recent runs: ``(engine, id, folder, created)`` -> the summary's
+#: verdict, completeness, error and flags, with the flags' fingerprints. A run row's summary never changes once stored,
 #: and ``(folder, created)`` is unique in a database, so an entry can never be stale.
-_GATE_INPUTS: OrderedDict[tuple[str, int, str, str], dict[str, Any]] = OrderedDict()
+_GATE_INPUTS: OrderedDict[tuple[str, int, str, str], tuple[dict[str, Any], list[Fingerprint]]] = OrderedDict()
 _GATE_INPUTS_KEPT = 32
 _GATE_INPUTS_LOCK = threading.Lock()
 
 
-def gate_input(session: Session, run: Run) -> dict[str, Any]:
-    """What the gate reads of a run's summary, parsed once per run (pages ask often)."""
-    key = (str(session.get_bind().url), run.id, run.path, run.created)
+def gate_input(session: Session, run: Run) -> tuple[dict[str, Any], list[Fingerprint]]:
+    """What the gate reads of a run's summary and its flags' fingerprints, made once per
+    run (pages ask often)."""
+    key = (cache_scope(session), run.id, run.path, run.created)
     with _GATE_INPUTS_LOCK:
         if key in _GATE_INPUTS:
             _GATE_INPUTS.move_to_end(key)
             return _GATE_INPUTS[key]
     summary = run.summary
-    entry = {name: summary[name] for name in ("verdict", "complete", "error", "flags") if name in summary}
+    parsed = {name: summary[name] for name in ("verdict", "complete", "error", "flags") if name in summary}
+    entry = (parsed, flag_fingerprints(parsed))
     with _GATE_INPUTS_LOCK:
         _GATE_INPUTS[key] = entry
         while len(_GATE_INPUTS) > _GATE_INPUTS_KEPT:
@@ -188,6 +243,42 @@ def gate_input(session: Session, run: Run) -> dict[str, Any]:
     return entry
 
 
+def review_state(session: Session, job_key: str) -> tuple[int, int]:
+    """How many reviews the job has and the highest review id: reviews are only ever added,
+    so any new review (posted or imported, committed in any order) changes the pair."""
+    count, highest = session.execute(
+        select(func.count(ReviewRow.id), func.max(ReviewRow.id)).where(ReviewRow.job_key == job_key)
+    ).one()
+    return int(count or 0), int(highest or 0)
+
+
+#: Gate verdicts of recent runs: ``(engine, run id, folder, created, review state)`` ->
+#: the result. A run's summary never changes once stored and the review state changes with
+#: every new review, so an entry is never stale; pages and the API read the gate of the
+#: same run over and over between reviews.
+_GATES: OrderedDict[tuple[str, int, str, str, int, int], GateResult] = OrderedDict()
+_GATES_KEPT = 64
+#: Held while a verdict is computed: concurrent requests for it wait for the one result.
+_GATES_LOCK = threading.Lock()
+
+
 def run_gate(session: Session, run: Run) -> GateResult:
-    """The gate's verdict on ``run`` given every review of its job (each flag's newest)."""
-    return evaluate(gate_input(session, run), current_reviews(session, run.job.key))
+    """The gate's verdict on ``run`` given every review of its job (each flag's newest).
+
+    The review state is read before the reviews, so a verdict filed under a state was made
+    from at least that state's reviews; a review committed in between makes a newer state,
+    which the next request asks for and misses.
+    """
+    job_key = run.job.key
+    key = (cache_scope(session), run.id, run.path, run.created, *review_state(session, job_key))
+    with _GATES_LOCK:
+        result = _GATES.get(key)
+        if result is None:
+            summary, fingerprints = gate_input(session, run)
+            result = evaluate(summary, current_reviews(session, job_key), fingerprints)
+            _GATES[key] = result
+            while len(_GATES) > _GATES_KEPT:
+                _GATES.popitem(last=False)
+        else:
+            _GATES.move_to_end(key)
+    return result

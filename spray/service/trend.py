@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from spray.service.matching import Fingerprint, best_match
 from spray.service.models import Job
+from spray.service.reviews import cache_scope
 from spray.service.views import run_json
 
 
@@ -133,10 +134,10 @@ def plot_svg(trend: Trend) -> str:
     return text.strip()
 
 
-#: Trends of recent jobs: ``(database, job id, (run id, created) of each run)`` -> the
+#: Trends of recent jobs: ``(engine, job id, (run id, folder, created) of each run)`` -> the
 #: finding labels of each run, the findings and the SVG. Runs are keyed by their id and
 #: creation time, which a stored run never changes, so an entry is never stale.
-_TRENDS: OrderedDict[tuple[str, int, tuple[tuple[int, str], ...]], tuple[list[list[str]], list[Finding], str]] = OrderedDict()
+_TRENDS: OrderedDict[tuple[str, int, tuple[tuple[int, str, str], ...]], tuple[list[list[str]], list[Finding], str]] = OrderedDict()
 _TRENDS_KEPT = 16
 #: Held while a trend is computed: concurrent requests for it wait for the one result, and
 #: matplotlib draws one figure at a time.
@@ -146,7 +147,7 @@ _TRENDS_LOCK = threading.Lock()
 def job_trend(session: Session, job: Job) -> tuple[Trend, str]:
     """The trend of ``job``'s runs (re-audits aside, oldest first) and its plot as SVG."""
     runs = [run for run in sorted(job.runs, key=lambda item: (item.created, item.id)) if run.kind != "reaudit"]
-    key = (str(session.get_bind().url), job.id, tuple((run.id, run.created) for run in runs))
+    key = (cache_scope(session), job.id, tuple((run.id, run.path, run.created) for run in runs))
     with _TRENDS_LOCK:
         cached = _TRENDS.get(key)
         if cached is None:

@@ -17,8 +17,9 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
@@ -121,8 +122,9 @@ def test_review_in_the_browser_waives_the_flag_of_later_runs_until_revoked(tmp_p
 
 
 #: Training images per class of the end-to-end demo: the smallest size at which the planted
-#: tag of the "square" class is still the demo's one flag (measured over several seeds).
-DEMO_PER_CLASS = 60
+#: tag of the "square" class was the demo's one flag for every seed tried (80: seeds 0-4;
+#: 60 missed it for seed 1).
+DEMO_PER_CLASS = 80
 #: The demo as a job spec the service may run: dated runs inside the served folder, the
 #: cheap spectral picture instead of UMAP, and the waiver file ``spray check`` reads.
 DEMO_SPEC = f"""
@@ -153,11 +155,11 @@ def spray_cli(*arguments: str) -> tuple[int, str]:
     return code, printed.getvalue()
 
 
-def wait_for(condition: object, timeout: float, what: str) -> object:
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
     """Poll ``condition()`` until it returns something true; its value."""
     deadline = time.monotonic() + timeout
     while True:
-        value = condition()  # type: ignore[operator]
+        value = condition()
         if value:
             return value
         assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
@@ -207,9 +209,9 @@ def test_demo_waived_in_the_browser_carries_over_to_a_run_started_through_the_ap
             lambda: (state := page.request.get(f"{server.url}/api/tasks/{task['id']}").json())["status"] in ("done", "failed") and state,
             120, "the audit started through the API",
         )
-        assert finished["status"] == "done", finished["log_tail"]  # type: ignore[index]
+        assert finished["status"] == "done", finished["log_tail"]
         runs = wait_for(lambda: len(found := page.request.get(f"{server.url}/api/jobs/{job['id']}/runs").json()) == 2 and found, 30, "the new run")
-        second_run = runs[0]  # type: ignore[index]
+        second_run = runs[0]
         assert second_run["path"] != first_run["path"] and second_run["kind"] == "dated"
 
         gate = page.request.get(f"{server.url}/api/jobs/{job['id']}/gate").json()
