@@ -164,7 +164,7 @@ def case_mnist(repeats: int) -> dict[str, Any]:
 
 
 def _large_files(n: int) -> Path:
-    """``n`` random smooth 224x224 RGB images (uint8, N×H×W×C, chunks of 16) in 4 classes."""
+    """``n`` random smooth 224x224 RGB images (uint8, N×H×W×C, chunks of 16) in 2 classes."""
     import h5py
 
     folder = WORK / "large"
@@ -180,9 +180,22 @@ def _large_files(n: int) -> Path:
             count = min(16, n - start)
             small = rng.uniform(0, 255, size=(count, 28, 28, 3))
             data[start : start + count] = np.repeat(np.repeat(small, 8, axis=1), 8, axis=2).astype(np.uint8)
-        file.create_dataset("label", data=np.arange(n) % 4)
-        file.attrs["class_names"] = json.dumps(["a", "b", "c", "d"])
+        file.create_dataset("label", data=np.arange(n) % 2)
+        file.attrs["class_names"] = json.dumps(["a", "b"])
     partial.replace(path)
+    return path
+
+
+def _resnet50_weights() -> Path:
+    """A random-weight ResNet-50 for the 2 classes (seed 0) as a state dict: no hub download, the same net for
+    spray and the anchor."""
+    import torch
+    import torchvision
+
+    path = WORK / "large" / "resnet50_random.pt"
+    if not path.exists():
+        torch.manual_seed(0)
+        torch.save(torchvision.models.resnet50(num_classes=2).state_dict(), path)
     return path
 
 
@@ -191,7 +204,7 @@ def _large_job(n: int, data_path: Path) -> Path:
     job.write_text(
         f"[job]\nname = \"large{n}\"\noutput = \"out\"\nseed = 0\n\n"
         f"[data]\nsource = \"h5\"\npath = \"{data_path}\"\nmean = [0.485, 0.456, 0.406]\nstd = [0.229, 0.224, 0.225]\n\n"
-        "[model]\nsource = \"torchvision\"\narchitecture = \"resnet50\"\n\n"
+        f"[model]\nsource = \"torchvision\"\narchitecture = \"resnet50\"\nweights = \"{_resnet50_weights()}\"\n\n"
         "[attribution]\nheatmap_size = [32]\nbatch_size = 16\n\n"
         "[analysis]\nmin_class_size = 10\n"
     )
@@ -203,7 +216,7 @@ def case_large(sizes: list[int]) -> dict[str, Any]:
     for n in sizes:
         data_path = _large_files(n)
         rows[str(n)] = _audit(_large_job(n, data_path), WORK / "large" / "out" / f"large{n}")
-    anchor = _anchor_process("large", str(_large_files(sizes[0])), "")
+    anchor = _anchor_process("large", str(_large_files(sizes[0])), str(_resnet50_weights()))
     return {"spray": rows, "anchor": anchor, "anchor_n": sizes[0]}
 
 
@@ -289,7 +302,8 @@ def anchor_worker(case: str, data_path: str, weights: str) -> dict[str, Any]:
     else:
         import torchvision
 
-        model = torchvision.models.resnet50()
+        model = torchvision.models.resnet50(num_classes=2)
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
         std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
         pool = 32
