@@ -47,14 +47,14 @@ def starmap_here(function: Callable[..., Any], calls: Sequence[tuple]) -> list[A
     return [function(*args) for args in calls]
 
 
+def ordered_map(client: Any, function: Callable[..., Any], calls: Iterable[tuple]) -> list[Any]:
+    """``function(*args)`` for each ``args`` of ``calls`` as tasks on ``client``'s workers
+    (:func:`bounded_map`: ``calls`` is consumed lazily), the results in the calls' order."""
+    results = dict(bounded_map(client, function, enumerate(calls)))
+    return [results[index] for index in range(len(results))]
+
+
 def dask_starmap(client: Any) -> StarMap:
     """A :data:`StarMap` whose calls are tasks on ``client``'s workers (``function`` must be
     importable there, e.g. a module-level function of spray)."""
-
-    def run(function: Callable[..., Any], calls: Sequence[tuple]) -> list[Any]:
-        results: list[Any] = [None] * len(calls)
-        for index, result in bounded_map(client, function, enumerate(calls)):
-            results[index] = result
-        return results
-
-    return run
+    return lambda function, calls: ordered_map(client, function, calls)

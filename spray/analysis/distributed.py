@@ -10,7 +10,7 @@ are identical to an analysis in one process (``tests/analysis/test_analysis_dist
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ import numpy as np
 from spray.analysis.config import SprayConfig
 from spray.analysis.pipeline import AnalysisTask, TaskRunner, run_task
 from spray.analysis.result import ClassAnalysis
-from spray.dask_tasks import bounded_map
+from spray.dask_tasks import ordered_map
 from spray.store.rows import take_rows
 
 
@@ -31,13 +31,7 @@ def dask_runner(client: Any) -> TaskRunner:
     (a ``distributed.Client``) and returns their results in the tasks' order."""
 
     def run(tasks: Sequence[AnalysisTask], sources: Mapping[str, Any], config: SprayConfig) -> list[ClassAnalysis]:
-        def jobs() -> Iterator[tuple[int, tuple]]:
-            for index, task in enumerate(tasks):
-                yield index, (take_rows(sources[task.space], task.rows), task, config)
-
-        results: list[ClassAnalysis | None] = [None] * len(tasks)
-        for index, result in bounded_map(client, _run_loaded, jobs()):
-            results[index] = result
-        return [result for result in results if result is not None]
+        calls = ((take_rows(sources[task.space], task.rows), task, config) for task in tasks)
+        return ordered_map(client, _run_loaded, calls)
 
     return run

@@ -343,18 +343,6 @@ def _select_rows(
     return selected, selected_labels
 
 
-def _analyze_or_explain(
-    source: Any, rows: np.ndarray, class_index: int, name: str, config: SprayConfig, space: str,
-    groups: np.ndarray | None = None,
-) -> ClassAnalysis:
-    """:func:`analyze_class`, with bad input turned into a not-analysable result."""
-    try:
-        return analyze_class(_RowSelection(source, rows), rows, class_index, name, config, space, groups=groups)
-    except AnalysisInputError as error:
-        logger.warning("class %s (%s, %s) not analysed: %s", class_index, name, space, error)
-        return not_analysable(class_index, name, space, str(error))
-
-
 @dataclass(frozen=True)
 class AnalysisTask:
     """One analysis: the ``rows`` (ascending) of one class (or of the whole dataset, with
@@ -381,10 +369,9 @@ def run_task(source: Any, task: AnalysisTask, config: SprayConfig, loaded: bool 
     the task's rows in order (what a Dask worker receives). Bad input gives a
     not-analysable result (:func:`analyze_dataset`)."""
     logger.info("analysing %s", task.describe())
-    if not loaded:
-        return _analyze_or_explain(source, task.rows, task.class_index, task.class_name, config, task.space, task.groups)
+    vectors = source if loaded else _RowSelection(source, task.rows)
     try:
-        return analyze_class(source, task.rows, task.class_index, task.class_name, config, task.space, groups=task.groups)
+        return analyze_class(vectors, task.rows, task.class_index, task.class_name, config, task.space, groups=task.groups)
     except AnalysisInputError as error:
         logger.warning("%s not analysed: %s", task.describe(), error)
         return not_analysable(task.class_index, task.class_name, task.space, str(error))
