@@ -314,6 +314,7 @@ def anchor_worker(case: str, data_path: str, weights: str) -> dict[str, Any]:
         data, labels = file["data"], np.asarray(file["label"][...])
         maps = []
         composite = make_composite(defaults.composite, defaults.canonizers)
+        n_outputs = int(model.fc.out_features if case == "large" else model.classifier.fc2.out_features)
         with za.Gradient(model, composite) as attributor:
             for begin in range(0, len(labels), 64):
                 batch = np.asarray(data[begin : begin + 64])
@@ -323,7 +324,7 @@ def anchor_worker(case: str, data_path: str, weights: str) -> dict[str, Any]:
                 if mean is not None:
                     x = (x - mean) / std
                 target = torch.from_numpy(labels[begin : begin + 64]).long()
-                _, relevance = attributor(x, torch.eye(model(x[:1]).shape[1])[target])
+                _, relevance = attributor(x, torch.eye(n_outputs)[target])
                 heatmap = relevance.sum(dim=1, keepdim=True)
                 if pool:
                     heatmap = torch.nn.functional.adaptive_avg_pool2d(heatmap, pool)
