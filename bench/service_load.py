@@ -4,7 +4,7 @@ Builds a reports folder holding one job with ``--runs`` dated runs of a syntheti
 (``--classes`` x ``--per-class`` samples; schema of ``spray.report.summary``: every class
 clustered, every cluster with its member ids, ``--flags`` flags of thousands of members
 each, a small static ``index.html`` per run), creates a token with ``spray serve
---create-token``, starts ``spray serve`` as a real subprocess (uvicorn on 127.0.0.1, a free
+--create-token``, starts ``spray serve --workers N`` as a real subprocess (uvicorn on 127.0.0.1, a free
 port, SQLite in WAL mode) and lets ``--clients`` threads work for ``--seconds``: each
 request is a page read (jobs list, job page, newest run's page, trend page, gate API,
 flags API) or, with probability ``--review-share``, a review posted through the API with the
@@ -123,12 +123,14 @@ def build_reports(folder: Path, runs: int, n_classes: int, per_class: int, n_fla
 
 
 def process_cpu(pid: int) -> float:
-    """CPU seconds (user and system) a process has used so far, from ``/proc`` (0 elsewhere)."""
+    """CPU seconds (user and system) a process and its live children (``--workers``) have
+    used so far, from ``/proc`` (0 elsewhere)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(process_cpu(int(child)) for child in children)
 
 
 def own_cpu() -> float:
@@ -152,10 +154,10 @@ def create_token(reports: Path) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def start_server(reports: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    """``spray serve`` on 127.0.0.1:``port``, once it answers."""
+def start_server(reports: Path, port: int, log: Path, workers: int) -> subprocess.Popen[bytes]:
+    """``spray serve --workers N`` on 127.0.0.1:``port``, once it answers."""
     with log.open("wb") as stream:
-        process = subprocess.Popen(spray("serve", "--reports", str(reports), "--port", str(port)), stdout=stream, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(spray("serve", "--reports", str(reports), "--port", str(port), "--workers", str(workers)), stdout=stream, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -260,6 +262,7 @@ def main() -> int:
     parser.add_argument("--per-class", type=int, default=6000, help="samples per class (default: 6000)")
     parser.add_argument("--flags", type=int, default=6, help="flagged classes, one flag each (default: 6)")
     parser.add_argument("--runs", type=int, default=5, help="dated runs of the job (default: 5)")
+    parser.add_argument("--workers", type=int, default=2, help="server processes, spray serve --workers (default: 2, one per core here)")
     parser.add_argument("--review-share", type=float, default=0.2, help="share of requests that post a review (default: 0.2)")
     parser.add_argument("--out", type=Path, default=None, help="folder to build in (default: a temporary one, removed)")
     args = parser.parse_args()
@@ -275,7 +278,7 @@ def main() -> int:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
-    server = start_server(reports, port, folder / "serve.log")
+    server = start_server(reports, port, folder / "serve.log", args.workers)
     print(f"spray serve answered after {time.perf_counter() - started:.1f}s on {base}", flush=True)
     try:
         job = httpx.get(f"{base}/api/jobs", timeout=60).json()[0]
@@ -306,7 +309,7 @@ def main() -> int:
         server.wait(timeout=30)
     lost = tally.recorded - min(through_api, in_database)
     print()
-    print(f"{args.clients} clients for {elapsed:.1f}s against spray serve over {args.classes * args.per_class} samples "
+    print(f"{args.clients} clients for {elapsed:.1f}s against spray serve --workers {args.workers} over {args.classes * args.per_class} samples "
           f"({args.classes} classes, {args.flags} flags, {args.runs} runs), {args.review_share:.0%} review posts")
     print()
     print(table(tally, elapsed))

@@ -90,7 +90,7 @@ def list_runs(job_id: int, session: Session = Depends(database)) -> list[dict[st
 def get_run(run_id: int, session: Session = Depends(database)) -> dict[str, Any]:
     """A run, its flags and the gate's verdict on it."""
     run = _get(session, Run, run_id, "run")
-    return {**run_json(run), "flags": [flag_json(flag) for flag in run.flags], "gate": run_gate(session, run).as_json()}
+    return {**run_json(run), "flags": [flag_json(session, flag) for flag in run.flags], "gate": run_gate(session, run).as_json()}
 
 
 @router.get("/runs/{run_id}/flags")
@@ -99,7 +99,7 @@ def list_flags(run_id: int, session: Session = Depends(database)) -> list[dict[s
     gate = run_gate(session, run)
     readings = {item.index: item for item in gate.flags}
     return [
-        {**flag_json(flag), "gate": readings[flag.position].status if flag.position in readings else None}
+        {**flag_json(session, flag), "gate": readings[flag.position].status if flag.position in readings else None}
         for flag in run.flags
     ]
 
@@ -108,7 +108,7 @@ def list_flags(run_id: int, session: Session = Depends(database)) -> list[dict[s
 def get_flag(flag_id: int, session: Session = Depends(database)) -> dict[str, Any]:
     """A flag and the history of its reviews (newest first)."""
     flag = _get(session, Flag, flag_id, "flag")
-    return {**flag_json(flag), "reviews": [review_json(row) for row in history(session, flag.subject)]}
+    return {**flag_json(session, flag), "reviews": [review_json(row) for row in history(session, flag.subject)]}
 
 
 @router.get("/flags/{flag_id}/reviews")

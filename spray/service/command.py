@@ -1,6 +1,7 @@
 """``spray serve``: the service over a reports folder, and its housekeeping options.
 
-Without an option it serves (uvicorn, ``--host 127.0.0.1 --port 8000`` by default). The
+Without an option it serves (uvicorn, ``--host 127.0.0.1 --port 8000`` by default; with
+``--workers N``, N processes share the port and the database, and one of them schedules). The
 options do one thing each and exit: ``--create-token NAME`` prints a new API token once,
 ``--revoke-token NAME`` revokes one,
 ``--rebuild`` scans the reports folder into the database, ``--export-waivers FILE`` writes
@@ -10,6 +11,7 @@ the current review decisions as a waiver file, ``--import-waivers FILE`` loads o
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 #: What ``spray serve`` prints when it starts.
@@ -22,6 +24,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     serve.add_argument("--jobs", type=Path, default=None, help="folder of job specs the service may run and schedule (default: jobs, when it exists)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--workers", type=positive, default=1, help="server processes sharing the port and the database (default: 1; one of them schedules; a team server: one per core)")
+    serve.add_argument("--threads", type=positive, default=4, help="requests a process works on at once; the rest wait in order (default: 4)")
     serve.add_argument("--database-url", default=None, help="SQLAlchemy URL (default: sqlite:///<reports>/spray.db; e.g. postgresql+psycopg://user@host/spray)")
     serve.add_argument("--secure-cookies", action="store_true", help="send the session cookie over HTTPS only (behind a TLS proxy)")
     serve.add_argument("--base-url", default="", help="public URL of the service, used in notifications' links")
@@ -33,11 +37,22 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     serve.add_argument("--job", default=None, help="with --export-waivers: only this job's reviews (its folder under the reports folder)")
 
 
+def positive(text: str) -> int:
+    """A whole number of at least 1 (``--workers``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     """Carry out ``spray serve``; returns the exit code."""
     from sqlalchemy import func, select
 
-    from spray.service.app import ServiceConfig, create_app, open_service
+    from spray.service.app import CONFIG_VARIABLE, ServiceConfig, create_app, open_service, tune_collector
     from spray.service.models import Job, Run
     from spray.service.reviews import import_reviews, job_reviews
     from spray.service.scan import scan
@@ -47,11 +62,11 @@ def run(args: argparse.Namespace) -> int:
     jobs_dir = args.jobs if args.jobs is not None else (Path("jobs") if Path("jobs").is_dir() else None)
     config = ServiceConfig(
         reports=args.reports, database_url=args.database_url, jobs_dir=jobs_dir,
-        secure_cookies=args.secure_cookies, base_url=args.base_url,
+        secure_cookies=args.secure_cookies, base_url=args.base_url, threads=args.threads,
     )
     housekeeping = args.create_token or args.revoke_token or args.rebuild or args.export_waivers or args.import_waivers
     if housekeeping:
-        service = open_service(config)
+        service = open_service(config)  # never schedules, so it leaves a live service's runs alone
         with service.sessions() as session:
             if args.import_waivers is not None:
                 added = import_reviews(session, read_waivers(args.import_waivers))
@@ -73,8 +88,18 @@ def run(args: argparse.Namespace) -> int:
         return 0
     import uvicorn
 
-    app = create_app(config)
-    database = app.state.service.engine.url.render_as_string(hide_password=True)
-    print(BANNER.format(host=args.host, port=args.port, reports=app.state.service.reports, database=database), flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    if args.workers == 1:
+        app = create_app(config)
+        tune_collector()
+        database = app.state.service.engine.url.render_as_string(hide_password=True)
+        print(BANNER.format(host=args.host, port=args.port, reports=app.state.service.reports, database=database), flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        return 0
+    # several processes: the database is prepared once here, then each worker builds its app
+    service = open_service(config)
+    database = service.engine.url.render_as_string(hide_password=True)
+    service.engine.dispose()
+    os.environ[CONFIG_VARIABLE] = config.to_environment()
+    print(BANNER.format(host=args.host, port=args.port, reports=service.reports, database=database) + f", {args.workers} worker processes", flush=True)
+    uvicorn.run("spray.service.app:app_from_environment", factory=True, workers=args.workers, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -30,7 +30,7 @@ waived flag with the review that waived it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from spray.service.matching import Fingerprint, best_match, material_changes
@@ -109,6 +109,15 @@ class FlagGate:
     match: dict[str, Any] | None = None
     changes: list[str] = field(default_factory=list)
 
+    def as_json(self) -> dict[str, Any]:
+        """The reading as JSON: ``asdict`` would deep-copy through the generic machinery,
+        and the service serves cached readings on every page."""
+        entry = {item.name: getattr(self, item.name) for item in fields(self)}
+        entry["review"] = None if self.review is None else dict(self.review)
+        entry["match"] = None if self.match is None else dict(self.match)
+        entry["changes"] = list(self.changes)
+        return entry
+
 
 @dataclass
 class GateResult:
@@ -139,7 +148,7 @@ class GateResult:
             "n_flags": len(self.flags),
             "n_waived": len(self.waived),
             "n_failing": len(self.failing),
-            "flags": [asdict(flag) for flag in self.flags],
+            "flags": [flag.as_json() for flag in self.flags],
         }
 
     def lines(self) -> list[str]:

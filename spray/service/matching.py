@@ -34,6 +34,8 @@ drifts a little every night is re-reviewed once the drift adds up.
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,10 +97,21 @@ def concept_keys(concepts: Iterable[Any]) -> list[str]:
 
 def jaccard(first: frozenset[str] | set[str], second: frozenset[str] | set[str]) -> float:
     """``|A & B| / |A | B|`` of two sets of sample ids (0 when both are empty); the union's
-    size is counted, not built (flags hold thousands of ids)."""
+    size is counted, not built (flags hold thousands of ids). Frozen sets' overlaps are
+    remembered: the service asks for the same pairs (a run's flags against the stored
+    reviews) after every new review."""
+    if isinstance(first, frozenset) and isinstance(second, frozenset):
+        return _remembered_jaccard(first, second)
+    return _jaccard(first, second)
+
+
+def _jaccard(first: frozenset[str] | set[str], second: frozenset[str] | set[str]) -> float:
     common = len(first & second)
     union = len(first) + len(second) - common
     return common / union if union else 0.0
+
+
+_remembered_jaccard = functools.lru_cache(maxsize=4096)(_jaccard)
 
 
 @dataclass(frozen=True)

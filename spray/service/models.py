@@ -5,9 +5,13 @@ rebuilt from the ``summary.json`` files of the reports folder (``spray.service.s
 What only the service knows lives in the other tables and survives a rebuild:
 
 * ``reviews``: append-only; a review is never updated or deleted, the newest review of a
-  subject is the current decision. Each row carries the reviewed flag's fingerprint (class,
+  subject is the current decision. Each row points at the reviewed flag's fingerprint (class,
   spaces, members, size, score, concepts) so it stays meaningful when runs are rescanned,
   and so that reviews imported from a waiver file need no flag row.
+* ``fingerprints``: those fingerprints, stored once each (keyed by the SHA-256 of their
+  canonical JSON). A fingerprint lists thousands of member ids (tens of kB), and a flag
+  reviewed again and again would otherwise repeat it in every review row, which makes the
+  reviews table too large to stay in the database's page cache.
 * ``tokens``: API tokens, stored as SHA-256 hashes only.
 * ``schedules`` and ``tasks``: cron schedules and queued/running/done/failed audit runs.
 * ``settings``: the service's own secrets (the session-signing key).
@@ -22,7 +26,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -85,19 +89,25 @@ class Flag(Base):
     size: Mapped[int] = mapped_column(Integer)
     artifact_score: Mapped[float | None] = mapped_column(Float, nullable=True)
     confirmation: Mapped[str | None] = mapped_column(String(20), nullable=True)
-    entry: Mapped[dict[str, Any]] = mapped_column(JSON)
+    entry: Mapped[dict[str, Any]] = mapped_column(JSON, deferred=True)  # thousands of member ids: loaded when read
 
     run: Mapped[Run] = relationship(back_populates="flags")
 
 
 class ReviewRow(Base):
-    """One review of one flag (append-only), with the reviewed flag's fingerprint."""
+    """One review of one flag (append-only), pointing at the reviewed flag's fingerprint."""
 
     __tablename__ = "reviews"
+    #: A flag's history is read newest first: the first index hands its newest rows out in
+    #: order; the second lists a job's reviewed flags without reading a review.
+    __table_args__ = (
+        Index("ix_reviews_subject_created", "subject", "created", "id"),
+        Index("ix_reviews_job_subject", "job_key", "subject"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    job_key: Mapped[str] = mapped_column(String(500), index=True)
-    subject: Mapped[str] = mapped_column(String(1200), index=True)
+    job_key: Mapped[str] = mapped_column(String(500))
+    subject: Mapped[str] = mapped_column(String(1200))
     run_path: Mapped[str] = mapped_column(String(1000))
     status: Mapped[str] = mapped_column(String(30))
     reviewer: Mapped[str] = mapped_column(String(200))
@@ -107,7 +117,17 @@ class ReviewRow(Base):
     created: Mapped[str] = mapped_column(String(64))
     token_name: Mapped[str] = mapped_column(String(200), default="")
     source: Mapped[str] = mapped_column(String(20), default="service")
-    fingerprint: Mapped[dict[str, Any]] = mapped_column(JSON)
+    fingerprint_id: Mapped[int] = mapped_column(ForeignKey("fingerprints.id", name="fk_reviews_fingerprint_id_fingerprints"), index=True)
+
+
+class FingerprintRow(Base):
+    """A reviewed flag's fingerprint, stored once however many reviews point at it."""
+
+    __tablename__ = "fingerprints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
 class Token(Base):

@@ -23,7 +23,7 @@ from spray.service.app import Service
 from spray.service.gate import STATUSES
 from spray.service.models import Flag, Job, Run
 from spray.service.reach_view import flag_reach
-from spray.service.reviews import ReviewError, ReviewInput, history, post_review, review_counts, run_gate
+from spray.service.reviews import ReviewError, ReviewInput, flag_entry, histories, post_review, review_counts, run_gate
 from spray.service.security import check_csrf, csrf_token, database_files, form_user, inside_reports, session_user
 from spray.service.tokens import verify
 from spray.service.trend import correction_accuracies, job_trend
@@ -114,9 +114,13 @@ def run_page(run_id: int, request: Request, session: Session = Depends(database)
     run = _get(session, Run, run_id)
     gate = run_gate(session, run)
     readings = {item.index: item for item in gate.flags}
-    counts = review_counts(session, [flag.subject for flag in run.flags])
+    subjects = [flag.subject for flag in run.flags]
+    counts, shown = review_counts(session, subjects), histories(session, subjects, HISTORY_SHOWN)
     flags = [
-        {"flag": flag, "gate": readings.get(flag.position), "history": history(session, flag.subject, HISTORY_SHOWN), "n_reviews": counts.get(flag.subject, 0)}
+        {
+            "flag": flag, "gate": readings.get(flag.position), "history": shown.get(flag.subject, []), "n_reviews": counts.get(flag.subject, 0),
+            "has_concepts": bool(flag_entry(session, flag).get("concepts")),
+        }
         for flag in run.flags
     ]
     return render(

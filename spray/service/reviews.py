@@ -9,21 +9,24 @@ review of the job and keeps each subject's newest.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import uuid
 import weakref
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Engine, func, select
-from sqlalchemy.orm import Session, defer
+from sqlalchemy import Engine, Row, Select, bindparam, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, aliased
 
 from spray.service.gate import FIXED, LEGITIMATE, STATUSES, GateResult, Review, evaluate, flag_fingerprints
 from spray.service.matching import Fingerprint
-from spray.service.models import Flag, Job, ReviewRow, Run
+from spray.service.memo import Memo
+from spray.service.models import FingerprintRow, Flag, Job, ReviewRow, Run
 from spray.service.scan import DATED, LATEST
 
 #: Longest reviewer name, reason and comment accepted.
@@ -92,13 +95,82 @@ def fingerprint_of(data: dict[str, Any]) -> Fingerprint:
     )
 
 
-def as_review(row: ReviewRow, fingerprint: Fingerprint | None = None) -> Review:
-    """The gate's view of a stored review (``fingerprint``: its parsed fingerprint, when known)."""
-    return Review(
-        subject=row.subject, job=row.job_key, run=row.run_path, status=row.status, reviewer=row.reviewer,
-        created=row.created, fingerprint=fingerprint if fingerprint is not None else fingerprint_of(row.fingerprint), reason=row.reason,
-        comment=row.comment, fixed_by=row.fixed_by,
+def fingerprint_digest(body: dict[str, Any]) -> str:
+    """The SHA-256 of a stored fingerprint's canonical JSON: one ``fingerprints`` row each."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def store_fingerprint(session: Session, fingerprint: Fingerprint) -> int:
+    """The id of ``fingerprint``'s row, added when the database does not hold it yet.
+
+    Two writers may add the same fingerprint at once (the service's worker processes): the
+    insert runs in a savepoint, and the loser of the unique digest reads the winner's row.
+    """
+    body = fingerprint_json(fingerprint)
+    digest = fingerprint_digest(body)
+    found = session.scalar(select(FingerprintRow.id).where(FingerprintRow.digest == digest))
+    if found is not None:
+        return found
+    try:
+        with session.begin_nested():
+            row = FingerprintRow(digest=digest, body=body)
+            session.add(row)
+        return row.id
+    except IntegrityError:
+        return session.scalars(select(FingerprintRow.id).where(FingerprintRow.digest == digest)).one()
+
+
+#: Parsed fingerprints, by ``(engine, fingerprint id)``: a stored fingerprint is never
+#: changed, so its thousands of member ids are parsed once per process.
+_FINGERPRINTS: Memo[Fingerprint] = Memo(256)
+
+
+def stored_fingerprints(session: Session, ids: Sequence[int]) -> dict[int, Fingerprint]:
+    """The parsed fingerprints of ``ids``; those parsed before are not even loaded again."""
+    scope = cache_scope(session)
+    found = {fingerprint_id: _FINGERPRINTS.get((scope, fingerprint_id)) for fingerprint_id in set(ids)}
+    missing = sorted(fingerprint_id for fingerprint_id, fingerprint in found.items() if fingerprint is None)
+    if missing:
+        rows = session.execute(select(FingerprintRow.id, FingerprintRow.body).where(FingerprintRow.id.in_(missing)))
+        for fingerprint_id, body in rows:
+            found[fingerprint_id] = _FINGERPRINTS.put((scope, fingerprint_id), fingerprint_of(body))
+    return {fingerprint_id: fingerprint for fingerprint_id, fingerprint in found.items() if fingerprint is not None}
+
+
+#: Flags' summary entries and their fingerprints' ids, by ``(engine, flag id, subject, run
+#: folder, run created)``: a flag row is made from its run's summary, which never changes
+#: once stored, and its entry lists thousands of member ids (parsed once, not per page).
+_FLAG_ENTRIES: Memo[dict[str, Any]] = Memo(256)
+_FLAG_FINGERPRINTS: Memo[int] = Memo(1024)
+
+
+def _flag_key(session: Session, flag: Flag) -> tuple[str, int, str, str, str]:
+    return (cache_scope(session), flag.id, flag.subject, flag.run.path, flag.run.created)
+
+
+def flag_entry(session: Session, flag: Flag) -> dict[str, Any]:
+    """The flag's ``summary.json`` entry (its ``entry`` column is loaded only when needed)."""
+    return _FLAG_ENTRIES.get_or_make(_flag_key(session, flag), lambda: flag.entry)
+
+
+def flag_fingerprint_id(session: Session, flag: Flag) -> int:
+    """The id of the flag's stored fingerprint (stored on its first review)."""
+    return _FLAG_FINGERPRINTS.get_or_make(
+        _flag_key(session, flag), lambda: store_fingerprint(session, Fingerprint.of_flag(flag_entry(session, flag)))
     )
+
+
+def as_reviews(session: Session, rows: Sequence[ReviewRow]) -> list[Review]:
+    """The gate's view of stored reviews, each with its reviewed flag's fingerprint."""
+    fingerprints = stored_fingerprints(session, [row.fingerprint_id for row in rows])
+    return [
+        Review(
+            subject=row.subject, job=row.job_key, run=row.run_path, status=row.status, reviewer=row.reviewer,
+            created=row.created, fingerprint=fingerprints[row.fingerprint_id], reason=row.reason,
+            comment=row.comment, fixed_by=row.fixed_by,
+        )
+        for row in rows
+    ]
 
 
 def post_review(session: Session, flag: Flag, review: ReviewInput, token_name: str = "") -> ReviewRow:
@@ -108,7 +180,7 @@ def post_review(session: Session, flag: Flag, review: ReviewInput, token_name: s
     row = ReviewRow(
         job_key=run.job.key, subject=flag.subject, run_path=run.path, status=review.status, reviewer=review.reviewer,
         reason=review.reason, comment=review.comment, fixed_by=review.fixed_by, created=utc_now_text(),
-        token_name=token_name, source="service", fingerprint=fingerprint_json(Fingerprint.of_flag(flag.entry)),
+        token_name=token_name, source="service", fingerprint_id=flag_fingerprint_id(session, flag),
     )
     session.add(row)
     session.commit()
@@ -120,7 +192,7 @@ def job_reviews(session: Session, job_key: str | None = None) -> list[Review]:
     query = select(ReviewRow).order_by(ReviewRow.created, ReviewRow.id)
     if job_key is not None:
         query = query.where(ReviewRow.job_key == job_key)
-    return [as_review(row) for row in session.scalars(query)]
+    return as_reviews(session, session.scalars(query).all())
 
 
 #: A name per engine for the caches below, so that entries of one database are never
@@ -139,55 +211,66 @@ def cache_scope(session: Session) -> str:
         return _SCOPES[engine]
 
 
-#: Fingerprints of stored reviews, by ``(engine, review id, subject, created)``: a review
-#: row is never changed, so its fingerprint (thousands of member ids) is parsed once.
-_FINGERPRINTS: OrderedDict[tuple[str, int, str, str], Fingerprint] = OrderedDict()
-_FINGERPRINTS_KEPT = 256
-_FINGERPRINTS_LOCK = threading.Lock()
+def _newest_review_of_each_subject() -> Select[tuple[ReviewRow]]:
+    """The newest review of each reviewed flag of the job ``:job_key``, oldest first. The
+    job's subjects come from an index, and each subject's newest review from one seek in
+    ``(subject, created, id)``: the cost grows with the flags reviewed, not with the reviews
+    (a window over all of them grew with every review posted)."""
+    newer = aliased(ReviewRow)
+    subjects = select(ReviewRow.subject).where(ReviewRow.job_key == bindparam("job_key")).distinct().subquery()
+    newest = (
+        select(newer.id).where(newer.subject == subjects.c.subject)
+        .order_by(newer.created.desc(), newer.id.desc()).limit(1).correlate(subjects).scalar_subquery()
+    )
+    return select(ReviewRow).where(ReviewRow.id.in_(select(newest).select_from(subjects))).order_by(ReviewRow.created, ReviewRow.id)
+
+
+#: The service's frequent queries, built once: building a statement costs SQLAlchemy more
+#: than SQLite needs to run it.
+_CURRENT_REVIEWS = _newest_review_of_each_subject()
+_HISTORY = (
+    select(*ReviewRow.__table__.columns).where(ReviewRow.subject == bindparam("subject"))
+    .order_by(ReviewRow.created.desc(), ReviewRow.id.desc())
+)
+_HISTORY_NEWEST = _HISTORY.limit(bindparam("limit"))
+_REVIEW_COUNTS = (
+    select(ReviewRow.subject, func.count(ReviewRow.id)).where(ReviewRow.subject.in_(bindparam("subjects", expanding=True)))
+    .group_by(ReviewRow.subject)
+)
+_REVIEW_STATE = select(func.count(ReviewRow.id), func.max(ReviewRow.id)).where(ReviewRow.job_key == bindparam("job_key"))
+_LATEST_RUN = (
+    select(Run).where(Run.job_id == bindparam("job_id"), Run.kind.in_((LATEST, DATED)))
+    .order_by(Run.created.desc(), Run.id.desc()).limit(1)
+)
 
 
 def current_reviews(session: Session, job_key: str) -> list[Review]:
-    """The newest review of every reviewed flag of a job (the decisions the gate reads),
-    chosen in SQL so that the superseded history is not even loaded; the fingerprint of a
-    review seen before is not loaded again either."""
-    rank = func.row_number().over(partition_by=ReviewRow.subject, order_by=(ReviewRow.created.desc(), ReviewRow.id.desc()))
-    ranked = select(ReviewRow.id.label("id"), rank.label("rank")).where(ReviewRow.job_key == job_key).subquery()
-    query = (
-        select(ReviewRow).options(defer(ReviewRow.fingerprint)).join(ranked, ranked.c.id == ReviewRow.id)
-        .where(ranked.c.rank == 1).order_by(ReviewRow.created, ReviewRow.id)
-    )
-    scope = cache_scope(session)
-    found = []
-    for row in session.scalars(query):
-        key = (scope, row.id, row.subject, row.created)
-        with _FINGERPRINTS_LOCK:
-            fingerprint = _FINGERPRINTS.get(key)
-            if fingerprint is not None:
-                _FINGERPRINTS.move_to_end(key)
-        if fingerprint is None:
-            fingerprint = fingerprint_of(row.fingerprint)  # loads the deferred column
-            with _FINGERPRINTS_LOCK:
-                _FINGERPRINTS[key] = fingerprint
-                while len(_FINGERPRINTS) > _FINGERPRINTS_KEPT:
-                    _FINGERPRINTS.popitem(last=False)
-        found.append(as_review(row, fingerprint))
-    return found
+    """The newest review of every reviewed flag of a job (the decisions the gate reads)."""
+    return as_reviews(session, session.scalars(_CURRENT_REVIEWS, {"job_key": job_key}).all())
 
 
-def history(session: Session, subject: str, limit: int | None = None) -> list[ReviewRow]:
-    """The reviews of one flag, newest first (the newest ``limit`` of them, when given),
-    without the reviewed flag's fingerprint (its member ids make a row large, and a history
-    is read to be shown)."""
-    query = select(ReviewRow).options(defer(ReviewRow.fingerprint)).where(ReviewRow.subject == subject)
-    return list(session.scalars(query.order_by(ReviewRow.created.desc(), ReviewRow.id.desc()).limit(limit)))
+def history(session: Session, subject: str, limit: int | None = None) -> list[Row[Any]]:
+    """The reviews of one flag, newest first (the newest ``limit`` of them, when given), as
+    read-only rows with the review's columns as attributes: a history is read to be shown,
+    and plain rows cost a fraction of ORM objects."""
+    if limit is None:
+        return list(session.execute(_HISTORY, {"subject": subject}))
+    return list(session.execute(_HISTORY_NEWEST, {"subject": subject, "limit": limit}))
+
+
+def histories(session: Session, subjects: Sequence[str], limit: int) -> dict[str, list[Row[Any]]]:
+    """The newest ``limit`` reviews of each of ``subjects``, newest first (absent: none): a
+    run page shows every flag's history. One indexed query per subject reads just its newest
+    rows; a window over all of them would read every review of every flag."""
+    found = {subject: history(session, subject, limit) for subject in dict.fromkeys(subjects)}
+    return {subject: rows for subject, rows in found.items() if rows}
 
 
 def review_counts(session: Session, subjects: Sequence[str]) -> dict[str, int]:
     """How many reviews each of ``subjects`` has (absent: none)."""
     if not subjects:
         return {}
-    query = select(ReviewRow.subject, func.count(ReviewRow.id)).where(ReviewRow.subject.in_(list(subjects))).group_by(ReviewRow.subject)
-    return {subject: int(count) for subject, count in session.execute(query)}
+    return {subject: int(count) for subject, count in session.execute(_REVIEW_COUNTS, {"subjects": list(subjects)})}
 
 
 def import_reviews(session: Session, reviews: Sequence[Review]) -> int:
@@ -203,7 +286,7 @@ def import_reviews(session: Session, reviews: Sequence[Review]) -> int:
         session.add(ReviewRow(
             job_key=review.job, subject=review.subject, run_path=review.run, status=review.status,
             reviewer=review.reviewer, reason=review.reason, comment=review.comment, fixed_by=review.fixed_by,
-            created=review.created, token_name="", source="import", fingerprint=fingerprint_json(review.fingerprint),
+            created=review.created, token_name="", source="import", fingerprint_id=store_fingerprint(session, review.fingerprint),
         ))
         added += 1
     session.commit()
@@ -212,54 +295,40 @@ def import_reviews(session: Session, reviews: Sequence[Review]) -> int:
 
 def latest_run(session: Session, job: Job) -> Run | None:
     """The job's newest audit (its latest report or newest dated run; re-audits aside)."""
-    return session.scalar(
-        select(Run).where(Run.job_id == job.id, Run.kind.in_((LATEST, DATED))).order_by(Run.created.desc(), Run.id.desc()).limit(1)
-    )
+    return session.scalar(_LATEST_RUN, {"job_id": job.id})
 
 
 #: Parsed gate inputs of recent runs: ``(engine, id, folder, created)`` -> the summary's
 #: verdict, completeness, error and flags, with the flags' fingerprints. A run row's summary never changes once stored,
 #: and ``(folder, created)`` is unique in a database, so an entry can never be stale.
-_GATE_INPUTS: OrderedDict[tuple[str, int, str, str], tuple[dict[str, Any], list[Fingerprint]]] = OrderedDict()
-_GATE_INPUTS_KEPT = 32
-_GATE_INPUTS_LOCK = threading.Lock()
+_GATE_INPUTS: Memo[tuple[dict[str, Any], list[Fingerprint]]] = Memo(32)
 
 
 def gate_input(session: Session, run: Run) -> tuple[dict[str, Any], list[Fingerprint]]:
     """What the gate reads of a run's summary and its flags' fingerprints, made once per
     run (pages ask often)."""
-    key = (cache_scope(session), run.id, run.path, run.created)
-    with _GATE_INPUTS_LOCK:
-        if key in _GATE_INPUTS:
-            _GATE_INPUTS.move_to_end(key)
-            return _GATE_INPUTS[key]
-    summary = run.summary
-    parsed = {name: summary[name] for name in ("verdict", "complete", "error", "flags") if name in summary}
-    entry = (parsed, flag_fingerprints(parsed))
-    with _GATE_INPUTS_LOCK:
-        _GATE_INPUTS[key] = entry
-        while len(_GATE_INPUTS) > _GATE_INPUTS_KEPT:
-            _GATE_INPUTS.popitem(last=False)
-    return entry
+
+    def make() -> tuple[dict[str, Any], list[Fingerprint]]:
+        summary = run.summary
+        parsed = {name: summary[name] for name in ("verdict", "complete", "error", "flags") if name in summary}
+        return parsed, flag_fingerprints(parsed)
+
+    return _GATE_INPUTS.get_or_make((cache_scope(session), run.id, run.path, run.created), make)
 
 
 def review_state(session: Session, job_key: str) -> tuple[int, int]:
     """How many reviews the job has and the highest review id: reviews are only ever added,
     so any new review (posted or imported, committed in any order) changes the pair."""
-    count, highest = session.execute(
-        select(func.count(ReviewRow.id), func.max(ReviewRow.id)).where(ReviewRow.job_key == job_key)
-    ).one()
+    count, highest = session.execute(_REVIEW_STATE, {"job_key": job_key}).one()
     return int(count or 0), int(highest or 0)
 
 
 #: Gate verdicts of recent runs: ``(engine, run id, folder, created, review state)`` ->
 #: the result. A run's summary never changes once stored and the review state changes with
 #: every new review, so an entry is never stale; pages and the API read the gate of the
-#: same run over and over between reviews.
-_GATES: OrderedDict[tuple[str, int, str, str, int, int], GateResult] = OrderedDict()
-_GATES_KEPT = 64
-#: Held while a verdict is computed: concurrent requests for it wait for the one result.
-_GATES_LOCK = threading.Lock()
+#: same run over and over between reviews. Concurrent requests for a verdict wait for the
+#: one result.
+_GATES: Memo[GateResult] = Memo(64, single_flight=True)
 
 
 def run_gate(session: Session, run: Run) -> GateResult:
@@ -271,14 +340,9 @@ def run_gate(session: Session, run: Run) -> GateResult:
     """
     job_key = run.job.key
     key = (cache_scope(session), run.id, run.path, run.created, *review_state(session, job_key))
-    with _GATES_LOCK:
-        result = _GATES.get(key)
-        if result is None:
-            summary, fingerprints = gate_input(session, run)
-            result = evaluate(summary, current_reviews(session, job_key), fingerprints)
-            _GATES[key] = result
-            while len(_GATES) > _GATES_KEPT:
-                _GATES.popitem(last=False)
-        else:
-            _GATES.move_to_end(key)
-    return result
+
+    def make() -> GateResult:
+        summary, fingerprints = gate_input(session, run)
+        return evaluate(summary, current_reviews(session, job_key), fingerprints)
+
+    return _GATES.get_or_make(key, make)

@@ -202,15 +202,6 @@ class Scheduler:
         for process in list(self.processes.values()):
             process.wait(timeout=timeout)
 
-    def run_forever(self, stop: threading.Event, interval: float = 2.0) -> None:
-        """Call :meth:`step` every ``interval`` seconds until ``stop`` is set; errors are logged."""
-        while not stop.is_set():
-            try:
-                self.step()
-            except Exception:  # the loop must outlive any one failure
-                log.exception("scheduler step failed")
-            stop.wait(interval)
-
     # finishing -------------------------------------------------------------------------
     def _finish(self, task_id: int, code: int) -> None:
         with self.sessions() as session:

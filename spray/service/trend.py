@@ -21,7 +21,6 @@ import io
 import json
 import re
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from spray.service.matching import Fingerprint, best_match
+from spray.service.memo import Memo
 from spray.service.models import Job
 from spray.service.reviews import cache_scope
 from spray.service.views import run_json
@@ -136,28 +136,24 @@ def plot_svg(trend: Trend) -> str:
 
 #: Trends of recent jobs: ``(engine, job id, (run id, folder, created) of each run)`` -> the
 #: finding labels of each run, the findings and the SVG. Runs are keyed by their id and
-#: creation time, which a stored run never changes, so an entry is never stale.
-_TRENDS: OrderedDict[tuple[str, int, tuple[tuple[int, str, str], ...]], tuple[list[list[str]], list[Finding], str]] = OrderedDict()
-_TRENDS_KEPT = 16
-#: Held while a trend is computed: concurrent requests for it wait for the one result, and
-#: matplotlib draws one figure at a time.
-_TRENDS_LOCK = threading.Lock()
+#: creation time, which a stored run never changes, so an entry is never stale. A trend is
+#: made once while concurrent requests for it wait.
+_TRENDS: Memo[tuple[list[list[str]], list[Finding], str]] = Memo(16, single_flight=True)
+#: matplotlib's pyplot state is global: one figure is drawn at a time.
+_DRAWING = threading.Lock()
 
 
 def job_trend(session: Session, job: Job) -> tuple[Trend, str]:
     """The trend of ``job``'s runs (re-audits aside, oldest first) and its plot as SVG."""
     runs = [run for run in sorted(job.runs, key=lambda item: (item.created, item.id)) if run.kind != "reaudit"]
     key = (cache_scope(session), job.id, tuple((run.id, run.path, run.created) for run in runs))
-    with _TRENDS_LOCK:
-        cached = _TRENDS.get(key)
-        if cached is None:
-            trend = build_trend([{"summary": run.summary} for run in runs])
-            cached = ([row["findings"] for row in trend.runs], trend.findings, plot_svg(trend))
-            _TRENDS[key] = cached
-            while len(_TRENDS) > _TRENDS_KEPT:
-                _TRENDS.popitem(last=False)
-        else:
-            _TRENDS.move_to_end(key)
-    labels, findings, svg = cached
+
+    def make() -> tuple[list[list[str]], list[Finding], str]:
+        trend = build_trend([{"summary": run.summary} for run in runs])
+        with _DRAWING:
+            svg = plot_svg(trend)
+        return [row["findings"] for row in trend.runs], trend.findings, svg
+
+    labels, findings, svg = _TRENDS.get_or_make(key, make)
     rows = [{**run_json(run), "findings": labels[index]} for index, run in enumerate(runs)]
     return Trend(rows, findings), svg

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import select
+from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
 from spray.service.gate import GateResult
 from spray.service.models import Flag, Job, ReviewRow, Run, Schedule, Task
-from spray.service.reviews import latest_run, run_gate
+from spray.service.reviews import flag_entry, latest_run, run_gate
 from spray.service.scheduler import aware, read_tail
 
 #: Characters of a task's log shown on the job page.
@@ -30,17 +30,18 @@ def run_json(run: Run) -> dict[str, Any]:
     }
 
 
-def flag_json(flag: Flag) -> dict[str, Any]:
+def flag_json(session: Session, flag: Flag) -> dict[str, Any]:
+    entry = flag_entry(session, flag)
     return {
         "id": flag.id, "run_id": flag.run_id, "position": flag.position, "subject": flag.subject,
         "class_index": flag.class_index, "class_name": flag.class_name, "space": flag.space,
         "cluster_id": flag.cluster_id, "size": flag.size, "artifact_score": flag.artifact_score,
-        "confirmation": flag.confirmation, "member_ids": list(flag.entry.get("member_ids") or []),
-        "concepts": list(flag.entry.get("concepts") or []),
+        "confirmation": flag.confirmation, "member_ids": list(entry.get("member_ids") or []),
+        "concepts": list(entry.get("concepts") or []),
     }
 
 
-def review_json(row: ReviewRow) -> dict[str, Any]:
+def review_json(row: ReviewRow | Row[Any]) -> dict[str, Any]:
     return {
         "id": row.id, "job": row.job_key, "subject": row.subject, "run": row.run_path, "status": row.status,
         "reviewer": row.reviewer, "reason": row.reason, "comment": row.comment, "fixed_by": row.fixed_by,

@@ -82,3 +82,36 @@ def test_a_copied_reports_folder_is_a_new_database(served: Served, tmp_path: Pat
         assert gate(other)["verdict"] == "flagged"
     finally:
         close(other)
+
+
+def test_a_single_flight_memo_makes_a_value_once_while_others_wait() -> None:
+    import threading
+    import time
+
+    from spray.service.memo import Memo
+
+    memo: Memo[int] = Memo(2, single_flight=True)
+    calls: list[str] = []
+    started = threading.Barrier(4)
+
+    def make(key: str) -> int:
+        calls.append(key)
+        time.sleep(0.1)  # long enough for every other thread to ask meanwhile
+        return len(calls)
+
+    def ask(key: str, out: list[int]) -> None:
+        started.wait()
+        out.append(memo.get_or_make(key, lambda: make(key)))
+
+    results: list[int] = []
+    threads = [threading.Thread(target=ask, args=("a", results)) for _ in range(3)]
+    other: list[int] = []
+    threads.append(threading.Thread(target=ask, args=("b", other)))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(calls) == ["a", "b"]  # one make per key, the other key not held up behind it
+    assert len(set(results)) == 1 and len(results) == 3
+    memo.put("c", 9)  # the least recently used of three goes
+    assert len(memo) == 2 and memo.get("c") == 9

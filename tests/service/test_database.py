@@ -37,8 +37,69 @@ def test_the_migrations_build_exactly_the_models_schema(tmp_path: Path) -> None:
         differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
         version = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
     assert differences == []
-    assert version == "0001"
-    assert {"jobs", "runs", "flags", "reviews", "tokens", "schedules", "tasks", "settings"} <= set(inspect(engine).get_table_names())
+    assert version == "0002"
+    assert {"jobs", "runs", "flags", "reviews", "fingerprints", "tokens", "schedules", "tasks", "settings"} <= set(inspect(engine).get_table_names())
+
+
+def _reviews_of_schema_0001(engine: object) -> list[tuple[int, str, dict]]:
+    """Three reviews written as schema 0001 stored them (each with its fingerprint inline),
+    two of them of the same flag."""
+    first = {"class_index": 1, "class_name": "cat", "space": "heatmap", "cluster_id": 0, "size": 3, "artifact_score": 0.9,
+             "member_ids": ["a", "b", "c"], "spaces": ["heatmap"], "concepts": []}
+    second = dict(first, class_index=2, class_name="dog", member_ids=["d", "e"], size=2)
+    rows = [(1, "needs_look", first), (2, "legitimate", first), (3, "confirmed_shortcut", second)]
+    with engine.begin() as connection:  # type: ignore[attr-defined]
+        for review_id, status, body in rows:
+            connection.execute(
+                text("INSERT INTO reviews (id, job_key, subject, run_path, status, reviewer, reason, comment, fixed_by, created, token_name, source, fingerprint) "
+                     "VALUES (:id, 'demo', :subject, 'demo', :status, 'Ada', 'r', '', '', :created, '', 'service', :fingerprint)"),
+                {"id": review_id, "subject": f"demo#{body['class_index']}", "status": status, "created": f"2026-01-0{review_id}", "fingerprint": json.dumps(body)},
+            )
+    return rows
+
+
+def test_migration_0002_moves_fingerprints_out_of_reviews_and_back(tmp_path: Path) -> None:
+    from alembic import command
+
+    from spray.service.database import alembic_config
+    from spray.service.reviews import job_reviews
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    config = alembic_config(engine)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+    rows = _reviews_of_schema_0001(engine)
+    migrate(engine)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM fingerprints")).scalar() == 2  # the shared one stored once
+    with session_factory(engine)() as session:
+        reviews = job_reviews(session, "demo")
+    assert [(review.status, sorted(review.fingerprint.member_ids), review.fingerprint.class_name) for review in reviews] == [
+        (status, body["member_ids"], body["class_name"]) for _, status, body in rows
+    ]
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0001")
+    with engine.connect() as connection:
+        back = connection.execute(text("SELECT id, fingerprint FROM reviews ORDER BY id")).all()
+        assert "fingerprints" not in inspect(connection).get_table_names()
+    assert [(review_id, json.loads(body)) for review_id, body in back] == [(review_id, body) for review_id, _, body in rows]
+    with sqlite3.connect(tmp_path / "old.db") as raw:
+        assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_a_flag_reviewed_again_and_again_stores_its_fingerprint_once(served: Served) -> None:
+    run = served.latest_run()
+    flag_id = served.client.get(f"/api/runs/{run['id']}/flags").json()[0]["id"]
+    for status in ("needs_look", "confirmed_shortcut", "needs_look"):
+        response = served.client.post(f"/api/flags/{flag_id}/reviews", json={"status": status, "reviewer": "Ada"}, headers=served.auth)
+        assert response.status_code == 201
+    with served.app.state.service.engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*), count(DISTINCT fingerprint_id) FROM reviews")).one() == (3, 1)
+        assert connection.execute(text("SELECT count(*) FROM fingerprints")).scalar() == 1
+    history = served.client.get(f"/api/flags/{flag_id}/reviews").json()
+    assert [item["status"] for item in history] == ["needs_look", "confirmed_shortcut", "needs_look"]
 
 
 def test_a_rebuild_never_loses_a_review(served: Served) -> None:

@@ -1,6 +1,7 @@
 """A fault: the server and its running audit killed with SIGKILL, then the service started
-again. The interrupted run ends failed and queued again, never "running"; the database
-passes SQLite's integrity check; no review is lost."""
+again (as two worker processes). The interrupted run ends failed and queued again once, never
+"running"; a housekeeping command in between leaves it alone; the database passes SQLite's
+integrity check; no review is lost."""
 
 from __future__ import annotations
 
@@ -44,6 +45,14 @@ def _wait_for(predicate: Any, timeout: float, what: str) -> Any:
         time.sleep(0.2)
 
 
+def _start(reports: Path, jobs: Path, port: int, *options: str) -> subprocess.Popen[bytes]:
+    """``spray serve`` as a real process, in its own process group (killed as a whole)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "spray.cli", "serve", "--reports", str(reports), "--jobs", str(jobs), "--port", str(port), *options],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+
+
 def test_sigkill_during_a_scheduled_run(tmp_path: Path, capsys: Any) -> None:
     reports, jobs = tmp_path / "reports", tmp_path / "jobs"
     write_run(reports, "nightly", "20260101T020000Z", summary("nightly", iso("20260101T020000Z"), [flag(range(0, 100))]))
@@ -56,10 +65,7 @@ def test_sigkill_during_a_scheduled_run(tmp_path: Path, capsys: Any) -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "spray.cli", "serve", "--reports", str(reports), "--jobs", str(jobs), "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    server = _start(reports, jobs, port)
     try:
         _wait_for(lambda: _call(f"{base}/api/jobs"), 40, "the server")
         run = _call(f"{base}/api/jobs/1/runs")[0]
@@ -75,12 +81,22 @@ def test_sigkill_during_a_scheduled_run(tmp_path: Path, capsys: Any) -> None:
     database = reports / "spray.db"
     with sqlite3.connect(database) as raw:
         assert raw.execute("SELECT status FROM tasks").fetchall() == [("running",)]  # as the crash left it
-    # the service starts again (its start-up work, without serving)
+    # a housekeeping command never schedules, so it cannot tell a crash from a live run: it leaves the task
     assert main(["serve", "--reports", str(reports), "--jobs", str(jobs), "--rebuild"]) == 0
+    with sqlite3.connect(database) as raw:
+        assert raw.execute("SELECT status FROM tasks").fetchall() == [("running",)]
+    # the service starts again, as two workers: the one that takes the scheduler lease recovers the run, once
+    server = _start(reports, jobs, port, "--workers", "2")
+    try:
+        _wait_for(lambda: _call(f"{base}/api/tasks/{task['id']}")["status"] == "failed", 40, "the interrupted run to be failed")
+        time.sleep(3.0)  # both workers' schedulers have had their turn
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=20)
     with sqlite3.connect(database) as raw:
         assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         tasks = raw.execute("SELECT id, status, reason, message FROM tasks ORDER BY id").fetchall()
         reviews = raw.execute("SELECT status, reviewer, reason FROM reviews").fetchall()
-    assert [(status, "interrupted" in message) for _, status, _, message in tasks] == [("failed", True), ("queued", False)]
-    assert tasks[1][2] == f"requeued after task {tasks[0][0]} was interrupted"
+    assert [(status, "interrupted" in message) for _, status, _, message in tasks[:1]] == [("failed", True)]
+    assert [(reason, status in ("queued", "running")) for _, status, reason, _ in tasks[1:]] == [(f"requeued after task {tasks[0][0]} was interrupted", True)]
     assert reviews == [("legitimate", "Ada", "ok")]

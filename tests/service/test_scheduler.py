@@ -226,6 +226,11 @@ def test_a_run_left_running_by_a_stopped_service_is_failed_and_requeued(tmp_path
     try:
         # the service stops without finishing the task (its process table is gone); a new one starts
         restarted = open_service(ServiceConfig(reports=reports, jobs_dir=jobs, scheduler_interval=0, clock=clock, command=plan.command))
+        with restarted.sessions() as session:  # opening alone (as a housekeeping command does) touches no run
+            from spray.service.models import Task
+
+            assert session.get(Task, task_id).status == "running"
+        assert restarted.take_scheduling()  # the lease is free: the first to take it recovers
         with restarted.sessions() as session:
             from spray.service.models import Task
 
@@ -326,3 +331,14 @@ def test_schedules_follow_the_spec_and_the_api(tmp_path: Path) -> None:
     kept = _served(reports, jobs, clock, plan)  # a spec without a schedule leaves the API's alone
     assert kept.client.get("/api/jobs").json()[0]["schedule"]["cron"] == "30 1 * * *"
     kept.app.state.service.engine.dispose()
+
+
+def test_one_process_at_a_time_holds_the_scheduler_lease(tmp_path: Path) -> None:
+    from spray.service.app import SchedulerLease
+
+    first, second = SchedulerLease(tmp_path), SchedulerLease(tmp_path)
+    assert first.take() and first.take()  # taking it again is a no-op
+    assert not second.take() and not second.held
+    first.release()
+    assert second.take() and second.held
+    second.release()

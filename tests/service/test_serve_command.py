@@ -83,3 +83,25 @@ def test_spray_serve_runs_a_real_server_on_the_loopback(reports: Path) -> None:
         process.terminate()
         output = process.communicate(timeout=20)[0]
     assert f"http://127.0.0.1:{port}/" in output
+
+
+def test_worker_processes_get_the_whole_configuration(tmp_path: Path) -> None:
+    from spray.service.app import ServiceConfig
+
+    config = ServiceConfig(
+        reports=tmp_path / "reports", database_url="postgresql+psycopg://spray@db/spray", jobs_dir=tmp_path / "jobs",
+        scheduler_interval=5.0, threads=3, secure_cookies=True, base_url="https://spray.example.org",
+    )
+    again = ServiceConfig.from_environment(config.to_environment())
+    assert (again.reports, again.database_url, again.jobs_dir, again.scheduler_interval, again.threads, again.secure_cookies, again.base_url) == (
+        config.reports, config.database_url, config.jobs_dir, 5.0, 3, True, "https://spray.example.org"
+    )
+
+
+def test_workers_and_threads_must_be_at_least_one(reports: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for option in ("--workers", "--threads"):
+        for value in ("0", "-2", "two"):
+            with pytest.raises(SystemExit) as stopped:
+                main(["serve", "--reports", str(reports), option, value])
+            assert stopped.value.code == 2
+            assert f"expected a whole number of at least 1, got '{value}'" in capsys.readouterr().err
