@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -118,8 +120,11 @@ def test_dask_local_cluster_gives_the_same_file_as_one_process(tmp_path, source,
     client = start_client("local", workers=2, threads_per_worker=1, memory_limit="2GiB")
     try:
         spread = attribute_dataset(source, model, settings, tmp_path / "dask" / "attributions.h5", "d", progress=False, client=client)
+        # worker processes start with Dask's environment, less the malloc trim threshold that slows analyses
+        environments = client.client.run(lambda: {name: os.environ.get(name) for name in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")})
     finally:
         client.close()
+    assert list(environments.values()) == [{"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}] * 2
     with read_attributions(local) as a, read_attributions(spread) as b:
         np.testing.assert_array_equal(a.heatmaps[...], b.heatmaps[...])
         np.testing.assert_array_equal(a.logits[...], b.logits[...])
