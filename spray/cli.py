@@ -102,12 +102,13 @@ def _run_other(args: argparse.Namespace) -> int:
         data = open_job_data(spec)
         print(f"ViRelAy project: {export_virelay(spec.folders.root, args.output, source=data.source)}")
     else:
-        _run_correct(args)
+        return _run_correct(args)
     return EXIT_OK
 
 
-def _run_correct(args: argparse.Namespace) -> None:
-    """``spray correct``: ClArC for one flag of the job's audit, the re-audit, and what they found."""
+def _run_correct(args: argparse.Namespace) -> int:
+    """``spray correct``: ClArC for one flag of the job's audit, the re-audit, and what they
+    found; the exit code is the outcome's (0 fixed, 1 not fixed, 3 unverified)."""
     from spray.correction.job import correct_job
     from spray.correction.page import PAGE_FILE
     from spray.correction.reaudit import describe_outcome
@@ -131,6 +132,9 @@ def _run_correct(args: argparse.Namespace) -> None:
     if report.export is not None:
         print(f"exported: {report.export.folder}")
         print(f"correction page: {report.export.folder / PAGE_FILE}")
+    outcome = report.outcome or report.judge()
+    print(outcome.describe())
+    return outcome.exit_code
 
 
 def _print_summary(result: object, elapsed: float) -> None:

@@ -61,7 +61,16 @@ class CorrectionConfig:
         stamp: ``module:function`` or ``file.py:function`` (relative to the job file) that puts
             the artifact on images for the attacked set; empty: cut it out of the flag.
         relevance_samples: attacked images explained for the artifact-relevance share (0 skips).
-        torchscript: also export a TorchScript file.
+        torch_export: export the corrected model as a ``torch.export`` program (``model.pt2``,
+            the recommended format; any batch size).
+        onnx: export it as ONNX too (``model.onnx``) when the ``onnx`` extra is installed
+            (``pip install 'spray[onnx]'``); without it the export records the file as skipped.
+        torchscript: also export a TorchScript file (for runtimes without ``torch.export``;
+            torch 2.14 deprecates ``torch.jit``).
+        search: choose the layer, the CAV estimator and RR-ClArC's strength on a validation split
+            of the fitting data (:mod:`spray.correction.search`); off: take them as set.
+        goal_recovered, max_clean_loss: what a correction must reach to count as fixed (with the
+            re-audit no longer finding the flag; see :mod:`spray.correction.outcome`).
         seed: random state of every random choice (a job's ``[job] seed``).
     """
 
@@ -86,6 +95,11 @@ class CorrectionConfig:
     held_out: float = setting(0.25, Range(0.0, 1.0, low_open=True, high_open=True), doc="share of each class held out for evaluation")
     stamp: str = setting("", ENTRY_POINT, doc="function that stamps the artifact (empty: cut it out of the flag)")
     relevance_samples: int = setting(64, Range(0), doc="attacked images explained for the artifact's relevance share")
+    goal_recovered: float = setting(0.8, Range(0.0, 1.0), doc="share of the attacked-accuracy loss a fix must recover")
+    max_clean_loss: float = setting(0.005, Range(0.0, 1.0), doc="clean accuracy a fix may cost (0.005: half a point)")
+    search: bool = setting(True, doc="choose layer, CAV estimator and RR-ClArC strength on a validation split")
+    torch_export: bool = setting(True, doc="export the corrected model as a torch.export program (model.pt2)")
+    onnx: bool = setting(True, doc="also export it as ONNX when the onnx extra is installed")
     torchscript: bool = setting(True, doc="also export the corrected model as TorchScript")
     seed: int = setting(0, Range(0, 2**32 - 1), doc="random state (the job's seed)", job_key=False)
 

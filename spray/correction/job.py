@@ -38,20 +38,18 @@ from spray.attribution.settings import AttributionSettings
 from spray.correction.config import AUTO_LAYER, CorrectionConfig
 from spray.correction.errors import CorrectionError
 from spray.correction.evaluate import Stamp
+from spray.correction.images import CountingReader, RowImages
 from spray.correction.page import write_correction_files
 from spray.correction.reaudit import run_reaudit
-from spray.correction.run import CorrectionReport, EvaluationPlan, correct_model, job_config
-from spray.correction.user import default_layer, held_out_evaluation
-from spray.data.open import PlantedArtifact
+from spray.correction.run import CorrectionReport, EvaluationPlan, build_correction, correct_model, job_config
+from spray.correction.search import search
+from spray.correction.user import cut_points, default_layer, held_out_evaluation
+from spray.data.open import AuditData, PlantedArtifact
 from spray.jobs import JobSpec
 from spray.models.demo import DEMO_CAV_LAYER, DemoNet
 from spray.report.index import refresh_index
 
 log = logging.getLogger(__name__)
-
-#: Images read from the source at once.
-READ_BATCH = 256
-
 
 @dataclass(frozen=True)
 class InputSpace:
@@ -85,41 +83,55 @@ class InputSpace:
         return lambda inputs: self.to_model(stamp(self.to_display(inputs)))
 
 
-def read_images(source: Any) -> np.ndarray:
-    """Every display image (N, C, H, W) of ``source``, read in batches."""
-    rows = np.arange(len(source))
-    return np.concatenate([source.read(rows[start : start + READ_BATCH]) for start in range(0, len(rows), READ_BATCH)])
-
-
 @dataclass
 class JobInputs:
-    """A job's audited samples and model as its audit saw them, with the audit's attribution settings."""
+    """A job's audited samples and model as its audit saw them, with the audit's attribution
+    settings. ``display`` reads the images a step asks for (:mod:`spray.correction.images`),
+    so the data stay open until :meth:`close` (or the end of a ``with`` block)."""
 
     model: nn.Module
-    display: np.ndarray
+    display: RowImages
     labels: np.ndarray
     n_classes: int
     space: InputSpace
     attribution: AttributionSettings
     planted: PlantedArtifact | None
+    data: AuditData
+    reader: CountingReader
+
+    def close(self) -> None:
+        self.data.close()
+
+    def __enter__(self) -> JobInputs:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 def load_job_inputs(spec: JobSpec) -> JobInputs:
     """Data and model of job ``spec`` exactly as ``spray audit`` opens them (the demo's from its
-    ``input.h5`` and model cache), with the audit's attribution settings and the data's planted artifact."""
+    ``input.h5`` and model cache), with the audit's attribution settings and the data's planted
+    artifact. No image is read yet; close the inputs when done."""
     from spray.audit import open_job_data, open_job_model
 
     data = open_job_data(spec)
     try:
         model, _ = open_job_model(spec, data)
-        display, labels = read_images(data.source), np.asarray(data.source.labels)
+        labels = np.asarray(data.source.labels)
+        if len(labels) == 0:
+            raise CorrectionError("the job's data hold no sample; check [data] and audit the job again.")
+        reader = CountingReader(data.source.read)
+        image_shape = tuple(data.source.read(np.arange(1)).shape[1:])
+        display = RowImages(reader, np.arange(len(labels)), image_shape)
         n_classes = len(data.source.class_names)
-    finally:
+    except BaseException:
         data.close()
+        raise
     settings = spec.attribution.for_model(model)
     return JobInputs(
         model=model.eval(), display=display, labels=labels, n_classes=n_classes, space=InputSpace(settings.mean, settings.std),
-        attribution=settings, planted=data.planted,
+        attribution=settings, planted=data.planted, data=data, reader=reader,
     )
 
 
@@ -129,7 +141,7 @@ def auto_layer(model: nn.Module, candidates: tuple[str, ...]) -> str:
     return DEMO_CAV_LAYER if isinstance(model, DemoNet) else default_layer(model, candidates)
 
 
-def planted_evaluation(planted: PlantedArtifact, display: np.ndarray, labels: np.ndarray, members: np.ndarray) -> EvaluationPlan:
+def planted_evaluation(planted: PlantedArtifact, display: RowImages, labels: np.ndarray, members: np.ndarray) -> EvaluationPlan:
     """Fit on every audited sample; evaluate on the planted artifact's own test split, with its stamp and region."""
     return EvaluationPlan(
         fit_images=display, fit_labels=labels, test_images=planted.test.images, test_labels=planted.test.labels,
@@ -154,25 +166,38 @@ def correct_job(spec: JobSpec, flag: dict[str, Any], config: CorrectionConfig | 
     written again and lists the correction.
     """
     config = config or job_config(spec)
-    inputs = load_job_inputs(spec)
-    if config.layer == AUTO_LAYER:
-        config = dataclasses.replace(config, layer=auto_layer(inputs.model, inputs.attribution.layers))
-    class_id, members = flag_members(flag, len(inputs.labels))
-    folder = spec.folders.correction(config.method)
-    if inputs.planted is not None:
-        plan = planted_evaluation(inputs.planted, inputs.display, inputs.labels, members)
-    else:
-        plan = held_out_evaluation(spec, inputs.display, inputs.labels, members, class_id, config, folder)
-    space = inputs.space
-    report = correct_model(
-        inputs.model, space.to_model(plan.fit_images), plan.fit_labels, space.to_model(plan.test_images), plan.test_labels,
-        plan.artifact_rows, stamp=space.stamp_inputs(plan.stamp), mask=plan.mask,
-        config=config, output_dir=folder, n_classes=inputs.n_classes, class_id=class_id, job=spec.job.name,
-        attribution=inputs.attribution, evaluation_set=plan.facts,
-    )
+    with load_job_inputs(spec) as inputs:
+        explicit_layer = config.layer != AUTO_LAYER
+        if not explicit_layer:
+            config = dataclasses.replace(config, layer=auto_layer(inputs.model, inputs.attribution.layers))
+        class_id, members = flag_members(flag, len(inputs.labels))
+        folder = spec.folders.correction(config.method)
+        if inputs.planted is not None:
+            plan = planted_evaluation(inputs.planted, inputs.display, inputs.labels, members)
+        else:
+            plan = held_out_evaluation(spec, inputs.display, inputs.labels, members, class_id, config, folder)
+        space = inputs.space
+        fit_images = plan.fit_images.mapped(space.to_model) if isinstance(plan.fit_images, RowImages) else space.to_model(plan.fit_images)
+        searched = None
+        if config.search:
+            layers = [config.layer] if explicit_layer else cut_points(inputs.model, inputs.attribution.layers) or [config.layer]
+            config, searched = search(
+                inputs.model, fit_images, plan.fit_labels, plan.artifact_rows, config, layers, space.stamp_inputs(plan.stamp),
+                lambda model, cav, images, labels, rows, settings: build_correction(model, cav, images, labels, rows, settings)[0],
+                class_id=class_id, n_classes=inputs.n_classes,
+            )
+        report = correct_model(
+            inputs.model, fit_images, plan.fit_labels, space.to_model(plan.test_images), plan.test_labels,
+            plan.artifact_rows, stamp=space.stamp_inputs(plan.stamp), mask=plan.mask,
+            config=config, output_dir=folder, n_classes=inputs.n_classes, class_id=class_id, job=spec.job.name,
+            attribution=inputs.attribution, evaluation_set=plan.facts,
+        )
+        report.images_read = {"read": inputs.reader.images_read, "distinct": len(inputs.reader.distinct_rows), "audited": len(inputs.labels)}
+        report.search = searched
     if config.reaudit:
         report.reaudit = run_reaudit(spec, inputs.model, report.model, flag, spec.folders.reaudit(config.method), progress=progress)
         report.seconds["reaudit"] = report.reaudit["seconds"]
-        write_correction_files(report.to_dict(), folder, spec.job.name)
+    report.judge()  # the re-audit is the final word
+    write_correction_files(report.to_dict(), folder, spec.job.name)
     refresh_index(spec.folders.root.parent)
     return report

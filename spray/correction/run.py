@@ -35,6 +35,8 @@ from spray.correction.clarc import (
 )
 from spray.correction.evaluate import EvaluationResult, Stamp, evaluate, format_table, recovered_share
 from spray.correction.export import ExportPaths, export_corrected
+from spray.correction.images import RowImages
+from spray.correction.outcome import Outcome, judge
 from spray.correction.page import write_correction_files
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,17 @@ class CorrectionReport:
     threshold: float | None = None
     reaudit: dict[str, Any] | None = None
     evaluation_set: dict[str, Any] | None = None
+    outcome: Outcome | None = None
+    #: ``{"read": images read from the data (a row read twice counts twice), "distinct": rows read, "audited":
+    #: images the audit explained}`` (a job's correction)
+    images_read: dict[str, int] | None = None
+    #: The candidates tried on the validation split and the one chosen (:mod:`spray.correction.search`)
+    search: dict[str, Any] | None = None
+
+    def judge(self) -> Outcome:
+        """Judge the correction (:mod:`spray.correction.outcome`) with what it knows now, and keep the verdict."""
+        self.outcome = judge(self.recovered, self.clean_change, self.reaudit, self.config.goal_recovered, self.config.max_clean_loss)
+        return self.outcome
 
     def table(self) -> str:
         """The before/after table as plain text."""
@@ -101,6 +114,9 @@ class CorrectionReport:
             "files": None if self.export is None else {k: (None if v is None else str(v)) for k, v in asdict(self.export).items()},
             "reaudit": self.reaudit,
             "evaluation_set": self.evaluation_set,
+            "outcome": None if self.outcome is None else self.outcome.to_dict(),
+            "images_read": self.images_read,
+            "search": self.search,
         }
 
 
@@ -161,13 +177,14 @@ class EvaluationPlan:
     """The data that a job's correction is fitted and evaluated on: :func:`correct_model`'s data arguments.
 
     Images are display images in [0, 1] (the job converts them to the model's input).
-    ``artifact_rows`` index ``fit_images``; ``stamp`` puts the artifact on display images for
+    ``fit_images`` may be a :class:`~spray.correction.images.RowImages` (read as the steps
+    ask). ``artifact_rows`` index ``fit_images``; ``stamp`` puts the artifact on display images for
     the attacked test set; ``mask`` is its region for the relevance share (None skips it);
     ``facts`` says how the sets were made (``evaluation_set`` of the report; None when the
     data brought their own test split).
     """
 
-    fit_images: np.ndarray
+    fit_images: np.ndarray | RowImages
     fit_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
@@ -255,12 +272,13 @@ def correct_model(
         seconds=seconds, model=corrected, history=facts.get("history"),
         detector_auc=facts.get("detector_auc"), threshold=facts.get("threshold"), evaluation_set=evaluation_set,
     )
+    report.judge()  # without a re-audit (yet): at best "unverified"
     if output_dir is not None:
         start = time.perf_counter()
         example = torch.as_tensor(np.ascontiguousarray(test_images[:8]))
         report.export = export_corrected(
             corrected, output_dir, method=config.method, cav=cav, example_input=example,
-            torchscript=config.torchscript, extra={"before": before.to_dict(), "after": after.to_dict()},
+            torchscript=config.torchscript, torch_export=config.torch_export, onnx=config.onnx, extra={"before": before.to_dict(), "after": after.to_dict()},
         )
         seconds["export"] = time.perf_counter() - start
         write_correction_files(report.to_dict(), output_dir, job)

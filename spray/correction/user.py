@@ -34,7 +34,7 @@ with pictures of the mask and the patch for a cut-out (``artifact_mask.png``,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from torch import nn
 from spray.correction.config import CorrectionConfig
 from spray.correction.errors import CorrectionError
 from spray.correction.evaluate import Stamp
+from spray.correction.images import RowImages
 from spray.correction.page import MASK_PICTURE, PATCH_PICTURE
 from spray.correction.run import EvaluationPlan
 from spray.jobs import JobSpec
@@ -222,7 +223,7 @@ def _grid_name(pooled_size: tuple[int, int] | None) -> str:
     return "the heatmaps' own" if pooled_size is None else "×".join(str(int(side)) for side in pooled_size)
 
 
-def cutout_attack(spec: JobSpec, display: np.ndarray, labels: np.ndarray, fit_rows: np.ndarray, members: np.ndarray, class_id: int) -> AttackSet:
+def cutout_attack(spec: JobSpec, display: np.ndarray | RowImages, labels: np.ndarray, fit_rows: np.ndarray, members: np.ndarray, class_id: int) -> AttackSet:
     """The artifact cut out of the fitting ``members`` (rows of ``display``) and pasted (see the module docstring)."""
     rest = np.setdiff1d(fit_rows[labels[fit_rows] == class_id], members)
     if len(rest) > MAX_REFERENCE_HEATMAPS:
@@ -277,6 +278,20 @@ def write_pictures(attack: AttackSet, folder: Path) -> list[str]:
     return [MASK_PICTURE, PATCH_PICTURE]
 
 
+def cut_points(model: nn.Module, candidates: Sequence[str]) -> list[str]:
+    """Those of ``candidates`` (the audit's concept layers) at which the model can be cut for ClArC, in their order."""
+    from spray.correction.clarc import split_model
+
+    found = []
+    for layer in candidates:
+        try:
+            split_model(model, layer)
+        except CorrectionError:
+            continue
+        found.append(layer)
+    return found
+
+
 def default_layer(model: nn.Module, candidates: tuple[str, ...]) -> str:
     """The last of ``candidates`` (the audit's concept layers) at which the model can be cut for ClArC."""
     from spray.correction.clarc import split_model
@@ -294,7 +309,7 @@ def default_layer(model: nn.Module, candidates: tuple[str, ...]) -> str:
 
 
 def _attack_set(
-    spec: JobSpec, stamp_name: str, display: np.ndarray, labels: np.ndarray, fit_rows: np.ndarray, test_rows: np.ndarray,
+    spec: JobSpec, stamp_name: str, display: np.ndarray | RowImages, labels: np.ndarray, fit_rows: np.ndarray, test_rows: np.ndarray,
     members: np.ndarray, class_id: int,
 ) -> AttackSet:
     """The stamping function ``stamp_name`` (``[correct] stamp``) when set, else the cut-out artifact; with its mask described."""
@@ -311,12 +326,14 @@ def _attack_set(
 
 
 def held_out_evaluation(
-    spec: JobSpec, display: np.ndarray, labels: np.ndarray, members: np.ndarray, class_id: int, config: CorrectionConfig, folder: Path
+    spec: JobSpec, display: np.ndarray | RowImages, labels: np.ndarray, members: np.ndarray, class_id: int, config: CorrectionConfig, folder: Path
 ) -> EvaluationPlan:
     """Split the audited ``display`` images (and ``labels``) for correcting the flag of class ``class_id``
     with ``members`` (sorted unique rows), and make the attacked set; see the module docstring.
 
     The mask and patch pictures of a cut-out are written to ``folder`` (the correction's).
+    ``display`` may be a :class:`~spray.correction.images.RowImages`: the fitting part then
+    stays unread (each step reads the rows it uses), and only the held-out part is read here.
     """
     fit_rows, test_rows = held_out_split(labels, config.held_out, config.seed)
     fit_members = np.intersect1d(members, fit_rows)
@@ -332,6 +349,7 @@ def held_out_evaluation(
         "attack": attack.facts,
     }
     return EvaluationPlan(
-        fit_images=display[fit_rows], fit_labels=labels[fit_rows], test_images=display[test_rows], test_labels=labels[test_rows],
+        fit_images=display.subset(fit_rows) if isinstance(display, RowImages) else display[fit_rows], fit_labels=labels[fit_rows],
+        test_images=display[test_rows], test_labels=labels[test_rows],
         artifact_rows=np.searchsorted(fit_rows, fit_members), stamp=attack.stamp, mask=attack.mask, facts=facts,
     )

@@ -76,7 +76,7 @@ def test_correct_job_on_the_demo_uses_the_audit_data_model_cache_and_planted_art
     spec = demo_job(output=tmp_path, name="small", n_per_class=DEMO.n_per_class)
     spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, epochs=6))
     flag = {"class_index": DEMO.artifact_class, "member_rows": np.flatnonzero(demo.train.stamped).tolist()}
-    report = correct_job(spec, flag, CorrectionConfig(method="p-clarc", relevance_samples=0, reaudit=False))
+    report = correct_job(spec, flag, CorrectionConfig(method="p-clarc", relevance_samples=0, reaudit=False, search=False))
     assert calls == [(len(demo.train.images), TrainConfig(epochs=6, seed=spec.job.seed), spec.folders.model_cache)]
     assert report.cav.layer == "features.relu3" and report.cav.n_artifact == int(demo.train.stamped.sum())
     assert report.before.n_clean == len(demo.test.labels) and report.evaluation_set is None
@@ -85,3 +85,27 @@ def test_correct_job_on_the_demo_uses_the_audit_data_model_cache_and_planted_art
     assert {p.name for p in folder.iterdir()} >= {"correction.json", "weights.pt", "cav.pt", "cav.json", "model.torchscript.pt", "report.json", "index.html"}
     assert report.reaudit is None and json.loads((folder / "report.json").read_text())["reaudit"] is None
     assert report.recovered > 0.5
+
+
+def test_the_search_chooses_on_a_validation_split_by_the_documented_rule(tmp_path: Path, demo: Demo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With [correct] search on, every concept layer x estimator is tried on a fifth of each class of the
+    fitting data; the winner recovers the most among those that keep the clean accuracy, and the
+    correction is made with its settings (observed on the demo: features.conv3 with the pattern CAV)."""
+    import spray.models.open as open_models
+
+    monkeypatch.setattr(open_models, "load_or_train_demo_model", lambda *args: (demo.model, demo.weights, False))
+    spec = demo_job(output=tmp_path, name="small", n_per_class=DEMO.n_per_class)
+    flag = {"class_index": DEMO.artifact_class, "member_rows": np.flatnonzero(demo.train.stamped).tolist()}
+    report = correct_job(spec, flag, CorrectionConfig(method="r-clarc", relevance_samples=0, reaudit=False))
+    searched = report.search
+    assert searched is not None and searched["n_validation"] == pytest.approx(0.2 * len(demo.train.labels), abs=len(set(demo.train.labels.tolist())))
+    tried = searched["candidates"]
+    layers = {item["layer"] for item in tried}
+    assert len(layers) >= 2 and len(tried) == 2 * len(layers)  # each concept layer (a cut point) with each estimator
+    assert {(item["layer"], item["estimator"]) for item in tried} == {(layer, estimator) for layer in layers for estimator in ("pattern", "logistic")}
+    chosen = [item for item in tried if item["chosen"]]
+    assert len(chosen) == 1 and (report.cav.layer, report.cav.estimator) == (chosen[0]["layer"], chosen[0]["estimator"])
+    keeping = [item for item in tried if not item["error"] and item["clean_change"] >= -report.config.max_clean_loss - 1e-9]
+    assert keeping and chosen[0]["recovered"] == max(item["recovered"] for item in keeping)
+    page = (spec.folders.correction("r-clarc") / "index.html").read_text()
+    assert 'id="search"' in page and page.count("<td>chosen</td>") == 1

@@ -15,7 +15,7 @@ from torch import nn
 import spray.correction.run as correction_run
 from spray.attribution.resolution import pool_heatmaps
 from spray.audit import run_audit
-from spray.cli import EXIT_ERROR, EXIT_OK, main
+from spray.cli import EXIT_ERROR, EXIT_INCOMPLETE, EXIT_OK, main
 from spray.correction import CorrectionConfig, CorrectionError
 from spray.correction.job import correct_job
 from spray.correction.run import job_config
@@ -205,7 +205,17 @@ def test_spray_correct_on_the_user_job_writes_export_page_report_and_reaudit(use
     assert report["after"]["artifact_relevance"] < report["before"]["artifact_relevance"]
     assert report["after"]["gate_precision"] >= 0.9
     assert report["reaudit"]["flag_gone"] is True and (folder / report["reaudit"]["report"]).is_file()
+    assert (report["outcome"]["verdict"], report["outcome"]["unmet"]) == ("fixed", [])
+    # only the rows a step used were read: the held-out part, the class's fitting rows (CAV, cut-out patch) and the
+    # search's validation split; never another class's fitting rows outside it
+    labels = np.load(root / "data.npz")["label"]
+    fit, held_out = held_out_split(labels, 0.25, 0)
+    _, validation = held_out_split(labels[fit], 0.2, 1)
+    expected = set(held_out.tolist()) | set(fit[labels[fit] == 1].tolist()) | set(fit[validation].tolist())
+    assert (report["images_read"]["distinct"], report["images_read"]["audited"]) == (len(expected), 400) and len(expected) < 400
+    assert report["search"]["n_validation"] == len(validation)
     page = (folder / "index.html").read_text()
+    assert '<div class="clear" id="outcome"><dt>outcome</dt><dd>fixed</dd></div>' in page
     assert page.count("data:image/png;base64,") == 2 and "tagged &lt;i&gt;" in page and "tagged <i>" not in page
     assert {p for p in root.rglob("*") if "out" not in p.relative_to(root).parts} == outside
 
@@ -213,7 +223,8 @@ def test_spray_correct_on_the_user_job_writes_export_page_report_and_reaudit(use
 def test_a_stamp_entry_point_makes_the_attacked_set(user_job: Path) -> None:
     """Observed with P-ClArC: attacked accuracy 50% -> 100%, the mask exactly the function's 4x4 square."""
     job = _job_with(user_job, "stamp.toml", 'method = "p-clarc"\nreaudit = false\nstamp = "stamp.py:stamp"\nrelevance_samples = 8')
-    assert main(["--no-progress", "correct", str(job)]) == EXIT_OK
+    # no re-audit checked that the strategy is gone: however good the numbers, the outcome is "unverified" (exit 3)
+    assert main(["--no-progress", "correct", str(job)]) == EXIT_INCOMPLETE
     folder = load_job(job).output_dir / "correction" / "p-clarc"
     report = json.loads((folder / "report.json").read_text())
     attack = report["evaluation_set"]["attack"]
@@ -221,6 +232,7 @@ def test_a_stamp_entry_point_makes_the_attacked_set(user_job: Path) -> None:
     assert (attack["mask_pixels"], attack["mask_box"], attack["pictures"]) == (16, [2, 2, 5, 5], [])
     assert report["before"]["attacked_accuracy"] <= 0.6 and report["recovered_share"] > 0.5
     assert report["reaudit"] is None and "data:image/png" not in (folder / "index.html").read_text()
+    assert report["outcome"]["verdict"] == "unverified" and report["outcome"]["exit_code"] == EXIT_INCOMPLETE
 
 
 def test_rr_clarc_fine_tunes_on_the_fitting_rows_only(user_job: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -234,7 +246,10 @@ def test_rr_clarc_fine_tunes_on_the_fitting_rows_only(user_job: Path, monkeypatc
     monkeypatch.setattr(correction_run, "rr_clarc", recording)
     config = CorrectionConfig(method="rr-clarc", layer="4", rr_epochs=1, rr_max_samples=120, relevance_samples=0, torchscript=False, reaudit=False)
     report = correct_job(load_job(user_job), _flag(user_job), config)
-    assert seen == [120] and report.history is not None and len(report.history.val_loss) == 1
+    # the search fine-tunes once per strength on its fitting part, then the correction once on all fitting rows
+    assert seen == [120] * 4 and report.history is not None and len(report.history.val_loss) == 1
+    assert [item["rr_lambda"] for item in report.search["candidates"]] == [10.0, 100.0, 1000.0]
+    assert report.config.rr_lambda == next(item["rr_lambda"] for item in report.search["candidates"] if item["chosen"])
     assert report.history.val_penalty[0] < report.history.initial_val_penalty  # observed 0.035 < 0.039
     assert type(report.model) is nn.Sequential and report.export is not None and report.export.weights.is_file()
 

@@ -1,0 +1,103 @@
+"""Whether a correction fixed the flag: one verdict for the page, ``report.json`` and the CLI.
+
+A correction is **fixed** only when all of these hold:
+
+* it recovers at least ``[correct] goal_recovered`` (default 0.8) of the attacked-accuracy
+  loss (the attacked set: the artifact stamped on held-out images of the other classes);
+* it costs at most ``[correct] max_clean_loss`` (default 0.005, half a point) of clean
+  accuracy on the held-out images;
+* the re-audit of the corrected model no longer finds the flag. The re-audit is the final
+  word: a correction that moves the numbers but leaves the strategy in place is not a fix.
+
+Otherwise it is **not fixed**, and every unmet condition is named. When the numbers reach the
+goal but the re-audit was switched off (``[correct] reaudit = false``), nothing confirmed that
+the strategy is gone, and the verdict is **unverified**, never "fixed": a verdict is a promise.
+
+``spray correct`` exits with 0 (fixed), 1 (not fixed) or 3 (unverified), the codes of
+``spray check`` for clean, flagged and incomplete.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from spray.verdict import EXIT_FLAGGED, EXIT_INCOMPLETE, EXIT_OK
+
+FIXED = "fixed"
+NOT_FIXED = "not fixed"
+UNVERIFIED = "unverified"
+
+EXIT_CODES = {FIXED: EXIT_OK, NOT_FIXED: EXIT_FLAGGED, UNVERIFIED: EXIT_INCOMPLETE}
+#: Accuracies are shares of counts: a loss of exactly the allowed points (one image in 200
+#: for half a point) must not fail by float rounding (0.975 - 0.98 = -0.0050000000000000044).
+ROUNDING = 1e-9
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The verdict on one correction, the conditions it was judged by and what failed."""
+
+    verdict: str
+    goal_recovered: float
+    max_clean_loss: float
+    recovered: float | None
+    clean_change: float | None
+    flag_gone: bool | None
+    unmet: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.verdict]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"exit_code": self.exit_code}
+
+    def describe(self) -> str:
+        """One line for people: the verdict and why."""
+        if self.verdict == FIXED:
+            return (
+                f"outcome: fixed (recovered {self.recovered:.1%} >= {self.goal_recovered:.0%}, clean accuracy "
+                f"{_points(self.clean_change)}, the re-audit no longer finds the flag)"
+            )
+        return f"outcome: {self.verdict}: " + "; ".join(self.unmet)
+
+
+def _points(change: float | None) -> str:
+    return "n/a" if change is None else f"{100 * change:+.1f} pt"
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def judge(
+    recovered: float | None, clean_change: float | None, reaudit: dict[str, Any] | None, goal_recovered: float, max_clean_loss: float
+) -> Outcome:
+    """The :class:`Outcome` of a correction (see the module docstring for the rule).
+
+    ``recovered``: share of the attacked-accuracy loss recovered (None or NaN when the
+    attack cost nothing, so there was nothing to recover); ``clean_change``: clean accuracy
+    after minus before; ``reaudit``: the re-audit's outcome (``flag_gone``), None when it did
+    not run.
+    """
+    recovered, clean_change = _finite(recovered), _finite(clean_change)
+    unmet = []
+    if recovered is None:
+        unmet.append("the attack cost the original model no accuracy, so no recovery could be measured")
+    elif recovered < goal_recovered - ROUNDING:
+        unmet.append(f"recovered {recovered:.1%} of the attacked-accuracy loss, below the goal of {goal_recovered:.0%}")
+    if clean_change is None:
+        unmet.append("the clean accuracy could not be measured")
+    elif clean_change < -max_clean_loss - ROUNDING:
+        unmet.append(f"clean accuracy fell by {-100 * clean_change:.1f} pt, more than the {100 * max_clean_loss:.1f} pt allowed")
+    flag_gone = None if reaudit is None else bool(reaudit.get("flag_gone"))
+    if flag_gone is False:
+        unmet.append("the re-audit still finds the flag")
+    if unmet:
+        return Outcome(NOT_FIXED, goal_recovered, max_clean_loss, recovered, clean_change, flag_gone, unmet)
+    if flag_gone is None:
+        unmet = ["the numbers reach the goal, but no re-audit checked that the strategy is gone ([correct] reaudit = false)"]
+        return Outcome(UNVERIFIED, goal_recovered, max_clean_loss, recovered, clean_change, flag_gone, unmet)
+    return Outcome(FIXED, goal_recovered, max_clean_loss, recovered, clean_change, flag_gone)

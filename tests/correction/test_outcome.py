@@ -1,0 +1,55 @@
+"""The correction's verdict: fixed only when the numbers reach the goal and the re-audit no
+longer finds the flag; every unmet condition named; no re-audit is never "fixed"."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from spray.correction.outcome import FIXED, NOT_FIXED, UNVERIFIED, judge
+from spray.verdict import EXIT_FLAGGED, EXIT_INCOMPLETE, EXIT_OK
+
+GONE, PERSISTS = {"flag_gone": True}, {"flag_gone": False}
+
+
+def test_a_fix_needs_the_recovery_the_clean_accuracy_and_the_reaudit() -> None:
+    outcome = judge(0.85, -0.004, GONE, goal_recovered=0.8, max_clean_loss=0.005)
+    assert (outcome.verdict, outcome.exit_code, outcome.unmet) == (FIXED, EXIT_OK, [])
+    assert "fixed (recovered 85.0% >= 80%, clean accuracy -0.4 pt" in outcome.describe()
+
+
+@pytest.mark.parametrize(
+    ("recovered", "clean_change", "reaudit", "reasons"),
+    [
+        (0.458, -0.006, PERSISTS, ["recovered 45.8% of the attacked-accuracy loss, below the goal of 80%",
+                                   "clean accuracy fell by 0.6 pt, more than the 0.5 pt allowed",
+                                   "the re-audit still finds the flag"]),
+        (0.95, -0.150, GONE, ["clean accuracy fell by 15.0 pt, more than the 0.5 pt allowed"]),  # P-ClArC's collapse
+        (0.95, 0.0, PERSISTS, ["the re-audit still finds the flag"]),
+        (math.nan, 0.0, GONE, ["the attack cost the original model no accuracy, so no recovery could be measured"]),
+        (0.79, 0.0, None, ["recovered 79.0% of the attacked-accuracy loss, below the goal of 80%"]),
+    ],
+)
+def test_every_unmet_condition_is_named(recovered: float, clean_change: float, reaudit: dict | None, reasons: list[str]) -> None:
+    outcome = judge(recovered, clean_change, reaudit, goal_recovered=0.8, max_clean_loss=0.005)
+    assert (outcome.verdict, outcome.exit_code, outcome.unmet) == (NOT_FIXED, EXIT_FLAGGED, reasons)
+    assert outcome.describe() == "outcome: not fixed: " + "; ".join(reasons)
+
+
+def test_exactly_the_allowed_loss_passes_despite_float_rounding() -> None:
+    before, after = 0.98, 0.975  # one image of 200 lost: -0.0050000000000000044 in floats
+    assert judge(0.8, after - before, GONE, goal_recovered=0.8, max_clean_loss=0.005).verdict == FIXED
+    assert judge(0.8, -0.0051, GONE, goal_recovered=0.8, max_clean_loss=0.005).verdict == NOT_FIXED
+
+
+def test_good_numbers_without_a_reaudit_are_unverified_never_fixed() -> None:
+    outcome = judge(1.0, 0.0, None, goal_recovered=0.8, max_clean_loss=0.005)
+    assert (outcome.verdict, outcome.exit_code, outcome.flag_gone) == (UNVERIFIED, EXIT_INCOMPLETE, None)
+    assert "no re-audit checked" in outcome.describe()
+    assert outcome.to_dict()["exit_code"] == EXIT_INCOMPLETE
+
+
+def test_the_goal_is_a_setting() -> None:
+    assert judge(0.6, -0.01, GONE, goal_recovered=0.5, max_clean_loss=0.02).verdict == FIXED
+    assert judge(0.6, -0.01, GONE, goal_recovered=0.7, max_clean_loss=0.02).verdict == NOT_FIXED
