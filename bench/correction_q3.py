@@ -16,6 +16,16 @@ For every planted case of the test split (``bench/cases.py``, the cases ``bench/
    stamp** on every test image of the other classes (the ceiling). The attack made from the
    confirmation step's pasted evidence is not built yet.
 
+``--methods cf`` measures **counterfactual fine-tuning** instead (the literature's augmentation
+baseline; measured here, not a ``spray correct`` method yet): the artifact is cut out of the
+top finding's members (``spray.correction.user.cutout_mask`` on their heatmaps against the
+rest of their class, on the analysis grid; the patch is the members' median there), the
+members get the rest of the class's per-pixel median inside the mask (evidence removed), half
+of the other classes' images get the patch pasted under their true labels, and the whole
+model is fine-tuned on that set (Adam, ``CF_EPOCHS`` epochs at ``CF_LEARNING_RATE``, at most
+``CF_SAMPLES`` images). The fine-tuning sees only the audited images and the finding; the
+evaluation is the same as above.
+
 A case reaches the goal when the correction recovers at least 80 % of the attacked-accuracy
 loss with at most 0.5 pt of clean accuracy lost. Prints one row per case and method, then the
 share of cases reaching the goal per method, artifact kind, fraction, regime and
@@ -23,11 +33,13 @@ architecture. No re-audit is run here (``spray correct`` runs one; the table say
 
     python3 bench/correction_q3.py                  # every relied-on test case
     python3 bench/correction_q3.py --cases 4        # the first four (a quick look)
+    python3 bench/correction_q3.py --methods cf     # counterfactual fine-tuning on the same cases
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import sys
@@ -44,6 +56,7 @@ sys.path.insert(0, str(REPO))
 from bench.cases import Case, CaseSpec, build_case, generate_cases  # noqa: E402
 from bench.detection import default_rule, findings, run_case, select  # noqa: E402
 from spray.correction.config import CorrectionConfig  # noqa: E402
+from spray.correction.errors import CorrectionError  # noqa: E402
 from spray.correction.run import build_correction, correct_model  # noqa: E402
 from spray.correction.search import search  # noqa: E402
 
@@ -53,6 +66,62 @@ METHODS = {
     "P-ClArC": CorrectionConfig(method="p-clarc", relevance_samples=0, torchscript=False),
     "RR-ClArC": CorrectionConfig(method="rr-clarc", relevance_samples=0, torchscript=False, rr_epochs=2, rr_max_samples=2000),
 }
+
+
+#: Set on the dev split (first 6 relied-on cases; goal reached at 1e-3: 2/6, 3e-4: 3/6, 1e-4: 1/6).
+CF_EPOCHS, CF_LEARNING_RATE, CF_SAMPLES, CF_BATCH = 2, 3e-4, 4000, 128
+
+
+def counterfactual_finetune(case: Case, members: np.ndarray, class_id: int, seed: int) -> tuple[torch.nn.Module, dict]:
+    """The model fine-tuned on counterfactual images made from the finding (module docstring)."""
+    from bench.detection import explain
+    from spray.analysis.config import SprayConfig
+    from spray.correction.user import cutout_mask, cutout_patch
+
+    heatmaps, _ = explain(case)
+    images, labels = case.train_images.copy(), case.train_labels
+    rest = np.setdiff1d(np.flatnonzero(labels == class_id), members)
+    mask = cutout_mask(heatmaps[members], heatmaps[rest], SprayConfig().pooled_size, images.shape[2:])
+    patch = cutout_patch(images[members], mask)
+    fill = np.median(images[rest], axis=0)
+    images[members] = np.where(mask[None, None], fill[None], images[members])
+    rng = np.random.default_rng(seed)
+    others = np.flatnonzero(labels != class_id)
+    pasted = rng.choice(others, size=len(others) // 2, replace=False)
+    images[pasted] = np.where(mask[None, None], patch[None], images[pasted])
+    chosen = np.sort(rng.choice(len(images), size=min(CF_SAMPLES, len(images)), replace=False))
+    model = copy.deepcopy(case.model).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=CF_LEARNING_RATE)
+    generator = torch.Generator().manual_seed(seed)
+    x_all, y_all = torch.from_numpy(images[chosen]), torch.from_numpy(labels[chosen]).long()
+    for _ in range(CF_EPOCHS):
+        order = torch.randperm(len(chosen), generator=generator)
+        for start in range(0, len(order), CF_BATCH):
+            batch = order[start : start + CF_BATCH]
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x_all[batch]), y_all[batch]).backward()
+            optimizer.step()
+    return model.eval(), {"mask_pixels": int(mask.sum())}
+
+
+def cf_case(case: Case, members: np.ndarray, class_id: int) -> dict:
+    from spray.correction.evaluate import evaluate, recovered_share
+
+    stamp = true_stamp(case)
+    started = time.perf_counter()
+    before = evaluate(case.model, case.test_images, case.test_labels, class_id, stamp, relevance_samples=0)
+    tuned, facts = counterfactual_finetune(case, members, class_id, case.spec.seed)
+    after = evaluate(tuned, case.test_images, case.test_labels, class_id, stamp, relevance_samples=0)
+    share = recovered_share(before, after)
+    recovered = None if math.isnan(share) else float(share)
+    change = after.clean_accuracy - before.clean_accuracy
+    return {
+        "layer": f"mask {facts['mask_pixels']} px", "estimator": "-", "rr_lambda": None,
+        "clean_before": before.clean_accuracy, "attacked_before": before.attacked_accuracy,
+        "clean_after": after.clean_accuracy, "attacked_after": after.attacked_accuracy, "recovered": recovered, "clean_change": change,
+        "goal": recovered is not None and recovered >= GOAL_RECOVERED and change >= -MAX_CLEAN_LOSS - 1e-9,
+        "seconds": time.perf_counter() - started, "n_candidates": 1,
+    }
 
 
 def top_finding(spec: CaseSpec) -> dict | None:
@@ -95,12 +164,12 @@ def correct_case(case: Case, members: np.ndarray, class_id: int, config: Correct
     }
 
 
-def summary(rows: list[dict]) -> None:
+def summary(rows: list[dict], methods: list[str]) -> None:
     def share(items: list[dict]) -> str:
         return f"{sum(item['goal'] for item in items)}/{len(items)}"
 
     print("\n| method | cases reaching the goal | median recovered | median clean change pt | median s |\n|---|---|---|---|---|")
-    for method in METHODS:
+    for method in methods:
         items = [row for row in rows if row["method"] == method]
         recovered = [row["recovered"] for row in items if row["recovered"] is not None]
         print(f"| {method} | {share(items)} | {np.median(recovered) if recovered else float('nan'):.2f} | "
@@ -108,17 +177,26 @@ def summary(rows: list[dict]) -> None:
     for field in ("kind", "fraction", "regime", "arch"):
         groups: dict[str, list[dict]] = defaultdict(list)
         for row in rows:
-            if row["method"] == "auto (R-ClArC)":
+            if row["method"] == methods[0]:
                 groups[str(row[field])].append(row)
-        print(f"\nauto (R-ClArC) by {field}: " + ", ".join(f"{key} {share(items)}" for key, items in sorted(groups.items())))
+        print(f"\n{methods[0]} by {field}: " + ", ".join(f"{key} {share(items)}" for key, items in sorted(groups.items())))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", type=int, default=None, help="at most this many relied-on cases")
+    parser.add_argument("--methods", choices=("clarc", "cf"), default="clarc", help="ClArC methods, or counterfactual fine-tuning")
+    parser.add_argument("--split", choices=("dev", "test"), default="test", help="dev: choose constants here; test: run once and report")
+    parser.add_argument("--cf-learning-rate", type=float, default=None, help="dev only: try another fine-tuning learning rate")
     args = parser.parse_args()
+    if args.cf_learning_rate is not None:
+        if args.split != "dev":
+            parser.error("--cf-learning-rate is for choosing on the dev split; the test split runs with CF_LEARNING_RATE.")
+        global CF_LEARNING_RATE
+        CF_LEARNING_RATE = args.cf_learning_rate
+    methods = list(METHODS) if args.methods == "clarc" else ["CF fine-tune"]
     torch.set_num_threads(2)
-    specs = select(generate_cases("test"), 30, 0, 0)
+    specs = select(generate_cases(args.split), 30, 0, 0)
     rows: list[dict] = []
     done = 0
     print("| case | kind | fraction | regime | arch | found in target | method | layer / est. | clean before -> after | attacked before -> after | recovered | goal | s |")
@@ -134,15 +212,23 @@ def main() -> None:
         base = {"case": f"{spec.dataset}-{spec.arch}-{spec.kind}-v{spec.variant}-t{spec.target}-s{spec.seed}", "kind": spec.kind,
                 "fraction": spec.fraction, "regime": spec.regime, "arch": spec.arch}
         if finding is None:
-            for method in METHODS:
+            for method in methods:
                 rows.append(base | {"method": method, "goal": False, "recovered": None, "clean_change": 0.0, "seconds": 0.0})
             print(f"| {base['case']} | {spec.kind} | {spec.fraction} | {spec.regime} | {spec.arch} | nothing flagged | all | - | - | - | - | no | - |", flush=True)
             continue
         members = np.asarray(sorted(finding["members"]), dtype=np.int64)
         in_target = finding["class"] == case.target_label
         layer = None
-        for method, config in METHODS.items():
-            result = correct_case(case, members, int(finding["class"]), config, layer)
+        for method in methods:
+            if method == "CF fine-tune":
+                try:
+                    result = cf_case(case, members, int(finding["class"]))
+                except CorrectionError as error:  # nothing to cut out: not fixed
+                    print(f"| {base['case']} | {spec.kind} | {spec.fraction} | {spec.regime} | {spec.arch} | - | {method} | {error} |", flush=True)
+                    rows.append(base | {"method": method, "goal": False, "recovered": None, "clean_change": 0.0, "seconds": 0.0})
+                    continue
+            else:
+                result = correct_case(case, members, int(finding["class"]), METHODS[method], layer)
             if method == "auto (R-ClArC)":
                 layer = result["layer"]  # RR-ClArC fine-tunes against the CAV at the layer the search chose
             rows.append(base | {"method": method} | result)
@@ -152,7 +238,7 @@ def main() -> None:
                   f"{100 * result['attacked_before']:.1f} -> {100 * result['attacked_after']:.1f} | "
                   f"{'n/a' if result['recovered'] is None else format(result['recovered'], '.2f')} | {'yes' if result['goal'] else 'no'} | {result['seconds']:.0f} |",
                   flush=True)
-    summary(rows)
+    summary(rows, methods)
     print("\nattacked set: the true stamp (the ceiling); the attack from the confirmation step's evidence is not built. No re-audit here.")
 
 
