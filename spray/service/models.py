@@ -26,7 +26,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -159,6 +159,10 @@ class Task(Base):
     """A queued, running, done or failed audit run of a job."""
 
     __tablename__ = "tasks"
+    #: At most one queued task per job, whichever process (``spray serve --workers N``) queues it.
+    __table_args__ = (
+        Index("uq_tasks_one_queued_per_job", "job_id", unique=True, sqlite_where=text("status = 'queued'"), postgresql_where=text("status = 'queued'")),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)

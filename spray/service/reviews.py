@@ -104,20 +104,22 @@ def store_fingerprint(session: Session, fingerprint: Fingerprint) -> int:
     """The id of ``fingerprint``'s row, added when the database does not hold it yet.
 
     Two writers may add the same fingerprint at once (the service's worker processes): the
-    insert runs in a savepoint, and the loser of the unique digest reads the winner's row.
+    row is committed on its own (nothing else is pending: the review is added after it),
+    and the loser of the unique digest reads the winner's row.
     """
     body = fingerprint_json(fingerprint)
     digest = fingerprint_digest(body)
     found = session.scalar(select(FingerprintRow.id).where(FingerprintRow.digest == digest))
     if found is not None:
         return found
+    row = FingerprintRow(digest=digest, body=body)
+    session.add(row)
     try:
-        with session.begin_nested():
-            row = FingerprintRow(digest=digest, body=body)
-            session.add(row)
-        return row.id
-    except IntegrityError:
+        session.commit()
+    except IntegrityError:  # another process stored it meanwhile
+        session.rollback()
         return session.scalars(select(FingerprintRow.id).where(FingerprintRow.digest == digest)).one()
+    return row.id
 
 
 #: Parsed fingerprints, by ``(engine, fingerprint id)``: a stored fingerprint is never

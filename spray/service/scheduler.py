@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from spray.service import notify
@@ -105,7 +106,11 @@ class Scheduler:
                 return queued
             task = Task(job_id=job.id, status=QUEUED, reason=reason, created_at=self.clock(), log_path="", log_tail="", message="")
             session.add(task)
-            session.commit()
+            try:
+                session.commit()
+            except IntegrityError:  # another process queued the job meanwhile (the one-queued-task index)
+                session.rollback()
+                return session.scalars(select(Task).where(Task.job_id == job.id, Task.status == QUEUED)).one()
             return task
 
     def recover(self) -> list[int]:

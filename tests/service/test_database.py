@@ -37,7 +37,7 @@ def test_the_migrations_build_exactly_the_models_schema(tmp_path: Path) -> None:
         differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
         version = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
     assert differences == []
-    assert version == "0002"
+    assert version == "0003"
     assert {"jobs", "runs", "flags", "reviews", "fingerprints", "tokens", "schedules", "tasks", "settings"} <= set(inspect(engine).get_table_names())
 
 
@@ -152,3 +152,68 @@ def test_unreadable_summaries_are_listed_not_fatal(tmp_path: Path) -> None:
     with session_factory(engine)() as session:
         result = scan(session, reports)
     assert result.unreadable == ["broken"] and len(result.new_runs) == 1
+
+
+def _blind_first_lookup(session: object) -> None:
+    """Make the session's next ``scalar`` lookup see nothing, as a process does that checks
+    just before another one commits the same row."""
+    original = session.scalar  # type: ignore[attr-defined]
+    calls = []
+
+    def scalar(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return None if len(calls) == 1 else original(*args, **kwargs)
+
+    session.scalar = scalar  # type: ignore[attr-defined]
+
+
+def test_two_processes_queueing_one_job_at_once_make_one_queued_task(served: Served) -> None:
+    from spray.service.models import Job, Task
+
+    service = served.app.state.service
+    with service.sessions() as session:
+        job = session.scalars(select(Job)).first()
+        first = service.scheduler.enqueue(session, job, "first")
+    with service.sessions() as session:
+        job = session.scalars(select(Job)).first()
+        _blind_first_lookup(session)  # its check misses the queued task: the index refuses the second
+        second = service.scheduler.enqueue(session, job, "second")
+        queued = session.scalars(select(Task).where(Task.status == "queued")).all()
+    assert second.id == first.id and [task.reason for task in queued] == ["first"]
+
+
+def test_two_processes_storing_one_fingerprint_at_once_share_its_row(served: Served) -> None:
+    from spray.service.matching import Fingerprint
+    from spray.service.models import FingerprintRow
+    from spray.service.reviews import store_fingerprint
+
+    fingerprint = Fingerprint(class_index=1, class_name="cat", space="heatmap", cluster_id=0, size=2, artifact_score=0.9,
+                              member_ids=frozenset({"a", "b"}))
+    with served.app.state.service.sessions() as session:
+        stored = store_fingerprint(session, fingerprint)
+        _blind_first_lookup(session)
+        assert store_fingerprint(session, fingerprint) == stored
+        assert len(session.scalars(select(FingerprintRow)).all()) == 1
+
+
+def test_migration_0003_fails_queued_duplicates_before_it_enforces_one(tmp_path: Path) -> None:
+    from alembic import command
+
+    from spray.service.database import alembic_config
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    config = alembic_config(engine)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0002")
+        connection.execute(text("INSERT INTO jobs (id, key, name, created_at) VALUES (1, 'demo', 'demo', '2026-01-01 00:00:00')"))
+        for task_id in (1, 2, 3):
+            connection.execute(
+                text("INSERT INTO tasks (id, job_id, status, reason, created_at, log_path, log_tail, message) "
+                     "VALUES (:id, 1, 'queued', 'r', '2026-01-01 00:00:00', '', '', '')"), {"id": task_id},
+            )
+    migrate(engine)
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT id, status, message FROM tasks ORDER BY id")).all()
+    assert [(task_id, status) for task_id, status, _ in rows] == [(1, "queued"), (2, "failed"), (3, "failed")]
+    assert rows[1][2] == "a duplicate of queued task 1"
