@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -58,17 +59,23 @@ def _reviews_of_schema_0001(engine: object) -> list[tuple[int, str, dict]]:
     return rows
 
 
-def test_migration_0002_moves_fingerprints_out_of_reviews_and_back(tmp_path: Path) -> None:
+def _move_schema(engine: Any, revision: str, upgrade: bool = True) -> None:
+    """Bring ``engine``'s database to an older ``revision`` of the schema (or down to it)."""
     from alembic import command
 
     from spray.service.database import alembic_config
-    from spray.service.reviews import job_reviews
 
-    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
     config = alembic_config(engine)
     with engine.begin() as connection:
         config.attributes["connection"] = connection
-        command.upgrade(config, "0001")
+        (command.upgrade if upgrade else command.downgrade)(config, revision)
+
+
+def test_migration_0002_moves_fingerprints_out_of_reviews_and_back(tmp_path: Path) -> None:
+    from spray.service.reviews import job_reviews
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    _move_schema(engine, "0001")
     rows = _reviews_of_schema_0001(engine)
     migrate(engine)
     with engine.connect() as connection:
@@ -78,9 +85,7 @@ def test_migration_0002_moves_fingerprints_out_of_reviews_and_back(tmp_path: Pat
     assert [(review.status, sorted(review.fingerprint.member_ids), review.fingerprint.class_name) for review in reviews] == [
         (status, body["member_ids"], body["class_name"]) for _, status, body in rows
     ]
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.downgrade(config, "0001")
+    _move_schema(engine, "0001", upgrade=False)
     with engine.connect() as connection:
         back = connection.execute(text("SELECT id, fingerprint FROM reviews ORDER BY id")).all()
         assert "fingerprints" not in inspect(connection).get_table_names()
@@ -197,15 +202,9 @@ def test_two_processes_storing_one_fingerprint_at_once_share_its_row(served: Ser
 
 
 def test_migration_0003_fails_queued_duplicates_before_it_enforces_one(tmp_path: Path) -> None:
-    from alembic import command
-
-    from spray.service.database import alembic_config
-
     engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
-    config = alembic_config(engine)
+    _move_schema(engine, "0002")
     with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0002")
         connection.execute(text("INSERT INTO jobs (id, key, name, created_at) VALUES (1, 'demo', 'demo', '2026-01-01 00:00:00')"))
         for task_id in (1, 2, 3):
             connection.execute(
