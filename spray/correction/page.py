@@ -87,6 +87,30 @@ def page_links(folder: Path, data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: The export's description beside the page (``spray.correction.export.CONFIG_NAME``).
+EXPORT_RECORD = "correction.json"
+
+
+def export_checks(folder: Path) -> list[dict[str, Any]]:
+    """One row per model format of the export beside the page: its file, or why it is
+    missing, and how closely the reloaded file matched the corrected model (from
+    ``correction.json``; empty when there is none)."""
+    try:
+        record = json.loads((folder / EXPORT_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    rows = []
+    for name, key in (("torch.export program", "torch_export"), ("ONNX", "onnx")):
+        entry = record.get(key) or {}
+        why = entry.get("error") or entry.get("skipped") or ""
+        note = entry.get("not_verified") or ""
+        rows.append({"format": name, "file": entry.get("file"), "max_abs_diff": entry.get("max_abs_diff"), "why": why or note})
+    if record.get("torchscript_file") or "torchscript_file" in record:
+        rows.append({"format": "TorchScript", "file": record.get("torchscript_file"), "max_abs_diff": record.get("torchscript_max_abs_diff"),
+                     "why": "" if record.get("torchscript_file") else "not written ([correct] torchscript = false)"})
+    return rows
+
+
 def page_pictures(folder: Path, data: dict[str, Any]) -> dict[str, str]:
     """The artifact pictures that ``data`` lists and ``folder`` holds, as ``data:`` URIs by file name."""
     from spray.report.plots import data_uri
@@ -107,6 +131,7 @@ def write_correction_files(data: dict[str, Any], folder: str | os.PathLike[str],
         rows=table_rows(data["before"], data["after"]),
         links=page_links(folder, data),
         pictures=page_pictures(folder, data),
+        exports=export_checks(folder),
     )
     page = folder / PAGE_FILE
     write_text_atomic(page, html)

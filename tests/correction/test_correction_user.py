@@ -216,6 +216,10 @@ def test_spray_correct_on_the_user_job_writes_export_page_report_and_reaudit(use
     assert report["search"]["n_validation"] == len(validation)
     page = (folder / "index.html").read_text()
     assert '<div class="clear" id="outcome"><dt>outcome</dt><dd>fixed</dd></div>' in page
+    # each model format with its file and how closely it matched, read from correction.json
+    export = json.loads((folder / "correction.json").read_text())
+    assert '<table class="wide" id="exports">' in page and "<td>torch.export program</td><td>model.pt2</td>" in page
+    assert f"{export['torch_export']['max_abs_diff']:.1e}" in page
     assert page.count("data:image/png;base64,") == 2 and "tagged &lt;i&gt;" in page and "tagged <i>" not in page
     assert {p for p in root.rglob("*") if "out" not in p.relative_to(root).parts} == outside
 
