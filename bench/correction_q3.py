@@ -57,6 +57,7 @@ from bench.cases import Case, CaseSpec, build_case, generate_cases  # noqa: E402
 from bench.detection import default_rule, findings, run_case, select  # noqa: E402
 from spray.correction.config import CorrectionConfig  # noqa: E402
 from spray.correction.errors import CorrectionError  # noqa: E402
+from spray.correction.outcome import ROUNDING  # noqa: E402
 from spray.correction.run import build_correction, correct_model  # noqa: E402
 from spray.correction.search import search  # noqa: E402
 
@@ -119,7 +120,7 @@ def cf_case(case: Case, members: np.ndarray, class_id: int) -> dict:
         "layer": f"mask {facts['mask_pixels']} px", "estimator": "-", "rr_lambda": None,
         "clean_before": before.clean_accuracy, "attacked_before": before.attacked_accuracy,
         "clean_after": after.clean_accuracy, "attacked_after": after.attacked_accuracy, "recovered": recovered, "clean_change": change,
-        "goal": recovered is not None and recovered >= GOAL_RECOVERED and change >= -MAX_CLEAN_LOSS - 1e-9,
+        "goal": recovered is not None and recovered >= GOAL_RECOVERED and change >= -MAX_CLEAN_LOSS - ROUNDING,
         "seconds": time.perf_counter() - started, "n_candidates": 1,
     }
 
@@ -159,7 +160,7 @@ def correct_case(case: Case, members: np.ndarray, class_id: int, config: Correct
         "clean_before": report.before.clean_accuracy, "attacked_before": report.before.attacked_accuracy,
         "clean_after": report.after.clean_accuracy, "attacked_after": report.after.attacked_accuracy,
         "recovered": recovered, "clean_change": report.clean_change,
-        "goal": recovered is not None and recovered >= GOAL_RECOVERED and report.clean_change >= -MAX_CLEAN_LOSS - 1e-9,
+        "goal": recovered is not None and recovered >= GOAL_RECOVERED and report.clean_change >= -MAX_CLEAN_LOSS - ROUNDING,
         "seconds": time.perf_counter() - started, "n_candidates": len(searched["candidates"]),
     }
 

@@ -39,6 +39,22 @@ class CountingReader:
         return np.array(sorted(self._distinct), dtype=np.int64)
 
 
+class RememberingReader:
+    """A ``read`` that keeps every image it has read and reads each row from the source once
+    (for steps that ask for the same rows again and again, such as the search's candidates)."""
+
+    def __init__(self, read: Callable[[np.ndarray], np.ndarray]) -> None:
+        self._read = read
+        self._kept: dict[int, np.ndarray] = {}
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        missing = np.array([row for row in rows if int(row) not in self._kept], dtype=np.int64)
+        if missing.size:
+            for row, image in zip(missing.tolist(), self._read(missing)):
+                self._kept[row] = image
+        return np.stack([self._kept[int(row)] for row in rows])
+
+
 class RowImages:
     """Rows ``rows`` of a source's images, read by ``read`` (ascending rows in, images out)
     when indexed, then passed through ``transform`` (e.g. the model's normalisation)."""
@@ -69,6 +85,11 @@ class RowImages:
     def subset(self, positions: Any) -> RowImages:
         """The images at ``positions`` of this set, still unread."""
         return RowImages(self.read, self.rows[self._positions(positions)], self.image_shape, self.transform)
+
+    def remembering(self) -> RowImages:
+        """The same images, each row read from the source once however often it is asked
+        for (held in memory: for a bounded set of rows, asked for repeatedly)."""
+        return RowImages(RememberingReader(self.read), self.rows, self.image_shape, self.transform)
 
     def mapped(self, transform: Callable[[np.ndarray], np.ndarray]) -> RowImages:
         """The same rows, passed through ``transform`` after this set's own."""

@@ -177,7 +177,10 @@ def correct_job(spec: JobSpec, flag: dict[str, Any], config: CorrectionConfig | 
         else:
             plan = held_out_evaluation(spec, inputs.display, inputs.labels, members, class_id, config, folder)
         space = inputs.space
-        fit_images = plan.fit_images.mapped(space.to_model) if isinstance(plan.fit_images, RowImages) else space.to_model(plan.fit_images)
+        # the search and the correction ask for the flagged class's rows again and again: each is read once
+        fit_images = (
+            plan.fit_images.mapped(space.to_model).remembering() if isinstance(plan.fit_images, RowImages) else space.to_model(plan.fit_images)
+        )
         searched = None
         if config.search:
             layers = [config.layer] if explicit_layer else cut_points(inputs.model, inputs.attribution.layers) or [config.layer]

@@ -87,16 +87,14 @@ def page_links(folder: Path, data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-#: The export's description beside the page (``spray.correction.export.CONFIG_NAME``).
-EXPORT_RECORD = "correction.json"
-
-
 def export_checks(folder: Path) -> list[dict[str, Any]]:
     """One row per model format of the export beside the page: its file, or why it is
     missing, and how closely the reloaded file matched the corrected model (from
     ``correction.json``; empty when there is none)."""
+    from spray.correction.export import CONFIG_NAME
+
     try:
-        record = json.loads((folder / EXPORT_RECORD).read_text(encoding="utf-8"))
+        record = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
     rows = []

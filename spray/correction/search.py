@@ -37,6 +37,7 @@ from spray.correction.config import CorrectionConfig
 from spray.correction.errors import CorrectionError
 from spray.correction.evaluate import evaluate, recovered_share
 from spray.correction.images import RowImages
+from spray.correction.outcome import ROUNDING
 
 #: Share of each class of the fitting data set aside to choose on.
 VALIDATION_SHARE = 0.2
@@ -91,7 +92,7 @@ def _better(first: Candidate, second: Candidate, max_clean_loss: float) -> bool:
     """Whether ``first`` beats ``second`` by the rule of the module docstring."""
 
     def key(item: Candidate) -> tuple[float, ...]:
-        keeps = item.clean_change is not None and item.clean_change >= -max_clean_loss - 1e-9
+        keeps = item.clean_change is not None and item.clean_change >= -max_clean_loss - ROUNDING
         recovered = -math.inf if item.recovered is None else item.recovered
         clean = -math.inf if item.clean_change is None else item.clean_change
         auc = -math.inf if item.cav_auc is None else item.cav_auc
@@ -133,10 +134,11 @@ def search(
     members = np.intersect1d(np.asarray(artifact_rows), fit)
     if members.size == 0 or held.size == 0:
         raise CorrectionError("the validation split leaves no flagged member to fit on; set [correct] search = false.")
-    fit_images = images.subset(fit) if isinstance(images, RowImages) else images[fit]
+    # every candidate reads the same rows (the flagged class for its CAV): each is read from the source once
+    fit_images = images.subset(fit).remembering() if isinstance(images, RowImages) else images[fit]
     fit_labels = labels[fit]
     rows = np.searchsorted(fit, members)
-    held_images, held_labels = np.asarray(images[held]), labels[held]
+    held_images, held_labels = images[held], labels[held]
 
     def measure(candidate: nn.Module) -> Any:
         return evaluate(candidate, held_images, held_labels, class_id, stamp, relevance_samples=0, random_state=config.seed)

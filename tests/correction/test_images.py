@@ -44,3 +44,12 @@ def test_a_subset_reads_only_its_rows_in_batches_and_maps_them() -> None:
     assert reader.images_read == 300 and max(len(rows) for rows in calls) <= 256
     np.testing.assert_array_equal(fit[[1, 0]], images[[2, 0]] * 2.0)
     np.testing.assert_array_equal(np.asarray(fit.subset([5])), images[[10]] * 2.0)
+
+
+def test_a_remembering_view_reads_each_row_from_the_source_once() -> None:
+    images, calls, read = _source()
+    reader = CountingReader(read)
+    fit = RowImages(reader, np.arange(len(images)), images.shape[1:]).subset(np.arange(0, 600, 3)).remembering()
+    np.testing.assert_array_equal(fit[[4, 2, 4]], images[[12, 6, 12]])
+    np.testing.assert_array_equal(fit.mapped(lambda x: -x)[[2, 5]], -images[[6, 15]])  # derived views share what was read
+    assert reader.images_read == 3
