@@ -286,13 +286,21 @@ def multimodal_spec(dataset: str, arch: str, variant: int, target: int, seed: in
     return CaseSpec(dataset, arch, "multimodal", variant, 0.0, "none", target, seed, split)
 
 
-def generate_cases(split: str, size: str = "full") -> list[CaseSpec]:
-    """The case specs of ``split`` ("dev"/"test") at ``size`` ("quick"/"full"), deterministic."""
+def generate_cases(split: str, size: str = "full", draw: int = 0) -> list[CaseSpec]:
+    """The case specs of ``split`` ("dev"/"test") at ``size`` ("quick"/"full"), deterministic.
+
+    ``draw`` > 0 (test split only) gives a fresh draw of the test split: the same grid, test
+    targets and variants, with seeds ``TEST_SEED_BASE + 100 * draw`` on (new data subsets,
+    stamps and models). A detector changed after a draw was run is judged on the next draw,
+    never again on one it has been seen on.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}.")
     if size not in SIZES:
         raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}.")
-    base = TEST_SEED_BASE if split == "test" else 0
+    if draw < 0 or (draw and split != "test"):
+        raise ValueError(f"draw must be 0, or >= 1 on the test split; got {draw} on {split!r}.")
+    base = TEST_SEED_BASE + 100 * draw if split == "test" else 0
     targets = SPLIT_TARGETS[split]
     if size == "quick":
         fractions = (0.30, 0.60, 0.15, 0.30, 0.60, 0.30)

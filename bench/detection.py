@@ -5,9 +5,11 @@ datasets, clean models, legitimately multi-modal classes; a dev and a test split
 case: explain every training image with LRP (``epsilon_plus_flat``; concept relevances of
 the architecture's two concept layers from the same pass), run spray's analysis in the
 audit's default spaces (heatmap and both concept layers), and the causal test
-(``spray.confirm``) of every cluster that reaches the score floor ``SCORE_FLOOR``. The
-per-cluster numbers are stored per case (``.bench-cache/detection-q3/``), so a decision
-rule (score threshold, ``min_paste_rate``, ``min_lift``) is applied afterwards without
+(``spray.confirm``) of every cluster that reaches the score floor ``SCORE_FLOOR``, once per
+evidence setting of ``EVIDENCE_GRID``. The raw per-cluster numbers are stored per case
+(``.bench-cache/detection-q3/``), so a decision rule (score threshold, evidence setting,
+``min_paste_rate``, ``min_lift``, and ``dominance`` for settling a class's confirmed
+clusters with spray's own ``spray.confirm.resolve``) is applied afterwards without
 recomputing anything.
 
 Two steps, never mixed:
@@ -17,7 +19,8 @@ Two steps, never mixed:
   written into spray's defaults by hand (``spray/analysis/config.py``,
   ``spray/confirm/config.py``).
 * ``--split test``: the test cases, judged with spray's *current defaults* only. This is
-  the one number docs and notes report.
+  the one number docs and notes report. ``--draw N`` takes a fresh draw of the test split
+  (new seeds): a detector changed after a draw was judged is judged on the next one.
 
 What is measured (audit level: flags of every space folded into findings, as
 ``summary.json`` does; and per space):
@@ -35,13 +38,14 @@ What is measured (audit level: flags of every space folded into findings, as
 
 Usage::
 
-    python3 bench/detection.py --split dev --size quick --tune
-    python3 bench/detection.py --split test --planted 40 --clean 30 --multimodal 8
+    python3 bench/detection.py --split dev --planted 42 --clean 24 --multimodal 12 --ratios 1.5 --tune
+    python3 bench/detection.py --split test --draw 1 --planted 30 --clean 30 --multimodal 6
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import itertools
 import json
@@ -65,19 +69,26 @@ from spray.attribution.select import make_explainer  # noqa: E402
 from spray.attribution.settings import AttributionSettings  # noqa: E402
 from spray.confirm.config import ConfirmConfig  # noqa: E402
 from spray.confirm.predictor import model_predictor  # noqa: E402
+from spray.confirm.resolve import Contender, resolve  # noqa: E402
 from spray.confirm.run import confirm_analyses  # noqa: E402
-from spray.report.summary import group_findings  # noqa: E402
+from spray.findings import group_findings  # noqa: E402
 
 CACHE = REPO / ".bench-cache" / "detection-q3"
-RECORD_VERSION = "q3-v2"
+RECORD_VERSION = "q3-v3"
 #: Clusters scoring at least this are causally tested and recorded (the lowest threshold tried:
 #: every cluster, so that "propose everything, let the causal test decide" is a rule on the grid).
 SCORE_FLOOR = 0.0
 EIGEN_RATIOS = (1.5, 5.0)
+#: The causal test's evidence settings recorded per cluster, ``(evidence_area, evidence_mass)``:
+#: the demo's (a tag is small), and larger ones that a global artifact (a texture over the
+#: whole background) needs to be pasted at all. The rule picks one (``Rule.evidence``).
+EVIDENCE_GRID = ((0.12, 0.5), (0.3, 0.5), (0.5, 0.9))
 RULE_GRID = {
     "threshold": (0.0, 0.3, 0.5, 0.6, 0.75),
     "min_paste_rate": (0.05, 0.1, 0.2),
     "min_lift": (0.05, 0.1, 0.2),
+    "dominance": (0.5, 0.7, 0.85, 0.95),
+    "evidence": tuple(f"{area}/{mass}" for area, mass in EVIDENCE_GRID),
 }
 AUDIT = "audit"
 
@@ -99,24 +110,31 @@ def explain(case: Case, batch: int = 500) -> tuple[np.ndarray, dict[str, np.ndar
     return np.concatenate(heatmaps), {layer: np.concatenate(parts) for layer, parts in concepts.items()}
 
 
-def cluster_records(case: Case, analyses, ratio: float) -> tuple[list[dict], dict]:
-    """Per recorded cluster: where, size, score, causal numbers and overlap with the truth."""
+def evidence_key(area: float, mass: float) -> str:
+    return f"{area}/{mass}"
+
+
+def cluster_records(case: Case, tested: dict[str, list], ratio: float) -> tuple[list[dict], dict]:
+    """Per recorded cluster: where, size, score, overlap with the truth, and the causal
+    numbers under each evidence setting (``tested``: the analyses confirmed with it)."""
     truth = np.flatnonzero(case.stamped)
     records, ari = [], {}
-    for analysis in analyses:
+    first, *_ = tested.values()
+    for index, analysis in enumerate(first):
         if case.modes is not None and analysis.class_index == case.target_label and analysis.analysable:
             ari[analysis.space] = float(adjusted_rand_score(case.modes[analysis.rows], analysis.labels))
-        for cluster in analysis.clusters:
+        for position, cluster in enumerate(analysis.clusters):
             if cluster.artifact_score < SCORE_FLOOR:
                 continue
-            hits = int(np.isin(cluster.member_rows, truth).sum())
-            conf = cluster.confirmation or {}
+            tests = {}
+            for key, analyses in tested.items():
+                conf = analyses[index].clusters[position].confirmation or {}
+                tests[key] = {part: conf.get(part) for part in ("paste", "control", "removal", "status")}
             records.append({
                 "ratio": ratio, "class": int(analysis.class_index), "space": analysis.space,
                 "members": cluster.member_rows.tolist(), "size": int(cluster.size),
-                "score": float(cluster.artifact_score), "hits": hits,
-                "paste": conf.get("paste"), "control": conf.get("control"), "removal": conf.get("removal"),
-                "status": conf.get("status"),
+                "score": float(cluster.artifact_score), "hits": int(np.isin(cluster.member_rows, truth).sum()),
+                "tests": tests,
             })
     return records, ari
 
@@ -137,12 +155,18 @@ def run_case(spec: CaseSpec, ratios: tuple[float, ...] = EIGEN_RATIOS) -> dict:
             embedding="spectral", threshold=SCORE_FLOOR, min_eigen_ratio=ratio, random_state=spec.seed, spaces=spaces
         )
         analyses = analyze_spaces(heatmaps, case.train_labels, case.class_names, config, concepts=concepts)
-        confirm_analyses(
-            analyses, heatmaps, case.train_labels, lambda rows: case.train_images[rows],
-            model_predictor(case.model, AttributionSettings(device="cpu"), ConfirmConfig().batch_size),
-            ConfirmConfig(max_candidates=10**6, random_state=spec.seed),
-        )
-        found, ari = cluster_records(case, analyses, ratio)
+        predict = model_predictor(case.model, AttributionSettings(device="cpu"), ConfirmConfig().batch_size)
+        tested = {}
+        for area, mass in EVIDENCE_GRID:
+            # raw numbers per cluster: the rule settles them itself (``settled``)
+            copies = copy.deepcopy(analyses)
+            confirm_analyses(
+                copies, heatmaps, case.train_labels, lambda rows: case.train_images[rows], predict,
+                ConfirmConfig(max_candidates=10**6, random_state=spec.seed, evidence_area=area, evidence_mass=mass),
+                settle_candidates=False,
+            )
+            tested[evidence_key(area, mass)] = copies
+        found, ari = cluster_records(case, tested, ratio)
         records += found
         aris[str(ratio)] = ari
     record = {
@@ -164,20 +188,42 @@ class Rule:
     threshold: float
     min_paste_rate: float
     min_lift: float
+    dominance: float
+    evidence: str
 
     def flags(self, record: dict, space: str | None = None) -> list[dict]:
         """The clusters this rule flags. Every cluster is tested here (no candidate cap), so a
-        cluster without a test is one that is its whole class: never a candidate."""
+        cluster without a test is one that is its whole class: never a candidate. The confirmed
+        ones are settled by spray's own :func:`spray.confirm.resolve.resolve`: outranked ones
+        are dropped, joined ones merged into their head."""
         chosen = []
         for c in record["clusters"]:
             if c["ratio"] != self.ratio or c["score"] < self.threshold or (space and c["space"] != space):
                 continue
-            paste, control = c["paste"], c["control"]
+            test = c["tests"][self.evidence]
+            paste, control = test["paste"], test["control"]
             if paste is None or c["size"] < SprayConfig().min_cluster_size:
                 continue
             if paste["low"] >= self.min_paste_rate and paste["rate"] - control["rate"] >= self.min_lift:
-                chosen.append(c)
-        return sorted(chosen, key=lambda c: -c["score"])
+                chosen.append({**c, "paste": paste, "control": control})
+        return sorted(settled(chosen, self.dominance), key=lambda c: -c["score"])
+
+
+def settled(confirmed: list[dict], dominance: float) -> list[dict]:
+    """``confirmed`` cluster records after spray's resolution: the outranked left out, each
+    joined one merged into its head (members, hits and the higher score)."""
+    contenders = [
+        Contender(i, c["class"], (c["class"], c["space"]), np.asarray(c["members"]),
+                  c["paste"]["rate"] - c["control"]["rate"], c["score"])
+        for i, c in enumerate(confirmed)
+    ]
+    resolution = resolve(contenders, dominance)
+    heads = {i: dict(c) for i, c in enumerate(confirmed) if i not in resolution.outranked and i not in resolution.joined}
+    for part, head in sorted(resolution.joined.items()):
+        merged, extra = heads[head], confirmed[part]
+        merged["members"] = sorted(set(merged["members"]) | set(extra["members"]))
+        merged.update(size=len(merged["members"]), hits=merged["hits"] + extra["hits"], score=max(merged["score"], extra["score"]))
+    return list(heads.values())
 
 
 def findings(flags: list[dict]) -> list[dict]:
@@ -237,10 +283,10 @@ def summarise(records: list[dict], rule: Rule, space: str | None = None) -> dict
     }
 
 
-def tune(records: list[dict]) -> Rule:
+def tune(records: list[dict], ratios: tuple[float, ...]) -> Rule:
     """The dev rule: most relied-on cases found, then fewest false-flag models, then highest F1."""
     best, best_key = None, None
-    for ratio in EIGEN_RATIOS:
+    for ratio in ratios:
         for values in itertools.product(*RULE_GRID.values()):
             rule = Rule(ratio, *values)
             s = summarise(records, rule)
@@ -254,7 +300,10 @@ def tune(records: list[dict]) -> Rule:
 
 def default_rule() -> Rule:
     analysis, confirm = SprayConfig(), ConfirmConfig()
-    return Rule(analysis.min_eigen_ratio, analysis.threshold, confirm.min_paste_rate, confirm.min_lift)
+    return Rule(
+        analysis.min_eigen_ratio, analysis.threshold, confirm.min_paste_rate, confirm.min_lift, confirm.dominance,
+        evidence_key(confirm.evidence_area, confirm.evidence_mass),
+    )
 
 
 def table(records: list[dict], rule: Rule) -> None:
@@ -320,6 +369,10 @@ def main() -> None:
     parser.add_argument("--planted", type=int, default=None, help="at most this many planted cases")
     parser.add_argument("--clean", type=int, default=None, help="at most this many clean models")
     parser.add_argument("--multimodal", type=int, default=None, help="at most this many multi-modal cases")
+    parser.add_argument(
+        "--draw", type=int, default=0,
+        help="test only: a fresh draw of the test split (new seeds), for a detector changed since the last draw was run",
+    )
     parser.add_argument("--tune", action="store_true", help="dev only: score every rule and print the best")
     parser.add_argument(
         "--ratios", type=float, nargs="+", default=None,
@@ -329,8 +382,10 @@ def main() -> None:
     if args.tune and args.split != "dev":
         parser.error("--tune runs on the dev split only: constants are never set on the test split.")
     torch.set_num_threads(1)
-    specs = select(generate_cases(args.split, args.size), args.planted, args.clean, args.multimodal)
-    print(f"{args.split} split: {len(specs)} cases", flush=True)
+    if args.draw and args.split != "test":
+        parser.error("--draw picks a fresh draw of the test split; the dev split has one.")
+    specs = select(generate_cases(args.split, args.size, args.draw), args.planted, args.clean, args.multimodal)
+    print(f"{args.split} split{f' (draw {args.draw})' if args.draw else ''}: {len(specs)} cases", flush=True)
     ratios = tuple(args.ratios) if args.ratios else (EIGEN_RATIOS if args.tune else (SprayConfig().min_eigen_ratio,))
     records = []
     for i, spec in enumerate(specs):
@@ -338,7 +393,7 @@ def main() -> None:
         records.append(record)
         print(f"[{i + 1}/{len(specs)}] {record['key']} relied={record['relied']} clusters={len(record['clusters'])} "
               f"{record['seconds']:.0f}s", flush=True)
-    rule = tune(records) if args.tune else default_rule()
+    rule = tune(records, ratios) if args.tune else default_rule()
     table(records, rule)
 
 

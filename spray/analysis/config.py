@@ -19,9 +19,10 @@ from spray.config import Choice, ConfigError, Each, Length, Pattern, Range, sett
 # The Clever Hans score (spray.analysis.artifacts).
 # Score at or above which a cluster is a candidate for the causal test (spray.confirm), which
 # decides whether it is flagged. Chosen on the dev split of bench Q3 (docs/analysis.md, "From
-# candidates to flags") among 0, 0.3, 0.5, 0.6 and 0.75: lower thresholds found no more
-# relied-on artifacts there and let more legitimate clusters reach the test.
-DEFAULT_THRESHOLD = 0.75
+# candidates to flags") among 0, 0.3, 0.5, 0.6 and 0.75, together with the test's constants
+# (spray.confirm.config): 0.6 found the most relied-on artifacts there with the fewest models
+# flagged falsely once a class's confirmed candidates are settled (spray.confirm.resolve).
+DEFAULT_THRESHOLD = 0.6
 DEFAULT_MIN_CLUSTER_SIZE = 3
 # Clustering (spray.analysis.cluster).
 CLUSTERERS = ("kmeans", "agglomerative", "dbscan", "hdbscan")

@@ -18,6 +18,7 @@ import numpy as np
 from spray.analysis.result import ClassAnalysis, ClusterResult
 from spray.confirm.config import ConfirmConfig
 from spray.confirm.evidence import excess_masks, image_masks, matched_donors, rest_share
+from spray.confirm.resolve import settle
 from spray.confirm.test import Predict, decide, paste_pairs, paste_test, removal_test
 from spray.store.rows import take_rows
 
@@ -151,6 +152,7 @@ def confirm_analyses(
     read_images: ReadImages,
     predict: Predict,
     config: ConfirmConfig,
+    settle_candidates: bool = True,
 ) -> dict[str, int]:
     """Test every candidate of ``analyses`` and set each one's ``flagged``, ``confirmation``, ``examples``.
 
@@ -161,9 +163,16 @@ def confirm_analyses(
         read_images: display images (n, C, H, W) in [0, 1] for ascending rows.
         predict: class probabilities for display images.
         config: the test's settings.
+        settle_candidates: settle the confirmed candidates (an audit always does; a
+            benchmark that applies its own rules to the raw test numbers does not).
+
+    After every test, the confirmed candidates of each class are settled against each other
+    (:func:`spray.confirm.resolve.settle`): the weaker side of a class's split is outranked
+    (rejected), and clusters of one analysis carrying the same shortcut are joined into one.
 
     Returns:
-        Counts: ``candidates``, ``confirmed``, ``rejected``, ``untested``.
+        Counts: ``candidates``, ``confirmed`` (after settling), ``rejected`` (outranked
+        included), ``untested``, ``outranked`` and ``joined``.
     """
     candidates = sorted(
         ((a, c) for a in analyses for c in a.clusters if c.candidate),
@@ -171,6 +180,7 @@ def confirm_analyses(
     )
     tester = CandidateTester(heatmaps, labels, read_images, predict, config)
     counts = {"candidates": len(candidates), "confirmed": 0, "rejected": 0, "untested": 0}
+    tested: list[tuple[ClassAnalysis, ClusterResult, int]] = []
     for rank, (analysis, cluster) in enumerate(candidates):
         target = candidate_target(analysis, cluster, tester.labels)
         if not config.enabled:
@@ -184,8 +194,12 @@ def confirm_analyses(
         cluster.confirmation, cluster.examples = record, examples
         cluster.flagged = record["status"] != "rejected"
         counts[record["status"]] += 1
+        tested.append((analysis, cluster, target))
         log.info(
             "candidate class %s %s cluster %d (score %.2f): %s", analysis.class_index, analysis.space,
             cluster.cluster_id, cluster.artifact_score, record["reason"],
         )
-    return counts
+    settled = settle(tested, config.dominance) if settle_candidates else {"outranked": 0, "joined": 0}
+    counts["confirmed"] -= settled["outranked"] + settled["joined"]
+    counts["rejected"] += settled["outranked"]
+    return {**counts, **settled}

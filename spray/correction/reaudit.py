@@ -37,7 +37,7 @@ from spray.correction.clarc import ClarcModel
 from spray.correction.page import finite_number
 from spray.jobs import JobSpec
 from spray.report.render import SUMMARY_FILE
-from spray.report.summary import SAME_FINDING_JACCARD, jaccard
+from spray.findings import SAME_FINDING_JACCARD, jaccard
 
 
 def explainable_model(model: nn.Module) -> nn.Module:

@@ -43,7 +43,7 @@ from spray.attribution.lrp import LRPExplainer
 from spray.report.context import AtlasConcept, ClusterAtlas, ConceptPicture
 from spray.report.plots import shrink
 from spray.report.rows import representatives, take_rows, texts_at
-from spray.report.summary import group_findings
+from spray.findings import group_findings
 
 
 @dataclass(frozen=True)

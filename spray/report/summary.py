@@ -120,7 +120,7 @@ the analysis recorded it (non-finite numbers as ``null``)::
 ``flags`` holds one entry per *finding*. When several analyses flag clusters with (nearly)
 the same members (heatmap and concept spaces, a class and the dataset-wide analysis),
 the members' Jaccard overlap with a higher-scoring flag being at least
-:data:`SAME_FINDING_JACCARD`, only the highest-scoring one is listed; the others appear in
+:data:`spray.findings.SAME_FINDING_JACCARD`, only the highest-scoring one is listed; the others appear in
 its ``revealed_by`` with their overlap. In ``classes`` every flagged cluster keeps
 ``flagged: true``.
 
@@ -139,23 +139,18 @@ import json
 import math
 import os
 from pathlib import Path
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from spray.analysis.result import ClassAnalysis, ClusterResult
+from spray.findings import group_findings
 from spray.report.context import ArtifactCheck, ReportContext
 from spray.report.rows import take_rows, texts_at
 from spray.store.common import write_text_atomic
 from spray.verdict import verdict_entry
 
 SCHEMA_VERSION = 1
-T = TypeVar("T")
-
-#: Flags whose members overlap at least this much (Jaccard) are one finding.
-SAME_FINDING_JACCARD = 0.5
-
 
 def build_summary(context: ReportContext) -> dict[str, Any]:
     """Collect the audit's results into the ``summary.json`` structure described above."""
@@ -354,35 +349,6 @@ def _flag_entry(
             for concept in item.concepts
         ]
     return flag
-
-
-def jaccard(first: list[int] | np.ndarray, second: list[int] | np.ndarray) -> float:
-    """|A & B| / |A | B| of two sets of rows (0 when both are empty)."""
-    a = np.unique(np.asarray(first, dtype=np.int64))
-    b = np.unique(np.asarray(second, dtype=np.int64))
-    union = np.union1d(a, b).size
-    return np.intersect1d(a, b, assume_unique=True).size / union if union else 0.0
-
-
-def group_findings(items: list[T], members: Callable[[T], Any]) -> list[tuple[T, list[tuple[T, float]]]]:
-    """Group ``items`` (highest score first) into findings: each joins the first kept item
-    whose ``members`` it overlaps by at least :data:`SAME_FINDING_JACCARD`, else it starts
-    a finding of its own. Returns ``(primary, [(other, jaccard), ...])`` per finding.
-
-    The same artifact is usually found in several analyses (heatmap and concept spaces,
-    its class and the dataset-wide run); a reviewer and a gate want it once, with the
-    evidence of where it showed. The summary's flags and the concept atlas both use it.
-    """
-    findings: list[tuple[T, list[tuple[T, float]]]] = []
-    for item in items:
-        for primary, others in findings:
-            overlap_share = jaccard(members(item), members(primary))
-            if overlap_share >= SAME_FINDING_JACCARD:
-                others.append((item, overlap_share))
-                break
-        else:
-            findings.append((item, []))
-    return findings
 
 
 def fold_findings(flags: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -400,6 +400,11 @@ def _confirmation_view(confirmation: dict[str, Any] | None) -> ConfirmationView 
         _test_line(confirmation.get("control"), "control: same regions from the rest of the class", "moved", "moved", "mean \u0394P", "gain"),
         _test_line(confirmation.get("removal"), "removed from members", "lost", "lost", "mean drop", "drop"),
     ]
+    for part in confirmation.get("joined") or []:
+        if isinstance(part, dict):  # a cluster of the same shortcut merged into this one (spray.confirm.resolve)
+            name = f"joined cluster {part.get('cluster_id', '?')} ({part.get('size', '?')} samples)"
+            lines.append(_test_line(part.get("paste"), f"{name}: pasted", "moved", "moved", "mean \u0394P", "gain"))
+            lines.append(_test_line(part.get("control"), f"{name}: control", "moved", "moved", "mean \u0394P", "gain"))
     return ConfirmationView(
         status=status,
         headline=headline,

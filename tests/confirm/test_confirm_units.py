@@ -100,7 +100,7 @@ def test_confirm_analyses_flags_only_what_the_test_confirms():
     images, labels, stamped, heatmaps = _data(np.random.default_rng(0))
     shortcut = _analysis(labels, stamped)
     counts = confirm_analyses([shortcut], heatmaps, labels, lambda rows: images[rows], corner_model, ConfirmConfig(members=12, hosts=4))
-    assert counts == {"candidates": 1, "confirmed": 1, "rejected": 0, "untested": 0}
+    assert counts == {"candidates": 1, "confirmed": 1, "rejected": 0, "untested": 0, "outranked": 0, "joined": 0}
     cluster = shortcut.clusters[0]
     assert cluster.flagged and cluster.confirmation["status"] == "confirmed"
     assert cluster.confirmation["target_class"] == 1 and cluster.examples["pasted"].dtype == np.uint8

@@ -16,6 +16,7 @@ import pytest
 from spray.report.context import ReportContext
 from spray.report.render import render_report
 from spray.report.config import ReportConfig
+from tests.report.conftest import confirmation
 
 HOSTILE_NAME = "<img src=x onerror=alert(1)>"
 
@@ -231,6 +232,25 @@ def test_confirmed_flag_shows_the_causal_test_and_its_examples(tested_html: str)
     assert "evidence area</th><td class=\"num\">6.2%" in flag
     for kind in ("member", "evidence", "removed", "host", "pasted"):
         assert _png_sizes(flag, kind) == [(16, 16)] * 3, kind
+
+
+def test_a_joined_cluster_shows_its_own_test_in_the_flag(tested_context: ReportContext, tmp_path: Path) -> None:
+    """A flag merged from two clusters of one shortcut (spray.confirm.resolve) lists the
+    joined cluster's paste and control rows under its own."""
+    analyses = []
+    for analysis in tested_context.analyses:
+        clusters = []
+        for cluster in analysis.clusters:
+            if analysis.class_index == 0 and cluster.cluster_id == 1:
+                part = confirmation("confirmed", "", 0)
+                joined = {"cluster_id": 7, "size": 9, "artifact_score": 0.5, "paste": {**part["paste"], "moved": 13, "rate": 0.65}, "control": part["control"]}
+                cluster = dataclasses.replace(cluster, confirmation={**cluster.confirmation, "joined": [joined]})
+            clusters.append(cluster)
+        analyses.append(dataclasses.replace(analysis, clusters=clusters))
+    html = _html(render_report(dataclasses.replace(tested_context, analyses=analyses), tmp_path / "out"))
+    flag = _section(html, 'id="flag-0"', 'id="flag-1"')
+    assert "joined cluster 7 (9 samples): pasted" in flag and "moved 13/20 = 65.0%" in flag
+    assert "joined cluster 7 (9 samples): control" in flag
 
 
 def test_untested_flag_says_why(tested_html: str) -> None:

@@ -13,7 +13,8 @@ import pytest
 
 from spray.analysis.result import ClassAnalysis
 from spray.report.context import ReportContext
-from spray.report.summary import SCHEMA_VERSION, build_summary, jaccard, write_summary
+from spray.findings import jaccard
+from spray.report.summary import SCHEMA_VERSION, build_summary, write_summary
 
 TOP_KEYS = {
     "schema_version", "job", "created", "threshold", "n_samples", "class_names", "metadata",

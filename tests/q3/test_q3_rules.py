@@ -1,0 +1,46 @@
+"""Bench Q3's own rules: a fresh draw of the test split never reuses a judged case, and the
+rule settles confirmed clusters the way an audit does."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.cases import TEST_SEED_BASE, generate_cases
+from bench.detection import Rule, settled
+
+
+def test_a_fresh_draw_of_the_test_split_shares_no_case_with_the_first():
+    first, fresh = generate_cases("test", "full"), generate_cases("test", "full", draw=1)
+    assert len(fresh) == len(first)
+    assert {spec.key() for spec in first}.isdisjoint(spec.key() for spec in fresh)
+    assert all(spec.split == "test" and spec.seed >= TEST_SEED_BASE + 100 for spec in fresh)
+    # the same grid: kinds, fractions, regimes and architectures in the same numbers
+    cells = lambda specs: sorted((s.kind, s.fraction, s.regime, s.arch) for s in specs)  # noqa: E731
+    assert cells(first) == cells(fresh)
+    with pytest.raises(ValueError, match="draw"):
+        generate_cases("dev", "full", draw=1)
+
+
+def _cluster(members: range, score: float, paste: float, control: float, space: str = "heatmap", hits: int = 0) -> dict:
+    entry = {"rate": paste, "low": paste - 0.05}
+    return {
+        "ratio": 1.5, "class": 3, "space": space, "members": list(members), "size": len(members), "score": score,
+        "hits": hits, "tests": {"0.12/0.5": {"paste": entry, "control": {"rate": control}}},
+    }
+
+
+def test_the_rule_outranks_the_object_side_and_joins_fragments_of_the_shortcut():
+    record = {"clusters": [
+        _cluster(range(0, 600), 0.95, 0.35, 0.1),            # the class's own digits: lift 0.25
+        _cluster(range(600, 650), 0.9, 0.97, 0.01, hits=50),  # the sticker on sevens: lift 0.96
+        _cluster(range(650, 700), 0.8, 0.93, 0.0, hits=48),   # the sticker on ones: lift 0.93
+    ]}
+    rule = Rule(1.5, 0.6, 0.2, 0.2, 0.85, "0.12/0.5")
+    flags = rule.flags(record)
+    assert len(flags) == 1
+    (flag,) = flags
+    assert flag["size"] == 100 and flag["hits"] == 98 and flag["score"] == 0.9
+    # the same clusters in a concept space and a heatmap space: no join across analyses
+    apart = settled([{**record["clusters"][1], "paste": {"rate": 0.97}, "control": {"rate": 0.01}},
+                     {**record["clusters"][2], "space": "concept:layer", "paste": {"rate": 0.93}, "control": {"rate": 0.0}}], 0.85)
+    assert sorted(c["size"] for c in apart) == [50, 50]
