@@ -188,7 +188,7 @@ class Rule:
     threshold: float
     min_paste_rate: float
     min_lift: float
-    dominance: float
+    dominance: float | None  # None: no settling (the detector before spray.confirm.resolve)
     evidence: str
 
     def flags(self, record: dict, space: str | None = None) -> list[dict]:
@@ -206,7 +206,8 @@ class Rule:
                 continue
             if paste["low"] >= self.min_paste_rate and paste["rate"] - control["rate"] >= self.min_lift:
                 chosen.append({**c, "paste": paste, "control": control})
-        return sorted(settled(chosen, self.dominance), key=lambda c: -c["score"])
+        kept = chosen if self.dominance is None else settled(chosen, self.dominance)
+        return sorted(kept, key=lambda c: -c["score"])
 
 
 def settled(confirmed: list[dict], dominance: float) -> list[dict]:
@@ -298,6 +299,11 @@ def tune(records: list[dict], ratios: tuple[float, ...]) -> Rule:
     return best
 
 
+#: The detector judged on test draw 0 (its defaults, no settling): printed beside the current
+#: one with ``--previous``, a paired comparison on the same records (nothing is chosen from it).
+PREVIOUS_RULE = Rule(1.5, 0.75, 0.05, 0.1, None, "0.12/0.5")
+
+
 def default_rule() -> Rule:
     analysis, confirm = SprayConfig(), ConfirmConfig()
     return Rule(
@@ -373,6 +379,7 @@ def main() -> None:
         "--draw", type=int, default=0,
         help="test only: a fresh draw of the test split (new seeds), for a detector changed since the last draw was run",
     )
+    parser.add_argument("--previous", action="store_true", help="also print the previous detector's row on the same records")
     parser.add_argument("--tune", action="store_true", help="dev only: score every rule and print the best")
     parser.add_argument(
         "--ratios", type=float, nargs="+", default=None,
@@ -395,6 +402,11 @@ def main() -> None:
               f"{record['seconds']:.0f}s", flush=True)
     rule = tune(records, ratios) if args.tune else default_rule()
     table(records, rule)
+    if args.previous:
+        s = summarise(records, PREVIOUS_RULE)
+        print(f"\nprevious detector ({PREVIOUS_RULE}): found {s['found']}/{s['relied']}, mean F1 {s['f1']:.3f}, "
+              f"models with a false flag {s['false_models']}/{s['models']} (95% bound {s['false_bound']:.3f}), "
+              f"multi-modal flagged {s['multi_flagged']}/{s['multi']}")
 
 
 if __name__ == "__main__":
