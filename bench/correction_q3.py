@@ -177,11 +177,12 @@ def true_stamp(case: Case):
 
 
 def correct_case(
-    case: Case, members: np.ndarray, class_id: int, config: CorrectionConfig, layer: str | None, stamp
+    case: Case, members: np.ndarray, class_id: int, config: CorrectionConfig, layer: str | None, stamp, truth_before=None
 ) -> dict:
     """One method on one case: search and fit on the audited images with the attack ``stamp``
     (the finding's evidence, or the true stamp), evaluate on the test images with that attack
-    and with the true stamp."""
+    and, when ``truth_before`` (the original model on the true stamp, evaluated once per
+    case) is given, with the true stamp as well."""
     from spray.correction.evaluate import evaluate, recovered_share
 
     truth = true_stamp(case)
@@ -200,12 +201,11 @@ def correct_case(
     )
     seconds = time.perf_counter() - started
     recovered = None if math.isnan(report.recovered) else float(report.recovered)
-    if stamp is truth:
+    if truth_before is None:
         true_recovered = recovered
     else:
-        before = evaluate(case.model, case.test_images, case.test_labels, class_id, truth, relevance_samples=0)
         after = evaluate(report.model, case.test_images, case.test_labels, class_id, truth, relevance_samples=0)
-        share = recovered_share(before, after)
+        share = recovered_share(truth_before, after)
         true_recovered = None if math.isnan(share) else float(share)
     clean_ok = report.clean_change >= -MAX_CLEAN_LOSS - ROUNDING
     return {
@@ -286,9 +286,14 @@ def main() -> None:
         members = np.asarray(sorted(finding["members"]), dtype=np.int64)
         in_target = finding["class"] == case.target_label
         layer = None
-        stamp = true_stamp(case)
+        stamp, truth_before = true_stamp(case), None
         if args.attack == "evidence":
             from bench.detection import explain
+            from spray.correction.evaluate import evaluate
+
+            truth_before = evaluate(
+                case.model, case.test_images, case.test_labels, int(finding["class"]), stamp, relevance_samples=0
+            )
 
             stamp = evidence_stamp(case, members, int(finding["class"]), explain(case)[0])
             if stamp is None:
@@ -306,7 +311,7 @@ def main() -> None:
                     continue
             else:
                 try:
-                    result = correct_case(case, members, int(finding["class"]), METHODS[method], layer, stamp)
+                    result = correct_case(case, members, int(finding["class"]), METHODS[method], layer, stamp, truth_before)
                 except CorrectionError as error:  # e.g. a finding that leaves too few clean samples: not fixed
                     print(f"| {base['case']} | {spec.kind} | {spec.fraction} | {spec.regime} | {spec.arch} | - | {method} | {error} |", flush=True)
                     rows.append(base | {"method": method, "goal": False, "recovered": None, "clean_change": 0.0, "seconds": 0.0})
