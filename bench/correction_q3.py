@@ -20,15 +20,14 @@ artifact:
    search's validation attack is made the same way, and every corrected model is also
    evaluated on the true stamp (the column beside the goal).
 
-``--methods cf`` measures **counterfactual fine-tuning** instead (the literature's augmentation
-baseline; measured here, not a ``spray correct`` method yet): the artifact is cut out of the
-top finding's members (``spray.correction.user.cutout_mask`` on their heatmaps against the
-rest of their class, on the analysis grid; the patch is the members' median there), the
-members get the rest of the class's per-pixel median inside the mask (evidence removed), half
-of the other classes' images get the patch pasted under their true labels, and the whole
-model is fine-tuned on that set (Adam, ``CF_EPOCHS`` epochs at ``CF_LEARNING_RATE``, at most
-``CF_SAMPLES`` images). The fine-tuning sees only the audited images and the finding; the
-evaluation is the same as above.
+``--methods cf`` measures **counterfactual fine-tuning** instead (``spray correct --method
+counterfactual``, :mod:`spray.correction.counterfactual`): the top finding's members' evidence
+(``spray.confirm``'s masks) is pasted into images of every class under their own labels, the
+members are left out, and the model is fine-tuned; the search chooses the learning rate and
+the share of pasted images on the validation split, and the validated candidate is the
+correction. With ``--attack evidence``, the fine-tuning never sees the evidence of the
+members whose evidence makes the attacked test set (at most half of the members are those
+donors).
 
 A case reaches the goal when the correction recovers at least 80 % of the attacked-accuracy
 loss with at most 0.5 pt of clean accuracy lost. Prints one row per case and method, then the
@@ -38,7 +37,7 @@ architecture. No re-audit is run here (``spray correct`` runs one; the table say
     python3 bench/correction_q3.py                  # every relied-on test case (draw 0)
     python3 bench/correction_q3.py --draw 1 --attack evidence   # the current detector's draw, evidence attack
     python3 bench/correction_q3.py --cases 4        # the first four (a quick look)
-    python3 bench/correction_q3.py --methods cf     # counterfactual fine-tuning on the same cases
+    python3 bench/correction_q3.py --draw 1 --attack evidence --methods cf   # counterfactual fine-tuning
 """
 
 from __future__ import annotations
@@ -74,72 +73,35 @@ METHODS = {
 }
 
 
-#: Set on the dev split (first 6 relied-on cases; goal reached at 1e-3: 2/6, 3e-4: 3/6, 1e-4: 1/6).
-CF_EPOCHS, CF_LEARNING_RATE, CF_SAMPLES, CF_BATCH = 2, 3e-4, 4000, 128
+CLARC_METHODS = list(METHODS)
+METHODS["counterfactual"] = CorrectionConfig(method="counterfactual", relevance_samples=0, torchscript=False)
 
 
-def counterfactual_finetune(case: Case, members: np.ndarray, class_id: int, seed: int) -> tuple[torch.nn.Module, dict]:
-    """The model fine-tuned on counterfactual images made from the finding (module docstring)."""
-    from bench.detection import explain
-    from spray.analysis.config import SprayConfig
-    from spray.correction.user import cutout_mask, cutout_patch
+def cf_evidence(case: Case, members: np.ndarray, class_id: int, heatmaps: np.ndarray, exclude: np.ndarray):
+    """The members' evidence that counterfactual fine-tuning pastes (``spray.correction.counterfactual``),
+    from the members not in ``exclude`` (the evaluation attack's donors: the fine-tuning must
+    not see the evidence it is judged on). At most ``MAX_DONORS`` members and ``MAX_REST``
+    samples of the rest, seeded."""
+    from spray.correction.counterfactual import MAX_DONORS, MAX_REST, member_evidence
 
-    heatmaps, _ = explain(case)
-    images, labels = case.train_images.copy(), case.train_labels
-    rest = np.setdiff1d(np.flatnonzero(labels == class_id), members)
-    mask = cutout_mask(heatmaps[members], heatmaps[rest], SprayConfig().pooled_size, images.shape[2:])
-    patch = cutout_patch(images[members], mask)
-    fill = np.median(images[rest], axis=0)
-    images[members] = np.where(mask[None, None], fill[None], images[members])
-    rng = np.random.default_rng(seed)
-    others = np.flatnonzero(labels != class_id)
-    pasted = rng.choice(others, size=len(others) // 2, replace=False)
-    images[pasted] = np.where(mask[None, None], patch[None], images[pasted])
-    chosen = np.sort(rng.choice(len(images), size=min(CF_SAMPLES, len(images)), replace=False))
-    model = copy.deepcopy(case.model).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=CF_LEARNING_RATE)
-    generator = torch.Generator().manual_seed(seed)
-    x_all, y_all = torch.from_numpy(images[chosen]), torch.from_numpy(labels[chosen]).long()
-    for _ in range(CF_EPOCHS):
-        order = torch.randperm(len(chosen), generator=generator)
-        for start in range(0, len(order), CF_BATCH):
-            batch = order[start : start + CF_BATCH]
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(x_all[batch]), y_all[batch]).backward()
-            optimizer.step()
-    return model.eval(), {"mask_pixels": int(mask.sum())}
-
-
-def cf_case(case: Case, members: np.ndarray, class_id: int) -> dict:
-    from spray.correction.evaluate import evaluate, recovered_share
-
-    stamp = true_stamp(case)
-    started = time.perf_counter()
-    before = evaluate(case.model, case.test_images, case.test_labels, class_id, stamp, relevance_samples=0)
-    tuned, facts = counterfactual_finetune(case, members, class_id, case.spec.seed)
-    after = evaluate(tuned, case.test_images, case.test_labels, class_id, stamp, relevance_samples=0)
-    share = recovered_share(before, after)
-    recovered = None if math.isnan(share) else float(share)
-    change = after.clean_accuracy - before.clean_accuracy
-    return {
-        "layer": f"mask {facts['mask_pixels']} px", "estimator": "-", "rr_lambda": None,
-        "clean_before": before.clean_accuracy, "attacked_before": before.attacked_accuracy,
-        "clean_after": after.clean_accuracy, "attacked_after": after.attacked_accuracy, "recovered": recovered, "clean_change": change,
-        "goal": recovered is not None and recovered >= GOAL_RECOVERED and change >= -MAX_CLEAN_LOSS - ROUNDING,
-        "seconds": time.perf_counter() - started, "n_candidates": 1,
-    }
+    rng = np.random.default_rng([case.spec.seed, 13])
+    usable = np.setdiff1d(members, exclude)
+    rest = np.setdiff1d(np.flatnonzero(case.train_labels == class_id), members)
+    donors = np.sort(rng.choice(usable, size=min(MAX_DONORS, len(usable)), replace=False))
+    rest_rows = np.sort(rng.choice(rest, size=min(MAX_REST, len(rest)), replace=False))
+    return member_evidence(donors, heatmaps[donors], heatmaps[rest_rows], case.train_images[donors])
 
 
 #: Members whose evidence makes the attack set (at most; cycled over the attacked images).
 EVIDENCE_DONORS = 64
 
 
-def evidence_stamp(case: Case, members: np.ndarray, class_id: int, heatmaps: np.ndarray):
-    """The attack made from the confirmation step's evidence, with no ground truth: each
-    attacked image gets one member's evidence pasted (``spray.confirm``'s own masks at its
-    default evidence settings: where the member's relevance exceeds the rest of its class),
-    members cycled in a fixed order. Members without evidence are left out; None when no
-    member has any."""
+def evidence_stamp(case: Case, members: np.ndarray, class_id: int, heatmaps: np.ndarray, limit: int = EVIDENCE_DONORS):
+    """The attack made from the confirmation step's evidence, with no ground truth, and its
+    donors' rows: each attacked image gets one of at most ``limit`` members' evidence pasted
+    (``spray.confirm``'s own masks at its default evidence settings: where the member's
+    relevance exceeds the rest of its class), members cycled in a fixed order. Members
+    without evidence are left out; (None, donors) when no member has any."""
     from spray.confirm.config import ConfirmConfig
     from spray.confirm.evidence import excess_masks, image_masks, rest_share
     from spray.confirm.test import pasted
@@ -147,20 +109,20 @@ def evidence_stamp(case: Case, members: np.ndarray, class_id: int, heatmaps: np.
     config = ConfirmConfig()
     rng = np.random.default_rng([case.spec.seed, 11])
     rest = np.setdiff1d(np.flatnonzero(case.train_labels == class_id), members)
-    donors = np.sort(rng.choice(members, size=min(EVIDENCE_DONORS, len(members)), replace=False))
+    donors = np.sort(rng.choice(members, size=min(limit, len(members)), replace=False))
     rest_rows = np.sort(rng.choice(rest, size=min(256, len(rest)), replace=False)) if len(rest) else rest
     small = excess_masks(heatmaps[donors], rest_share(heatmaps[rest_rows]), config.evidence_area, config.evidence_mass)
     masks = image_masks(small, case.train_images.shape[-2:])
     keep = masks.reshape(len(masks), -1).any(axis=1)
     if not keep.any():
-        return None
+        return None, donors
     donor_images, masks = case.train_images[donors[keep]], masks[keep]
 
     def stamp(images: np.ndarray) -> np.ndarray:
         which = np.arange(len(images)) % len(masks)
         return pasted(images, donor_images[which], masks[which])
 
-    return stamp
+    return stamp, donors
 
 
 def top_finding(spec: CaseSpec) -> dict | None:
@@ -177,7 +139,8 @@ def true_stamp(case: Case):
 
 
 def correct_case(
-    case: Case, members: np.ndarray, class_id: int, config: CorrectionConfig, layer: str | None, stamp, truth_before=None
+    case: Case, members: np.ndarray, class_id: int, config: CorrectionConfig, layer: str | None, stamp, truth_before=None,
+    evidence=None,
 ) -> dict:
     """One method on one case: search and fit on the audited images with the attack ``stamp``
     (the finding's evidence, or the true stamp), evaluate on the test images with that attack
@@ -189,15 +152,15 @@ def correct_case(
     n_classes = len(case.class_names)
     started = time.perf_counter()
     config = dataclasses.replace(config, layer=layer or case.concept_layers[-1])
-    config, searched = search(
+    config, searched, chosen = search(
         case.model, case.train_images, case.train_labels, members, config,
-        [config.layer] if config.method == "rr-clarc" else list(case.concept_layers), stamp,
-        lambda model, cav, images, labels, rows, settings: build_correction(model, cav, images, labels, rows, settings)[0],
-        class_id=class_id, n_classes=n_classes,
+        [config.layer] if config.method in ("rr-clarc", "counterfactual") else list(case.concept_layers), stamp,
+        lambda model, cav, images, labels, rows, settings, evidence: build_correction(model, cav, images, labels, rows, settings, evidence),
+        class_id=class_id, n_classes=n_classes, evidence=evidence,
     )
     report = correct_model(
         case.model, case.train_images, case.train_labels, case.test_images, case.test_labels, members,
-        stamp=stamp, config=config, n_classes=n_classes, class_id=class_id,
+        stamp=stamp, config=config, n_classes=n_classes, class_id=class_id, evidence=evidence, corrected=chosen,
     )
     seconds = time.perf_counter() - started
     recovered = None if math.isnan(report.recovered) else float(report.recovered)
@@ -208,8 +171,12 @@ def correct_case(
         share = recovered_share(truth_before, after)
         true_recovered = None if math.isnan(share) else float(share)
     clean_ok = report.clean_change >= -MAX_CLEAN_LOSS - ROUNDING
+    if config.method == "counterfactual":
+        layer, estimator = f"{len(evidence)} masks", f"lr {config.cf_learning_rate:g} x{config.cf_epochs}"
+    else:
+        layer, estimator = config.layer, config.estimator
     return {
-        "layer": config.layer, "estimator": config.estimator, "rr_lambda": config.rr_lambda if config.method == "rr-clarc" else None,
+        "layer": layer, "estimator": estimator, "rr_lambda": config.rr_lambda if config.method == "rr-clarc" else None,
         "clean_before": report.before.clean_accuracy, "attacked_before": report.before.attacked_accuracy,
         "clean_after": report.after.clean_accuracy, "attacked_after": report.after.attacked_accuracy,
         "recovered": recovered, "clean_change": report.clean_change,
@@ -256,10 +223,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.cf_learning_rate is not None:
         if args.split != "dev":
-            parser.error("--cf-learning-rate is for choosing on the dev split; the test split runs with CF_LEARNING_RATE.")
-        global CF_LEARNING_RATE
-        CF_LEARNING_RATE = args.cf_learning_rate
-    methods = list(METHODS) if args.methods == "clarc" else ["CF fine-tune"]
+            parser.error("--cf-learning-rate is for choosing on the dev split; the test split runs with the default.")
+        METHODS["counterfactual"] = dataclasses.replace(METHODS["counterfactual"], cf_learning_rate=args.cf_learning_rate)
+    methods = CLARC_METHODS if args.methods == "clarc" else ["counterfactual"]
     torch.set_num_threads(2)
     if args.draw and args.split != "test":
         parser.error("--draw picks a draw of the test split.")
@@ -286,7 +252,7 @@ def main() -> None:
         members = np.asarray(sorted(finding["members"]), dtype=np.int64)
         in_target = finding["class"] == case.target_label
         layer = None
-        stamp, truth_before = true_stamp(case), None
+        stamp, truth_before, attack_donors = true_stamp(case), None, np.zeros(0, dtype=np.int64)
         if args.attack == "evidence":
             from bench.detection import explain
             from spray.correction.evaluate import evaluate
@@ -295,27 +261,26 @@ def main() -> None:
                 case.model, case.test_images, case.test_labels, int(finding["class"]), stamp, relevance_samples=0
             )
 
-            stamp = evidence_stamp(case, members, int(finding["class"]), explain(case)[0])
+            # counterfactual fine-tuning must not see the evidence it is judged on: half the members at most are donors
+            limit = EVIDENCE_DONORS if args.methods == "clarc" else min(EVIDENCE_DONORS, max(1, len(members) // 2))
+            stamp, attack_donors = evidence_stamp(case, members, int(finding["class"]), explain(case)[0], limit)
             if stamp is None:
                 for method in methods:
                     rows.append(base | {"method": method, "goal": False, "recovered": None, "clean_change": 0.0, "seconds": 0.0})
                 print(f"| {base['case']} | {spec.kind} | {spec.fraction} | {spec.regime} | {spec.arch} | no evidence to paste | all | - | - | - | - | no | - |", flush=True)
                 continue
         for method in methods:
-            if method == "CF fine-tune":
-                try:
-                    result = cf_case(case, members, int(finding["class"]))
-                except CorrectionError as error:  # nothing to cut out: not fixed
-                    print(f"| {base['case']} | {spec.kind} | {spec.fraction} | {spec.regime} | {spec.arch} | - | {method} | {error} |", flush=True)
-                    rows.append(base | {"method": method, "goal": False, "recovered": None, "clean_change": 0.0, "seconds": 0.0})
-                    continue
-            else:
-                try:
-                    result = correct_case(case, members, int(finding["class"]), METHODS[method], layer, stamp, truth_before)
-                except CorrectionError as error:  # e.g. a finding that leaves too few clean samples: not fixed
-                    print(f"| {base['case']} | {spec.kind} | {spec.fraction} | {spec.regime} | {spec.arch} | - | {method} | {error} |", flush=True)
-                    rows.append(base | {"method": method, "goal": False, "recovered": None, "clean_change": 0.0, "seconds": 0.0})
-                    continue
+            try:
+                evidence = None
+                if method == "counterfactual":
+                    from bench.detection import explain
+
+                    evidence = cf_evidence(case, members, int(finding["class"]), explain(case)[0], attack_donors)
+                result = correct_case(case, members, int(finding["class"]), METHODS[method], layer, stamp, truth_before, evidence)
+            except CorrectionError as error:  # e.g. a finding that leaves too few clean samples, or no evidence: not fixed
+                print(f"| {base['case']} | {spec.kind} | {spec.fraction} | {spec.regime} | {spec.arch} | - | {method} | {error} |", flush=True)
+                rows.append(base | {"method": method, "goal": False, "recovered": None, "clean_change": 0.0, "seconds": 0.0})
+                continue
             if method == "auto (R-ClArC)":
                 layer = result["layer"]  # RR-ClArC fine-tunes against the CAV at the layer the search chose
             rows.append(base | {"method": method} | result)

@@ -24,6 +24,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -97,7 +98,7 @@ def load_mnist(cache: Path = CACHE) -> Mnist:
         for name, (x, y) in zip(("train", "valid", "test"), splits):
             arrays[f"{name}_images"] = np.asarray(x, dtype=np.float32).reshape(-1, 1, SIDE, SIDE)
             arrays[f"{name}_labels"] = np.asarray(y, dtype=np.int64)
-        partial = cache / "mnist.partial.npz"
+        partial = cache / f"mnist.partial-{os.getpid()}.npz"  # bench processes started together each write their own
         np.savez(partial, **arrays)
         partial.replace(npz)
     with np.load(npz) as data:

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from spray.correction.config import METHODS
 from spray.verdict import EXIT_BUSY, EXIT_ERROR, EXIT_FLAGGED, EXIT_INCOMPLETE, EXIT_OK, describe_incomplete, exit_code
 
 #: The conventional exit status of a command stopped by Ctrl-C (128 + SIGINT).
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         "correct", help="correct the model of an audited job for one of its flags (ClArC), then audit the corrected model again"
     )
     correct.add_argument("job", type=Path, help="job spec (TOML) whose audit has run; its [correct] section sets the defaults")
-    correct.add_argument("--method", choices=("r-clarc", "p-clarc", "rr-clarc"), default=None, help="correction (default: [correct] method, else r-clarc)")
+    correct.add_argument("--method", choices=METHODS, default=None, help="correction (default: [correct] method, else r-clarc)")
     correct.add_argument("--flag", type=int, default=None, help="which flag of summary.json, 0 = the top one (default: [correct] flag, else 0)")
     correct.add_argument(
         "--layer", default=None,

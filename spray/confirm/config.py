@@ -21,6 +21,8 @@ DEFAULT_DOMINANCE = 0.85
 #: 16 of 25 relied-on dev cases found, against 14 at 0.12; 0.5 found 18 but let more of the
 #: object through and flagged more models falsely (docs/analysis.md, "bench Q3").
 DEFAULT_EVIDENCE_AREA = 0.3
+#: Set on the demo before any Q3 run.
+DEFAULT_EVIDENCE_MASS = 0.5
 
 
 @dataclass
@@ -53,7 +55,7 @@ class ConfirmConfig:
     members: int = setting(24, Range(1), doc="members whose evidence is pasted and removed")
     hosts: int = setting(8, Range(1), doc="other-class images each member's evidence is pasted into")
     evidence_area: float = setting(DEFAULT_EVIDENCE_AREA, Range(0.0, 1.0, low_open=True), doc="largest share of the image the evidence covers")
-    evidence_mass: float = setting(0.5, Range(0.0, 1.0, low_open=True), doc="share of the excess relevance the evidence covers")
+    evidence_mass: float = setting(DEFAULT_EVIDENCE_MASS, Range(0.0, 1.0, low_open=True), doc="share of the excess relevance the evidence covers")
     min_paste_rate: float = setting(DEFAULT_MIN_PASTE_RATE, Range(0.0, 1.0), doc="lower bound of the pasted hosts' move rate that confirms")
     min_lift: float = setting(DEFAULT_MIN_LIFT, Range(0.0, 1.0), doc="move rate above the control's that confirms")
     dominance: float = setting(DEFAULT_DOMINANCE, Range(0.0, 1.0), doc="share of the class's strongest lift below which a confirmed candidate is outranked")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from spray.config import ENTRY_POINT, Choice, ConfigError, Pattern, Range, setting, validate
 
-METHODS: tuple[str, ...] = ("r-clarc", "p-clarc", "rr-clarc")
+METHODS: tuple[str, ...] = ("r-clarc", "p-clarc", "rr-clarc", "counterfactual")
 #: Gates of R-ClArC (P-ClArC is the gate "always").
 R_GATES: tuple[str, ...] = ("class", "detector", "both")
 #: How a layer's activations become a CAV's features.
@@ -32,7 +32,9 @@ class CorrectionConfig:
     """Parameters of one correction (``spray correct`` and :func:`spray.correction.run.correct_model`).
 
     Attributes:
-        method: ``"r-clarc"`` (default), ``"p-clarc"`` or ``"rr-clarc"``.
+        method: ``"r-clarc"`` (default), ``"p-clarc"``, ``"rr-clarc"`` or ``"counterfactual"``
+            (fine-tuning on the flag's evidence pasted into other classes' images under their
+            true labels, :mod:`spray.correction.counterfactual`).
         flag: which flag of the audit's ``summary.json`` (0: the top one).
         reaudit: audit the corrected model again and report whether the flag is gone.
         layer: layer whose activations hold the CAV (a name from ``model.named_modules()``),
@@ -54,6 +56,12 @@ class CorrectionConfig:
         rr_target: explained output of the penalty: ``"predicted"`` logit or ``"all"`` logits summed.
         rr_max_samples: fine-tune RR-ClArC on a random subset of at most this many training
             samples (None: all), to bound its time on large sets.
+        cf_learning_rate: counterfactual fine-tuning's Adam learning rate (the search tries
+            multiples of it).
+        cf_epochs: counterfactual fine-tuning's epochs.
+        cf_paste_share: share of the images that get a member's evidence pasted, each epoch
+            (the search tries :data:`spray.correction.counterfactual.PASTE_SHARES`).
+        cf_max_samples: counterfactual fine-tuning on at most this many images per epoch.
         test_size: held-out share for the CAV's detection AUC.
         held_out: share of each class of a user job's audited samples held out (seeded, stratified)
             for the before/after evaluation; the CAV, the detector and fine-tuning see the rest
@@ -91,6 +99,10 @@ class CorrectionConfig:
     rr_learning_rate: float = setting(1e-3, Range(0.0, low_open=True), doc="RR-ClArC: Adam's learning rate")
     rr_target: str = setting("predicted", Choice(RR_TARGETS), doc="RR-ClArC: penalised logit(s)")
     rr_max_samples: int | None = setting(None, Range(1), doc="RR-ClArC: fine-tune on at most this many samples")
+    cf_learning_rate: float = setting(3e-4, Range(0.0, low_open=True), doc="counterfactual fine-tuning: Adam's learning rate")
+    cf_epochs: int = setting(2, Range(1), doc="counterfactual fine-tuning: epochs")
+    cf_paste_share: float = setting(0.5, Range(0.0, 1.0, low_open=True), doc="counterfactual fine-tuning: share of images pasted")
+    cf_max_samples: int | None = setting(4000, Range(1), doc="counterfactual fine-tuning: images per epoch, at most")
     test_size: float = setting(0.25, Range(0.0, 1.0, low_open=True, high_open=True), doc="share held out for the CAV's AUC")
     held_out: float = setting(0.25, Range(0.0, 1.0, low_open=True, high_open=True), doc="share of each class held out for evaluation")
     stamp: str = setting("", ENTRY_POINT, doc="function that stamps the artifact (empty: cut it out of the flag)")

@@ -37,13 +37,14 @@ from torch import nn
 from spray.attribution.settings import AttributionSettings
 from spray.correction.config import AUTO_LAYER, CorrectionConfig
 from spray.correction.errors import CorrectionError
+from spray.correction.counterfactual import MAX_DONORS, MAX_REST, Evidence, member_evidence
 from spray.correction.evaluate import Stamp
 from spray.correction.images import CountingReader, RowImages
 from spray.correction.page import write_correction_files
 from spray.correction.reaudit import run_reaudit
 from spray.correction.run import CorrectionReport, EvaluationPlan, build_correction, correct_model, job_config
 from spray.correction.search import search
-from spray.correction.user import cut_points, default_layer, held_out_evaluation
+from spray.correction.user import cut_points, default_layer, held_out_evaluation, read_audit_heatmaps
 from spray.data.open import AuditData, PlantedArtifact
 from spray.jobs import JobSpec
 from spray.models.demo import DEMO_CAV_LAYER, DemoNet
@@ -157,6 +158,24 @@ def flag_members(flag: dict[str, Any], n_samples: int) -> tuple[int, np.ndarray]
     return int(flag["class_index"]), members
 
 
+def flag_evidence(spec: JobSpec, inputs: JobInputs, plan: EvaluationPlan, class_id: int, seed: int) -> Evidence:
+    """The evidence of the flag's fitting members for counterfactual fine-tuning
+    (:func:`spray.correction.counterfactual.member_evidence`): their heatmaps from the audit
+    against the rest of their class's (at most ``MAX_DONORS`` and ``MAX_REST`` rows, seeded),
+    on their images as the model sees them. Rows of the evidence index ``plan.fit_images``."""
+    rng = np.random.default_rng([seed, 13])
+    fit_rows = np.arange(len(plan.fit_labels)) if plan.fit_rows is None else plan.fit_rows
+    positions = np.asarray(plan.artifact_rows, dtype=np.int64)
+    donors = np.sort(rng.choice(positions, size=min(MAX_DONORS, len(positions)), replace=False))
+    rest = np.setdiff1d(np.flatnonzero(plan.fit_labels == class_id), positions)
+    rest = np.sort(rng.choice(rest, size=min(MAX_REST, len(rest)), replace=False))
+    n = len(inputs.labels)
+    return member_evidence(
+        donors, read_audit_heatmaps(spec, fit_rows[donors], n), read_audit_heatmaps(spec, fit_rows[rest], n),
+        inputs.space.to_model(inputs.display[fit_rows[donors]]),
+    )
+
+
 def correct_job(spec: JobSpec, flag: dict[str, Any], config: CorrectionConfig | None = None, *, progress: bool = False) -> CorrectionReport:
     """Correct the model of job ``spec`` for ``flag`` (an entry of its ``summary.json`` flags) and evaluate it.
 
@@ -181,19 +200,20 @@ def correct_job(spec: JobSpec, flag: dict[str, Any], config: CorrectionConfig | 
         fit_images = (
             plan.fit_images.mapped(space.to_model).remembering() if isinstance(plan.fit_images, RowImages) else space.to_model(plan.fit_images)
         )
-        searched = None
+        evidence = flag_evidence(spec, inputs, plan, class_id, config.seed) if config.method == "counterfactual" else None
+        searched, chosen = None, None
         if config.search:
             layers = [config.layer] if explicit_layer else cut_points(inputs.model, inputs.attribution.layers) or [config.layer]
-            config, searched = search(
+            config, searched, chosen = search(
                 inputs.model, fit_images, plan.fit_labels, plan.artifact_rows, config, layers, space.stamp_inputs(plan.stamp),
-                lambda model, cav, images, labels, rows, settings: build_correction(model, cav, images, labels, rows, settings)[0],
-                class_id=class_id, n_classes=inputs.n_classes,
+                lambda model, cav, images, labels, rows, settings, evidence: build_correction(model, cav, images, labels, rows, settings, evidence),
+                class_id=class_id, n_classes=inputs.n_classes, evidence=evidence,
             )
         report = correct_model(
             inputs.model, fit_images, plan.fit_labels, space.to_model(plan.test_images), plan.test_labels,
             plan.artifact_rows, stamp=space.stamp_inputs(plan.stamp), mask=plan.mask,
             config=config, output_dir=folder, n_classes=inputs.n_classes, class_id=class_id, job=spec.job.name,
-            attribution=inputs.attribution, evaluation_set=plan.facts,
+            attribution=inputs.attribution, evaluation_set=plan.facts, evidence=evidence, corrected=chosen,
         )
         report.images_read = {"read": inputs.reader.images_read, "distinct": len(inputs.reader.distinct_rows), "audited": len(inputs.labels)}
         report.search = searched

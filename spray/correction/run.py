@@ -33,6 +33,7 @@ from spray.correction.clarc import (
     r_clarc,
     rr_clarc,
 )
+from spray.correction.counterfactual import Evidence, FineTuneHistory, counterfactual_finetune
 from spray.correction.evaluate import EvaluationResult, Stamp, evaluate, format_table, recovered_share
 from spray.correction.export import ExportPaths, export_corrected
 from spray.correction.images import RowImages
@@ -72,7 +73,7 @@ class CorrectionReport:
     seconds: dict[str, float]
     model: nn.Module = field(repr=False)
     export: ExportPaths | None = None
-    history: RRHistory | None = None
+    history: RRHistory | FineTuneHistory | None = None
     detector_auc: float | None = None
     threshold: float | None = None
     reaudit: dict[str, Any] | None = None
@@ -135,9 +136,21 @@ def build_correction(
     train_labels: np.ndarray,
     artifact_rows: np.ndarray,
     config: CorrectionConfig,
+    evidence: Evidence | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Apply ``config.method`` to ``model`` with ``cav``; return the corrected model and facts (threshold, history, detector AUC)."""
+    """Apply ``config.method`` to ``model`` with ``cav``; return the corrected model and facts
+    (threshold, history, detector AUC). Counterfactual fine-tuning needs the members'
+    ``evidence`` (:func:`spray.correction.counterfactual.member_evidence`) and uses no CAV."""
     facts: dict[str, Any] = {}
+    if config.method == "counterfactual":
+        if evidence is None:
+            raise CorrectionError("counterfactual fine-tuning needs the flag's evidence (the audit's heatmaps of its members).")
+        tuned, history = counterfactual_finetune(
+            model, train_images, train_labels, artifact_rows, evidence, class_id=cav.class_id, epochs=config.cf_epochs,
+            learning_rate=config.cf_learning_rate, paste_share=config.cf_paste_share, max_samples=config.cf_max_samples, random_state=config.seed,
+        )
+        facts["history"] = history
+        return tuned, facts
     if config.method == "p-clarc":
         return p_clarc(model, cav), facts
     if config.method == "rr-clarc":
@@ -181,7 +194,8 @@ class EvaluationPlan:
     ask). ``artifact_rows`` index ``fit_images``; ``stamp`` puts the artifact on display images for
     the attacked test set; ``mask`` is its region for the relevance share (None skips it);
     ``facts`` says how the sets were made (``evaluation_set`` of the report; None when the
-    data brought their own test split).
+    data brought their own test split); ``fit_rows``: the audited rows ``fit_images`` holds
+    (None: all of them, in order).
     """
 
     fit_images: np.ndarray | RowImages
@@ -192,6 +206,7 @@ class EvaluationPlan:
     stamp: Stamp
     mask: np.ndarray | tuple[slice, slice] | None
     facts: dict[str, Any] | None
+    fit_rows: np.ndarray | None = None
 
 
 def correct_model(
@@ -213,6 +228,8 @@ def correct_model(
     job: str = "",
     attribution: AttributionSettings = AttributionSettings(),
     evaluation_set: dict[str, Any] | None = None,
+    evidence: Evidence | None = None,
+    corrected: tuple[nn.Module, dict[str, Any]] | None = None,
 ) -> CorrectionReport:
     """Correct ``model`` for the artifact carried by ``train_images[artifact_rows]`` and evaluate it.
 
@@ -232,6 +249,9 @@ def correct_model(
         job: the job's name, for the page's title.
         attribution: the audit's ``[attribution]`` settings, for the artifact-relevance share.
         evaluation_set: how the test and attacked data were made, recorded in the report.
+        evidence: the members' evidence, for counterfactual fine-tuning.
+        corrected: the corrected model and its facts when already made (the search's validated
+            candidate, :data:`spray.correction.search.VALIDATED_METHODS`); None: made here.
     """
     config = config or CorrectionConfig()
     seconds: dict[str, float] = {}
@@ -258,7 +278,9 @@ def correct_model(
     seconds["evaluate_before"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    corrected, facts = build_correction(model, cav, train_images, train_labels, np.asarray(artifact_rows), config)
+    if corrected is None:
+        corrected = build_correction(model, cav, train_images, train_labels, np.asarray(artifact_rows), config, evidence)
+    corrected, facts = corrected
     seconds["correction"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -200,7 +200,7 @@ class AttackSet:
     patch: np.ndarray | None = field(default=None, repr=False)
 
 
-def _read_heatmaps(spec: JobSpec, rows: np.ndarray, n_samples: int) -> np.ndarray:
+def read_audit_heatmaps(spec: JobSpec, rows: np.ndarray, n_samples: int) -> np.ndarray:
     """The audit's heatmaps (len(rows), H, W) of ascending unique ``rows`` from ``stages/attributions.h5``.
 
     ``n_samples``: how many samples the data hold now; a file of another size is from other data.
@@ -229,7 +229,7 @@ def cutout_attack(spec: JobSpec, display: np.ndarray | RowImages, labels: np.nda
     if len(rest) > MAX_REFERENCE_HEATMAPS:
         rest = np.sort(np.random.default_rng(spec.job.seed).choice(rest, MAX_REFERENCE_HEATMAPS, replace=False))
     mask = cutout_mask(
-        _read_heatmaps(spec, members, len(labels)), _read_heatmaps(spec, rest, len(labels)), spec.analysis.pooled_size, display.shape[2:]
+        read_audit_heatmaps(spec, members, len(labels)), read_audit_heatmaps(spec, rest, len(labels)), spec.analysis.pooled_size, display.shape[2:]
     )
     patch = cutout_patch(display[members], mask)
     facts = {
@@ -351,5 +351,5 @@ def held_out_evaluation(
     return EvaluationPlan(
         fit_images=display.subset(fit_rows) if isinstance(display, RowImages) else display[fit_rows], fit_labels=labels[fit_rows],
         test_images=display[test_rows], test_labels=labels[test_rows],
-        artifact_rows=np.searchsorted(fit_rows, fit_members), stamp=attack.stamp, mask=attack.mask, facts=facts,
+        artifact_rows=np.searchsorted(fit_rows, fit_members), stamp=attack.stamp, mask=attack.mask, facts=facts, fit_rows=fit_rows,
     )
