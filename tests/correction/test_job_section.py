@@ -66,7 +66,7 @@ def test_without_the_section_the_defaults_apply() -> None:
 @pytest.mark.parametrize(
     ("lines", "message"),
     [
-        ('method = "q-clarc"', r"x\.toml:4: correct\.method must be one of 'r-clarc', 'p-clarc', 'rr-clarc'; got 'q-clarc'"),
+        ('method = "q-clarc"', r"x\.toml:4: correct\.method must be one of 'r-clarc', 'p-clarc', 'rr-clarc', 'counterfactual'; got 'q-clarc'"),
         ('gate = "always"', r"x\.toml:4: correct\.gate 'always' is P-ClArC: set method = 'p-clarc'"),
         ('pooling = "sum"', r"x\.toml:4: correct\.pooling must be one of 'max', 'mean', 'flatten'; got 'sum'"),
         ('method = "p-clarc"\ntarget_fpr = 1.0', r"x\.toml:5: correct\.target_fpr must be at least 0 and below 1, got 1\.0"),

@@ -28,7 +28,7 @@ def test_flag_rows_reads_the_strongest_flag(tmp_path: Path) -> None:
 
 
 def test_config_rejects_unknown_choices_and_impossible_numbers_naming_the_field() -> None:
-    with pytest.raises(ConfigError, match=r"^method must be one of 'r-clarc', 'p-clarc', 'rr-clarc'; got 'q-clarc'"):
+    with pytest.raises(ConfigError, match=r"^method must be one of 'r-clarc', 'p-clarc', 'rr-clarc', 'counterfactual'; got 'q-clarc'"):
         CorrectionConfig(method="q-clarc")
     with pytest.raises(ConfigError, match=r"^gate 'always' is P-ClArC: set method = 'p-clarc'"):
         CorrectionConfig(gate="always")
