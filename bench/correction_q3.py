@@ -78,18 +78,15 @@ METHODS["counterfactual"] = CorrectionConfig(method="counterfactual", relevance_
 
 
 def cf_evidence(case: Case, members: np.ndarray, class_id: int, heatmaps: np.ndarray, exclude: np.ndarray):
-    """The members' evidence that counterfactual fine-tuning pastes (``spray.correction.counterfactual``),
-    from the members not in ``exclude`` (the evaluation attack's donors: the fine-tuning must
-    not see the evidence it is judged on). At most ``MAX_DONORS`` members and ``MAX_REST``
-    samples of the rest, seeded."""
-    from spray.correction.counterfactual import MAX_DONORS, MAX_REST, member_evidence
+    """The members' evidence that counterfactual fine-tuning pastes
+    (``spray.correction.counterfactual.sampled_evidence``), from the members not in ``exclude``
+    (the evaluation attack's donors: the fine-tuning must not see the evidence it is judged on)."""
+    from spray.correction.counterfactual import sampled_evidence
 
-    rng = np.random.default_rng([case.spec.seed, 13])
-    usable = np.setdiff1d(members, exclude)
     rest = np.setdiff1d(np.flatnonzero(case.train_labels == class_id), members)
-    donors = np.sort(rng.choice(usable, size=min(MAX_DONORS, len(usable)), replace=False))
-    rest_rows = np.sort(rng.choice(rest, size=min(MAX_REST, len(rest)), replace=False))
-    return member_evidence(donors, heatmaps[donors], heatmaps[rest_rows], case.train_images[donors])
+    return sampled_evidence(
+        np.setdiff1d(members, exclude), rest, lambda rows: heatmaps[rows], lambda rows: case.train_images[rows], case.spec.seed
+    )
 
 
 #: Members whose evidence makes the attack set (at most; cycled over the attacked images).
@@ -155,7 +152,7 @@ def correct_case(
     config, searched, chosen = search(
         case.model, case.train_images, case.train_labels, members, config,
         [config.layer] if config.method in ("rr-clarc", "counterfactual") else list(case.concept_layers), stamp,
-        lambda model, cav, images, labels, rows, settings, evidence: build_correction(model, cav, images, labels, rows, settings, evidence),
+        build_correction,
         class_id=class_id, n_classes=n_classes, evidence=evidence,
     )
     report = correct_model(
@@ -172,7 +169,7 @@ def correct_case(
         true_recovered = None if math.isnan(share) else float(share)
     clean_ok = report.clean_change >= -MAX_CLEAN_LOSS - ROUNDING
     if config.method == "counterfactual":
-        layer, estimator = f"{len(evidence)} masks", f"lr {config.cf_learning_rate:g} x{config.cf_epochs}"
+        layer, estimator = f"{len(evidence)} masks", f"lr {config.cf_learning_rate:g}, share {config.cf_paste_share:g}, {report.history.epochs} ep."
     else:
         layer, estimator = config.layer, config.estimator
     return {

@@ -43,6 +43,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,7 +97,7 @@ class Evidence:
         from spray.confirm.test import pasted
 
         which = rng.integers(0, len(self), size=len(hosts))
-        return pasted(np.asarray(hosts, dtype=np.float32), self.images[which], self.masks[which]).astype(np.float32)
+        return pasted(np.asarray(hosts, dtype=np.float32), self.images[which], self.masks[which])
 
 
 def member_evidence(
@@ -124,6 +125,23 @@ def member_evidence(
     if len(evidence) == 0:
         raise CorrectionError("no flagged member has relevance outside where its class looks: there is no evidence to fine-tune against.")
     return evidence
+
+
+def sampled_evidence(
+    members: np.ndarray,
+    rest: np.ndarray,
+    maps: Callable[[np.ndarray], np.ndarray],
+    images: Callable[[np.ndarray], np.ndarray],
+    seed: int,
+) -> Evidence:
+    """:func:`member_evidence` of at most :data:`MAX_DONORS` of ``members`` against at most
+    :data:`MAX_REST` of ``rest`` (the rest of their class), drawn with ``seed``. ``maps(rows)``
+    and ``images(rows)`` read the heatmaps and the model-input images of ascending ``rows``,
+    so only the sampled rows are read."""
+    rng = np.random.default_rng([seed, 13])
+    donors = np.sort(rng.choice(members, size=min(MAX_DONORS, len(members)), replace=False))
+    rest = np.sort(rng.choice(rest, size=min(MAX_REST, len(rest)), replace=False))
+    return member_evidence(donors, maps(donors), maps(rest), images(donors))
 
 
 @dataclass

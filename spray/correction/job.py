@@ -36,8 +36,8 @@ from torch import nn
 
 from spray.attribution.settings import AttributionSettings
 from spray.correction.config import AUTO_LAYER, CorrectionConfig
+from spray.correction.counterfactual import Evidence, sampled_evidence
 from spray.correction.errors import CorrectionError
-from spray.correction.counterfactual import MAX_DONORS, MAX_REST, Evidence, member_evidence
 from spray.correction.evaluate import Stamp
 from spray.correction.images import CountingReader, RowImages
 from spray.correction.page import write_correction_files
@@ -160,19 +160,15 @@ def flag_members(flag: dict[str, Any], n_samples: int) -> tuple[int, np.ndarray]
 
 def flag_evidence(spec: JobSpec, inputs: JobInputs, plan: EvaluationPlan, class_id: int, seed: int) -> Evidence:
     """The evidence of the flag's fitting members for counterfactual fine-tuning
-    (:func:`spray.correction.counterfactual.member_evidence`): their heatmaps from the audit
-    against the rest of their class's (at most ``MAX_DONORS`` and ``MAX_REST`` rows, seeded),
-    on their images as the model sees them. Rows of the evidence index ``plan.fit_images``."""
-    rng = np.random.default_rng([seed, 13])
+    (:func:`spray.correction.counterfactual.sampled_evidence`): their heatmaps from the audit
+    against the rest of their class's, on their images as the model sees them. Rows of the
+    evidence index ``plan.fit_images``."""
     fit_rows = np.arange(len(plan.fit_labels)) if plan.fit_rows is None else plan.fit_rows
-    positions = np.asarray(plan.artifact_rows, dtype=np.int64)
-    donors = np.sort(rng.choice(positions, size=min(MAX_DONORS, len(positions)), replace=False))
-    rest = np.setdiff1d(np.flatnonzero(plan.fit_labels == class_id), positions)
-    rest = np.sort(rng.choice(rest, size=min(MAX_REST, len(rest)), replace=False))
-    n = len(inputs.labels)
-    return member_evidence(
-        donors, read_audit_heatmaps(spec, fit_rows[donors], n), read_audit_heatmaps(spec, fit_rows[rest], n),
-        inputs.space.to_model(inputs.display[fit_rows[donors]]),
+    members = np.asarray(plan.artifact_rows, dtype=np.int64)
+    rest = np.setdiff1d(np.flatnonzero(plan.fit_labels == class_id), members)
+    return sampled_evidence(
+        members, rest, lambda rows: read_audit_heatmaps(spec, fit_rows[rows], len(inputs.labels)),
+        lambda rows: inputs.space.to_model(inputs.display[fit_rows[rows]]), seed,
     )
 
 
@@ -206,7 +202,7 @@ def correct_job(spec: JobSpec, flag: dict[str, Any], config: CorrectionConfig | 
             layers = [config.layer] if explicit_layer else cut_points(inputs.model, inputs.attribution.layers) or [config.layer]
             config, searched, chosen = search(
                 inputs.model, fit_images, plan.fit_labels, plan.artifact_rows, config, layers, space.stamp_inputs(plan.stamp),
-                lambda model, cav, images, labels, rows, settings, evidence: build_correction(model, cav, images, labels, rows, settings, evidence),
+                build_correction,
                 class_id=class_id, n_classes=inputs.n_classes, evidence=evidence,
             )
         report = correct_model(

@@ -279,9 +279,11 @@ def correct_model(
 
     start = time.perf_counter()
     if corrected is None:
-        corrected = build_correction(model, cav, train_images, train_labels, np.asarray(artifact_rows), config, evidence)
-    corrected, facts = corrected
-    seconds["correction"] = time.perf_counter() - start
+        corrected, facts = build_correction(model, cav, train_images, train_labels, np.asarray(artifact_rows), config, evidence)
+        seconds["correction"] = time.perf_counter() - start
+    else:  # the search's validated candidate: its fine-tuning time is the correction's
+        corrected, facts = corrected
+        seconds["correction"] = float(getattr(facts.get("history"), "seconds", 0.0))
 
     start = time.perf_counter()
     after = run_evaluation(corrected, config.method)

@@ -209,7 +209,7 @@ def search(
     best = choose(working, config.max_clean_loss)
     best.chosen = True
     record = search_record(tried, len(held), (before.clean_accuracy, before.attacked_accuracy))
-    return best.settings(config), record, (leader[1] if leader is not None and leader[0] is best else None)
+    return best.settings(config), record, (None if leader is None else leader[1])  # the leader is ``best``: same rule, same order
 
 
 def search_record(candidates: Sequence[Candidate], n_validation: int, original: tuple[float, float]) -> dict[str, Any]:

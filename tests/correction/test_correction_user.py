@@ -316,6 +316,7 @@ def test_counterfactual_fine_tuning_fixes_the_user_job_and_ships_the_validated_c
     chosen = next(item for item in candidates if item["chosen"])
     assert (report.history.learning_rate, report.history.paste_share) == (pytest.approx(chosen["learning_rate"]), chosen["paste_share"])
     assert report.history.epochs * math.ceil(report.history.images_per_epoch / 128) >= 64  # small sets get more epochs
+    assert report.seconds["correction"] == report.history.seconds > 0  # the validated candidate's own time
     assert report.history.pasted_per_epoch == round(chosen["paste_share"] * report.history.images_per_epoch)
     # the shortcut is gone on the held-out images (observed: attacked 50% -> 100%, clean unchanged)
     assert report.before.clean_accuracy - report.before.attacked_accuracy >= 0.4

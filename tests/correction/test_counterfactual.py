@@ -1,15 +1,19 @@
 """Counterfactual fine-tuning (:mod:`spray.correction.counterfactual`): the members' evidence,
-pasting, and the search's candidates (the fine-tuning end to end: ``test_correction_user.py``)."""
+pasting, the search's candidates, and the fine-tuning on the demo's tagged squares (end to end
+through ``spray correct``: ``test_correction_user.py``)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from spray.correction.counterfactual import Evidence, counterfactual_finetune, member_evidence
 from spray.correction.errors import CorrectionError
+from spray.correction.evaluate import evaluate, recovered_share
 from spray.correction.config import CorrectionConfig
 from spray.correction.search import candidates_for
+from spray.data.demo import stamp_tag, tag_region
 
 
 def _maps(n: int, corner: bool, rng: np.random.Generator) -> np.ndarray:
@@ -48,3 +52,28 @@ def test_the_search_tries_learning_rates_and_paste_shares() -> None:
         (pytest.approx(1e-3 * factor), share, None) for factor in (0.3, 1.0, 3.0) for share in (0.1, 0.5)
     ]
     assert tried[0].settings(CorrectionConfig(method="counterfactual")).cf_paste_share == 0.1
+
+
+def test_fine_tuning_on_the_tags_evidence_removes_the_demo_shortcut(demo) -> None:
+    """The tag's region as every member's evidence (this tests the fine-tuning, not the masks),
+    then the demo's test set with the true stamp. Measured: attacked accuracy 32.3 % -> 91.7 %
+    (recovered 0.95), clean 95.0 % -> 94.0 % in the full suite; the clean change varies by a
+    point with the order tests run in (torch's thread count), so the bound here is 2 pt, not the
+    correction goal's 0.5 pt (``spray correct``'s search, tested end to end, holds that one)."""
+    train, test = demo.train, demo.test
+    members = np.flatnonzero(train.stamped)
+    mask = np.zeros(train.images.shape[-2:], bool)
+    mask[tag_region()] = True
+    evidence = Evidence(members, train.images[members], np.repeat(mask[None], len(members), axis=0))
+    class_id = int(train.labels[members[0]])
+    before = evaluate(demo.model, test.images, test.labels, class_id, stamp_tag, relevance_samples=0)
+    assert before.clean_accuracy - before.attacked_accuracy >= 0.15  # the model uses the tag
+    original = {name: value.clone() for name, value in demo.model.state_dict().items()}
+    tuned, history = counterfactual_finetune(
+        demo.model, train.images, train.labels, members, evidence, class_id=class_id, epochs=2, learning_rate=3e-4, paste_share=0.1,
+    )
+    after = evaluate(tuned, test.images, test.labels, class_id, stamp_tag, relevance_samples=0)
+    assert recovered_share(before, after) >= 0.8 and after.clean_accuracy - before.clean_accuracy >= -0.02
+    # the members are left out; 1,110 images make 9 batches, so 8 epochs reach the 64 steps
+    assert history.images_per_epoch == len(train.labels) - len(members) and len(history.loss) == history.epochs == 8
+    assert all(torch.equal(value, original[name]) for name, value in demo.model.state_dict().items())  # a copy was tuned
