@@ -16,7 +16,8 @@ artifact:
    model's training nor any step of the correction saw. The attacked set (``--attack``) is
    the **true stamp** on every test image of the other classes (the ceiling), or the
    finding's **evidence** (no ground truth: ``spray.confirm``'s evidence masks of up to 64
-   members, pasted into the other classes' images, members cycled). With the evidence, the
+   members, pasted into the other classes' images, members cycled; where the members share a
+   pixel signature, every other image gets the signature instead, ``evidence_stamp``). With the evidence, the
    search's validation attack is made the same way, and every corrected model is also
    evaluated on the true stamp (the column beside the goal).
 
@@ -58,7 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.cases import Case, CaseSpec, build_case, generate_cases  # noqa: E402
-from bench.detection import default_rule, findings, run_case, select  # noqa: E402
+from bench.detection import default_rule, findings, package_versions, run_case, select  # noqa: E402
 from spray.correction.config import CorrectionConfig  # noqa: E402
 from spray.correction.errors import CorrectionError  # noqa: E402
 from spray.correction.outcome import ROUNDING  # noqa: E402
@@ -94,14 +95,21 @@ EVIDENCE_DONORS = 64
 
 
 def evidence_stamp(case: Case, members: np.ndarray, class_id: int, heatmaps: np.ndarray, limit: int = EVIDENCE_DONORS):
-    """The attack made from the confirmation step's evidence, with no ground truth, and its
-    donors' rows: each attacked image gets one of at most ``limit`` members' evidence pasted
-    (``spray.confirm``'s own masks at its default evidence settings: where the member's
-    relevance exceeds the rest of its class), members cycled in a fixed order. Members
-    without evidence are left out; (None, donors) when no member has any."""
+    """The attack made from the flag's evidence, with no ground truth, and its donors' rows.
+
+    Each attacked image gets one of at most ``limit`` members' evidence pasted, members cycled
+    in a fixed order: ``spray.confirm``'s own masks at its default evidence settings (where
+    the member's relevance exceeds the rest of its class) and, where the members share a
+    pixel signature (:func:`spray.correction.counterfactual.signature_mask`: what all of them
+    carry at one place and their class does not, a frame or a fixed patch), every other
+    attacked image gets the donor's pixels under the signature instead. A member's mask
+    holds the part of a frame its relevance singles out; a correction judged on those parts
+    alone can leave the rest of the frame working. Members without evidence are left out;
+    (None, donors) when no member has any."""
     from spray.confirm.config import ConfirmConfig
     from spray.confirm.evidence import excess_masks, image_masks, rest_share
     from spray.confirm.test import pasted
+    from spray.correction.counterfactual import MAX_DONORS, MAX_REST, signature_mask
 
     config = ConfirmConfig()
     rng = np.random.default_rng([case.spec.seed, 11])
@@ -114,10 +122,19 @@ def evidence_stamp(case: Case, members: np.ndarray, class_id: int, heatmaps: np.
     if not keep.any():
         return None, donors
     donor_images, masks = case.train_images[donors[keep]], masks[keep]
+    signature = None
+    if len(rest):
+        sample = np.sort(rng.choice(members, size=min(MAX_DONORS, len(members)), replace=False))
+        rest_sample = np.sort(rng.choice(rest, size=min(MAX_REST, len(rest)), replace=False))
+        signature = signature_mask(case.train_images[sample], case.train_images[rest_sample])
+        signature = signature if signature.any() else None
 
     def stamp(images: np.ndarray) -> np.ndarray:
         which = np.arange(len(images)) % len(masks)
-        return pasted(images, donor_images[which], masks[which])
+        chosen = masks[which].copy()
+        if signature is not None:
+            chosen[1::2] = signature
+        return pasted(images, donor_images[which], chosen)
 
     return stamp, donors
 
@@ -216,8 +233,22 @@ def main() -> None:
         help="the attacked set the search and evaluation use: the true stamp (the ceiling), or the finding's evidence "
         "(no ground truth; every correction is then also evaluated on the true stamp)",
     )
+    parser.add_argument("--kinds", nargs="+", default=None, help="only the cases of these artifact kinds (e.g. frame watermark)")
     parser.add_argument("--cf-learning-rate", type=float, default=None, help="dev only: try another fine-tuning learning rate")
+    parser.add_argument("--cf-scope", choices=("auto", "member", "signature"), default=None, help="dev only: try another evidence scope")
+    parser.add_argument("--cf-distill", type=float, default=None, help="dev only: try a distillation weight")
+    parser.add_argument("--cf-signature-effect", type=float, default=None, help="dev only: try another signature effect size")
     args = parser.parse_args()
+    if (args.cf_scope or args.cf_signature_effect is not None or args.cf_distill is not None) and args.split != "dev":
+        parser.error("the --cf-* settings are for choosing on the dev split; the test split runs with the defaults.")
+    from spray.correction import counterfactual
+
+    if args.cf_scope:
+        counterfactual.EVIDENCE_SCOPE = args.cf_scope
+    if args.cf_distill is not None:
+        counterfactual.DISTILL_WEIGHT = args.cf_distill
+    if args.cf_signature_effect is not None:
+        counterfactual.SIGNATURE_EFFECT = args.cf_signature_effect
     if args.cf_learning_rate is not None:
         if args.split != "dev":
             parser.error("--cf-learning-rate is for choosing on the dev split; the test split runs with the default.")
@@ -227,6 +258,8 @@ def main() -> None:
     if args.draw and args.split != "test":
         parser.error("--draw picks a draw of the test split.")
     specs = select(generate_cases(args.split, "full", args.draw), 30, 0, 0)
+    if args.kinds:
+        specs = [spec for spec in specs if spec.kind in args.kinds]
     rows: list[dict] = []
     done = 0
     print("| case | kind | fraction | regime | arch | found in target | method | layer / est. | clean before -> after | attacked before -> after | recovered | goal | s |")
@@ -292,6 +325,7 @@ def main() -> None:
     summary(rows, methods)
     attack = "the true stamp (the ceiling)" if args.attack == "stamp" else "the finding's evidence (no ground truth)"
     print(f"\nattacked set of the search and of the goal column: {attack}. No re-audit here.")
+    print("packages: " + ", ".join(f"{name} {version}" for name, version in package_versions().items()))
 
 
 if __name__ == "__main__":

@@ -139,6 +139,34 @@ def cluster_records(case: Case, tested: dict[str, list], ratio: float) -> tuple[
     return records, ari
 
 
+#: The packages whose versions change a record (the embedding's and the clustering's numerics,
+#: the model's training and attribution): every record stores them, and the table says when
+#: its records were made under other versions than the running ones.
+RECORD_PACKAGES: tuple[str, ...] = ("numpy", "scipy", "scikit-learn", "umap-learn", "pynndescent", "torch", "zennit")
+
+
+def package_versions() -> dict[str, str]:
+    """The installed versions of :data:`RECORD_PACKAGES`."""
+    import importlib.metadata
+
+    return {name: importlib.metadata.version(name) for name in RECORD_PACKAGES}
+
+
+def version_report(records: list[dict]) -> list[str]:
+    """Lines naming the package versions the records were made with, and how many records
+    were made under versions other than the running ones (or did not record them)."""
+    running = package_versions()
+    lines = ["records made with " + ", ".join(f"{name} {version}" for name, version in running.items())]
+    unknown = sum("packages" not in record for record in records)
+    other = [record["key"] for record in records if "packages" in record and record["packages"] != running]
+    if other:
+        lines.append(f"WARNING: {len(other)} records were made under other package versions (e.g. {other[0]}); "
+                     "delete them from .bench-cache/detection-q3 to rebuild them under these")
+    if unknown:
+        lines.append(f"{unknown} records predate version recording (their versions are unknown)")
+    return lines
+
+
 def run_case(spec: CaseSpec, ratios: tuple[float, ...] = EIGEN_RATIOS) -> dict:
     """The stored record of one case for ``ratios`` (computed once, then read from the cache)."""
     # the case's digest names its data and model, so a changed generator never serves an old record
@@ -173,7 +201,7 @@ def run_case(spec: CaseSpec, ratios: tuple[float, ...] = EIGEN_RATIOS) -> dict:
         "spec": dataclasses.asdict(spec), "key": spec.key(), "accuracy": case.accuracy, "moved": case.moved,
         "gain": case.gain, "relied": bool(case.relied), "target": int(case.target_label),
         "n_stamped": int(case.stamped.sum()), "n_target": int((case.train_labels == case.target_label).sum()),
-        "clusters": records, "ari": aris, "seconds": time.perf_counter() - started,
+        "clusters": records, "ari": aris, "seconds": time.perf_counter() - started, "packages": package_versions(),
     }
     CACHE.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
@@ -402,6 +430,7 @@ def main() -> None:
               f"{record['seconds']:.0f}s", flush=True)
     rule = tune(records, ratios) if args.tune else default_rule()
     table(records, rule)
+    print("\n" + "\n".join(version_report(records)))
     if args.previous:
         s = summarise(records, PREVIOUS_RULE)
         print(f"\nprevious detector ({PREVIOUS_RULE}): found {s['found']}/{s['relied']}, mean F1 {s['f1']:.3f}, "

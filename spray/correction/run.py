@@ -111,7 +111,9 @@ class CorrectionReport:
             "recovered_share": finite(self.recovered),
             "clean_accuracy_change": finite(self.clean_change),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
-            "history": None if self.history is None else asdict(self.history),
+            "history": None if self.history is None else {
+                key: finite(value) if isinstance(value, float) else value for key, value in asdict(self.history).items()
+            },
             "files": None if self.export is None else {k: (None if v is None else str(v)) for k, v in asdict(self.export).items()},
             "reaudit": self.reaudit,
             "evaluation_set": self.evaluation_set,

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from spray.correction.counterfactual import Evidence, counterfactual_finetune, member_evidence
+from torch import nn
+
+from spray.correction.counterfactual import Evidence, counterfactual_finetune, member_evidence, member_survival, signature_mask
 from spray.correction.errors import CorrectionError
 from spray.correction.evaluate import evaluate, recovered_share
 from spray.correction.config import CorrectionConfig
@@ -36,6 +38,74 @@ def test_member_evidence_is_where_members_look_and_their_class_does_not() -> Non
     assert list(evidence.among(np.array([10, 11])).rows) == [10, 11, 10, 11]
     with pytest.raises(CorrectionError, match="there is no evidence to fine-tune against"):
         member_evidence(np.arange(3), -rest[:3], rest, images[:3])  # no positive relevance anywhere
+
+
+def test_the_signature_is_the_frame_every_member_carries_not_their_objects() -> None:
+    """Members are different objects (random blobs) that all carry a frame; the rest of the
+    class are other blobs without it. Each member's relevance singles out one side of the
+    frame; the members' pixel signature is the whole frame and nothing of the objects."""
+    rng = np.random.default_rng(1)
+    images = rng.uniform(size=(40, 1, 8, 8)).astype(np.float32) * (rng.uniform(size=(40, 1, 8, 8)) > 0.5)
+    images[:, :, [0, 7], :] = images[:, :, :, [0, 7]] = 0.0
+    frame = np.zeros((8, 8), bool)
+    frame[[0, 7], :] = frame[:, [0, 7]] = True
+    members, rest = images[:12].copy(), images[12:]
+    members[:, 0, frame] = 1.0
+    assert np.array_equal(signature_mask(members, rest), frame)
+    assert not signature_mask(images[:12], rest).any()  # the same objects without the frame: no signature
+    member_maps, rest_maps = _maps(12, False, rng), _maps(20, False, rng)
+    sides = [(slice(0, 1), slice(None)), (slice(7, 8), slice(None)), (slice(None), slice(0, 1)), (slice(None), slice(7, 8))]
+    for i, side in enumerate(sides * 3):
+        member_maps[(i, *side)] += 2.0
+    own = member_evidence(np.arange(12), member_maps, rest_maps, members, scope="member", rest_images=rest)
+    assert len(own) == 12 and own.masks[:, frame].mean(axis=1).max() < 0.6  # one side and its grown edge, never the frame
+    auto = member_evidence(np.arange(12), member_maps, rest_maps, members, rest_images=rest)
+    assert len(auto) == 12 and all(np.array_equal(mask, frame) for mask in auto.masks)
+    # without the rest's images, or with members that share no signature, the member masks
+    assert np.array_equal(member_evidence(np.arange(12), member_maps, rest_maps, members).masks, own.masks)
+    assert np.array_equal(member_evidence(np.arange(12), member_maps, rest_maps, images[:12], rest_images=rest).masks, own.masks)
+    with pytest.raises(CorrectionError, match="unknown evidence scope"):
+        member_evidence(np.arange(12), member_maps, rest_maps, members, scope="cluster")
+
+
+class _CornerOrCentre(nn.Module):
+    """Class 1 when a bright corner plus a bright centre outweigh a constant class 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights = nn.Parameter(torch.tensor([2.0, 2.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        corner, centre = x[:, 0, :2, :2].mean(dim=(1, 2)), x[:, 0, 3:5, 3:5].mean(dim=(1, 2))
+        return torch.stack([torch.ones_like(corner), self.weights[0] * corner + self.weights[1] * centre], dim=1)
+
+
+def _corner_data(members_are_class_objects: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, Evidence]:
+    """40 class-0 images (dark centre), 40 class-1 images (bright centre), and 10 members with
+    a bright corner labelled 1: class-0 objects (a backdoor) or class-1 objects (co-occurrence)."""
+    images = np.zeros((90, 1, 8, 8), np.float32)
+    images[40:80, 0, 3:5, 3:5] = 1.0
+    labels = np.array([0] * 40 + [1] * 50)
+    images[80:, 0, :2, :2] = 1.0
+    if members_are_class_objects:
+        images[80:, 0, 3:5, 3:5] = 1.0
+    members = np.arange(80, 90)
+    masks = np.zeros((10, 8, 8), bool)
+    masks[:, :2, :2] = True
+    return images, labels, members, Evidence(members, images[members], masks)
+
+
+@pytest.mark.parametrize("members_are_class_objects", [False, True])
+def test_members_stay_in_the_fine_tuning_only_when_they_hold_their_class_without_the_evidence(members_are_class_objects: bool) -> None:
+    images, labels, members, evidence = _corner_data(members_are_class_objects)
+    model = _CornerOrCentre()
+    fill = np.median(images[40:80], axis=0)
+    assert member_survival(model, evidence, fill, class_id=1) == (1.0 if members_are_class_objects else 0.0)
+    _, history = counterfactual_finetune(
+        model, images, labels, members, evidence, class_id=1, epochs=1, learning_rate=1e-2, paste_share=0.5,
+    )
+    assert history.members_kept is members_are_class_objects
+    assert history.images_per_epoch == (90 if members_are_class_objects else 80)
 
 
 def test_pasting_puts_a_members_pixels_inside_its_mask_only() -> None:
@@ -74,6 +144,41 @@ def test_fine_tuning_on_the_tags_evidence_removes_the_demo_shortcut(demo) -> Non
     )
     after = evaluate(tuned, test.images, test.labels, class_id, stamp_tag, relevance_samples=0)
     assert recovered_share(before, after) >= 0.8 and after.clean_accuracy - before.clean_accuracy >= -0.02
-    # the members are left out; 1,110 images make 9 batches, so 8 epochs reach the 64 steps
-    assert history.images_per_epoch == len(train.labels) - len(members) and len(history.loss) == history.epochs == 8
+    # the tagged squares are squares: most keep their class with the tag filled in, so they stay;
+    # 1,200 images make 10 batches, so 7 epochs reach the 64 steps
+    assert history.members_kept and history.member_survival >= 0.5
+    assert history.images_per_epoch == len(train.labels) and len(history.loss) == history.epochs == 7
     assert all(torch.equal(value, original[name]) for name, value in demo.model.state_dict().items())  # a copy was tuned
+
+
+def test_distillation_keeps_the_clean_predictions_closer_to_the_original(demo) -> None:
+    """The same fine-tuning at a learning rate ten times the default, with and without the
+    distillation term: with it, the tuned model's predictions on the clean test images stay
+    nearer the original model's (mean KL divergence), and the shortcut is still undone."""
+    train, test = demo.train, demo.test
+    members = np.flatnonzero(train.stamped)
+    mask = np.zeros(train.images.shape[-2:], bool)
+    mask[tag_region()] = True
+    evidence = Evidence(members, train.images[members], np.repeat(mask[None], len(members), axis=0))
+    class_id = int(train.labels[members[0]])
+    clean = torch.from_numpy(test.images)
+    with torch.no_grad():
+        reference = torch.log_softmax(demo.model(clean), dim=1)
+
+    def divergence(distill: float) -> tuple[float, float]:
+        tuned, history = counterfactual_finetune(
+            demo.model, train.images, train.labels, members, evidence, class_id=class_id, epochs=1, learning_rate=3e-3,
+            paste_share=0.5, distill=distill,
+        )
+        assert history.distill == distill
+        with torch.no_grad():
+            tuned_log = torch.log_softmax(tuned(clean), dim=1)
+        kl = float(torch.nn.functional.kl_div(tuned_log, reference, log_target=True, reduction="batchmean"))
+        attacked = evaluate(tuned, test.images, test.labels, class_id, stamp_tag, relevance_samples=0).attacked_accuracy
+        return kl, attacked
+
+    plain_kl, _ = divergence(0.0)
+    distilled_kl, distilled_attacked = divergence(1.0)
+    assert distilled_kl < 0.7 * plain_kl
+    before = evaluate(demo.model, test.images, test.labels, class_id, stamp_tag, relevance_samples=0).attacked_accuracy
+    assert distilled_attacked - before >= 0.1  # the pasted tags still teach the model to ignore the tag
