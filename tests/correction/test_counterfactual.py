@@ -124,23 +124,28 @@ def test_the_search_tries_learning_rates_and_paste_shares() -> None:
     assert tried[0].settings(CorrectionConfig(method="counterfactual")).cf_paste_share == 0.1
 
 
-def test_fine_tuning_on_the_tags_evidence_removes_the_demo_shortcut(demo) -> None:
-    """The tag's region as every member's evidence (this tests the fine-tuning, not the masks),
-    then the demo's test set with the true stamp. Measured: attacked accuracy 32.3 % -> 91.7 %
-    (recovered 0.95), clean 95.0 % -> 94.0 % in the full suite; the clean change varies by a
-    point with the order tests run in (torch's thread count), so the bound here is 2 pt, not the
-    correction goal's 0.5 pt (``spray correct``'s search, tested end to end, holds that one)."""
-    train, test = demo.train, demo.test
+def _tag_evidence(train) -> tuple[np.ndarray, Evidence, int]:
+    """The demo's tagged members, the tag's region as every member's evidence, and their class."""
     members = np.flatnonzero(train.stamped)
     mask = np.zeros(train.images.shape[-2:], bool)
     mask[tag_region()] = True
-    evidence = Evidence(members, train.images[members], np.repeat(mask[None], len(members), axis=0))
-    class_id = int(train.labels[members[0]])
+    return members, Evidence(members, train.images[members], np.repeat(mask[None], len(members), axis=0)), int(train.labels[members[0]])
+
+
+def test_fine_tuning_on_the_tags_evidence_removes_the_demo_shortcut(demo) -> None:
+    """The tag's region as every member's evidence (this tests the fine-tuning, not the masks),
+    half the images pasted, then the demo's test set with the true stamp. Measured: attacked
+    accuracy 32.3 % -> 89.0 % (recovered 0.90), clean 95.0 % -> 94.7 % with one and with two
+    torch threads; at a tenth pasted it recovered 0.82. The clean change has varied by a point
+    with the order tests run in, so the bound here is 2 pt, not the correction goal's 0.5 pt
+    (``spray correct``'s search, tested end to end, holds that one)."""
+    train, test = demo.train, demo.test
+    members, evidence, class_id = _tag_evidence(demo.train)
     before = evaluate(demo.model, test.images, test.labels, class_id, stamp_tag, relevance_samples=0)
     assert before.clean_accuracy - before.attacked_accuracy >= 0.15  # the model uses the tag
     original = {name: value.clone() for name, value in demo.model.state_dict().items()}
     tuned, history = counterfactual_finetune(
-        demo.model, train.images, train.labels, members, evidence, class_id=class_id, epochs=2, learning_rate=3e-4, paste_share=0.1,
+        demo.model, train.images, train.labels, members, evidence, class_id=class_id, epochs=2, learning_rate=3e-4, paste_share=0.5,
     )
     after = evaluate(tuned, test.images, test.labels, class_id, stamp_tag, relevance_samples=0)
     assert recovered_share(before, after) >= 0.8 and after.clean_accuracy - before.clean_accuracy >= -0.02
@@ -154,13 +159,10 @@ def test_fine_tuning_on_the_tags_evidence_removes_the_demo_shortcut(demo) -> Non
 def test_distillation_keeps_the_clean_predictions_closer_to_the_original(demo) -> None:
     """The same fine-tuning at a learning rate ten times the default, with and without the
     distillation term: with it, the tuned model's predictions on the clean test images stay
-    nearer the original model's (mean KL divergence), and the shortcut is still undone."""
+    nearer the original model's (mean KL divergence), and the shortcut is still undone.
+    Measured: KL 0.182 without, 0.099 with; attacked accuracy 32.3 % -> 91.3 % with."""
     train, test = demo.train, demo.test
-    members = np.flatnonzero(train.stamped)
-    mask = np.zeros(train.images.shape[-2:], bool)
-    mask[tag_region()] = True
-    evidence = Evidence(members, train.images[members], np.repeat(mask[None], len(members), axis=0))
-    class_id = int(train.labels[members[0]])
+    members, evidence, class_id = _tag_evidence(demo.train)
     clean = torch.from_numpy(test.images)
     with torch.no_grad():
         reference = torch.log_softmax(demo.model(clean), dim=1)
