@@ -236,15 +236,18 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=None, help="only the cases of these artifact kinds (e.g. frame watermark)")
     parser.add_argument("--cf-learning-rate", type=float, default=None, help="dev only: try another fine-tuning learning rate")
     parser.add_argument("--cf-scope", choices=("auto", "member", "signature"), default=None, help="dev only: try another evidence scope")
+    parser.add_argument("--cf-max-class-weight", type=float, default=None, help="dev only: try another class-weight cap (1: off)")
     parser.add_argument("--cf-distill", type=float, default=None, help="dev only: try a distillation weight")
     parser.add_argument("--cf-signature-effect", type=float, default=None, help="dev only: try another signature effect size")
     args = parser.parse_args()
-    if (args.cf_scope or args.cf_signature_effect is not None or args.cf_distill is not None) and args.split != "dev":
+    if (args.cf_scope or args.cf_max_class_weight is not None or args.cf_signature_effect is not None or args.cf_distill is not None) and args.split != "dev":
         parser.error("the --cf-* settings are for choosing on the dev split; the test split runs with the defaults.")
     from spray.correction import counterfactual
 
     if args.cf_scope:
         counterfactual.EVIDENCE_SCOPE = args.cf_scope
+    if args.cf_max_class_weight is not None:
+        counterfactual.MAX_CLASS_WEIGHT = args.cf_max_class_weight
     if args.cf_distill is not None:
         counterfactual.DISTILL_WEIGHT = args.cf_distill
     if args.cf_signature_effect is not None:

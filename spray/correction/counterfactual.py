@@ -104,6 +104,11 @@ MEMBER_SURVIVAL = 0.5
 #: model's predicted distribution is pulled toward the original model's (KL divergence), so
 #: the fine-tuning changes what the evidence does and little else. 0 turns it off.
 DISTILL_WEIGHT = 1.0
+#: Largest weight of the flagged class's remaining images in the loss when its members are
+#: left out: the class keeps the weight it had in the audited data (its labelled count over
+#: its remaining count), so a class whose members were most of it is not fine-tuned away.
+#: 1 turns the reweighting off.
+MAX_CLASS_WEIGHT = 10.0
 #: Learning-rate multiples of ``cf_learning_rate`` and shares of pasted images the search tries.
 LEARNING_RATE_FACTORS: tuple[float, ...] = (0.3, 1.0, 3.0)
 PASTE_SHARES: tuple[float, ...] = (0.1, 0.5)
@@ -226,6 +231,7 @@ class FineTuneHistory:
     member_survival: float = float("nan")
     members_kept: bool = False
     distill: float = 0.0
+    class_weight: float = 1.0
 
 
 def member_survival(model: nn.Module, evidence: Evidence, fill: np.ndarray, class_id: int, batch_size: int = 128) -> float:
@@ -300,6 +306,12 @@ def counterfactual_finetune(
         parameter.requires_grad_(True)
     optimizer = torch.optim.Adam(tuned.parameters(), lr=learning_rate)
     y_all = torch.from_numpy(targets)
+    with torch.no_grad():
+        n_outputs = int(tuned(torch.from_numpy(clean[:1])).shape[1])
+    class_weights = torch.ones(n_outputs)
+    remaining = int((labels[others] == class_id).sum())
+    if not kept and remaining:
+        class_weights[class_id] = float(min(MAX_CLASS_WEIGHT, max(1.0, (labels == class_id).sum() / remaining)))
     distill = DISTILL_WEIGHT if distill is None else distill
     if distill > 0:
         with torch.no_grad():
@@ -323,7 +335,7 @@ def counterfactual_finetune(
             batch = order[start : start + batch_size]
             optimizer.zero_grad()
             logits = tuned(x_all[batch])
-            loss = nn.functional.cross_entropy(logits, y_all[batch])
+            loss = nn.functional.cross_entropy(logits, y_all[batch], weight=class_weights)
             if distill > 0 and bool(plain_all[batch].any()):
                 keep = batch[plain_all[batch]]
                 student = nn.functional.log_softmax(logits[plain_all[batch]], dim=1)
@@ -338,6 +350,6 @@ def counterfactual_finetune(
     history = FineTuneHistory(
         epochs=epochs, learning_rate=learning_rate, paste_share=paste_share, images_per_epoch=len(rows), pasted_per_epoch=n_pasted,
         evidence_masks=len(evidence), loss=losses, seconds=time.perf_counter() - started, member_survival=survival, members_kept=kept,
-        distill=distill,
+        distill=distill, class_weight=float(class_weights[class_id]),
     )
     return tuned, history

@@ -106,6 +106,8 @@ def test_members_stay_in_the_fine_tuning_only_when_they_hold_their_class_without
     )
     assert history.members_kept is members_are_class_objects
     assert history.images_per_epoch == (90 if members_are_class_objects else 80)
+    # left out, the members' class keeps its weight in the loss: 50 labelled over 40 remaining
+    assert history.class_weight == (1.0 if members_are_class_objects else 1.25)
 
 
 def test_pasting_puts_a_members_pixels_inside_its_mask_only() -> None:
