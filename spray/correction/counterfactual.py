@@ -32,7 +32,10 @@ What the fine-tuning sees, all of it from the audited images and the flag (no gr
   class's median image (the causal test's removal), as in a co-occurrence. Otherwise they
   are left out: in a backdoor they are other classes' objects under the flagged label, and
   training on them would teach the model wrong labels; in a co-occurrence on most of a
-  class, leaving them out would starve the class.
+  class, leaving them out would starve the class. Left out, they take their class's weight
+  with them: the class's remaining images are weighted in the loss by its labelled count
+  over its remaining one (at most :data:`MAX_CLASS_WEIGHT`), so a class that a backdoor
+  filled to 90 % is not fine-tuned away.
 
 The model stays in eval mode while it is fine-tuned (BatchNorm statistics and dropout
 frozen), as RR-ClArC does: the correction changes what the model relies on, not its
