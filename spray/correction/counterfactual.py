@@ -240,23 +240,16 @@ class FineTuneHistory:
 def member_survival(model: nn.Module, evidence: Evidence, fill: np.ndarray, class_id: int, batch_size: int = 128) -> float:
     """Share of the evidence's members (each member's first mask) predicted as ``class_id``
     that still are with their evidence filled with ``fill`` (C, H, W): the causal test's
-    removal (:func:`spray.confirm.test.removal_test`) on the fine-tuning's own evidence.
-    NaN when no member is predicted as the class."""
+    removal (:func:`spray.confirm.test.removal_test`) on the fine-tuning's own evidence, on
+    the CPU the fine-tuning runs on. NaN when no member is predicted as the class."""
+    from spray.attribution.settings import AttributionSettings
+    from spray.confirm.predictor import model_predictor
+    from spray.confirm.test import removal_test
+
     _, first = np.unique(evidence.rows, return_index=True)
-    images, masks = evidence.images[first], evidence.masks[first][:, None].astype(np.float32)
-    removed = images * (1 - masks) + np.asarray(fill, dtype=np.float32)[None] * masks
-
-    def predicted(batch: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return np.concatenate([
-                model(torch.from_numpy(np.ascontiguousarray(batch[start : start + batch_size]))).argmax(1).numpy()
-                for start in range(0, len(batch), batch_size)
-            ])
-
-    eligible = predicted(images) == class_id
-    if not eligible.any():
-        return float("nan")
-    return float((predicted(removed)[eligible] == class_id).mean())
+    predict = model_predictor(model, AttributionSettings(device="cpu"), batch_size)
+    entry, _ = removal_test(predict, evidence.images[first], evidence.masks[first], np.asarray(fill, dtype=np.float32), class_id)
+    return float("nan") if entry["n"] == 0 else 1.0 - float(entry["rate"])
 
 
 def counterfactual_finetune(
@@ -309,19 +302,16 @@ def counterfactual_finetune(
         parameter.requires_grad_(True)
     optimizer = torch.optim.Adam(tuned.parameters(), lr=learning_rate)
     y_all = torch.from_numpy(targets)
-    with torch.no_grad():
-        n_outputs = int(tuned(torch.from_numpy(clean[:1])).shape[1])
-    class_weights = torch.ones(n_outputs)
+    with torch.no_grad():  # the original model's predictions: the distillation's target, and the loss's width
+        teacher = torch.cat([
+            nn.functional.log_softmax(tuned(torch.from_numpy(clean[start : start + batch_size])), dim=1)
+            for start in range(0, len(clean), batch_size)
+        ])
+    class_weights = torch.ones(teacher.shape[1])
     remaining = int((labels[others] == class_id).sum())
     if not kept and remaining:
         class_weights[class_id] = float(min(MAX_CLASS_WEIGHT, max(1.0, (labels == class_id).sum() / remaining)))
     distill = DISTILL_WEIGHT if distill is None else distill
-    if distill > 0:
-        with torch.no_grad():
-            teacher = torch.cat([
-                nn.functional.log_softmax(tuned(torch.from_numpy(clean[start : start + batch_size])), dim=1)
-                for start in range(0, len(clean), batch_size)
-            ])
     epochs = max(epochs, math.ceil(MIN_STEPS / math.ceil(len(rows) / batch_size)))
     losses: list[float] = []
     for _ in range(epochs):
