@@ -90,6 +90,8 @@ def cf_evidence(case: Case, members: np.ndarray, class_id: int, heatmaps: np.nda
     )
 
 
+#: Print every search candidate's validation numbers (``--show-search``).
+SHOW_SEARCH = False
 #: Members whose evidence makes the attack set (at most; cycled over the attacked images).
 EVIDENCE_DONORS = 64
 
@@ -177,6 +179,11 @@ def correct_case(
         stamp=stamp, config=config, n_classes=n_classes, class_id=class_id, evidence=evidence, corrected=chosen,
     )
     seconds = time.perf_counter() - started
+    if SHOW_SEARCH:
+        for candidate in searched["candidates"]:
+            numbers = "failed" if candidate["error"] else f"recovered {candidate['recovered']:.2f}, clean {100 * candidate['clean_change']:+.1f} pt"
+            print(f"    search: lr {candidate['learning_rate']:g}, share {candidate['paste_share']:g}: {numbers}"
+                  f"{' (chosen)' if candidate['chosen'] else ''}", flush=True)
     recovered = None if math.isnan(report.recovered) else float(report.recovered)
     if truth_before is None:
         true_recovered = recovered
@@ -186,7 +193,11 @@ def correct_case(
         true_recovered = None if math.isnan(share) else float(share)
     clean_ok = report.clean_change >= -MAX_CLEAN_LOSS - ROUNDING
     if config.method == "counterfactual":
-        layer, estimator = f"{len(evidence)} masks", f"lr {config.cf_learning_rate:g}, share {config.cf_paste_share:g}, {report.history.epochs} ep."
+        layer, estimator = f"{len(evidence)} masks", (
+            f"lr {config.cf_learning_rate:g}, share {config.cf_paste_share:g}, {report.history.epochs} ep., "
+            f"members {'kept' if report.history.members_kept else 'out'} (survival {report.history.member_survival:.2f}"
+            f"{', ' + str(report.history.relabelled) + ' relabelled' if report.history.relabelled else ''})"
+        )
     else:
         layer, estimator = config.layer, config.estimator
     return {
@@ -239,8 +250,13 @@ def main() -> None:
     parser.add_argument("--cf-max-class-weight", type=float, default=None, help="dev only: try another class-weight cap (1: off)")
     parser.add_argument("--cf-distill", type=float, default=None, help="dev only: try a distillation weight")
     parser.add_argument("--cf-signature-effect", type=float, default=None, help="dev only: try another signature effect size")
+    parser.add_argument("--cf-relabel", type=int, choices=(0, 1), default=None, help="dev only: relabel left-out members (1) or not (0)")
+    parser.add_argument("--show-search", action="store_true", help="print every search candidate's validation numbers")
     args = parser.parse_args()
-    if (args.cf_scope or args.cf_max_class_weight is not None or args.cf_signature_effect is not None or args.cf_distill is not None) and args.split != "dev":
+    global SHOW_SEARCH
+    SHOW_SEARCH = args.show_search
+    dev_settings = (args.cf_scope, args.cf_max_class_weight, args.cf_signature_effect, args.cf_distill, args.cf_relabel)
+    if any(setting is not None for setting in dev_settings) and args.split != "dev":
         parser.error("the --cf-* settings are for choosing on the dev split; the test split runs with the defaults.")
     from spray.correction import counterfactual
 
@@ -252,6 +268,8 @@ def main() -> None:
         counterfactual.DISTILL_WEIGHT = args.cf_distill
     if args.cf_signature_effect is not None:
         counterfactual.SIGNATURE_EFFECT = args.cf_signature_effect
+    if args.cf_relabel is not None:
+        counterfactual.RELABEL_MEMBERS = bool(args.cf_relabel)
     if args.cf_learning_rate is not None:
         if args.split != "dev":
             parser.error("--cf-learning-rate is for choosing on the dev split; the test split runs with the default.")

@@ -31,12 +31,20 @@ What the fine-tuning sees, all of it from the audited images and the flag (no gr
 * **the flagged members**, only when they are the class's own objects: when at least
   :data:`MEMBER_SURVIVAL` of them keep their prediction with their evidence filled with the
   class's median image (the causal test's removal), as in a co-occurrence. Otherwise they
-  are left out: in a backdoor they are other classes' objects under the flagged label, and
-  training on them would teach the model wrong labels; in a co-occurrence on most of a
-  class, leaving them out would starve the class. Left out, they take their class's weight
-  with them: the class's remaining images are weighted in the loss by its labelled count
-  over its remaining one (at most :data:`MAX_CLASS_WEIGHT`), so a class that a backdoor
-  filled to 90 % is not fine-tuned away.
+  are left out under their label: in a backdoor they are other classes' objects under the
+  flagged label, and training on them would teach the model wrong labels; in a co-occurrence
+  on most of a class, leaving them out would starve the class. Left out, they take their
+  class's weight with them: the class's remaining images are weighted in the loss by its
+  labelled count over its remaining one (at most :data:`MAX_CLASS_WEIGHT`), so a class that a
+  backdoor filled to 90 % is not fine-tuned away;
+* **the left-out members, relabelled** (:data:`RELABEL_MEMBERS`): each comes back whole,
+  under the class the model gives it with its evidence removed (the flagged class
+  excepted). In a backdoor that is its object's
+  class, and its image carries the artifact as it was stamped, all of it: the pasted
+  evidence holds only what the masks or the signature caught. The search's validation and a
+  user job's evaluation leave the flagged members out of the clean accuracy
+  (:mod:`spray.correction.search`): a correction that undoes a backdoor misreads them, as it
+  should.
 
 The model stays in eval mode while it is fine-tuned (BatchNorm statistics and dropout
 frozen), as RR-ClArC does: the correction changes what the model relies on, not its
@@ -113,6 +121,11 @@ DISTILL_WEIGHT = 1.0
 #: its remaining count), so a class whose members were most of it is not fine-tuned away.
 #: 1 turns the reweighting off.
 MAX_CLASS_WEIGHT = 10.0
+#: Left-out members come back whole, under the class the model gives each of them with its
+#: evidence removed (the flagged class excepted): in a backdoor that is the object's own
+#: class, and the member's image carries the artifact as it was stamped, all of it, where
+#: the pasted evidence holds the part the masks or the signature caught.
+RELABEL_MEMBERS = True
 #: Learning-rate multiples of ``cf_learning_rate`` and shares of pasted images the search tries.
 LEARNING_RATE_FACTORS: tuple[float, ...] = (0.3, 1.0, 3.0)
 PASTE_SHARES: tuple[float, ...] = (0.1, 0.5)
@@ -236,21 +249,38 @@ class FineTuneHistory:
     members_kept: bool = False
     distill: float = 0.0
     class_weight: float = 1.0
+    relabelled: int = 0
 
 
-def member_survival(model: nn.Module, evidence: Evidence, fill: np.ndarray, class_id: int, batch_size: int = 128) -> float:
-    """Share of the evidence's members (each member's first mask) predicted as ``class_id``
-    that still are with their evidence filled with ``fill`` (C, H, W): the causal test's
-    removal (:func:`spray.confirm.test.removal_test`) on the fine-tuning's own evidence, on
-    the CPU the fine-tuning runs on. NaN when no member is predicted as the class."""
+@dataclass(frozen=True)
+class MemberRemoval:
+    """The causal test's removal on the fine-tuning's own members: ``survival``, the share of
+    the members predicted as the flagged class that still are with their evidence filled
+    (NaN when none is predicted as it); ``images``, each member's image (its first mask's
+    row); ``relabels``, the class the model gives each member without its evidence, the
+    flagged class excepted."""
+
+    survival: float
+    images: np.ndarray
+    relabels: np.ndarray
+
+
+def member_removal(model: nn.Module, evidence: Evidence, fill: np.ndarray, class_id: int, batch_size: int = 128) -> MemberRemoval:
+    """:class:`MemberRemoval` of ``evidence``'s members, their evidence filled with ``fill``
+    (C, H, W): :func:`spray.confirm.test.removal_test` with
+    :func:`spray.confirm.predictor.model_predictor`, on the CPU the fine-tuning runs on."""
     from spray.attribution.settings import AttributionSettings
     from spray.confirm.predictor import model_predictor
     from spray.confirm.test import removal_test
 
     _, first = np.unique(evidence.rows, return_index=True)
     predict = model_predictor(model, AttributionSettings(device="cpu"), batch_size)
-    entry, _ = removal_test(predict, evidence.images[first], evidence.masks[first], np.asarray(fill, dtype=np.float32), class_id)
-    return float("nan") if entry["n"] == 0 else 1.0 - float(entry["rate"])
+    images = evidence.images[first]
+    entry, removed = removal_test(predict, images, evidence.masks[first], np.asarray(fill, dtype=np.float32), class_id)
+    without = predict(removed)
+    without[:, class_id] = -np.inf
+    survival = float("nan") if entry["n"] == 0 else 1.0 - float(entry["rate"])
+    return MemberRemoval(survival, images, without.argmax(axis=1).astype(np.int64))
 
 
 def counterfactual_finetune(
@@ -289,7 +319,8 @@ def counterfactual_finetune(
         class_rest = np.sort(rng.choice(class_rest, size=MAX_REST, replace=False))
     fill = np.median(np.asarray(images[class_rest], dtype=np.float32), axis=0) if len(class_rest) else None
     tuned = copy.deepcopy(model).eval()
-    survival = float("nan") if fill is None else member_survival(tuned, evidence, fill, class_id)
+    removal = None if fill is None else member_removal(tuned, evidence, fill, class_id, batch_size)
+    survival = float("nan") if removal is None else removal.survival
     kept = bool(survival >= MEMBER_SURVIVAL)
     # kept: the members are the class's own objects and stay in the fine-tuning, in their share of a sample
     rows = np.arange(len(labels)) if kept else others
@@ -298,6 +329,12 @@ def counterfactual_finetune(
     clean = np.asarray(images[rows], dtype=np.float32)
     targets = labels[rows]
     n_pasted = int(round(paste_share * len(rows)))
+    n_relabelled = 0
+    if not kept and removal is not None and RELABEL_MEMBERS:
+        # the left-out members come back whole, evidence and all, under the class they show without it
+        clean = np.concatenate([clean, removal.images])
+        targets = np.concatenate([targets, removal.relabels])
+        n_relabelled = len(removal.images)
     torch.manual_seed(random_state)
     for parameter in tuned.parameters():
         parameter.requires_grad_(True)
@@ -313,17 +350,19 @@ def counterfactual_finetune(
     if not kept and remaining:
         class_weights[class_id] = float(min(MAX_CLASS_WEIGHT, max(1.0, (labels == class_id).sum() / remaining)))
     distill = DISTILL_WEIGHT if distill is None else distill
-    epochs = max(epochs, math.ceil(MIN_STEPS / math.ceil(len(rows) / batch_size)))
+    n_images = len(clean)
+    epochs = max(epochs, math.ceil(MIN_STEPS / math.ceil(n_images / batch_size)))
     losses: list[float] = []
     for _ in range(epochs):
         epoch_images = clean.copy()
         chosen = rng.choice(len(rows), size=n_pasted, replace=False)
         epoch_images[chosen] = evidence.paste(clean[chosen], rng)
-        plain = np.ones(len(rows), dtype=bool)
+        plain = np.ones(n_images, dtype=bool)  # distilled toward the original: neither pasted nor relabelled
         plain[chosen] = False
+        plain[len(rows):] = False
         plain_all = torch.from_numpy(plain)
         x_all = torch.from_numpy(epoch_images)
-        order = torch.from_numpy(rng.permutation(len(rows)))
+        order = torch.from_numpy(rng.permutation(n_images))
         total = 0.0
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
@@ -342,8 +381,8 @@ def counterfactual_finetune(
     for parameter in tuned.parameters():
         parameter.requires_grad_(False)
     history = FineTuneHistory(
-        epochs=epochs, learning_rate=learning_rate, paste_share=paste_share, images_per_epoch=len(rows), pasted_per_epoch=n_pasted,
+        epochs=epochs, learning_rate=learning_rate, paste_share=paste_share, images_per_epoch=n_images, pasted_per_epoch=n_pasted,
         evidence_masks=len(evidence), loss=losses, seconds=time.perf_counter() - started, member_survival=survival, members_kept=kept,
-        distill=distill, class_weight=float(class_weights[class_id]),
+        distill=distill, class_weight=float(class_weights[class_id]), relabelled=n_relabelled,
     )
     return tuned, history

@@ -8,7 +8,9 @@ The corrected flag's member rows come from the audit's ``summary.json``.
 and stratified by class: ``config.held_out`` of each class (default 25%) is held out for the
 before/after evaluation; the CAV, the detector, the cut-out artifact and RR-ClArC's
 fine-tuning only see the rest. Flagged members that fall in the held-out part are left out
-of every fit (their number is recorded).
+of every fit and of the evaluation (their number is recorded): their labels are what the flag
+calls into question, and a correction that undoes a backdoor would lose them as "clean"
+accuracy.
 
 **Attacked set.** The artifact is stamped on the held-out images of the other classes:
 
@@ -335,15 +337,17 @@ def held_out_evaluation(
     ``display`` may be a :class:`~spray.correction.images.RowImages`: the fitting part then
     stays unread (each step reads the rows it uses), and only the held-out part is read here.
     """
-    fit_rows, test_rows = held_out_split(labels, config.held_out, config.seed)
+    fit_rows, held_rows = held_out_split(labels, config.held_out, config.seed)
     fit_members = np.intersect1d(members, fit_rows)
+    test_rows = np.setdiff1d(held_rows, members)  # the flagged members' labels are in question: not "clean" (spray.correction.search)
     if fit_members.size == 0:
         raise CorrectionError(f"none of the flag's {members.size} member(s) falls outside the held-out part; lower [correct] held_out.")
     attack = _attack_set(spec, config.stamp, display, labels, fit_rows, test_rows, fit_members, class_id)
     attack.facts["pictures"] = write_pictures(attack, folder)
     facts = {
         "held_out": {
-            "share": config.held_out, "seed": config.seed, "n_fit": int(len(fit_rows)), "n_held_out": int(len(test_rows)),
+            "share": config.held_out, "seed": config.seed, "n_fit": int(len(fit_rows)), "n_held_out": int(len(held_rows)),
+            "n_evaluated": int(len(test_rows)),
             "n_flagged": int(len(members)), "n_flagged_held_out": int(len(members) - len(fit_members)),
         },
         "attack": attack.facts,

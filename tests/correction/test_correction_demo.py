@@ -98,7 +98,12 @@ def test_the_search_chooses_on_a_validation_split_by_the_documented_rule(tmp_pat
     flag = {"class_index": DEMO.artifact_class, "member_rows": np.flatnonzero(demo.train.stamped).tolist()}
     report = correct_job(spec, flag, CorrectionConfig(method="r-clarc", relevance_samples=0, reaudit=False))
     searched = report.search
-    assert searched is not None and searched["n_validation"] == pytest.approx(0.2 * len(demo.train.labels), abs=len(set(demo.train.labels.tolist())))
+    from spray.correction.search import validation_split
+
+    # a fifth of each class, the flagged members among it left out (their labels are in question)
+    _, held = validation_split(demo.train.labels, CorrectionConfig().seed)
+    assert len(held) == pytest.approx(0.2 * len(demo.train.labels), abs=len(set(demo.train.labels.tolist())))
+    assert searched is not None and searched["n_validation"] == len(np.setdiff1d(held, flag["member_rows"])) < len(held)
     tried = searched["candidates"]
     layers = {item["layer"] for item in tried}
     assert len(layers) >= 2 and len(tried) == 2 * len(layers)  # each concept layer (a cut point) with each estimator

@@ -197,6 +197,7 @@ def test_spray_correct_on_the_user_job_writes_export_page_report_and_reaudit(use
     report = json.loads((folder / "report.json").read_text())
     held = report["evaluation_set"]["held_out"]
     assert (held["n_fit"], held["n_held_out"]) == (300, 100)
+    assert held["n_evaluated"] == 100 - held["n_flagged_held_out"] == report["before"]["n_clean"]  # flagged members not "clean"
     assert report["cav"]["n_artifact"] == held["n_flagged"] - held["n_flagged_held_out"] < held["n_flagged"]
     assert report["config"]["layer"] == "4"  # the audit's concept layer, a cut point of the Sequential
     attack = report["evaluation_set"]["attack"]
@@ -212,9 +213,11 @@ def test_spray_correct_on_the_user_job_writes_export_page_report_and_reaudit(use
     labels = np.load(root / "data.npz")["label"]
     fit, held_out = held_out_split(labels, 0.25, 0)
     _, validation = held_out_split(labels[fit], 0.2, 1)
-    expected = set(held_out.tolist()) | set(fit[labels[fit] == 1].tolist()) | set(fit[validation].tolist())
+    members = _flag(user_job)["member_rows"]
+    expected = set(np.setdiff1d(held_out, members).tolist()) | set(fit[labels[fit] == 1].tolist()) | set(fit[validation].tolist())
     assert (report["images_read"]["distinct"], report["images_read"]["audited"]) == (len(expected), 400) and len(expected) < 400
-    assert report["search"]["n_validation"] == len(validation)
+    # the validation leaves the flagged members out too (positions in the fitting part)
+    assert report["search"]["n_validation"] == len(np.setdiff1d(validation, np.searchsorted(fit, np.intersect1d(members, fit))))
     page = (folder / "index.html").read_text()
     assert '<div class="clear" id="outcome"><dt>outcome</dt><dd>fixed</dd></div>' in page
     # each model format with its file and how closely it matched, read from correction.json

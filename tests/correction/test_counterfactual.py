@@ -10,7 +10,7 @@ import torch
 
 from torch import nn
 
-from spray.correction.counterfactual import Evidence, counterfactual_finetune, member_evidence, member_survival, signature_mask
+from spray.correction.counterfactual import Evidence, counterfactual_finetune, member_evidence, member_removal, signature_mask
 from spray.correction.errors import CorrectionError
 from spray.correction.evaluate import evaluate, recovered_share
 from spray.correction.config import CorrectionConfig
@@ -96,18 +96,24 @@ def _corner_data(members_are_class_objects: bool) -> tuple[np.ndarray, np.ndarra
 
 
 @pytest.mark.parametrize("members_are_class_objects", [False, True])
-def test_members_stay_in_the_fine_tuning_only_when_they_hold_their_class_without_the_evidence(members_are_class_objects: bool) -> None:
+def test_members_stay_under_their_label_only_when_they_hold_their_class_without_the_evidence(members_are_class_objects: bool) -> None:
     images, labels, members, evidence = _corner_data(members_are_class_objects)
     model = _CornerOrCentre()
     fill = np.median(images[40:80], axis=0)
-    assert member_survival(model, evidence, fill, class_id=1) == (1.0 if members_are_class_objects else 0.0)
-    _, history = counterfactual_finetune(
-        model, images, labels, members, evidence, class_id=1, epochs=1, learning_rate=1e-2, paste_share=0.5,
+    removal = member_removal(model, evidence, fill, class_id=1)
+    assert removal.survival == (1.0 if members_are_class_objects else 0.0)
+    assert np.array_equal(removal.images, images[members]) and np.array_equal(removal.relabels, np.zeros(10))  # class 1 excepted
+    tuned, history = counterfactual_finetune(
+        model, images, labels, members, evidence, class_id=1, epochs=1, learning_rate=5e-2, paste_share=0.5,
     )
     assert history.members_kept is members_are_class_objects
-    assert history.images_per_epoch == (90 if members_are_class_objects else 80)
+    # kept, under their label; left out, they come back under the class they show without the corner
+    assert history.relabelled == (0 if members_are_class_objects else 10) and history.images_per_epoch == 90
     # left out, the members' class keeps its weight in the loss: 50 labelled over 40 remaining
     assert history.class_weight == (1.0 if members_are_class_objects else 1.25)
+    with torch.no_grad():
+        member_predictions = tuned(torch.from_numpy(images[members])).argmax(dim=1)
+    assert (member_predictions == (1 if members_are_class_objects else 0)).all()
 
 
 def test_pasting_puts_a_members_pixels_inside_its_mask_only() -> None:
