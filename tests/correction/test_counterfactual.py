@@ -10,7 +10,14 @@ import torch
 
 from torch import nn
 
-from spray.correction.counterfactual import Evidence, counterfactual_finetune, member_evidence, member_removal, signature_mask
+from spray.correction.counterfactual import (
+    Evidence,
+    blurred_survival,
+    counterfactual_finetune,
+    member_evidence,
+    member_removal,
+    signature_mask,
+)
 from spray.correction.errors import CorrectionError
 from spray.correction.evaluate import evaluate, recovered_share
 from spray.correction.config import CorrectionConfig
@@ -114,6 +121,43 @@ def test_members_stay_under_their_label_only_when_they_hold_their_class_without_
     with torch.no_grad():
         member_predictions = tuned(torch.from_numpy(images[members])).argmax(dim=1)
     assert (member_predictions == (1 if members_are_class_objects else 0)).all()
+
+
+class _TextureOrCentre(nn.Module):
+    """Class 1 when a fine checkerboard (high-frequency energy) plus a bright centre outweigh a constant class 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights = nn.Parameter(torch.tensor([2.0, 2.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        energy = (x[:, 0, :, 1:] - x[:, 0, :, :-1]).abs().mean(dim=(1, 2)) / 0.1
+        centre = x[:, 0, 12:16, 12:16].mean(dim=(1, 2))
+        return torch.stack([torch.ones_like(energy), self.weights[0] * energy + self.weights[1] * centre], dim=1)
+
+
+@pytest.mark.parametrize("members_are_class_objects", [False, True])
+def test_members_that_lose_their_class_blurred_where_the_rest_keeps_it_are_left_out(members_are_class_objects: bool) -> None:
+    """A texture over the whole image survives a corner's removal; a blur takes it off, and the rest of the class is the control."""
+    images = np.zeros((60, 1, 28, 28), np.float32)
+    images[20:60, 0, 11:17, 11:17] = 1.0  # class 1: a bright centre
+    labels = np.array([0] * 20 + [1] * 40)
+    members = np.arange(50, 60)
+    rows, cols = np.mgrid[:28, :28]
+    if not members_are_class_objects:
+        images[members] = 0.0  # class-0 objects under label 1: a backdoor
+    images[members, 0] = np.clip(images[members, 0] + 0.2 * ((rows + cols) % 2), 0, 1)
+    masks = np.zeros((10, 28, 28), bool)
+    masks[:, :2, :2] = True
+    evidence = Evidence(members, images[members], masks)
+    model = _TextureOrCentre()
+    assert member_removal(model, evidence, np.median(images[20:50], axis=0), class_id=1).survival == 1.0  # the corner holds no texture
+    assert blurred_survival(model, images[20:50], class_id=1) == 1.0
+    assert blurred_survival(model, images[members], class_id=1) == (1.0 if members_are_class_objects else 0.0)
+    _, history = counterfactual_finetune(model, images, labels, members, evidence, class_id=1, epochs=1, learning_rate=1e-3, paste_share=0.5)
+    assert history.members_kept is members_are_class_objects
+    assert (history.blurred_survival, history.blurred_control) == ((1.0 if members_are_class_objects else 0.0), 1.0)
+    assert history.relabelled == (0 if members_are_class_objects else 10)
 
 
 def test_pasting_puts_a_members_pixels_inside_its_mask_only() -> None:
