@@ -327,3 +327,4 @@ def test_counterfactual_fine_tuning_fixes_the_user_job_and_ships_the_validated_c
     assert type(report.model) is nn.Sequential and report.export is not None and report.export.weights.is_file()
     page = (load_job(user_job).output_dir / "correction" / "counterfactual" / "index.html").read_text()
     assert "counterfactual fine-tuning uses no CAV" in page and f"{report.history.epochs} epoch(s) at learning rate" in page and "of them hold their class with their evidence removed" in page
+    assert "blurred against" in page and "of the rest of the class" in page
