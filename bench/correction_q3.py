@@ -90,8 +90,6 @@ def cf_evidence(case: Case, members: np.ndarray, class_id: int, heatmaps: np.nda
     )
 
 
-#: Print every search candidate's validation numbers (``--show-search``).
-SHOW_SEARCH = False
 #: Members whose evidence makes the attack set (at most; cycled over the attacked images).
 EVIDENCE_DONORS = 64
 
@@ -156,7 +154,7 @@ def true_stamp(case: Case):
 
 def correct_case(
     case: Case, members: np.ndarray, class_id: int, config: CorrectionConfig, layer: str | None, stamp, truth_before=None,
-    evidence=None,
+    evidence=None, show_search: bool = False,
 ) -> dict:
     """One method on one case: search and fit on the audited images with the attack ``stamp``
     (the finding's evidence, or the true stamp), evaluate on the test images with that attack
@@ -179,7 +177,7 @@ def correct_case(
         stamp=stamp, config=config, n_classes=n_classes, class_id=class_id, evidence=evidence, corrected=chosen,
     )
     seconds = time.perf_counter() - started
-    if SHOW_SEARCH:
+    if show_search:  # every candidate's validation numbers (--show-search)
         for candidate in searched["candidates"]:
             numbers = "failed" if candidate["error"] else f"recovered {candidate['recovered']:.2f}, clean {100 * candidate['clean_change']:+.1f} pt"
             print(f"    search: lr {candidate['learning_rate']:g}, share {candidate['paste_share']:g}: {numbers}"
@@ -255,8 +253,6 @@ def main() -> None:
     parser.add_argument("--cf-relabel", type=int, choices=(0, 1), default=None, help="dev only: relabel left-out members (1) or not (0)")
     parser.add_argument("--show-search", action="store_true", help="print every search candidate's validation numbers")
     args = parser.parse_args()
-    global SHOW_SEARCH
-    SHOW_SEARCH = args.show_search
     dev_settings = (args.cf_scope, args.cf_max_class_weight, args.cf_signature_effect, args.cf_distill, args.cf_relabel, args.cf_blur_control)
     if any(setting is not None for setting in dev_settings) and args.split != "dev":
         parser.error("the --cf-* settings are for choosing on the dev split; the test split runs with the defaults.")
@@ -331,7 +327,7 @@ def main() -> None:
                     from bench.detection import explain
 
                     evidence = cf_evidence(case, members, int(finding["class"]), explain(case)[0], attack_donors)
-                result = correct_case(case, members, int(finding["class"]), METHODS[method], layer, stamp, truth_before, evidence)
+                result = correct_case(case, members, int(finding["class"]), METHODS[method], layer, stamp, truth_before, evidence, args.show_search)
             except CorrectionError as error:  # e.g. a finding that leaves too few clean samples, or no evidence: not fixed
                 print(f"| {base['case']} | {spec.kind} | {spec.fraction} | {spec.regime} | {spec.arch} | - | {method} | {error} |", flush=True)
                 rows.append(base | {"method": method, "goal": False, "recovered": None, "clean_change": 0.0, "seconds": 0.0})

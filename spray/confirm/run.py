@@ -115,7 +115,7 @@ class CandidateTester:
         paste = paste_test(self.predict, member_images, member_masks, host_images, target, pairs, host_probs)
         control = paste_test(self.predict, control_images, member_masks, host_images, target, pairs, host_probs)
         fill = np.median(rest_images, axis=0)
-        removal, removed = removal_test(self.predict, member_images, member_masks, fill, target)
+        removal, removed, _ = removal_test(self.predict, member_images, member_masks, fill, target)
         status, reason = decide(paste.entry, control.entry, config.min_paste_rate, config.min_lift)
         record = {
             "status": status,

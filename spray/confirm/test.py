@@ -106,8 +106,9 @@ def paste_test(
 def removal_test(
     predict: Predict, members: np.ndarray, masks: np.ndarray, fill: np.ndarray, target: int,
     member_probs: np.ndarray | None = None,
-) -> tuple[dict[str, float | int], np.ndarray]:
-    """Fill each member's evidence with ``fill`` (C, H, W); the entry and the filled images."""
+) -> tuple[dict[str, float | int], np.ndarray, np.ndarray]:
+    """Fill each member's evidence with ``fill`` (C, H, W); the entry, the filled images and
+    their predicted probabilities."""
     member_probs = predict(members) if member_probs is None else member_probs
     keep = masks[:, None, :, :].astype(members.dtype)
     removed = members * (1 - keep) + fill[None] * keep
@@ -115,7 +116,7 @@ def removal_test(
     eligible = member_probs.argmax(axis=1) == target
     lost = int((after.argmax(axis=1)[eligible] != target).sum())
     drop = float((member_probs[eligible, target] - after[eligible, target]).mean()) if eligible.any() else 0.0
-    return rate_entry(lost, int(eligible.sum()), drop, "lost", "drop"), removed
+    return rate_entry(lost, int(eligible.sum()), drop, "lost", "drop"), removed, after
 
 
 def decide(paste: dict, control: dict, min_paste_rate: float, min_lift: float) -> tuple[str, str]:

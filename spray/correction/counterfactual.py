@@ -267,11 +267,13 @@ class FineTuneHistory:
 class MemberRemoval:
     """The causal test's removal on the fine-tuning's own members: ``survival``, the share of
     the members predicted as the flagged class that still are with their evidence filled
-    (NaN when none is predicted as it); ``images``, each member's image (its first mask's
+    (NaN when none is predicted as it); ``blurred``, the same share with the whole image
+    blurred (:func:`blurred_survival`); ``images``, each member's image (its first mask's
     row); ``relabels``, the class the model gives each member without its evidence, the
     flagged class excepted."""
 
     survival: float
+    blurred: float
     images: np.ndarray
     relabels: np.ndarray
 
@@ -279,38 +281,43 @@ class MemberRemoval:
 def member_removal(model: nn.Module, evidence: Evidence, fill: np.ndarray, class_id: int, batch_size: int = 128) -> MemberRemoval:
     """:class:`MemberRemoval` of ``evidence``'s members, their evidence filled with ``fill``
     (C, H, W): :func:`spray.confirm.test.removal_test` with
-    :func:`spray.confirm.predictor.model_predictor`, on the CPU the fine-tuning runs on."""
-    from spray.attribution.settings import AttributionSettings
-    from spray.confirm.predictor import model_predictor
+    :func:`spray.confirm.predictor.model_predictor`, on the CPU the fine-tuning runs on. The
+    members are predicted once, for both removals."""
     from spray.confirm.test import removal_test
 
     _, first = np.unique(evidence.rows, return_index=True)
-    predict = model_predictor(model, AttributionSettings(device="cpu"), batch_size)
+    predict = _cpu_predictor(model, batch_size)
     images = evidence.images[first]
-    entry, removed = removal_test(predict, images, evidence.masks[first], np.asarray(fill, dtype=np.float32), class_id)
-    without = predict(removed)
+    probs = predict(images)
+    entry, _, without = removal_test(predict, images, evidence.masks[first], np.asarray(fill, dtype=np.float32), class_id, probs)
     without[:, class_id] = -np.inf
     survival = float("nan") if entry["n"] == 0 else 1.0 - float(entry["rate"])
-    return MemberRemoval(survival, images, without.argmax(axis=1).astype(np.int64))
+    blurred = blurred_survival(model, images, class_id, batch_size, probs)
+    return MemberRemoval(survival, blurred, images, without.argmax(axis=1).astype(np.int64))
 
 
-def blurred_survival(model: nn.Module, images: np.ndarray, class_id: int, batch_size: int = 128) -> float:
-    """Share of ``images`` (n, C, H, W, model inputs) predicted as ``class_id`` that still are
-    blurred (:data:`BLUR_SIGMA`; :func:`scipy.ndimage.gaussian_filter` over the two image axes);
-    NaN when none is predicted as it."""
-    from scipy.ndimage import gaussian_filter
-
+def _cpu_predictor(model: nn.Module, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The causal test's batched predictor (:func:`spray.confirm.predictor.model_predictor`) on the CPU."""
     from spray.attribution.settings import AttributionSettings
     from spray.confirm.predictor import model_predictor
+
+    return model_predictor(model, AttributionSettings(device="cpu"), batch_size)
+
+
+def blurred_survival(model: nn.Module, images: np.ndarray, class_id: int, batch_size: int = 128, probs: np.ndarray | None = None) -> float:
+    """Share of ``images`` (n, C, H, W, model inputs) predicted as ``class_id`` that still are
+    blurred (:data:`BLUR_SIGMA`; :func:`scipy.ndimage.gaussian_filter` over the two image axes);
+    NaN when none is predicted as it. ``probs``: the images' predictions, when already made."""
+    from scipy.ndimage import gaussian_filter
 
     images = np.asarray(images, dtype=np.float32)
     if not len(images):
         return float("nan")
-    predict = model_predictor(model, AttributionSettings(device="cpu"), batch_size)
-    sigma = BLUR_SIGMA * max(images.shape[-2:])
-    before = predict(images).argmax(axis=1) == class_id
+    predict = _cpu_predictor(model, batch_size)
+    before = (predict(images) if probs is None else probs).argmax(axis=1) == class_id
     if not before.any():
         return float("nan")
+    sigma = BLUR_SIGMA * max(images.shape[-2:])
     blurred = gaussian_filter(images[before], sigma=(0, 0, sigma, sigma))
     return float((predict(blurred).argmax(axis=1) == class_id).mean())
 
@@ -356,7 +363,7 @@ def counterfactual_finetune(
     survival = float("nan") if removal is None else removal.survival
     blurred = (float("nan"), float("nan"))
     if removal is not None:
-        blurred = (blurred_survival(tuned, removal.images, class_id, batch_size), blurred_survival(tuned, rest_images, class_id, batch_size))
+        blurred = (removal.blurred, blurred_survival(tuned, rest_images, class_id, batch_size))
     # a control that fails (NaN) decides nothing; members that lose their class blurred where the rest keeps it are not its objects
     kept = bool(survival >= MEMBER_SURVIVAL) and not blurred[0] < BLUR_CONTROL * blurred[1]
     # kept: the members are the class's own objects and stay in the fine-tuning, in their share of a sample
@@ -366,6 +373,11 @@ def counterfactual_finetune(
     clean = np.asarray(images[rows], dtype=np.float32)
     targets = labels[rows]
     n_pasted = int(round(paste_share * len(rows)))
+    with torch.no_grad():  # the original model's predictions: the distillation's target, and the loss's width (the relabelled members are not distilled)
+        teacher = torch.cat([
+            nn.functional.log_softmax(tuned(torch.from_numpy(clean[start : start + batch_size])), dim=1)
+            for start in range(0, len(clean), batch_size)
+        ])
     n_relabelled = 0
     if not kept and removal is not None and RELABEL_MEMBERS:
         # the left-out members come back whole, evidence and all, under the class they show without it
@@ -377,11 +389,6 @@ def counterfactual_finetune(
         parameter.requires_grad_(True)
     optimizer = torch.optim.Adam(tuned.parameters(), lr=learning_rate)
     y_all = torch.from_numpy(targets)
-    with torch.no_grad():  # the original model's predictions: the distillation's target, and the loss's width
-        teacher = torch.cat([
-            nn.functional.log_softmax(tuned(torch.from_numpy(clean[start : start + batch_size])), dim=1)
-            for start in range(0, len(clean), batch_size)
-        ])
     class_weights = torch.ones(teacher.shape[1])
     remaining = int((labels[others] == class_id).sum())
     if not kept and remaining:

@@ -92,8 +92,9 @@ def test_pasting_a_shortcut_moves_hosts_and_its_control_does_not():
     assert control.entry["moved"] == 0
     assert decide(paste.entry, control.entry, 0.1, 0.1)[0] == "confirmed"
     assert decide(control.entry, control.entry, 0.1, 0.1)[0] == "rejected"
-    removal, removed = removal_test(corner_model, images[stamped], masks, np.median(images[52:80], axis=0), 1)
+    removal, removed, after = removal_test(corner_model, images[stamped], masks, np.median(images[52:80], axis=0), 1)
     assert removal["lost"] == removal["n"] == 12 and not removed[:, 0, :2, :2].any()
+    assert np.array_equal(after, corner_model(removed))  # the filled images' predictions, for callers that need more than the rate
 
 
 def test_confirm_analyses_flags_only_what_the_test_confirms():
