@@ -39,6 +39,10 @@ architecture. No re-audit is run here (``spray correct`` runs one; the table say
     python3 bench/correction_q3.py --draw 1 --attack evidence   # the current detector's draw, evidence attack
     python3 bench/correction_q3.py --cases 4        # the first four (a quick look)
     python3 bench/correction_q3.py --draw 1 --attack evidence --methods cf   # counterfactual fine-tuning
+
+Dev only, ``--probe FILE``: every search candidate is measured on the case's test images as
+well and written to ``FILE`` (JSON lines), for ``bench/correction_rules.py`` to compare rules
+for choosing among the candidates; the search itself never sees these numbers.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -152,9 +157,49 @@ def true_stamp(case: Case):
     return lambda images: case.stamp(images, np.random.default_rng([case.spec.seed, 7]))
 
 
+def probing_build(case: Case, members: np.ndarray, class_id: int, stamp, seed: int, probes: list[dict]):
+    """Dev only (``--probe``): ``build_correction`` that also measures every search candidate
+    on the case's test images (the attack ``stamp`` and the true stamp) and counts, on the
+    search's own validation images, the images whose prediction turned right or wrong: the
+    numbers a selection rule is chosen on, never used by the search itself."""
+    from spray.correction.evaluate import evaluate, recovered_share
+    from spray.correction.search import validation_split
+    from spray.models.demo import predict
+
+    truth = true_stamp(case)
+    before = evaluate(case.model, case.test_images, case.test_labels, class_id, stamp, relevance_samples=0)
+    truth_before = evaluate(case.model, case.test_images, case.test_labels, class_id, truth, relevance_samples=0)
+    _, held = validation_split(case.train_labels, seed)
+    held = np.setdiff1d(held, members)
+    def right(model) -> np.ndarray:
+        with torch.no_grad():
+            return predict(model, case.train_images[held]).argmax(1) == case.train_labels[held]
+
+    right_before = right(case.model)
+    carriers = case.stamped[held] & (case.train_labels[held] == class_id)
+
+    def build(*args, **kwargs):
+        built = build_correction(*args, **kwargs)
+        model = built[0]
+        after = evaluate(model, case.test_images, case.test_labels, class_id, stamp, relevance_samples=0)
+        true_after = evaluate(model, case.test_images, case.test_labels, class_id, truth, relevance_samples=0)
+        right_after = right(model)
+        probes.append({
+            "test_recovered": recovered_share(before, after), "test_true_recovered": recovered_share(truth_before, true_after),
+            "test_clean_change": after.clean_accuracy - before.clean_accuracy,
+            "val_turned_wrong": int((right_before & ~right_after).sum()), "val_turned_right": int((~right_before & right_after).sum()),
+            "n_validation": int(len(held)),
+            # the stamped validation images the finding missed keep the flagged label: the correction's clean loss on them is not a loss
+            "val_carriers": int(carriers.sum()), "val_carriers_turned_wrong": int((carriers & right_before & ~right_after).sum()),
+        })
+        return built
+
+    return build
+
+
 def correct_case(
     case: Case, members: np.ndarray, class_id: int, config: CorrectionConfig, layer: str | None, stamp, truth_before=None,
-    evidence=None, show_search: bool = False,
+    evidence=None, show_search: bool = False, probe: list | None = None,
 ) -> dict:
     """One method on one case: search and fit on the audited images with the attack ``stamp``
     (the finding's evidence, or the true stamp), evaluate on the test images with that attack
@@ -166,12 +211,16 @@ def correct_case(
     n_classes = len(case.class_names)
     started = time.perf_counter()
     config = dataclasses.replace(config, layer=layer or case.concept_layers[-1])
+    probes: list[dict] = []
+    build = build_correction if probe is None else probing_build(case, members, class_id, stamp, config.seed, probes)
     config, searched, chosen = search(
         case.model, case.train_images, case.train_labels, members, config,
         [config.layer] if config.method in ("rr-clarc", "counterfactual") else list(case.concept_layers), stamp,
-        build_correction,
+        build,
         class_id=class_id, n_classes=n_classes, evidence=evidence,
     )
+    if probe is not None:
+        probe.extend(dict(candidate) | test for candidate, test in zip((c for c in searched["candidates"] if not c["error"]), probes))
     report = correct_model(
         case.model, case.train_images, case.train_labels, case.test_images, case.test_labels, members,
         stamp=stamp, config=config, n_classes=n_classes, class_id=class_id, evidence=evidence, corrected=chosen,
@@ -252,6 +301,8 @@ def main() -> None:
     parser.add_argument("--cf-blur-control", type=float, default=None, help="dev only: try another blur control ratio (0: off)")
     parser.add_argument("--cf-relabel", type=int, choices=(0, 1), default=None, help="dev only: relabel left-out members (1) or not (0)")
     parser.add_argument("--show-search", action="store_true", help="print every search candidate's validation numbers")
+    parser.add_argument("--probe", type=Path, default=None, help="dev only: measure every search candidate on the test images too "
+                        "and write them as JSON lines to this file (to choose a selection rule on)")
     args = parser.parse_args()
     dev_settings = (args.cf_scope, args.cf_max_class_weight, args.cf_signature_effect, args.cf_distill, args.cf_relabel, args.cf_blur_control)
     if any(setting is not None for setting in dev_settings) and args.split != "dev":
@@ -278,6 +329,8 @@ def main() -> None:
     torch.set_num_threads(2)
     if args.draw and args.split != "test":
         parser.error("--draw picks a draw of the test split.")
+    if args.probe is not None and args.split != "dev":
+        parser.error("--probe looks at the test images of every candidate: it is for the dev split only.")
     specs = select(generate_cases(args.split, "full", args.draw), 30, 0, 0)
     if args.kinds:
         specs = [spec for spec in specs if spec.kind in args.kinds]
@@ -327,7 +380,13 @@ def main() -> None:
                     from bench.detection import explain
 
                     evidence = cf_evidence(case, members, int(finding["class"]), explain(case)[0], attack_donors)
-                result = correct_case(case, members, int(finding["class"]), METHODS[method], layer, stamp, truth_before, evidence, args.show_search)
+                probe: list[dict] | None = None if args.probe is None else []
+                result = correct_case(
+                    case, members, int(finding["class"]), METHODS[method], layer, stamp, truth_before, evidence, args.show_search, probe
+                )
+                if probe is not None:
+                    with args.probe.open("a") as out:
+                        out.write(json.dumps(base | {"method": method, "chosen": result, "candidates": probe}) + "\n")
             except CorrectionError as error:  # e.g. a finding that leaves too few clean samples, or no evidence: not fixed
                 print(f"| {base['case']} | {spec.kind} | {spec.fraction} | {spec.regime} | {spec.arch} | - | {method} | {error} |", flush=True)
                 rows.append(base | {"method": method, "goal": False, "recovered": None, "clean_change": 0.0, "seconds": 0.0})
