@@ -171,6 +171,7 @@ def probing_build(case: Case, members: np.ndarray, class_id: int, stamp, seed: i
     truth_before = evaluate(case.model, case.test_images, case.test_labels, class_id, truth, relevance_samples=0)
     _, held = validation_split(case.train_labels, seed)
     held = np.setdiff1d(held, members)
+
     def right(model) -> np.ndarray:
         with torch.no_grad():
             return predict(model, case.train_images[held]).argmax(1) == case.train_labels[held]
@@ -178,18 +179,19 @@ def probing_build(case: Case, members: np.ndarray, class_id: int, stamp, seed: i
     right_before = right(case.model)
     carriers = case.stamped[held] & (case.train_labels[held] == class_id)
 
-    def build(*args, **kwargs):
-        built = build_correction(*args, **kwargs)
+    def build(model, cav, images, labels, rows, settings, evidence):
+        built = build_correction(model, cav, images, labels, rows, settings, evidence)
         model = built[0]
         after = evaluate(model, case.test_images, case.test_labels, class_id, stamp, relevance_samples=0)
         true_after = evaluate(model, case.test_images, case.test_labels, class_id, truth, relevance_samples=0)
         right_after = right(model)
         probes.append({
+            "learning_rate": settings.cf_learning_rate, "paste_share": settings.cf_paste_share,
             "test_recovered": recovered_share(before, after), "test_true_recovered": recovered_share(truth_before, true_after),
             "test_clean_change": after.clean_accuracy - before.clean_accuracy,
             "val_turned_wrong": int((right_before & ~right_after).sum()), "val_turned_right": int((~right_before & right_after).sum()),
             "n_validation": int(len(held)),
-            # the stamped validation images the finding missed keep the flagged label: the correction's clean loss on them is not a loss
+            # the stamped validation images the finding missed: in a backdoor their flagged label is false, and "losing" them is no loss
             "val_carriers": int(carriers.sum()), "val_carriers_turned_wrong": int((carriers & right_before & ~right_after).sum()),
         })
         return built
@@ -219,8 +221,12 @@ def correct_case(
         build,
         class_id=class_id, n_classes=n_classes, evidence=evidence,
     )
-    if probe is not None:
-        probe.extend(dict(candidate) | test for candidate, test in zip((c for c in searched["candidates"] if not c["error"]), probes))
+    if probe is not None:  # each measured candidate with its probe, matched by its settings (a candidate that failed has none)
+        measured = {(test["learning_rate"], test["paste_share"]): test for test in probes}
+        probe.extend(
+            dict(candidate) | measured[candidate["learning_rate"], candidate["paste_share"]]
+            for candidate in searched["candidates"] if not candidate["error"]
+        )
     report = correct_model(
         case.model, case.train_images, case.train_labels, case.test_images, case.test_labels, members,
         stamp=stamp, config=config, n_classes=n_classes, class_id=class_id, evidence=evidence, corrected=chosen,
@@ -329,8 +335,8 @@ def main() -> None:
     torch.set_num_threads(2)
     if args.draw and args.split != "test":
         parser.error("--draw picks a draw of the test split.")
-    if args.probe is not None and args.split != "dev":
-        parser.error("--probe looks at the test images of every candidate: it is for the dev split only.")
+    if args.probe is not None and (args.split != "dev" or args.methods != "cf"):
+        parser.error("--probe looks at the test images of every candidate: it is for the dev split and --methods cf only.")
     specs = select(generate_cases(args.split, "full", args.draw), 30, 0, 0)
     if args.kinds:
         specs = [spec for spec in specs if spec.kind in args.kinds]
