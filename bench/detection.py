@@ -40,6 +40,9 @@ Usage::
 
     python3 bench/detection.py --split dev --planted 42 --clean 24 --multimodal 12 --ratios 1.5 --tune
     python3 bench/detection.py --split test --draw 1 --planted 30 --clean 30 --multimodal 6
+    # the same cases built by two processes, then the table from the cache
+    python3 bench/detection.py --split test --draw 6 --planted 30 --clean 30 --multimodal 6 --shard 0/2 &
+    python3 bench/detection.py --split test --draw 6 --planted 30 --clean 30 --multimodal 6 --shard 1/2
 """
 
 from __future__ import annotations
@@ -88,7 +91,15 @@ RULE_GRID = {
     "min_paste_rate": (0.05, 0.1, 0.2),
     "min_lift": (0.05, 0.1, 0.2),
     "dominance": (0.5, 0.7, 0.85, 0.95),
-    "evidence": tuple(f"{area}/{mass}" for area, mass in EVIDENCE_GRID),
+    # one setting, or several joined by "+": each cluster is judged at the one where its
+    # evidence lifts most (a small tag pastes best small, a texture needs the larger one)
+    "evidence": (
+        *(f"{area}/{mass}" for area, mass in EVIDENCE_GRID),
+        "0.3/0.5+0.5/0.9",
+        "0.12/0.5+0.3/0.5+0.5/0.9",
+    ),
+    # a wide region carries more of the object, so the wide settings may need more lift
+    "wide_min_lift": (None, 0.3, 0.4, 0.5, 0.6),
 }
 AUDIT = "audit"
 
@@ -190,7 +201,9 @@ def run_case(spec: CaseSpec, ratios: tuple[float, ...] = EIGEN_RATIOS) -> dict:
             copies = copy.deepcopy(analyses)
             confirm_analyses(
                 copies, heatmaps, case.train_labels, lambda rows: case.train_images[rows], predict,
-                ConfirmConfig(max_candidates=10**6, random_state=spec.seed, evidence_area=area, evidence_mass=mass),
+                ConfirmConfig(
+                    max_candidates=10**6, random_state=spec.seed, evidence_area=area, evidence_mass=mass, wide_evidence=False
+                ),
                 settle_candidates=False,
             )
             tested[evidence_key(area, mass)] = copies
@@ -218,22 +231,38 @@ class Rule:
     min_lift: float
     dominance: float | None  # None: no settling (the detector before spray.confirm.resolve)
     evidence: str
+    #: the lift the settings after the first (the wide ones) must reach; None: ``min_lift``
+    wide_min_lift: float | None = None
+
+    def lift_needed(self, position: int) -> float:
+        """The lift that confirms at the ``position``-th evidence setting of the rule."""
+        return self.min_lift if position == 0 or self.wide_min_lift is None else self.wide_min_lift
 
     def flags(self, record: dict, space: str | None = None) -> list[dict]:
         """The clusters this rule flags. Every cluster is tested here (no candidate cap), so a
-        cluster without a test is one that is its whole class: never a candidate. The confirmed
-        ones are settled by spray's own :func:`spray.confirm.resolve.resolve`: outranked ones
-        are dropped, joined ones merged into their head."""
+        cluster without a test is one that is its whole class: never a candidate. With several
+        evidence settings, a cluster is judged at the one where it lifts most among those where
+        it confirms (as :class:`spray.confirm.run.CandidateTester` does). The confirmed ones are
+        settled by spray's own :func:`spray.confirm.resolve.resolve`, with their lifts at every
+        setting: outranked ones are dropped, joined ones merged into their head."""
         chosen = []
         for c in record["clusters"]:
             if c["ratio"] != self.ratio or c["score"] < self.threshold or (space and c["space"] != space):
                 continue
-            test = c["tests"][self.evidence]
-            paste, control = test["paste"], test["control"]
-            if paste is None or c["size"] < SprayConfig().min_cluster_size:
+            if c["size"] < SprayConfig().min_cluster_size:
                 continue
-            if paste["low"] >= self.min_paste_rate and paste["rate"] - control["rate"] >= self.min_lift:
-                chosen.append({**c, "paste": paste, "control": control})
+            tests = [c["tests"][key] for key in self.evidence.split("+")]
+            lifts = tuple(test["paste"]["rate"] - test["control"]["rate"] for test in tests if test["paste"] is not None)
+            passing = [
+                (test["paste"]["rate"] - test["control"]["rate"], test["paste"], test["control"])
+                for position, test in enumerate(tests)
+                if test["paste"] is not None
+                and test["paste"]["low"] >= self.min_paste_rate
+                and test["paste"]["rate"] - test["control"]["rate"] >= self.lift_needed(position)
+            ]
+            if passing:
+                _, paste, control = max(passing, key=lambda entry: entry[0])
+                chosen.append({**c, "paste": paste, "control": control, "lifts": lifts if len(lifts) == len(tests) else ()})
         kept = chosen if self.dominance is None else settled(chosen, self.dominance)
         return sorted(kept, key=lambda c: -c["score"])
 
@@ -243,7 +272,7 @@ def settled(confirmed: list[dict], dominance: float) -> list[dict]:
     joined one merged into its head (members, hits and the higher score)."""
     contenders = [
         Contender(i, c["class"], (c["class"], c["space"]), np.asarray(c["members"]),
-                  c["paste"]["rate"] - c["control"]["rate"], c["score"])
+                  c["paste"]["rate"] - c["control"]["rate"], c["score"], tuple(c.get("lifts", ())))
         for i, c in enumerate(confirmed)
     ]
     resolution = resolve(contenders, dominance)
@@ -318,6 +347,8 @@ def tune(records: list[dict], ratios: tuple[float, ...]) -> Rule:
     for ratio in ratios:
         for values in itertools.product(*RULE_GRID.values()):
             rule = Rule(ratio, *values)
+            if rule.wide_min_lift is not None and "+" not in rule.evidence:
+                continue  # one setting: the same rule as with wide_min_lift None
             s = summarise(records, rule)
             key = (s["found"] - 2 * s["false_models"] - 2 * s["multi_flagged"], s["f1"])
             print(f"  {rule}: found {s['found']}/{s['relied']} F1 {s['f1']:.3f} false-flag models "
@@ -327,16 +358,17 @@ def tune(records: list[dict], ratios: tuple[float, ...]) -> Rule:
     return best
 
 
-#: The detector judged on test draw 0 (its defaults, no settling): printed beside the current
+#: The detector judged on test draws 1-5 (one evidence setting): printed beside the current
 #: one with ``--previous``, a paired comparison on the same records (nothing is chosen from it).
-PREVIOUS_RULE = Rule(1.5, 0.75, 0.05, 0.1, None, "0.12/0.5")
+PREVIOUS_RULE = Rule(1.5, 0.6, 0.2, 0.2, 0.85, "0.3/0.5")
 
 
 def default_rule() -> Rule:
     analysis, confirm = SprayConfig(), ConfirmConfig()
     return Rule(
         analysis.min_eigen_ratio, analysis.threshold, confirm.min_paste_rate, confirm.min_lift, confirm.dominance,
-        evidence_key(confirm.evidence_area, confirm.evidence_mass),
+        "+".join(evidence_key(area, mass) for area, mass, _ in confirm.evidence_settings()),
+        confirm.wide_min_lift if confirm.wide_evidence else None,
     )
 
 
@@ -407,6 +439,11 @@ def main() -> None:
         "--draw", type=int, default=0,
         help="test only: a fresh draw of the test split (new seeds), for a detector changed since the last draw was run",
     )
+    parser.add_argument(
+        "--shard", default=None, metavar="I/N",
+        help="build only every N-th case from the I-th (0-based): N processes share the cache and the work; "
+             "a last run without --shard prints the whole table from the cache",
+    )
     parser.add_argument("--previous", action="store_true", help="also print the previous detector's row on the same records")
     parser.add_argument("--tune", action="store_true", help="dev only: score every rule and print the best")
     parser.add_argument(
@@ -420,6 +457,14 @@ def main() -> None:
     if args.draw and args.split != "test":
         parser.error("--draw picks a fresh draw of the test split; the dev split has one.")
     specs = select(generate_cases(args.split, args.size, args.draw), args.planted, args.clean, args.multimodal)
+    if args.shard:
+        try:
+            index, count = (int(part) for part in args.shard.split("/"))
+        except ValueError:
+            parser.error(f"--shard takes I/N (e.g. 0/2); got {args.shard!r}")
+        if not 0 <= index < count:
+            parser.error(f"--shard I/N needs 0 <= I < N; got {args.shard!r}")
+        specs = specs[index::count]
     print(f"{args.split} split{f' (draw {args.draw})' if args.draw else ''}: {len(specs)} cases", flush=True)
     ratios = tuple(args.ratios) if args.ratios else (EIGEN_RATIOS if args.tune else (SprayConfig().min_eigen_ratio,))
     records = []

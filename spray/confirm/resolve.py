@@ -11,7 +11,11 @@ need the class's candidates side by side:
   whose evidence moves predictions most beyond its control (its **lift**, paste rate minus
   control rate) is the class's anchor, and a confirmed candidate that does not name the
   same samples and lifts less than ``dominance`` times the anchor's is **outranked**
-  (rejected, with the anchor it yields to).
+  (rejected, with the anchor it yields to). When candidates were tested at several
+  evidence settings, the comparison is made at each setting both were tested at, and
+  losing at any one outranks: with a wide region, the object side of a backdoor (whose
+  control donors are other objects) can lift nearly as much as the shortcut, but at the
+  narrow setting it does not come close.
 * **One shortcut, several clusters.** In a backdoor the members are images of different
   objects sharing a mark, so spectral clustering can split them by object. Confirmed
   clusters of the same analysis that lift at least ``dominance`` times the anchor are one
@@ -46,8 +50,10 @@ class Contender:
         target: the class it speaks for.
         analysis: names the analysis it came from (clusters of one analysis are disjoint).
         members: its rows.
-        lift: paste rate minus control rate of its causal test.
+        lift: paste rate minus control rate of its causal test (at its chosen setting).
         score: its artifact score (breaks ties of ``lift``).
+        lifts: its lift at each evidence setting it was tested at, in the audit's order
+            (empty: one setting, ``lift``).
     """
 
     key: Hashable
@@ -56,6 +62,14 @@ class Contender:
     members: np.ndarray
     lift: float
     score: float
+    lifts: tuple[float, ...] = ()
+
+    def yields_to(self, anchor: Contender, dominance: float) -> bool:
+        """Whether ``anchor`` outranks this candidate: it lifts under ``dominance`` times the
+        anchor's at some evidence setting both were tested at (at the chosen one, if they
+        were not tested at the same settings)."""
+        shared = zip(self.lifts, anchor.lifts) if len(self.lifts) == len(anchor.lifts) > 0 else [(self.lift, anchor.lift)]
+        return any(own < dominance * theirs for own, theirs in shared)
 
 
 @dataclass
@@ -72,6 +86,11 @@ def lift_of(confirmation: dict[str, Any]) -> float:
     return float(confirmation["paste"]["rate"]) - float(confirmation["control"]["rate"])
 
 
+def setting_lifts(confirmation: dict[str, Any]) -> tuple[float, ...]:
+    """The lift at each evidence setting a confirmation record was tested at (empty for one)."""
+    return tuple(lift_of(entry) for entry in confirmation.get("settings") or ())
+
+
 def resolve(contenders: Sequence[Contender], dominance: float) -> Resolution:
     """Outrank and join the confirmed candidates of each class (module docstring).
 
@@ -79,7 +98,8 @@ def resolve(contenders: Sequence[Contender], dominance: float) -> Resolution:
     first of a class is its anchor and the first *head*; each later one
     * that overlaps a head by :data:`SAME_FINDING_JACCARD` stays (the same finding seen
       from another analysis);
-    * else, lifting under ``dominance`` times the anchor, is outranked by the anchor;
+    * else, lifting under ``dominance`` times the anchor (at some shared evidence setting:
+      :meth:`Contender.yields_to`), is outranked by the anchor;
     * else joins the head of its own analysis, if there is one;
     * else becomes a head: a second shortcut of the class.
     """
@@ -95,7 +115,7 @@ def resolve(contenders: Sequence[Contender], dominance: float) -> Resolution:
         anchor = class_heads[0][0]
         if any(jaccard(contender.members, members) >= SAME_FINDING_JACCARD for _, members in class_heads):
             continue
-        if contender.lift < dominance * anchor.lift:
+        if contender.yields_to(anchor, dominance):
             resolution.outranked[contender.key] = anchor.key
             continue
         for position, (head, members) in enumerate(class_heads):
@@ -158,8 +178,16 @@ def outrank(cluster: ClusterResult, anchor: tuple[ClassAnalysis, ClusterResult])
         "class_index": int(analysis.class_index), "space": str(analysis.space),
         "cluster_id": int(strongest.cluster_id), "lift": theirs,
     }
+    where = ""
+    own_lifts, their_lifts = setting_lifts(confirmation), setting_lifts(strongest.confirmation or {})
+    if len(own_lifts) == len(their_lifts) > 0:
+        # the setting where it falls furthest behind: the one that decided
+        position = int(np.argmin([mine - theirs_at for mine, theirs_at in zip(own_lifts, their_lifts)]))
+        area = confirmation["settings"][position].get("evidence", {}).get("area")
+        own, theirs = own_lifts[position], their_lifts[position]
+        where = f" with evidence of at most {area:.0%} of the image" if isinstance(area, (int, float)) else ""
     confirmation["reason"] = (
-        f"its evidence moves predictions ({own:+.0%} over the control), but less than cluster "
+        f"its evidence moves predictions ({own:+.0%} over the control{where}), but less than cluster "
         f"{strongest.cluster_id} of the same class in {analysis.space} ({theirs:+.0%}): that is the class's "
         "shortcut, and this is the other side of it (often the object itself)."
     )
@@ -179,6 +207,7 @@ def settle(tested: Sequence[tuple[ClassAnalysis, ClusterResult, int]], dominance
         Contender(
             key=id(cluster), target=target, analysis=id(analysis), members=np.asarray(cluster.member_rows),
             lift=lift_of(cluster.confirmation or {}), score=float(cluster.artifact_score),
+            lifts=setting_lifts(cluster.confirmation or {}),
         )
         for analysis, cluster, target in tested
         if id(cluster) in confirmed

@@ -10,6 +10,7 @@ stays flagged with ``status: "untested"``, so an unchecked candidate never reads
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 from spray.analysis.result import ClassAnalysis, ClusterResult
 from spray.confirm.config import ConfirmConfig
 from spray.confirm.evidence import excess_masks, image_masks, matched_donors, rest_share
-from spray.confirm.resolve import settle
+from spray.confirm.resolve import lift_of, settle
 from spray.confirm.test import Predict, decide, paste_pairs, paste_test, removal_test
 from spray.store.rows import take_rows
 
@@ -75,6 +76,24 @@ def outlined(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return tinted.astype(np.uint8)
 
 
+@dataclass
+class _Sample:
+    """What one candidate's test reads once and every evidence setting reuses."""
+
+    member_maps: np.ndarray
+    rest_maps: np.ndarray
+    member_images: np.ndarray
+    rest_images: np.ndarray
+    host_images: np.ndarray
+    host_probs: np.ndarray
+    member_probs: np.ndarray
+
+
+def _setting_entry(record: dict[str, Any]) -> dict[str, Any]:
+    """What the record keeps of one evidence setting's measurement."""
+    return {key: record[key] for key in ("evidence", "status", "evidence_area", "paste", "control", "removal")}
+
+
 class CandidateTester:
     """Runs :mod:`spray.confirm.test` for candidates of one audit's data and model."""
 
@@ -89,9 +108,14 @@ class CandidateTester:
 
     def test(self, cluster: ClusterResult, target: int, seed: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """The confirmation record and the example images of one candidate of class ``target``
-        (:func:`candidate_target`)."""
+        (:func:`candidate_target`), at each evidence setting (:meth:`ConfirmConfig.evidence_settings`).
+
+        Each setting is measured on the same sampled members, rest and hosts (the draws
+        restart from the candidate's seed), and the record keeps the one whose evidence
+        lifts most over its control among those that confirm (else the one that lifts most):
+        a corner tag pastes best as a small region, a texture over the whole background only
+        as a large one. Every setting's numbers stay in the record's ``settings``."""
         config = self.config
-        rng = np.random.default_rng([config.random_state, seed])
         members = np.asarray(cluster.member_rows, dtype=np.int64)
         rest = np.setdiff1d(np.flatnonzero(self.labels == target), members)
         hosts_pool = np.flatnonzero(self.labels != target)
@@ -99,34 +123,70 @@ class CandidateTester:
             return untested(target, "the cluster is its whole class: no rest of the class to compare with."), {}
         if len(hosts_pool) == 0:
             return untested(target, "the data hold no images of other classes to paste into."), {}
-        member_rows = _sample(members, config.members, rng)
-        rest_rows = _sample(rest, REST_SAMPLE, rng)
-        host_rows = _sample(hosts_pool, config.members * config.hosts, rng)
+        measured = []
+        sample: _Sample | None = None
+        for area, mass, min_lift in config.evidence_settings():
+            rng = np.random.default_rng([config.random_state, seed])
+            if sample is None:
+                sample = self._sample(members, rest, hosts_pool, rng)
+            else:  # the same rows again, so that every setting's later draws are the same
+                self._sample_rows(members, rest, hosts_pool, rng)
+            measured.append(self._measure(sample, target, area, mass, min_lift, rng))
+        record, examples = max(measured, key=lambda entry: (entry[0]["status"] == "confirmed", lift_of(entry[0])))
+        if len(measured) > 1:
+            record = {**record, "settings": [_setting_entry(entry) for entry, _ in measured]}
+        return record, examples
 
-        member_maps, rest_maps = _heatmaps(self.heatmaps, member_rows), _heatmaps(self.heatmaps, rest_rows)
-        member_images, rest_images = self.read_images(member_rows), self.read_images(rest_rows)
-        host_images = self.read_images(host_rows)
-        small_masks = excess_masks(member_maps, rest_share(rest_maps), config.evidence_area, config.evidence_mass)
-        member_masks = image_masks(small_masks, member_images.shape[-2:])
+    def _sample_rows(
+        self, members: np.ndarray, rest: np.ndarray, hosts_pool: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        config = self.config
+        return (
+            _sample(members, config.members, rng),
+            _sample(rest, REST_SAMPLE, rng),
+            _sample(hosts_pool, config.members * config.hosts, rng),
+        )
+
+    def _sample(self, members: np.ndarray, rest: np.ndarray, hosts_pool: np.ndarray, rng: np.random.Generator) -> _Sample:
+        member_rows, rest_rows, host_rows = self._sample_rows(members, rest, hosts_pool, rng)
+        member_images, host_images = self.read_images(member_rows), self.read_images(host_rows)
+        return _Sample(
+            member_maps=_heatmaps(self.heatmaps, member_rows),
+            rest_maps=_heatmaps(self.heatmaps, rest_rows),
+            member_images=member_images,
+            rest_images=self.read_images(rest_rows),
+            host_images=host_images,
+            host_probs=self.predict(host_images),
+            member_probs=self.predict(member_images),
+        )
+
+    def _measure(
+        self, sample: _Sample, target: int, area: float, mass: float, min_lift: float, rng: np.random.Generator
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Paste, control and removal with the evidence of one ``(area, mass)`` setting,
+        judged with that setting's ``min_lift``."""
+        config = self.config
+        small_masks = excess_masks(sample.member_maps, rest_share(sample.rest_maps), area, mass)
+        member_masks = image_masks(small_masks, sample.member_images.shape[-2:])
         # the control's donor for member i: a sample of the rest that looks where member i's evidence is
-        control_images = rest_images[matched_donors(small_masks, rest_maps, rng)]
-        pairs = paste_pairs(member_masks, len(host_images), config.hosts, rng)
-        host_probs = self.predict(host_images)
-        paste = paste_test(self.predict, member_images, member_masks, host_images, target, pairs, host_probs)
-        control = paste_test(self.predict, control_images, member_masks, host_images, target, pairs, host_probs)
-        fill = np.median(rest_images, axis=0)
-        removal, removed, _ = removal_test(self.predict, member_images, member_masks, fill, target)
-        status, reason = decide(paste.entry, control.entry, config.min_paste_rate, config.min_lift)
+        control_images = sample.rest_images[matched_donors(small_masks, sample.rest_maps, rng)]
+        pairs = paste_pairs(member_masks, len(sample.host_images), config.hosts, rng)
+        paste = paste_test(self.predict, sample.member_images, member_masks, sample.host_images, target, pairs, sample.host_probs)
+        control = paste_test(self.predict, control_images, member_masks, sample.host_images, target, pairs, sample.host_probs)
+        fill = np.median(sample.rest_images, axis=0)
+        removal, removed, _ = removal_test(self.predict, sample.member_images, member_masks, fill, target, sample.member_probs)
+        status, reason = decide(paste.entry, control.entry, config.min_paste_rate, min_lift)
         record = {
             "status": status,
             "reason": reason,
             "target_class": target,
+            "evidence": {"area": float(area), "mass": float(mass), "min_lift": float(min_lift)},
             "evidence_area": float(member_masks.reshape(len(member_masks), -1).mean()) if len(member_masks) else 0.0,
             "paste": paste.entry,
             "control": control.entry,
             "removal": removal,
         }
-        return record, self._examples(member_images, member_masks, removed, host_images, paste)
+        return record, self._examples(sample.member_images, member_masks, removed, sample.host_images, paste)
 
     @staticmethod
     def _examples(members: np.ndarray, masks: np.ndarray, removed: np.ndarray, hosts: np.ndarray, paste: Any) -> dict[str, np.ndarray]:

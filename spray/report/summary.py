@@ -101,6 +101,7 @@ the analysis recorded it (non-finite numbers as ``null``)::
       "reason": str,                    # one sentence for people (e.g. why untested)
       "target_class": int,              # the flagged class
       "evidence_area": float | null,    # mean share of the image the evidence covers
+      "evidence": {"area": float, "mass": float, "min_lift": float},  # the setting kept
       "paste": {                        # the cluster's distinguishing evidence pasted into
         "n": int, "moved": int,         #   n audited images of other classes; moved: how
         "rate": float, "low": float, "high": float,   # many now predict the class;
@@ -116,6 +117,10 @@ the analysis recorded it (non-finite numbers as ``null``)::
     }
 
 ``paste``, ``control`` and ``removal`` may be absent when ``status`` is ``"untested"``.
+When the candidate was tested at two evidence settings (``[confirm] wide_evidence``), the
+record is the setting that lifts most among those that confirm (else the one that lifts
+most), and ``"settings"`` lists every setting's ``evidence``, ``status``, ``evidence_area``,
+``paste``, ``control`` and ``removal``, the default setting first.
 
 ``flags`` holds one entry per *finding*. When several analyses flag clusters with (nearly)
 the same members (heatmap and concept spaces, a class and the dataset-wide analysis),

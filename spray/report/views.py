@@ -400,6 +400,12 @@ def _confirmation_view(confirmation: dict[str, Any] | None) -> ConfirmationView 
         _test_line(confirmation.get("control"), "control: same regions from the rest of the class", "moved", "moved", "mean \u0394P", "gain"),
         _test_line(confirmation.get("removal"), "removed from members", "lost", "lost", "mean drop", "drop"),
     ]
+    for entry in confirmation.get("settings") or []:
+        if isinstance(entry, dict):  # each evidence setting the candidate was tested at (spray.confirm.run)
+            area = _number((entry.get("evidence") or {}).get("area"))
+            name = "evidence of at most " + ("?" if area is None else f"{area:.0%}") + " of the image"
+            lines.append(_test_line(entry.get("paste"), f"{name}: pasted", "moved", "moved", "mean \u0394P", "gain"))
+            lines.append(_test_line(entry.get("control"), f"{name}: control", "moved", "moved", "mean \u0394P", "gain"))
     for part in confirmation.get("joined") or []:
         if isinstance(part, dict):  # a cluster of the same shortcut merged into this one (spray.confirm.resolve)
             name = f"joined cluster {part.get('cluster_id', '?')} ({part.get('size', '?')} samples)"

@@ -133,9 +133,18 @@ def test_a_weak_shortcut_is_missed_at_the_defaults(minority):
     )
     tester = CandidateTester(audit.heatmaps, audit.labels, lambda rows: audit.images[rows], digits.predictor(audit.net), ConfirmConfig(random_state=0))
     record, _ = tester.test(shortcut, digits.TARGET, seed=0)
-    assert record["status"] == "rejected" and record["paste"]["low"] < ConfirmConfig().min_paste_rate
-    assert record["paste"]["rate"] - record["control"]["rate"] >= 0.1
-    assert "moves" in record["reason"]
+    defaults = ConfirmConfig()
+    assert record["status"] == "rejected" and "moves" in record["reason"]
+    narrow, wide = record["settings"]
+    # the default evidence: too few pasted images move (the measurement above, same draws)
+    assert narrow["evidence"]["area"] == defaults.evidence_area
+    assert narrow["paste"]["low"] < defaults.min_paste_rate
+    assert narrow["paste"]["rate"] - narrow["control"]["rate"] >= 0.1
+    # the wide evidence moves more images, and more of them from the control too:
+    # measured 48 % moved (lower bound 0.41) against a control of 14 %: lift +0.34, under 0.6
+    assert wide["evidence"]["area"] == defaults.wide_evidence_area
+    assert wide["status"] == "rejected"
+    assert wide["paste"]["rate"] - wide["control"]["rate"] < defaults.wide_min_lift
 
 
 def test_a_mark_at_varying_places_is_found_in_a_concept_space():
@@ -168,3 +177,34 @@ def test_a_mark_at_varying_places_is_found_in_a_concept_space():
     precision, recall = digits.precision_recall(found[0][1].member_rows, stamped)
     # measured: precision 0.70, recall 0.87; pasted evidence moved 70 % of hosts, control 38 %
     assert precision >= 0.6 and recall >= 0.6
+
+
+@pytest.fixture(scope="module")
+def texture_backdoor():
+    images, labels, stamped = digits.backdoor(digits.texture, 150, seed=0)
+    return digits.audit(images, labels, seed=0, confirm=False), stamped
+
+
+def test_a_texture_is_judged_at_the_wide_evidence_where_it_lifts_most(texture_backdoor):
+    """150 other digits with a background texture, relabelled "3": both evidence settings are
+    measured on the same draws, the record keeps the wide one (it lifts most), and the real
+    threes' evidence is rejected at both."""
+    audit, stamped = texture_backdoor
+    # measured: +0.99 mean probability of "3" on the other digits
+    assert _shift(audit, digits.texture) > 0.5
+    tester = CandidateTester(audit.heatmaps, audit.labels, lambda rows: audit.images[rows], digits.predictor(audit.net), ConfirmConfig(random_state=0))
+    shortcut = ClusterResult(
+        cluster_id=99, member_rows=stamped, artifact_score=1.0, flagged=True, score_components={},
+        mean_heatmap=np.zeros((1, 1)), candidate=True,
+    )
+    record, _ = tester.test(shortcut, digits.TARGET, seed=0)
+    narrow, wide = record["settings"]
+    lift = lambda entry: entry["paste"]["rate"] - entry["control"]["rate"]  # noqa: E731
+    # measured: lift +0.49 with the default evidence, +0.62 with the wide one
+    assert record["status"] == "confirmed" and record["evidence"]["area"] == ConfirmConfig().wide_evidence_area
+    assert lift(wide) > lift(narrow) and record["paste"] == wide["paste"]
+    threes = np.setdiff1d(np.flatnonzero(audit.labels == digits.TARGET), stamped)
+    record_rest, _ = tester.test(dataclasses.replace(shortcut, member_rows=threes), digits.TARGET, seed=0)
+    # measured: +0.11 and +0.28
+    assert record_rest["status"] == "rejected"
+    assert all(entry["status"] == "rejected" for entry in record_rest["settings"])

@@ -25,6 +25,36 @@ def test_the_weaker_side_of_a_split_is_outranked_by_the_stronger():
     assert resolution.outranked == {"object": "tag"}
 
 
+def test_with_several_evidence_settings_losing_at_any_one_outranks():
+    """The object side of a backdoor nearly matches the shortcut with a wide region (+0.93
+    against +0.99: above 0.85 of it) but not with the narrow one (+0.07 against +0.96)."""
+    shortcut = Contender("tag", 1, "heatmap", np.arange(0, 100), 0.99, 0.9, lifts=(0.96, 0.99))
+    object_side = Contender("object", 1, "heatmap", np.arange(100, 150), 0.93, 0.95, lifts=(0.07, 0.93))
+    assert resolve([object_side, shortcut], dominance=0.85).outranked == {"object": "tag"}
+    # judged on the chosen lifts alone, it would have joined the shortcut as one finding
+    alone = [Contender(c.key, c.target, c.analysis, c.members, c.lift, c.score) for c in (object_side, shortcut)]
+    assert resolve(alone, dominance=0.85).joined == {"object": "tag"}
+    # a texture that lifts little at the narrow setting still outranks the object side
+    # that lifts less than it at the wide one (the dev texture of docs/analysis.md)
+    texture = Contender("texture", 1, "heatmap", np.arange(0, 40), 0.67, 0.84, lifts=(0.09, 0.67))
+    digits = Contender("digits", 1, "heatmap", np.arange(40, 800), 0.21, 0.76, lifts=(0.21, 0.30))
+    assert resolve([digits, texture], dominance=0.85).outranked == {"digits": "texture"}
+
+
+def test_settle_names_the_setting_where_the_outranked_side_falls_behind():
+    rows = np.arange(100)
+    clusters = [_cluster(0, rows[:50], 0.99, 0.9, 1.0), _cluster(1, rows[50:], 0.93, 0.95, 0.0)]
+    for cluster, lifts in zip(clusters, ((0.96, 0.99), (0.07, 0.93))):
+        cluster.confirmation["settings"] = [
+            {"evidence": {"area": area}, "paste": {"rate": 0.05 + lift}, "control": {"rate": 0.05}}
+            for area, lift in zip((0.3, 0.5), lifts)
+        ]
+    analysis = ClassAnalysis(1, "one", "heatmap", rows, np.zeros(2), 2, np.repeat([0, 1], 50), np.zeros((100, 2)), np.zeros((100, 2)), clusters)
+    assert settle([(analysis, cluster, 1) for cluster in clusters], dominance=0.85) == {"outranked": 1, "joined": 0}
+    reason = clusters[1].confirmation["reason"]
+    assert "+7% over the control with evidence of at most 30% of the image" in reason and "(+96%)" in reason
+
+
 def test_fragments_of_one_shortcut_in_one_analysis_are_joined():
     parts = [_contender("a", range(0, 10), 0.95), _contender("b", range(10, 25), 0.9), _contender("c", range(25, 30), 0.5)]
     resolution = resolve(parts, dominance=0.85)

@@ -44,3 +44,31 @@ def test_the_rule_outranks_the_object_side_and_joins_fragments_of_the_shortcut()
     apart = settled([{**record["clusters"][1], "paste": {"rate": 0.97}, "control": {"rate": 0.01}},
                      {**record["clusters"][2], "space": "concept:layer", "paste": {"rate": 0.93}, "control": {"rate": 0.0}}], 0.85)
     assert sorted(c["size"] for c in apart) == [50, 50]
+
+
+def _tested(members: range, score: float, tests: dict[str, tuple[float, float]], hits: int = 0) -> dict:
+    """A cluster record with (paste rate, control rate) per evidence setting."""
+    return {
+        "ratio": 1.5, "class": 3, "space": "heatmap", "members": list(members), "size": len(members), "score": score,
+        "hits": hits, "tests": {key: {"paste": {"rate": paste, "low": paste - 0.05}, "control": {"rate": control}}
+                                for key, (paste, control) in tests.items()},
+    }
+
+
+def test_a_rule_of_two_evidence_settings_judges_each_cluster_at_its_strongest():
+    """A texture on 60 % of a class pastes only as a wide region: at the narrow setting
+    alone the unstamped side wins the class; judged at their strongest settings, the
+    stamped side does (the dev texture case of docs/analysis.md, in numbers)."""
+    record = {"clusters": [
+        _tested(range(0, 480), 0.88, {"0.3/0.5": (0.26, 0.0), "0.5/0.9": (0.98, 0.04)}, hits=480),
+        _tested(range(480, 800), 0.75, {"0.3/0.5": (0.50, 0.05), "0.5/0.9": (0.51, 0.14)}),
+    ]}
+    narrow = Rule(1.5, 0.6, 0.2, 0.2, 0.85, "0.3/0.5")
+    both = Rule(1.5, 0.6, 0.2, 0.2, 0.85, "0.3/0.5+0.5/0.9")
+    assert [c["hits"] for c in narrow.flags(record)] == [0]
+    (flag,) = both.flags(record)
+    assert flag["hits"] == 480 and flag["paste"]["rate"] == 0.98
+    # a setting where the cluster does not confirm is never the one it is judged at
+    weak = {"clusters": [_tested(range(0, 50), 0.9, {"0.3/0.5": (0.6, 0.1), "0.5/0.9": (0.15, -0.9)})]}
+    (kept,) = both.flags(weak)
+    assert kept["paste"]["rate"] == 0.6

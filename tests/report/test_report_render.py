@@ -8,6 +8,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -234,23 +235,42 @@ def test_confirmed_flag_shows_the_causal_test_and_its_examples(tested_html: str)
         assert _png_sizes(flag, kind) == [(16, 16)] * 3, kind
 
 
+def _with_first_flag_confirmation(context: ReportContext, **extra: Any) -> ReportContext:
+    """``context`` with ``extra`` keys added to the confirmation of class 0's cluster 1 (the first flag)."""
+    analyses = []
+    for analysis in context.analyses:
+        clusters = [
+            dataclasses.replace(cluster, confirmation={**cluster.confirmation, **extra})
+            if analysis.class_index == 0 and cluster.cluster_id == 1 else cluster
+            for cluster in analysis.clusters
+        ]
+        analyses.append(dataclasses.replace(analysis, clusters=clusters))
+    return dataclasses.replace(context, analyses=analyses)
+
+
 def test_a_joined_cluster_shows_its_own_test_in_the_flag(tested_context: ReportContext, tmp_path: Path) -> None:
     """A flag merged from two clusters of one shortcut (spray.confirm.resolve) lists the
     joined cluster's paste and control rows under its own."""
-    analyses = []
-    for analysis in tested_context.analyses:
-        clusters = []
-        for cluster in analysis.clusters:
-            if analysis.class_index == 0 and cluster.cluster_id == 1:
-                part = confirmation("confirmed", "", 0)
-                joined = {"cluster_id": 7, "size": 9, "artifact_score": 0.5, "paste": {**part["paste"], "moved": 13, "rate": 0.65}, "control": part["control"]}
-                cluster = dataclasses.replace(cluster, confirmation={**cluster.confirmation, "joined": [joined]})
-            clusters.append(cluster)
-        analyses.append(dataclasses.replace(analysis, clusters=clusters))
-    html = _html(render_report(dataclasses.replace(tested_context, analyses=analyses), tmp_path / "out"))
+    part = confirmation("confirmed", "", 0)
+    joined = {"cluster_id": 7, "size": 9, "artifact_score": 0.5, "paste": {**part["paste"], "moved": 13, "rate": 0.65}, "control": part["control"]}
+    html = _html(render_report(_with_first_flag_confirmation(tested_context, joined=[joined]), tmp_path / "out"))
     flag = _section(html, 'id="flag-0"', 'id="flag-1"')
     assert "joined cluster 7 (9 samples): pasted" in flag and "moved 13/20 = 65.0%" in flag
     assert "joined cluster 7 (9 samples): control" in flag
+
+
+def test_a_flag_tested_at_two_evidence_settings_shows_both(tested_context: ReportContext, tmp_path: Path) -> None:
+    """A candidate tested with the default and the wide evidence (``[confirm] wide_evidence``)
+    lists each setting's paste and control rows, named by the region's largest share."""
+    part = confirmation("confirmed", "", 0)
+    settings = [
+        {"evidence": {"area": 0.3, "mass": 0.5}, "paste": {**part["paste"], "moved": 3, "rate": 0.15}, "control": part["control"]},
+        {"evidence": {"area": 0.5, "mass": 0.9}, "paste": part["paste"], "control": part["control"]},
+    ]
+    html = _html(render_report(_with_first_flag_confirmation(tested_context, settings=settings), tmp_path / "out"))
+    flag = _section(html, 'id="flag-0"', 'id="flag-1"')
+    assert "evidence of at most 30% of the image: pasted" in flag and "moved 3/20 = 15.0%" in flag
+    assert "evidence of at most 50% of the image: control" in flag
 
 
 def test_untested_flag_says_why(tested_html: str) -> None:
