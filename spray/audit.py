@@ -115,7 +115,10 @@ def analyse(
             classes=list(range(len(class_names))), runner=runner,
         )
         predict = model_predictor(model, settings, spec.confirm.batch_size)
-        confirm_analyses(analyses, attributions.heatmaps, attributions.labels, data.source.read, predict, spec.confirm)
+        confirm_analyses(
+            analyses, attributions.heatmaps, attributions.labels, data.source.read, predict, spec.confirm,
+            min_size=config.min_cluster_size,
+        )
         return analyses
 
     return cached(

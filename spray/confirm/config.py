@@ -17,6 +17,15 @@ from spray.config import Range, setting, validate
 DEFAULT_MIN_PASTE_RATE = 0.2
 DEFAULT_MIN_LIFT = 0.2
 DEFAULT_DOMINANCE = 0.85
+#: The bar at the wide evidence setting, where a region carries part of the object, and the
+#: lift that flags a cluster scoring under the threshold: on the dev split, among 0.3-0.7
+#: and ``dominance``, and among 0.3-0.8: 0.3-0.4 and 0.4-0.6 tie, and the highest bars of
+#: the tie were kept (0.3 flagged two-mode classes; docs/analysis.md, "bench Q3").
+DEFAULT_WIDE_DOMINANCE = 0.4
+DEFAULT_LOW_SCORE_MIN_LIFT = 0.6
+#: Clusters under the threshold tested per audit: the dev audits have 39 to 71 (ten classes,
+#: three spaces), and the bench tests them all.
+DEFAULT_MAX_LOW_SCORE = 96
 #: 0.3 on the dev split, among 0.12 (the demo's first setting), 0.3 and 0.5 (with mass 0.9):
 #: 16 of 25 relied-on dev cases found, against 14 at 0.12; 0.5 found 18 but let more of the
 #: object through and flagged more models falsely (docs/analysis.md, "bench Q3").
@@ -60,6 +69,14 @@ class ConfirmConfig:
         dominance: a confirmed candidate of a class whose lift (paste rate minus control
             rate) is under this share of the class's strongest one is outranked; at or above
             it, it joins the strongest cluster of its own analysis (``spray.confirm.resolve``).
+            Compared at the first evidence setting;
+        wide_dominance: the same share at the wide setting.
+        max_low_score: after the candidates, at most this many clusters scoring under the
+            threshold (one of several clusters of their class, highest score first) are
+            tested too (0: none): the score proposes, the test decides, and a shortcut split
+            by position into small clusters scores low but pastes as strongly as a whole one.
+        low_score_min_lift: such a cluster is flagged only when it confirms with at least
+            this lift (at each setting: the larger of this and the setting's own).
         batch_size: images per forward pass.
         random_state: seeds every draw (the job's seed).
     """
@@ -77,14 +94,20 @@ class ConfirmConfig:
     min_paste_rate: float = setting(DEFAULT_MIN_PASTE_RATE, Range(0.0, 1.0), doc="lower bound of the pasted hosts' move rate that confirms")
     min_lift: float = setting(DEFAULT_MIN_LIFT, Range(0.0, 1.0), doc="move rate above the control's that confirms")
     dominance: float = setting(DEFAULT_DOMINANCE, Range(0.0, 1.0), doc="share of the class's strongest lift below which a confirmed candidate is outranked")
+    wide_dominance: float = setting(DEFAULT_WIDE_DOMINANCE, Range(0.0, 1.0), doc="the same share at the wide evidence setting")
+    max_low_score: int = setting(DEFAULT_MAX_LOW_SCORE, Range(0), doc="clusters under the score threshold also tested, highest score first")
+    low_score_min_lift: float = setting(DEFAULT_LOW_SCORE_MIN_LIFT, Range(0.0, 1.0), doc="move rate above the control's that flags a cluster under the score threshold")
     batch_size: int = setting(128, Range(1), doc="images per forward pass")
     random_state: int = setting(0, Range(0, 2**32 - 1), doc="seed of every draw (the job's seed)", job_key=False)
 
     def __post_init__(self) -> None:
         validate(self)
 
-    def evidence_settings(self) -> tuple[tuple[float, float, float], ...]:
-        """The ``(area, mass, min_lift)`` settings each candidate is tested with, the default one first."""
-        narrow = (self.evidence_area, self.evidence_mass, self.min_lift)
-        wide = (self.wide_evidence_area, self.wide_evidence_mass, self.wide_min_lift)
+    def evidence_settings(self, low_score: bool = False) -> tuple[tuple[float, float, float], ...]:
+        """The ``(area, mass, min_lift)`` settings each candidate is tested with, the default
+        one first; for a cluster scoring under the threshold (``low_score``) each lift is at
+        least ``low_score_min_lift``."""
+        floor = self.low_score_min_lift if low_score else 0.0
+        narrow = (self.evidence_area, self.evidence_mass, max(self.min_lift, floor))
+        wide = (self.wide_evidence_area, self.wide_evidence_mass, max(self.wide_min_lift, floor))
         return (narrow, wide) if self.wide_evidence and wide[:2] != narrow[:2] else (narrow,)

@@ -5,6 +5,14 @@ threshold) is tested by :mod:`spray.confirm.test`, highest score first, up to
 ``max_candidates`` per audit. A tested candidate is flagged only when the test confirms
 it; a candidate left untested (the cap, ``enabled = false``, or too little data to test)
 stays flagged with ``status: "untested"``, so an unchecked candidate never reads as clean.
+
+The score only proposes. After the candidates, up to ``max_low_score`` clusters scoring
+under the threshold are tested as well, and flagged when they confirm with the larger lift
+``low_score_min_lift`` (their record says ``"low_score": true``): a shortcut that the
+clustering splits by position into small clusters scores low, yet each part's evidence
+moves other classes' images as strongly as a whole one's. One that does not confirm stays
+unflagged and keeps no record (it was never proposed), and one beyond the cap is not
+tested: the audit counts both (``low_score_tested``, ``low_score_untested``).
 """
 
 from __future__ import annotations
@@ -106,9 +114,12 @@ class CandidateTester:
         self.predict = predict
         self.config = config
 
-    def test(self, cluster: ClusterResult, target: int, seed: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    def test(
+        self, cluster: ClusterResult, target: int, seed: int, low_score: bool = False
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """The confirmation record and the example images of one candidate of class ``target``
-        (:func:`candidate_target`), at each evidence setting (:meth:`ConfirmConfig.evidence_settings`).
+        (:func:`candidate_target`), at each evidence setting (:meth:`ConfirmConfig.evidence_settings`;
+        ``low_score``: a cluster scoring under the threshold, judged with the larger lifts).
 
         Each setting is measured on the same sampled members, rest and hosts (the draws
         restart from the candidate's seed), and the record keeps the one whose evidence
@@ -125,7 +136,7 @@ class CandidateTester:
             return untested(target, "the data hold no images of other classes to paste into."), {}
         measured = []
         sample: _Sample | None = None
-        for area, mass, min_lift in config.evidence_settings():
+        for area, mass, min_lift in config.evidence_settings(low_score):
             rng = np.random.default_rng([config.random_state, seed])
             if sample is None:
                 sample = self._sample(members, rest, hosts_pool, rng)
@@ -135,6 +146,11 @@ class CandidateTester:
         record, examples = max(measured, key=lambda entry: (entry[0]["status"] == "confirmed", lift_of(entry[0])))
         if len(measured) > 1:
             record = {**record, "settings": [_setting_entry(entry) for entry, _ in measured]}
+        if low_score:
+            record = {
+                **record, "low_score": True,
+                "reason": f"scored under the threshold, tested with a lift of at least {config.low_score_min_lift:.0%}: {record['reason']}",
+            }
         return record, examples
 
     def _sample_rows(
@@ -205,6 +221,12 @@ class CandidateTester:
         }
 
 
+def _by_score(item: tuple[ClassAnalysis, ClusterResult]) -> tuple:
+    """Highest score first, then a fixed order (class, space, cluster id)."""
+    analysis, cluster = item
+    return (-cluster.artifact_score, analysis.class_index, analysis.space, cluster.cluster_id)
+
+
 def confirm_analyses(
     analyses: Sequence[ClassAnalysis],
     heatmaps: Any,
@@ -213,6 +235,7 @@ def confirm_analyses(
     predict: Predict,
     config: ConfirmConfig,
     settle_candidates: bool = True,
+    min_size: int = 1,
 ) -> dict[str, int]:
     """Test every candidate of ``analyses`` and set each one's ``flagged``, ``confirmation``, ``examples``.
 
@@ -225,6 +248,8 @@ def confirm_analyses(
         config: the test's settings.
         settle_candidates: settle the confirmed candidates (an audit always does; a
             benchmark that applies its own rules to the raw test numbers does not).
+        min_size: clusters scoring under the threshold are tested only from this size
+            (the analysis's ``min_cluster_size``).
 
     After every test, the confirmed candidates of each class are settled against each other
     (:func:`spray.confirm.resolve.settle`): the weaker side of a class's split is outranked
@@ -232,14 +257,16 @@ def confirm_analyses(
 
     Returns:
         Counts: ``candidates``, ``confirmed`` (after settling), ``rejected`` (outranked
-        included), ``untested``, ``outranked`` and ``joined``.
+        included), ``untested``, ``outranked`` and ``joined``; of the clusters scoring under
+        the threshold, ``low_score_tested``, ``low_score_flagged`` (after settling) and
+        ``low_score_untested`` (beyond ``max_low_score``).
     """
-    candidates = sorted(
-        ((a, c) for a in analyses for c in a.clusters if c.candidate),
-        key=lambda item: (-item[1].artifact_score, item[0].class_index, item[0].space, item[1].cluster_id),
+    candidates = sorted(((a, c) for a in analyses for c in a.clusters if c.candidate), key=_by_score)
+    low_scores = sorted(
+        ((a, c) for a in analyses for c in a.clusters if a.n_clusters > 1 and not c.candidate and c.size >= min_size),
+        key=_by_score,
     )
     tester = CandidateTester(heatmaps, labels, read_images, predict, config)
-    counts = {"candidates": len(candidates), "confirmed": 0, "rejected": 0, "untested": 0}
     tested: list[tuple[ClassAnalysis, ClusterResult, int]] = []
     for rank, (analysis, cluster) in enumerate(candidates):
         target = candidate_target(analysis, cluster, tester.labels)
@@ -253,13 +280,31 @@ def confirm_analyses(
             record, examples = tester.test(cluster, target, rank)
         cluster.confirmation, cluster.examples = record, examples
         cluster.flagged = record["status"] != "rejected"
-        counts[record["status"]] += 1
         tested.append((analysis, cluster, target))
         log.info(
             "candidate class %s %s cluster %d (score %.2f): %s", analysis.class_index, analysis.space,
             cluster.cluster_id, cluster.artifact_score, record["reason"],
         )
-    settled = settle(tested, config.dominance) if settle_candidates else {"outranked": 0, "joined": 0}
-    counts["confirmed"] -= settled["outranked"] + settled["joined"]
-    counts["rejected"] += settled["outranked"]
+    low_tested = low_scores[: config.max_low_score] if config.enabled else []
+    for rank, (analysis, cluster) in enumerate(low_tested, start=len(candidates)):
+        target = candidate_target(analysis, cluster, tester.labels)
+        record, examples = tester.test(cluster, target, rank, low_score=True)
+        if record["status"] == "confirmed":
+            cluster.confirmation, cluster.examples, cluster.flagged = record, examples, True
+            tested.append((analysis, cluster, target))
+            log.info(
+                "low-scoring class %s %s cluster %d (score %.2f): %s", analysis.class_index, analysis.space,
+                cluster.cluster_id, cluster.artifact_score, record["reason"],
+            )
+    settled = settle(tested, config.dominance, config.wide_dominance) if settle_candidates else {"outranked": 0, "joined": 0}
+    present = {id(cluster) for analysis in analyses for cluster in analysis.clusters}  # joined ones left
+    counts = {"candidates": len(candidates), "confirmed": 0, "rejected": 0, "untested": 0}
+    for _, cluster in candidates:
+        if id(cluster) in present:
+            counts[(cluster.confirmation or {})["status"]] += 1
+    counts.update(
+        low_score_tested=len(low_tested),
+        low_score_flagged=sum(id(cluster) in present and cluster.flagged for _, cluster in low_tested),
+        low_score_untested=len(low_scores) - len(low_tested),
+    )
     return {**counts, **settled}

@@ -117,6 +117,9 @@ the analysis recorded it (non-finite numbers as ``null``)::
     }
 
 ``paste``, ``control`` and ``removal`` may be absent when ``status`` is ``"untested"``.
+A cluster that scored under the threshold (``candidate: false``) carries a record only when
+its test confirmed it (``[confirm] max_low_score``): the record then has ``"low_score": true``,
+and its ``evidence.min_lift`` is the larger ``low_score_min_lift``.
 When the candidate was tested at two evidence settings (``[confirm] wide_evidence``), the
 record is the setting that lifts most among those that confirm (else the one that lifts
 most), and ``"settings"`` lists every setting's ``evidence``, ``status``, ``evidence_area``,
@@ -130,7 +133,7 @@ its ``revealed_by`` with their overlap. In ``classes`` every flagged cluster kee
 ``flagged: true``.
 
 Keys are only ever added within a schema version (``accuracy``, ``concepts``,
-``revealed_by``, ``candidate``, ``confirmation`` and ``untested_flags`` were),
+``revealed_by``, ``candidate``, ``confirmation``, ``untested_flags`` and ``low_score`` were),
 so a reader should ignore keys it does not know.
 
 A CI gate fails a build unless ``summary["verdict"] == "clean"`` (``spray check`` exits

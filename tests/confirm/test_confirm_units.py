@@ -101,7 +101,12 @@ def test_confirm_analyses_flags_only_what_the_test_confirms():
     images, labels, stamped, heatmaps = _data(np.random.default_rng(0))
     shortcut = _analysis(labels, stamped)
     counts = confirm_analyses([shortcut], heatmaps, labels, lambda rows: images[rows], corner_model, ConfirmConfig(members=12, hosts=4))
-    assert counts == {"candidates": 1, "confirmed": 1, "rejected": 0, "untested": 0, "outranked": 0, "joined": 0}
+    assert counts == {
+        "candidates": 1, "confirmed": 1, "rejected": 0, "untested": 0, "outranked": 0, "joined": 0,
+        # the rest of the class (score 0.1) is tested too, and its evidence moves nothing
+        "low_score_tested": 1, "low_score_flagged": 0, "low_score_untested": 0,
+    }
+    assert not shortcut.clusters[1].flagged and shortcut.clusters[1].confirmation is None
     cluster = shortcut.clusters[0]
     assert cluster.flagged and cluster.confirmation["status"] == "confirmed"
     assert cluster.confirmation["target_class"] == 1 and cluster.examples["pasted"].dtype == np.uint8
@@ -109,6 +114,40 @@ def test_confirm_analyses_flags_only_what_the_test_confirms():
     clean_side = _analysis(labels, np.arange(52, 80))
     confirm_analyses([clean_side], heatmaps, labels, lambda rows: images[rows], corner_model, ConfirmConfig(members=12, hosts=4))
     assert not clean_side.clusters[0].flagged and clean_side.clusters[0].confirmation["status"] == "rejected"
+
+
+def _low_scoring_shortcut(labels: np.ndarray, stamped: np.ndarray) -> ClassAnalysis:
+    """Class 1 split into the stamped images, scoring under any threshold, and the rest
+    proposed as the candidate."""
+    analysis = _analysis(labels, np.setdiff1d(np.flatnonzero(labels == 1), stamped))
+    analysis.clusters[1] = ClusterResult(0, stamped, 0.1, False, {}, np.zeros((2, 2), np.float32))
+    return analysis
+
+
+def test_a_low_scoring_cluster_whose_evidence_moves_predictions_is_flagged():
+    """The score only proposes: a shortcut that scores low is tested after the candidates
+    and flagged when it confirms with the larger lift ``low_score_min_lift``."""
+    images, labels, stamped, heatmaps = _data(np.random.default_rng(0))
+    analysis = _low_scoring_shortcut(labels, stamped)
+    config = ConfirmConfig(members=12, hosts=4)
+    counts = confirm_analyses([analysis], heatmaps, labels, lambda rows: images[rows], corner_model, config, min_size=3)
+    assert counts["rejected"] == 1 and counts["low_score_tested"] == 1 and counts["low_score_flagged"] == 1
+    candidate, shortcut = analysis.clusters
+    assert not candidate.flagged and shortcut.flagged and not shortcut.candidate
+    record = shortcut.confirmation
+    assert record["status"] == "confirmed" and record["low_score"] and "under the threshold" in record["reason"]
+    lift = record["paste"]["rate"] - record["control"]["rate"]
+    assert lift >= config.low_score_min_lift and record["evidence"]["min_lift"] == config.low_score_min_lift
+    # capped at none: it is counted as not tested, and stays unflagged (it was never proposed)
+    analysis = _low_scoring_shortcut(labels, stamped)
+    counts = confirm_analyses(
+        [analysis], heatmaps, labels, lambda rows: images[rows], corner_model, dataclasses.replace(config, max_low_score=0)
+    )
+    assert counts["low_score_tested"] == 0 and counts["low_score_untested"] == 1 and not analysis.clusters[1].flagged
+    # smaller than the analysis's smallest flaggable cluster: not tested
+    analysis = _low_scoring_shortcut(labels, stamped)
+    counts = confirm_analyses([analysis], heatmaps, labels, lambda rows: images[rows], corner_model, config, min_size=13)
+    assert counts["low_score_tested"] == 0 and not analysis.clusters[1].flagged
 
 
 @pytest.mark.parametrize("config, reason", [

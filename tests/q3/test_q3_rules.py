@@ -3,6 +3,8 @@ rule settles confirmed clusters the way an audit does."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from bench.cases import TEST_SEED_BASE, generate_cases
@@ -72,3 +74,21 @@ def test_a_rule_of_two_evidence_settings_judges_each_cluster_at_its_strongest():
     weak = {"clusters": [_tested(range(0, 50), 0.9, {"0.3/0.5": (0.6, 0.1), "0.5/0.9": (0.15, -0.9)})]}
     (kept,) = both.flags(weak)
     assert kept["paste"]["rate"] == 0.6
+
+
+def test_low_scoring_parts_of_a_shortcut_join_when_they_lift_enough():
+    """A mark at random places on 60 % of a class (dev, in numbers): the clustering splits the
+    stamped images by position into parts scoring under the threshold, each pasting as
+    strongly as a tag; judged with ``low_score_lift`` they are flagged as one finding."""
+    record = {"clusters": [
+        _tested(range(0, 143), 0.52, {"0.3/0.5": (0.94, 0.20), "0.5/0.9": (0.99, 0.55)}, hits=142),
+        _tested(range(143, 273), 0.0, {"0.3/0.5": (0.96, 0.32), "0.5/0.9": (0.99, 0.70)}, hits=123),
+        # the object side: its pasted strokes move a few hosts, under the low-score bar
+        _tested(range(273, 700), 0.61, {"0.3/0.5": (0.98, 0.88), "0.5/0.9": (1.0, 0.99)}, hits=19),
+    ]}
+    by_score = Rule(1.5, 0.6, 0.2, 0.2, 0.85, "0.3/0.5+0.5/0.9", 0.6, 0.4)
+    assert by_score.flags(record) == []
+    (flag,) = dataclasses.replace(by_score, low_score_lift=0.5).flags(record)
+    assert flag["size"] == 273 and flag["hits"] == 265
+    # a bar above the parts' lifts flags none of them
+    assert dataclasses.replace(by_score, low_score_lift=0.8).flags(record) == []
