@@ -65,6 +65,12 @@ batch_size = 16
 [analysis]
 embedding = "spectral"
 pooled_size = 8
+
+# The data are noise and the model untrained: pasted pixels move its predictions whichever
+# cluster they come from, so the clusters under the score threshold would be flagged too.
+# These tests are about the gate's bookkeeping; the candidates by score stay tested.
+[confirm]
+max_low_score = 0
 """
 
 
