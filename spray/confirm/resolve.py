@@ -236,18 +236,20 @@ def outrank(
         area = confirmation["settings"][position].get("evidence", {}).get("area")
         own, theirs = own_lifts[position], their_lifts[position]
         where = f" with evidence of at most {area:.0%} of the image" if isinstance(area, (int, float)) else ""
-    confirmation["reason"] = (
-        f"its evidence moves predictions ({own:+.0%} over the control{where}), but less than cluster "
-        f"{strongest.cluster_id} of the same class in {analysis.space} ({theirs:+.0%}): that is the class's "
-        "shortcut, and this is the other side of it (often the object itself)."
-    )
     if whole_class:
-        confirmation["reason"] = (
-            f"its evidence moves predictions ({own:+.0%} over the control at its strongest setting), but cluster "
-            f"{strongest.cluster_id} of the same class in {analysis.space} moves them more ({theirs:+.0%}), and "
-            "the two together are the whole class: that is the class's shortcut, and this is the other side "
-            "of it (often the object itself)."
+        comparison = (
+            f"({own:+.0%} over the control at its strongest setting), but cluster {strongest.cluster_id} of the "
+            f"same class in {analysis.space} moves them more ({theirs:+.0%}), and the two together are the whole class"
         )
+    else:
+        comparison = (
+            f"({own:+.0%} over the control{where}), but less than cluster {strongest.cluster_id} of the same class "
+            f"in {analysis.space} ({theirs:+.0%})"
+        )
+    confirmation["reason"] = (
+        f"its evidence moves predictions {comparison}: that is the class's shortcut, and this is the other side "
+        "of it (often the object itself)."
+    )
     cluster.confirmation = confirmation
     cluster.flagged = False
 
