@@ -34,7 +34,7 @@ from spray.attribution.engine import attribute_dataset, model_fingerprint
 from spray.attribution.select import make_explainer
 from spray.attribution.settings import AttributionSettings
 from spray.confirm.predictor import model_predictor
-from spray.confirm.run import confirm_analyses
+from spray.confirm.run import RECORDS_VERSION, confirm_analyses
 from spray.data.base import SourceImages
 from spray.data.open import AuditData, PlantedArtifact, open_data
 from spray.jobs import JobSpec
@@ -125,7 +125,7 @@ def analyse(
         path,
         fingerprint({
             "attributions": attributions.fingerprint, "config": config.to_dict(),
-            "confirm": dataclasses.asdict(spec.confirm), "classes": "every class",
+            "confirm": dataclasses.asdict(spec.confirm), "classes": "every class", "records": RECORDS_VERSION,
         }),
         compute=compute,
         write=lambda target, analyses: write_analysis(target, analyses, config),

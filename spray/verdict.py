@@ -13,8 +13,9 @@ flagged    1         at least one cluster flagged (whatever else happened)
 error      2         the run failed: bad job spec, unreadable data, a model that does
                      not fit, user code that raised or exited
 incomplete 3         no flag, but a class or space could not be analysed (too few
-                     samples, NaN heatmaps, constant heatmaps, no samples), or images
-                     were skipped as unreadable
+                     samples, NaN heatmaps, constant heatmaps, no samples), images
+                     were skipped as unreadable, or clusters scoring under the
+                     threshold were not tested causally (``[confirm] max_low_score``)
 busy       4         another run holds the job folder (``spray.store.lock``); nothing ran
 ========== ========= ===================================================================
 """
@@ -44,11 +45,15 @@ class CheckConfig:
     reviews ``spray check`` honours (``spray.service.gate``): flags reviewed as legitimate
     then pass, and the check says which review waived each; empty: no reviews, every flag
     fails.
+    ``allow_untested_low_score``: clusters scoring under the threshold that the causal test
+    did not reach (beyond ``[confirm] max_low_score``, or with the test switched off) do not
+    make the verdict incomplete; they are still counted in ``summary.json``.
     """
 
     allow_unanalysed: tuple[str, ...] = setting((), doc="class names that may stay unanalysed")
     allow_skipped_images: bool = setting(False, doc="skipped unreadable images do not make the verdict incomplete")
     waivers: str = setting("", doc="waiver file of reviewed flags honoured by spray check (relative to the job file)")
+    allow_untested_low_score: bool = setting(False, doc="clusters under the score threshold left untested do not make the verdict incomplete")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -68,7 +73,9 @@ def verdict_entry(
     ``classes`` are the summary's class entries; every class of ``class_names`` (and the
     dataset-wide group when ``dataset_wide``) is expected in every space of ``spaces``. An
     expected analysis that is missing or not analysable is listed under ``unanalysed``
-    (``allowed: true`` when ``check`` accepts it).
+    (``allowed: true`` when ``check`` accepts it). Clusters scoring under the threshold whose
+    causal test did not run (an ``"untested"`` record with ``"low_score": true``) are
+    counted in ``untested_low_score``: a shortcut split into small clusters hides there.
     """
     found = {(int(entry["class_index"]), str(entry["space"])): entry for entry in classes}
     groups = [(index, str(name)) for index, name in enumerate(class_names)]
@@ -85,7 +92,9 @@ def verdict_entry(
             unanalysed.append({"class_index": index, "class_name": name, "space": space, "reason": reason, "allowed": allowed})
     problems = [item for item in unanalysed if not item["allowed"]]
     skipped_counts = skipped_images > 0 and not check.allow_skipped_images
-    complete = not problems and not skipped_counts
+    untested_low = sum(_untested_low_score(cluster) for entry in classes for cluster in entry.get("clusters", []))
+    untested_counts = untested_low > 0 and not check.allow_untested_low_score
+    complete = not problems and not skipped_counts and not untested_counts
     if flags:
         verdict = FLAGGED
     else:
@@ -95,7 +104,14 @@ def verdict_entry(
         "complete": complete,
         "unanalysed": unanalysed,
         "skipped_images": int(skipped_images),
+        "untested_low_score": int(untested_low),
     }
+
+
+def _untested_low_score(cluster: dict[str, Any]) -> bool:
+    """A cluster scoring under the threshold that the causal test did not reach."""
+    record = cluster.get("confirmation")
+    return isinstance(record, dict) and bool(record.get("low_score")) and record.get("status") == "untested"
 
 
 def describe_incomplete(summary: dict[str, Any]) -> list[str]:
@@ -107,6 +123,11 @@ def describe_incomplete(summary: dict[str, Any]) -> list[str]:
     ]
     if summary.get("skipped_images"):
         lines.append(f"{summary['skipped_images']} unreadable image(s) skipped (listed in the report)")
+    if summary.get("untested_low_score"):
+        lines.append(
+            f"{summary['untested_low_score']} cluster(s) scoring under the threshold not tested causally: "
+            "raise [confirm] max_low_score, or accept with [check] allow_untested_low_score = true"
+        )
     return lines
 
 

@@ -68,9 +68,14 @@ pooled_size = 8
 
 # The data are noise and the model untrained: pasted pixels move its predictions whichever
 # cluster they come from, so the clusters under the score threshold would be flagged too.
-# These tests are about the gate's bookkeeping; the candidates by score stay tested.
+# These tests are about the gate's bookkeeping; the candidates by score stay tested, and the
+# gate accepts the untested clusters under the threshold (the [check] table comes last, so
+# a test appends its own keys to it).
 [confirm]
 max_low_score = 0
+
+[check]
+allow_untested_low_score = true
 """
 
 
@@ -241,7 +246,7 @@ def test_concept_spaces_only_and_no_layers_is_refused_before_anything_runs(works
 def test_accepted_unanalysed_classes_and_skipped_images_pass_the_gate(workspace: Workspace) -> None:
     _tiny_class(workspace)
     assert workspace.check() == EXIT_INCOMPLETE
-    workspace.job.write_text(workspace.job.read_text() + '\n[check]\nallow_unanalysed = ["2"]\n')
+    workspace.job.write_text(workspace.job.read_text() + 'allow_unanalysed = ["2"]\n')
     assert workspace.check() == EXIT_OK
     summary = workspace.summary()
     assert summary["verdict"] == "clean" and summary["complete"] is True
@@ -263,8 +268,30 @@ def test_skipped_unreadable_images_make_the_verdict_incomplete_unless_accepted(t
     assert main(["--no-progress", "check", str(job)]) == EXIT_INCOMPLETE
     summary = json.loads((tmp_path / "out" / "gate" / "summary.json").read_text())
     assert summary["skipped_images"] == 1 and summary["complete"] is False and summary["unanalysed"] == []
-    job.write_text(job.read_text() + "\n[check]\nallow_skipped_images = true\n")
+    job.write_text(job.read_text() + "allow_skipped_images = true\n")
     assert main(["--no-progress", "check", str(job)]) == EXIT_OK
+
+
+def test_clusters_under_the_threshold_left_untested_make_the_verdict_incomplete_unless_accepted(
+    workspace: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workspace.job.write_text(workspace.job.read_text().replace("allow_untested_low_score = true", "allow_untested_low_score = false"))
+    assert workspace.check() == EXIT_INCOMPLETE
+    summary = workspace.summary()
+    untested = [
+        cluster for entry in summary["classes"] for cluster in entry["clusters"]
+        if (cluster["confirmation"] or {}).get("low_score")
+    ]
+    assert summary["untested_low_score"] == len(untested) > 0
+    assert all(c["confirmation"]["status"] == "untested" and not c["flagged"] and not c["candidate"] for c in untested)
+    assert all("[confirm] max_low_score" in c["confirmation"]["reason"] for c in untested)
+    assert summary["flags"] == [] and summary["complete"] is False and summary["unanalysed"] == []
+    assert "allow_untested_low_score" in capsys.readouterr().out
+    page = (workspace.out / "index.html").read_text()
+    assert "<strong>incomplete</strong>" in page and f"{len(untested)} cluster(s) scoring under the threshold not tested" in page
+    workspace.job.write_text(workspace.job.read_text().replace("allow_untested_low_score = false", "allow_untested_low_score = true"))
+    assert workspace.check() == EXIT_OK
+    assert workspace.summary()["untested_low_score"] == len(untested)
 
 
 HOLD_LOCK = textwrap.dedent(

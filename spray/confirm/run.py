@@ -11,8 +11,10 @@ under the threshold are tested as well, and flagged when they confirm with the l
 ``low_score_min_lift`` (their record says ``"low_score": true``): a shortcut that the
 clustering splits by position into small clusters scores low, yet each part's evidence
 moves other classes' images as strongly as a whole one's. One that does not confirm stays
-unflagged and keeps no record (it was never proposed), and one beyond the cap is not
-tested: the audit counts both (``low_score_tested``, ``low_score_untested``).
+unflagged and keeps no record (it was never proposed). One beyond the cap (or with
+``enabled = false``) keeps an ``"untested"`` record with ``"low_score": true`` and stays
+unflagged: ``summary.json`` counts them (``untested_low_score``) and the verdict is then
+``incomplete`` unless ``[check] allow_untested_low_score`` accepts it (``spray.verdict``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ log = logging.getLogger(__name__)
 REST_SAMPLE = 256
 #: Before/after examples kept per tested candidate for the report.
 EXAMPLES = 4
+#: Version of the records :func:`confirm_analyses` leaves on the clusters; part of the
+#: audit's analysis-cache key, so analyses cached with older records are recomputed.
+RECORDS_VERSION = 2
 
 ReadImages = Callable[[np.ndarray], np.ndarray]
 
@@ -44,6 +49,16 @@ ReadImages = Callable[[np.ndarray], np.ndarray]
 def untested(target: int, reason: str) -> dict[str, Any]:
     """The confirmation record of a candidate that was not tested."""
     return {"status": "untested", "reason": reason, "target_class": int(target)}
+
+
+def _low_score_skip(config: ConfirmConfig) -> str:
+    """Why a cluster scoring under the threshold was not tested."""
+    if not config.enabled:
+        return "scored under the threshold; the causal test is switched off ([confirm] enabled = false)."
+    return (
+        f"scored under the threshold and was not tested: only the {config.max_low_score} highest-scoring "
+        "such clusters are tested ([confirm] max_low_score)."
+    )
 
 
 def candidate_target(analysis: ClassAnalysis, cluster: ClusterResult, labels: np.ndarray) -> int:
@@ -286,6 +301,8 @@ def confirm_analyses(
             cluster.cluster_id, cluster.artifact_score, record["reason"],
         )
     low_tested = low_scores[: config.max_low_score] if config.enabled else []
+    for analysis, cluster in low_scores[len(low_tested):]:
+        cluster.confirmation = {**untested(candidate_target(analysis, cluster, tester.labels), _low_score_skip(config)), "low_score": True}
     for rank, (analysis, cluster) in enumerate(low_tested, start=len(candidates)):
         target = candidate_target(analysis, cluster, tester.labels)
         record, examples = tester.test(cluster, target, rank, low_score=True)

@@ -20,6 +20,10 @@ timestamps of its own, keys of free-form maps sorted). Non-finite numbers are wr
          "allowed": bool}, ...          #   allowed: accepted by [check] allow_unanalysed
       ],
       "skipped_images": int,            # unreadable images left out
+      "untested_low_score": int,        # clusters under the threshold the causal test did
+                                        #   not reach ([confirm] max_low_score); > 0 makes
+                                        #   the verdict incomplete unless [check]
+                                        #   allow_untested_low_score
       "untested_flags": int,            # flags whose confirmation status is "untested"
                                         #   (the causal test could not run: never clean)
       "threshold": float | null,        # artifact-score threshold used for flags
@@ -119,7 +123,9 @@ the analysis recorded it (non-finite numbers as ``null``)::
 ``paste``, ``control`` and ``removal`` may be absent when ``status`` is ``"untested"``.
 A cluster that scored under the threshold (``candidate: false``) carries a record only when
 its test confirmed it (``[confirm] max_low_score``): the record then has ``"low_score": true``,
-and its ``evidence.min_lift`` is the larger ``low_score_min_lift``.
+and its ``evidence.min_lift`` is the larger ``low_score_min_lift``; or when the test did not
+reach it (beyond the cap, or the test switched off): ``"status": "untested"`` with
+``"low_score": true``, not flagged, counted in ``untested_low_score``.
 When the candidate was tested at two evidence settings (``[confirm] wide_evidence``), the
 record is the setting that lifts most among those that confirm (else the one that lifts
 most), and ``"settings"`` lists every setting's ``evidence``, ``status``, ``evidence_area``,
@@ -133,7 +139,8 @@ its ``revealed_by`` with their overlap. In ``classes`` every flagged cluster kee
 ``flagged: true``.
 
 Keys are only ever added within a schema version (``accuracy``, ``concepts``,
-``revealed_by``, ``candidate``, ``confirmation``, ``untested_flags`` and ``low_score`` were),
+``revealed_by``, ``candidate``, ``confirmation``, ``untested_flags``, ``low_score`` and
+``untested_low_score`` were),
 so a reader should ignore keys it does not know.
 
 A CI gate fails a build unless ``summary["verdict"] == "clean"`` (``spray check`` exits

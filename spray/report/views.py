@@ -32,6 +32,7 @@ from spray.report.config import ReportConfig
 from spray.report.context import ClusterAtlas, ConceptPicture, ReportContext
 from spray.report.rows import representatives, take_rows, texts_at
 from spray.report.summary import class_name, confirmation_status, sorted_analyses, sorted_clusters
+from spray.verdict import describe_incomplete
 
 READ_CHUNK = 64
 
@@ -242,6 +243,8 @@ class PageView:
     has_atlas: bool = False
     untested_flags: int = 0
     n_rejected: int = 0
+    verdict: str = ""
+    not_checked: list[str] = field(default_factory=list)
 
 
 def build_page(
@@ -284,6 +287,8 @@ def build_page(
         has_atlas=any(flag.atlases for flag in flags),
         untested_flags=int(summary.get("untested_flags", 0)),
         n_rejected=sum(len(view.rejected) for view in classes),
+        verdict=str(summary.get("verdict", "")),
+        not_checked=describe_incomplete(summary),
     )
 
 

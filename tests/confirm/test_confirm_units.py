@@ -138,12 +138,15 @@ def test_a_low_scoring_cluster_whose_evidence_moves_predictions_is_flagged():
     assert record["status"] == "confirmed" and record["low_score"] and "under the threshold" in record["reason"]
     lift = record["paste"]["rate"] - record["control"]["rate"]
     assert lift >= config.low_score_min_lift and record["evidence"]["min_lift"] == config.low_score_min_lift
-    # capped at none: it is counted as not tested, and stays unflagged (it was never proposed)
+    # capped at none: it is counted as not tested, stays unflagged (it was never proposed),
+    # and says so in an "untested" record that the verdict counts
     analysis = _low_scoring_shortcut(labels, stamped)
     counts = confirm_analyses(
         [analysis], heatmaps, labels, lambda rows: images[rows], corner_model, dataclasses.replace(config, max_low_score=0)
     )
     assert counts["low_score_tested"] == 0 and counts["low_score_untested"] == 1 and not analysis.clusters[1].flagged
+    record = analysis.clusters[1].confirmation
+    assert record["status"] == "untested" and record["low_score"] and "max_low_score" in record["reason"]
     # smaller than the analysis's smallest flaggable cluster: not tested
     analysis = _low_scoring_shortcut(labels, stamped)
     counts = confirm_analyses([analysis], heatmaps, labels, lambda rows: images[rows], corner_model, config, min_size=13)

@@ -349,3 +349,11 @@ def test_class_pictures_drawn_on_dask_workers_give_the_same_report(report_contex
         cluster.close()
     assert on_workers.read_bytes() == rendered.read_bytes()
     assert b"<img" in on_workers.read_bytes()  # pictures were drawn, not left out
+
+
+def test_header_states_the_verdict_and_what_was_not_checked(rendered: Path) -> None:
+    html = _html(rendered)
+    head = html[: html.index('id="flags"')]
+    summary = json.loads((rendered.parent / "summary.json").read_text(encoding="utf-8"))
+    assert f"<strong>{summary['verdict']}</strong>" in head and summary["complete"] is False
+    assert "not analysed: only 3 samples, at least 10 needed" in head

@@ -19,7 +19,7 @@ from spray.report.summary import SCHEMA_VERSION, build_summary, write_summary
 TOP_KEYS = {
     "schema_version", "job", "created", "threshold", "n_samples", "class_names", "metadata",
     "artifact_check", "ground_truth", "classes", "flags", "verdict", "complete", "unanalysed", "skipped_images",
-    "untested_flags",
+    "untested_flags", "untested_low_score",
 }
 CHECK_KEYS = {
     "target_class", "target_class_name", "n_images", "flip_rate", "mean_prob_before",
