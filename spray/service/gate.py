@@ -34,11 +34,13 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from spray.service.matching import Fingerprint, best_match, material_changes
-from spray.verdict import CLEAN, ERROR, EXIT_ERROR, EXIT_FLAGGED, EXIT_INCOMPLETE, EXIT_OK, FLAGGED, INCOMPLETE
+from spray.verdict import CLEAN, ERROR, EXIT_ERROR, EXIT_FLAGGED, EXIT_INCOMPLETE, EXIT_OK, FLAGGED, INCOMPLETE, describe_incomplete
 
 CONFIRMED, LEGITIMATE, FIXED, NEEDS_LOOK = "confirmed_shortcut", "legitimate", "fixed", "needs_look"
 #: The statuses a review can give a flag.
 STATUSES = (CONFIRMED, LEGITIMATE, FIXED, NEEDS_LOOK)
+#: What an incomplete audit's message names of what was not checked, at most.
+UNCHECKED_SHOWN = 3
 #: The gate's verdict when flags were raised and every one of them is waived (exit 0).
 WAIVED = "waived"
 UNREVIEWED, WAIVER_LAPSED, FIXED_BUT_FOUND = "unreviewed", "waiver_lapsed", "fixed_but_found"
@@ -215,7 +217,10 @@ def evaluate(summary: dict[str, Any], reviews: Sequence[Review], fingerprints: S
         return GateResult(FLAGGED, EXIT_FLAGGED, audit_verdict, complete, flags, f"{len(failing)} of {len(flags)} flag(s) fail the gate")
     if not complete:
         waived = f"; {len(flags)} flag(s) waived" if flags else ""
-        return GateResult(INCOMPLETE, EXIT_INCOMPLETE, audit_verdict, complete, flags, f"the audit did not check everything{waived}")
+        unchecked = [line for line in describe_incomplete(summary) if "(accepted by" not in line]
+        shown = "; ".join(unchecked[:UNCHECKED_SHOWN]) + (f"; and {len(unchecked) - UNCHECKED_SHOWN} more" if len(unchecked) > UNCHECKED_SHOWN else "")
+        detail = f" ({shown})" if shown else ""
+        return GateResult(INCOMPLETE, EXIT_INCOMPLETE, audit_verdict, complete, flags, f"the audit did not check everything{detail}{waived}")
     if flags:
         return GateResult(WAIVED, EXIT_OK, audit_verdict, complete, flags, f"passes: all {len(flags)} flag(s) waived by reviews, none clean")
     return GateResult(CLEAN, EXIT_OK, audit_verdict, complete, flags, "clean: every class checked, no flag")

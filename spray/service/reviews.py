@@ -300,8 +300,11 @@ def latest_run(session: Session, job: Job) -> Run | None:
     return session.scalar(_LATEST_RUN, {"job_id": job.id})
 
 
+#: What the gate reads of a summary: the verdict, completeness, error and flags, and what was
+#: not checked (named in an incomplete run's message).
+GATE_KEYS = ("verdict", "complete", "error", "flags", "unanalysed", "skipped_images", "untested_low_score")
 #: Parsed gate inputs of recent runs: ``(engine, id, folder, created)`` -> the summary's
-#: verdict, completeness, error and flags, with the flags' fingerprints. A run row's summary never changes once stored,
+#: :data:`GATE_KEYS`, with the flags' fingerprints. A run row's summary never changes once stored,
 #: and ``(folder, created)`` is unique in a database, so an entry can never be stale.
 _GATE_INPUTS: Memo[tuple[dict[str, Any], list[Fingerprint]]] = Memo(32)
 
@@ -312,7 +315,7 @@ def gate_input(session: Session, run: Run) -> tuple[dict[str, Any], list[Fingerp
 
     def make() -> tuple[dict[str, Any], list[Fingerprint]]:
         summary = run.summary
-        parsed = {name: summary[name] for name in ("verdict", "complete", "error", "flags") if name in summary}
+        parsed = {name: summary[name] for name in GATE_KEYS if name in summary}
         return parsed, flag_fingerprints(parsed)
 
     return _GATE_INPUTS.get_or_make((cache_scope(session), run.id, run.path, run.created), make)

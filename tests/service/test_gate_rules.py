@@ -82,6 +82,17 @@ def test_an_incomplete_audit_stays_incomplete_whatever_the_reviews() -> None:
     assert evaluate(summary("demo", "t", [], complete=False), []).exit_code == EXIT_INCOMPLETE
 
 
+def test_an_incomplete_audit_names_what_was_not_checked() -> None:
+    unchecked = {**summary("demo", "t", [], complete=False), "skipped_images": 2, "untested_low_score": 5}
+    message = evaluate(unchecked, []).message
+    assert "class 'circle' (heatmap) not analysed: too few" in message
+    assert "2 unreadable image(s) skipped" in message and "5 cluster(s) scoring under the threshold not tested" in message
+    accepted = {**unchecked, "unanalysed": [{**unchecked["unanalysed"][0], "allowed": True}] * 5}
+    assert "circle" not in evaluate(accepted, []).message  # accepted ones are not what failed
+    many = {**unchecked, "unanalysed": unchecked["unanalysed"] * 4}
+    assert "and 3 more" in evaluate(many, []).message
+
+
 def test_errors_and_clean_audits_keep_their_codes() -> None:
     failed = {"schema_version": 1, "job": "demo", "created": "t", "verdict": "error", "complete": False, "error": "boom"}
     assert evaluate(failed, [review(REVIEWED, LEGITIMATE)]).exit_code == EXIT_ERROR
