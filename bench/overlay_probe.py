@@ -51,16 +51,17 @@ def moved(predict: Predict, hosts: np.ndarray, before: np.ndarray, overlay: np.n
 
 
 def probe_side(case: Case, predict: Predict, side: np.ndarray, other: np.ndarray, hosts: np.ndarray,
-               before: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
+               before: np.ndarray, rng: np.random.Generator, match: str = "ink") -> tuple[float, float]:
     """(overlay move rate, ink-matched control move rate) of the images ``side`` against ``other``."""
     target = case.target_label
     members = case.train_images[np.sort(rng.choice(side, min(MEMBERS, len(side)), replace=False))]
     rest = case.train_images[np.sort(rng.choice(other, min(REST, len(other)), replace=False))]
     overlay = np.clip(members.mean(axis=0) - rest.mean(axis=0), 0.0, None)
-    own = np.flatnonzero(case.train_labels == target)
-    class_mean = case.train_images[np.sort(rng.choice(own, min(REST, len(own)), replace=False))].mean(axis=0)
-    control = np.clip(class_mean - hosts.mean(axis=0), 0.0, None)
-    control *= overlay.sum() / max(float(control.sum()), 1e-9)
+    control = np.clip(rest.mean(axis=0) - hosts.mean(axis=0), 0.0, None)
+    if match == "ink":
+        control *= overlay.sum() / max(float(control.sum()), 1e-9)
+    else:  # peak: the control's brightest pixel as bright as the overlay's
+        control *= overlay.max() / max(float(control.max()), 1e-9)
     return moved(predict, hosts, before, overlay, target), moved(predict, hosts, before, control, target)
 
 
@@ -69,6 +70,8 @@ def main() -> None:
     parser.add_argument("--planted", type=int, default=42)
     parser.add_argument("--clean", type=int, default=24)
     parser.add_argument("--multimodal", type=int, default=12)
+    parser.add_argument("--match", choices=("ink", "peak"), default="peak",
+                        help="the control's scale: the overlay's total added ink, or its brightest pixel")
     args = parser.parse_args()
     specs = select(generate_cases("dev", "full", 0), args.planted, args.clean, args.multimodal)
     print("| case | side A | n | overlay | control | side B | n | overlay | control |")
@@ -87,8 +90,8 @@ def main() -> None:
         host_rows = np.sort(rng.choice(np.flatnonzero(case.train_labels != case.target_label), HOSTS, replace=False))
         hosts = case.train_images[host_rows]
         before = predict(hosts).argmax(axis=1) == case.target_label
-        a = probe_side(case, predict, side_a, side_b, hosts, before, rng)
-        b = probe_side(case, predict, side_b, side_a, hosts, before, rng)
+        a = probe_side(case, predict, side_a, side_b, hosts, before, rng, args.match)
+        b = probe_side(case, predict, side_b, side_a, hosts, before, rng, args.match)
         names = ("mode 1", "mode 0") if spec.kind == MULTIMODAL else ("stamped", "genuine")
         print(f"| {spec.key()} | {names[0]} | {len(side_a)} | {a[0]:.2f} | {a[1]:.2f} | "
               f"{names[1]} | {len(side_b)} | {b[0]:.2f} | {b[1]:.2f} |", flush=True)

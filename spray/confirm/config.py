@@ -11,8 +11,9 @@ before any Q3 run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from spray.config import Range, setting, validate
+from spray.config import Choice, Range, setting, validate
 
 DEFAULT_MIN_PASTE_RATE = 0.2
 DEFAULT_MIN_LIFT = 0.2
@@ -40,6 +41,34 @@ DEFAULT_WIDE_EVIDENCE_MASS = 0.9
 #: split, among 0.2 (``min_lift``), 0.3, 0.4, 0.5 and 0.6; under 0.6 a legitimate two-mode
 #: class was flagged (docs/analysis.md, "bench Q3").
 DEFAULT_WIDE_MIN_LIFT = 0.6
+#: The third setting, the members' mean overlay (``spray.confirm.run``), and the lift that
+#: confirms there: on the dev split, among 0.2-0.7, 0.2 and 0.3 found one more relied-on
+#: case than without the overlay (20 of 25 against 19) and 0.4-0.7 none; every bar flagged
+#: the same two-mode class (a ResNet that learned a thick style as the class) and cleared a
+#: falsely flagged clean model; 0.3 is the higher bar of the tie (docs/analysis.md, "bench Q3").
+DEFAULT_OVERLAY_MIN_LIFT = 0.3
+#: How the overlay's control (the rest of the class's own mean overlay) is scaled: to the
+#: overlay's brightest pixel, or to its total added ink.
+OVERLAY_CONTROLS = ("peak", "ink")
+
+
+class EvidenceSetting(NamedTuple):
+    """One way of taking a candidate's evidence, and the lift that confirms with it.
+
+    ``overlay`` false: each member's relevance excess, at most ``area`` of the image and
+    ``mass`` of the excess (``spray.confirm.evidence.excess_masks``), pasted as a region;
+    true: what the members add to their class's images on average, added to the hosts
+    (``area`` and ``mass`` are 1: the whole image)."""
+
+    area: float
+    mass: float
+    min_lift: float
+    overlay: bool = False
+
+    def entry(self) -> dict[str, float | bool]:
+        """The record's ``evidence``."""
+        entry: dict[str, float | bool] = {"area": float(self.area), "mass": float(self.mass), "min_lift": float(self.min_lift)}
+        return {**entry, "overlay": True} if self.overlay else entry
 
 
 @dataclass
@@ -62,6 +91,13 @@ class ConfirmConfig:
             as a large one.
         wide_min_lift: the lift that confirms at the wide setting (it pastes more of the
             object, so it must move more).
+        overlay_evidence: also test the members' mean overlay: their mean image minus the
+            rest of the class's (where brighter) added to other classes' images, against the
+            rest's mean minus the hosts' scaled to the same brightest pixel; confirmed with a lift of at least
+            ``overlay_min_lift``. A faint overlay written over the object (a watermark, a
+            texture) moves predictions this way where no pasted region holds it whole.
+        overlay_control: the control's scale, ``"peak"`` (the overlay's brightest pixel) or
+            ``"ink"`` (its total added ink).
         min_paste_rate: the lower 95 % bound of the share of pasted hosts that move to the
             cluster's class must reach this;
         min_lift: and the share must exceed the control's (the rest of the class's own
@@ -91,6 +127,9 @@ class ConfirmConfig:
     wide_evidence_area: float = setting(DEFAULT_WIDE_EVIDENCE_AREA, Range(0.0, 1.0, low_open=True), doc="largest share of the image the wide evidence covers")
     wide_evidence_mass: float = setting(DEFAULT_WIDE_EVIDENCE_MASS, Range(0.0, 1.0, low_open=True), doc="share of the excess relevance the wide evidence covers")
     wide_min_lift: float = setting(DEFAULT_WIDE_MIN_LIFT, Range(0.0, 1.0), doc="move rate above the control's that confirms at the wide setting")
+    overlay_evidence: bool = setting(True, doc="also test the members' mean overlay added to other classes' images")
+    overlay_control: str = setting("peak", Choice(OVERLAY_CONTROLS), doc="the overlay control's scale: the overlay's brightest pixel or its total added ink")
+    overlay_min_lift: float = setting(DEFAULT_OVERLAY_MIN_LIFT, Range(0.0, 1.0), doc="move rate above the control's that confirms with the overlay")
     min_paste_rate: float = setting(DEFAULT_MIN_PASTE_RATE, Range(0.0, 1.0), doc="lower bound of the pasted hosts' move rate that confirms")
     min_lift: float = setting(DEFAULT_MIN_LIFT, Range(0.0, 1.0), doc="move rate above the control's that confirms")
     dominance: float = setting(DEFAULT_DOMINANCE, Range(0.0, 1.0), doc="share of the class's strongest lift below which a confirmed candidate is outranked")
@@ -103,11 +142,15 @@ class ConfirmConfig:
     def __post_init__(self) -> None:
         validate(self)
 
-    def evidence_settings(self, low_score: bool = False) -> tuple[tuple[float, float, float], ...]:
-        """The ``(area, mass, min_lift)`` settings each candidate is tested with, the default
-        one first; for a cluster scoring under the threshold (``low_score``) each lift is at
-        least ``low_score_min_lift``."""
+    def evidence_settings(self, low_score: bool = False) -> tuple[EvidenceSetting, ...]:
+        """The settings each candidate is tested with, the default one first, then the wide
+        one and the overlay; for a cluster scoring under the threshold (``low_score``) each
+        lift is at least ``low_score_min_lift``."""
         floor = self.low_score_min_lift if low_score else 0.0
-        narrow = (self.evidence_area, self.evidence_mass, max(self.min_lift, floor))
-        wide = (self.wide_evidence_area, self.wide_evidence_mass, max(self.wide_min_lift, floor))
-        return (narrow, wide) if self.wide_evidence and wide[:2] != narrow[:2] else (narrow,)
+        narrow = EvidenceSetting(self.evidence_area, self.evidence_mass, max(self.min_lift, floor))
+        settings = [narrow]
+        if self.wide_evidence and (self.wide_evidence_area, self.wide_evidence_mass) != (self.evidence_area, self.evidence_mass):
+            settings.append(EvidenceSetting(self.wide_evidence_area, self.wide_evidence_mass, max(self.wide_min_lift, floor)))
+        if self.overlay_evidence:
+            settings.append(EvidenceSetting(1.0, 1.0, max(self.overlay_min_lift, floor), overlay=True))
+        return tuple(settings)

@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 
 from spray.analysis.result import ClassAnalysis, ClusterResult
-from spray.confirm.config import ConfirmConfig
+from spray.confirm.config import ConfirmConfig, EvidenceSetting
 from spray.confirm.evidence import excess_masks, image_masks, matched_donors, rest_share
 from spray.confirm.resolve import lift_of, settle
-from spray.confirm.test import Predict, decide, paste_pairs, paste_test, removal_test
+from spray.confirm.test import OVERLAY_WORDING, Predict, decide, overlay_test, paste_pairs, paste_test, removal_test
 from spray.store.rows import take_rows
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 REST_SAMPLE = 256
 #: Before/after examples kept per tested candidate for the report.
 EXAMPLES = 4
+#: The overlay setting's evidence as outlined in the report: where the members' mean
+#: difference reaches this share of its largest value.
+OVERLAY_SHOWN = 0.5
 #: Version of the records :func:`confirm_analyses` leaves on the clusters; part of the
 #: audit's analysis-cache key, so analyses cached with older records are recomputed.
 RECORDS_VERSION = 2
@@ -151,13 +154,13 @@ class CandidateTester:
             return untested(target, "the data hold no images of other classes to paste into."), {}
         measured = []
         sample: _Sample | None = None
-        for area, mass, min_lift in config.evidence_settings(low_score):
+        for setting in config.evidence_settings(low_score):
             rng = np.random.default_rng([config.random_state, seed])
             if sample is None:
                 sample = self._sample(members, rest, hosts_pool, rng)
             else:  # the same rows again, so that every setting's later draws are the same
                 self._sample_rows(members, rest, hosts_pool, rng)
-            measured.append(self._measure(sample, target, area, mass, min_lift, rng))
+            measured.append(self._measure(sample, target, setting, rng))
         record, examples = max(measured, key=lambda entry: (entry[0]["status"] == "confirmed", lift_of(entry[0])))
         if len(measured) > 1:
             record = {**record, "settings": [_setting_entry(entry) for entry, _ in measured]}
@@ -192,12 +195,14 @@ class CandidateTester:
         )
 
     def _measure(
-        self, sample: _Sample, target: int, area: float, mass: float, min_lift: float, rng: np.random.Generator
+        self, sample: _Sample, target: int, setting: EvidenceSetting, rng: np.random.Generator
     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """Paste, control and removal with the evidence of one ``(area, mass)`` setting,
-        judged with that setting's ``min_lift``."""
+        """Paste, control and removal with the evidence of one setting, judged with that
+        setting's ``min_lift``."""
         config = self.config
-        small_masks = excess_masks(sample.member_maps, rest_share(sample.rest_maps), area, mass)
+        if setting.overlay:
+            return self._measure_overlay(sample, target, setting)
+        small_masks = excess_masks(sample.member_maps, rest_share(sample.rest_maps), setting.area, setting.mass)
         member_masks = image_masks(small_masks, sample.member_images.shape[-2:])
         # the control's donor for member i: a sample of the rest that looks where member i's evidence is
         control_images = sample.rest_images[matched_donors(small_masks, sample.rest_maps, rng)]
@@ -206,18 +211,63 @@ class CandidateTester:
         control = paste_test(self.predict, control_images, member_masks, sample.host_images, target, pairs, sample.host_probs)
         fill = np.median(sample.rest_images, axis=0)
         removal, removed, _ = removal_test(self.predict, sample.member_images, member_masks, fill, target, sample.member_probs)
-        status, reason = decide(paste.entry, control.entry, config.min_paste_rate, min_lift)
+        status, reason = decide(paste.entry, control.entry, config.min_paste_rate, setting.min_lift)
         record = {
             "status": status,
             "reason": reason,
             "target_class": target,
-            "evidence": {"area": float(area), "mass": float(mass), "min_lift": float(min_lift)},
+            "evidence": setting.entry(),
             "evidence_area": float(member_masks.reshape(len(member_masks), -1).mean()) if len(member_masks) else 0.0,
             "paste": paste.entry,
             "control": control.entry,
             "removal": removal,
         }
         return record, self._examples(sample.member_images, member_masks, removed, sample.host_images, paste)
+
+    def _measure_overlay(
+        self, sample: _Sample, target: int, setting: EvidenceSetting
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The overlay setting: what the members add to their class's images on average
+        (their mean image minus the rest's, where it is brighter) is added to the hosts; the
+        control adds what the rest of the class adds to the hosts' own images (the rest's mean
+        minus the hosts', where brighter: the class's object, on average), scaled to the same
+        brightest pixel. An overlay written over the object (a watermark, a texture) moves
+        predictions this way where no pasted region holds it whole; a class-shaped one (the
+        object drawn another way) moves them no more than the class's own object does."""
+        config = self.config
+        overlay = np.clip(sample.member_images.mean(axis=0) - sample.rest_images.mean(axis=0), 0.0, None)
+        # the control: what the rest of the class adds to the hosts (its object, on average),
+        # as bright at its brightest pixel as the overlay, or with as much ink in all
+        class_overlay = np.clip(sample.rest_images.mean(axis=0) - sample.host_images.mean(axis=0), 0.0, None)
+        measure = np.max if config.overlay_control == "peak" else np.sum
+        class_overlay *= float(measure(overlay)) / max(float(measure(class_overlay)), 1e-9)
+        paste = overlay_test(self.predict, overlay, sample.host_images, target, sample.host_probs)
+        control = overlay_test(self.predict, class_overlay, sample.host_images, target, sample.host_probs)
+        removed = np.clip(sample.member_images - overlay[None], 0.0, 1.0).astype(sample.member_images.dtype)
+        removal, _, _ = removal_test(self.predict, sample.member_images, None, None, target, sample.member_probs, removed=removed)
+        status, reason = decide(paste.entry, control.entry, config.min_paste_rate, setting.min_lift, OVERLAY_WORDING)
+        strongest = overlay.max(axis=0)
+        mask = strongest >= OVERLAY_SHOWN * strongest.max() if strongest.max() > 0 else np.zeros_like(strongest, dtype=bool)
+        record = {
+            "status": status,
+            "reason": reason,
+            "target_class": target,
+            "evidence": setting.entry(),
+            "evidence_area": float(mask.mean()),
+            "paste": paste.entry,
+            "control": control.entry,
+            "removal": removal,
+        }
+        shown = slice(0, min(EXAMPLES, len(sample.member_images)))
+        members = sample.member_images[shown]
+        examples = {
+            "member": to_uint8(members),
+            "evidence": outlined(members, np.repeat(mask[None], len(members), axis=0)),
+            "removed": to_uint8(removed[shown]),
+            "host": to_uint8(sample.host_images[: len(members)]),
+            "pasted": to_uint8(paste.images[: len(members)]),
+        }
+        return record, examples
 
     @staticmethod
     def _examples(members: np.ndarray, masks: np.ndarray, removed: np.ndarray, hosts: np.ndarray, paste: Any) -> dict[str, np.ndarray]:

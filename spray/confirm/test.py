@@ -27,6 +27,12 @@ because without the rest of the object it means little. Three measurements:
 A candidate is **confirmed** when the 95 % Wilson lower bound of the paste rate is at least
 ``min_paste_rate`` and the paste rate exceeds the control's (same masks, same hosts) by at
 least ``min_lift``.
+
+An overlay written over the object (a watermark, a texture) is held whole by no region, so
+it is also tested as an overlay (:func:`overlay_test`, set up by ``spray.confirm.run``): the
+members' mean image minus the rest of the class's, where brighter, is added to the hosts;
+the control adds the rest's mean minus the hosts' (the class's object, on average), scaled
+to the same brightest pixel; the removal subtracts the overlay from the members.
 """
 
 from __future__ import annotations
@@ -103,15 +109,33 @@ def paste_test(
     return PasteOutcome(rate_entry(moved, int(eligible.sum()), gain, "moved", "gain"), pairs, images)
 
 
+def overlay_test(
+    predict: Predict, overlay: np.ndarray, hosts: np.ndarray, target: int, host_probs: np.ndarray | None = None
+) -> PasteOutcome:
+    """Add ``overlay`` (C, H, W) to every host (clipped to [0, 1]): how many move to ``target``
+    (pairs: donor 0 with each host)."""
+    host_probs = predict(hosts) if host_probs is None else host_probs
+    images = np.clip(hosts + overlay[None], 0.0, 1.0).astype(hosts.dtype)
+    after = predict(images)
+    eligible = host_probs.argmax(axis=1) != target
+    moved = int((after.argmax(axis=1)[eligible] == target).sum())
+    gain = float((after[:, target] - host_probs[:, target]).mean())
+    pairs = np.stack([np.zeros(len(hosts), dtype=np.int64), np.arange(len(hosts))], axis=1)
+    return PasteOutcome(rate_entry(moved, int(eligible.sum()), gain, "moved", "gain"), pairs, images)
+
+
 def removal_test(
-    predict: Predict, members: np.ndarray, masks: np.ndarray, fill: np.ndarray, target: int,
-    member_probs: np.ndarray | None = None,
+    predict: Predict, members: np.ndarray, masks: np.ndarray | None, fill: np.ndarray | None, target: int,
+    member_probs: np.ndarray | None = None, removed: np.ndarray | None = None,
 ) -> tuple[dict[str, float | int], np.ndarray, np.ndarray]:
-    """Fill each member's evidence with ``fill`` (C, H, W); the entry, the filled images and
-    their predicted probabilities."""
+    """Fill each member's evidence with ``fill`` (C, H, W) (or take the members as ``removed``
+    when given); the entry, the filled images and their predicted probabilities."""
     member_probs = predict(members) if member_probs is None else member_probs
-    keep = masks[:, None, :, :].astype(members.dtype)
-    removed = members * (1 - keep) + fill[None] * keep
+    if removed is None:
+        if masks is None or fill is None:
+            raise ValueError("removal_test needs masks and a fill, or the removed images")
+        keep = masks[:, None, :, :].astype(members.dtype)
+        removed = members * (1 - keep) + fill[None] * keep
     after = predict(removed)
     eligible = member_probs.argmax(axis=1) == target
     lost = int((after.argmax(axis=1)[eligible] != target).sum())
@@ -119,17 +143,26 @@ def removal_test(
     return rate_entry(lost, int(eligible.sum()), drop, "lost", "drop"), removed, after
 
 
-def decide(paste: dict, control: dict, min_paste_rate: float, min_lift: float) -> tuple[str, str]:
+#: How :func:`decide` names the evidence and its control: a pasted region (the default) or
+#: the members' mean overlay added to the hosts.
+REGION_WORDING = ("pasting the evidence", "the same regions copied from the rest of the class")
+OVERLAY_WORDING = ("adding the members' mean overlay", "the rest of the class's mean overlay at the same peak")
+
+
+def decide(
+    paste: dict, control: dict, min_paste_rate: float, min_lift: float, wording: tuple[str, str] = REGION_WORDING
+) -> tuple[str, str]:
     """``(status, reason)`` from the paste and control entries (rule: module docstring)."""
+    action, control_words = wording
     lift = float(paste["rate"]) - float(control["rate"])
     if paste["n"] == 0:
         return "rejected", "the evidence could not be pasted (no member has relevance beyond its class's)."
     if float(paste["low"]) >= min_paste_rate and lift >= min_lift:
         return "confirmed", (
-            f"pasting the evidence moves {paste['moved']}/{paste['n']} images of other classes to this class "
-            f"({lift:+.0%} over the same regions copied from the rest of the class)."
+            f"{action} moves {paste['moved']}/{paste['n']} images of other classes to this class "
+            f"({lift:+.0%} over {control_words})."
         )
     return "rejected", (
-        f"pasting the evidence moves {paste['moved']}/{paste['n']} images of other classes "
-        f"({lift:+.0%} over the same regions copied from the rest of the class): not a shortcut by itself."
+        f"{action} moves {paste['moved']}/{paste['n']} images of other classes "
+        f"({lift:+.0%} over {control_words}): not a shortcut by itself."
     )

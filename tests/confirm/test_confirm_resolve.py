@@ -52,6 +52,20 @@ def test_with_several_evidence_settings_the_wide_ones_have_a_looser_bar():
     assert resolve([part, anchor], dominance=0.85).outranked == {"sticker-b": "sticker-a"}
 
 
+def test_an_anchor_is_a_yardstick_only_where_it_confirms():
+    """The parts of a sticker have no common overlay: the anchor's overlay lifts +0.12 (not
+    confirmed at a bar of 0.3) and the part's -0.05. Compared there, the part would be
+    outranked by noise; where the anchor does not confirm, it is no yardstick."""
+    anchor = Contender("sticker-a", 1, "heatmap", np.arange(0, 114), 0.96, 0.93, lifts=(0.95, 0.96, 0.12), confirms=(True, True, False))
+    part = Contender("sticker-b", 1, "heatmap", np.arange(114, 249), 0.86, 0.87, lifts=(0.86, 0.53, -0.05), confirms=(True, False, False))
+    assert part.falls_behind(anchor, 0.85, 0.4) is None
+    assert resolve([part, anchor], dominance=0.85, wide_dominance=0.4).joined == {"sticker-b": "sticker-a"}
+    # an anchor whose settings' outcomes are not known is compared at every setting
+    unknown = dataclasses.replace(anchor, confirms=())
+    assert part.falls_behind(unknown, 0.85, 0.4) == 2
+    assert resolve([part, unknown], dominance=0.85, wide_dominance=0.4).outranked == {"sticker-b": "sticker-a"}
+
+
 def test_settle_names_the_setting_where_the_outranked_side_falls_behind():
     rows = np.arange(100)
     for lifts, area, words in (
@@ -61,7 +75,7 @@ def test_settle_names_the_setting_where_the_outranked_side_falls_behind():
         clusters = [_cluster(0, rows[:50], lifts[0][1], 0.9, 1.0), _cluster(1, rows[50:], lifts[1][1], 0.95, 0.0)]
         for cluster, own in zip(clusters, lifts):
             cluster.confirmation["settings"] = [
-                {"evidence": {"area": setting}, "paste": {"rate": 0.05 + lift}, "control": {"rate": 0.05}}
+                {"evidence": {"area": setting}, "paste": {"rate": 0.05 + lift}, "control": {"rate": 0.05}, "status": "confirmed"}
                 for setting, lift in zip((0.3, 0.5), own)
             ]
         analysis = ClassAnalysis(1, "one", "heatmap", rows, np.zeros(2), 2, np.repeat([0, 1], 50), np.zeros((100, 2)), np.zeros((100, 2)), clusters)

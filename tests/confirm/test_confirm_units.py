@@ -11,7 +11,7 @@ from spray.analysis.result import ClassAnalysis, ClusterResult
 from spray.config import ConfigError
 from spray.confirm.config import ConfirmConfig
 from spray.confirm.evidence import excess_masks, image_masks, matched_donors, rest_share
-from spray.confirm.run import confirm_analyses
+from spray.confirm.run import CandidateTester, confirm_analyses
 from spray.confirm.test import decide, paste_pairs, paste_test, removal_test, wilson_interval
 from spray.store.analysis import read_analysis, write_analysis
 from spray.analysis.config import SprayConfig
@@ -196,3 +196,56 @@ def test_settings_are_checked():
     with pytest.raises(ConfigError, match="min_lift"):
         ConfirmConfig(min_lift=2.0)
     assert dataclasses.replace(ConfirmConfig(), members=3).members == 3
+
+
+STRIPES = ((np.indices((SIDE, SIDE)).sum(axis=0) % 3) == 0)
+
+
+def stripes_model(images: np.ndarray) -> np.ndarray:
+    """Class 1 when faint diagonal stripes cover the image (brighter on the stripes than off
+    them by 0.2 over the whole image: a shortcut no region holds), or when the middle is
+    bright (the object); else class 0."""
+    stripes = images[:, 0][:, STRIPES].mean(axis=1) - images[:, 0][:, ~STRIPES].mean(axis=1)
+    middle = images[:, 0, 4:8, 4:8].mean(axis=(1, 2))
+    p1 = 1 / (1 + np.exp(-40 * (np.maximum(stripes - 0.2, middle - 0.5))))
+    return np.stack([1 - p1, p1], axis=1)
+
+
+def test_an_overlay_over_the_object_is_confirmed_as_an_overlay_where_no_region_holds_it():
+    """40 images of each class; the objects: a blob on the left (class 0), in the middle
+    (class 1). 20 of class 1 carry faint stripes over the whole image. A pasted region carries
+    part of the stripes and moves nothing; the members' mean overlay
+    (the stripes) moves every host, the class's own mean overlay (its blob, as faint) none.
+    As with LRP on a real overlay, the members' relevance singles out a part of it.
+    For the other side of the split (the plain ones), the overlay adds nothing: rejected."""
+    rng = np.random.default_rng(0)
+    images = np.zeros((80, 1, SIDE, SIDE), np.float32)
+    images[:40, 0, 4:8, 0:4] = 0.7 + 0.1 * rng.random((40, 1, 1))
+    images[40:, 0, 4:8, 4:8] = 0.7 + 0.1 * rng.random((40, 1, 1))
+    stamped = np.arange(40, 60)
+    images[stamped, 0] = np.clip(images[stamped, 0] + 0.35 * STRIPES, 0, 1)
+    labels = np.r_[np.zeros(40, int), np.ones(40, int)]
+    heatmaps = np.zeros((80, SIDE, SIDE), np.float32)
+    heatmaps[:, 4:8, 4:8] = 1.0
+    heatmaps[stamped, :5, :5] += 0.5 * STRIPES[:5, :5]  # relevance singles out part of the overlay
+    assert (stripes_model(images).argmax(axis=1) == labels).all()
+    tester = CandidateTester(heatmaps, labels, lambda rows: images[rows], stripes_model, ConfirmConfig(members=12, hosts=4))
+    record, examples = tester.test(_cluster(stamped), 1, seed=0)
+    narrow, wide, overlay = record["settings"]
+    assert overlay["evidence"]["overlay"] and overlay["status"] == "confirmed"
+    assert overlay["paste"]["rate"] == 1.0 and overlay["control"]["rate"] == 0.0
+    assert narrow["status"] == wide["status"] == "rejected"
+    assert record["status"] == "confirmed" and record["evidence"]["overlay"] and "mean overlay" in record["reason"]
+    assert record["removal"]["lost"] == 0  # the members keep their blob
+    assert set(examples) == {"member", "evidence", "removed", "host", "pasted"}
+    plain = np.arange(60, 80)
+    other_side, _ = tester.test(_cluster(plain), 1, seed=0)
+    assert other_side["status"] == "rejected"
+    assert other_side["settings"][2]["paste"]["moved"] == 0
+    # switched off, the overlay is not tested
+    off, _ = CandidateTester(heatmaps, labels, lambda rows: images[rows], stripes_model, ConfirmConfig(members=12, hosts=4, overlay_evidence=False)).test(_cluster(stamped), 1, seed=0)
+    assert off["status"] == "rejected" and len(off["settings"]) == 2
+
+
+def _cluster(members: np.ndarray) -> ClusterResult:
+    return ClusterResult(9, members, 0.9, True, {}, np.zeros((2, 2), np.float32), candidate=True)

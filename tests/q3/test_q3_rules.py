@@ -92,3 +92,28 @@ def test_low_scoring_parts_of_a_shortcut_join_when_they_lift_enough():
     assert flag["size"] == 273 and flag["hits"] == 265
     # a bar above the parts' lifts flags none of them
     assert dataclasses.replace(by_score, low_score_lift=0.8).flags(record) == []
+
+
+def test_the_overlay_setting_has_its_own_bar_and_an_anchor_is_a_yardstick_only_where_it_confirms():
+    """A watermark over the object: pasted regions lift little, the members' mean overlay
+    +0.4. The overlay's bar decides; and the parts of a sticker, whose anchor does not
+    confirm with the overlay, are not outranked by the overlay's noise."""
+    watermark = {"clusters": [
+        _tested(range(0, 240), 0.9, {"0.3/0.5": (0.15, 0.1), "0.5/0.9": (0.5, 0.2), "overlay": (0.45, 0.05)}, hits=240),
+        _tested(range(240, 800), 0.7, {"0.3/0.5": (0.1, 0.1), "0.5/0.9": (0.3, 0.3), "overlay": (0.05, 0.6)}),
+    ]}
+    rule = Rule(1.5, 0.6, 0.2, 0.2, 0.85, "0.3/0.5+0.5/0.9+overlay", 0.6, 0.4, None, overlay_min_lift=0.3)
+    (flag,) = rule.flags(watermark)
+    assert flag["hits"] == 240 and flag["paste"]["rate"] == 0.45
+    assert rule.lift_needed("overlay", 2) == 0.3 and rule.lift_needed("0.5/0.9", 1) == 0.6
+    assert dataclasses.replace(rule, overlay_min_lift=0.5).flags(watermark) == []
+    sticker = {"clusters": [
+        _tested(range(0, 114), 0.9, {"0.3/0.5": (0.96, 0.01), "0.5/0.9": (0.97, 0.01), "overlay": (0.2, 0.05)}, hits=114),
+        _tested(range(114, 249), 0.8, {"0.3/0.5": (0.87, 0.01), "0.5/0.9": (0.54, 0.01), "overlay": (0.05, 0.1)}, hits=135),
+        _tested(range(249, 800), 0.7, {"0.3/0.5": (0.1, 0.1), "0.5/0.9": (0.2, 0.2), "overlay": (0.0, 0.3)}),
+    ]}
+    (joined,) = dataclasses.replace(rule, yardstick_confirmed=True).flags(sticker)
+    assert joined["size"] == 249 and joined["hits"] == 249
+    # compared at every setting, the overlay's +0.15 outranks the part's -0.05
+    (alone,) = rule.flags(sticker)
+    assert alone["size"] == 114

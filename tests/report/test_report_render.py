@@ -261,16 +261,19 @@ def test_a_joined_cluster_shows_its_own_test_in_the_flag(tested_context: ReportC
 
 def test_a_flag_tested_at_two_evidence_settings_shows_both(tested_context: ReportContext, tmp_path: Path) -> None:
     """A candidate tested with the default and the wide evidence (``[confirm] wide_evidence``)
-    lists each setting's paste and control rows, named by the region's largest share."""
+    and the members' mean overlay lists each setting's paste and control rows, named by the
+    region's largest share or as the overlay."""
     part = confirmation("confirmed", "", 0)
     settings = [
         {"evidence": {"area": 0.3, "mass": 0.5}, "paste": {**part["paste"], "moved": 3, "rate": 0.15}, "control": part["control"]},
         {"evidence": {"area": 0.5, "mass": 0.9}, "paste": part["paste"], "control": part["control"]},
+        {"evidence": {"area": 1.0, "mass": 1.0, "overlay": True}, "paste": {**part["paste"], "moved": 17, "rate": 0.85}, "control": part["control"]},
     ]
     html = _html(render_report(_with_first_flag_confirmation(tested_context, settings=settings), tmp_path / "out"))
     flag = _section(html, 'id="flag-0"', 'id="flag-1"')
     assert "evidence of at most 30% of the image: pasted" in flag and "moved 3/20 = 15.0%" in flag
     assert "evidence of at most 50% of the image: control" in flag
+    assert "the members&#39; mean overlay, added: pasted" in flag and "moved 17/20 = 85.0%" in flag
 
 
 def test_untested_flag_says_why(tested_html: str) -> None:
