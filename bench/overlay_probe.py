@@ -1,15 +1,15 @@
 """Q3 dev probe: does a cluster's *mean overlay* move other classes' images?
 
-The causal test (``spray.confirm``) pastes regions of the members' own pixels. An overlay
-written over the object (a watermark, a texture) is held by no region whole, and the dev
-watermarks and textures are missed although stamping them moves most held-out images. This
-probe measures a replacement on the planted truth, before any detector uses it:
+The causal test (``spray.confirm``) pastes regions of the members' own pixels, and since
+the overlay setting also adds their mean overlay. An overlay written over the object (a
+watermark, a texture) is held by no region whole. This probe measures the overlay on the
+planted truth, apart from the clustering:
 
 * **overlay**: the members' mean image minus the rest of the class's, where brighter,
   added to other classes' images (clipped to [0, 1]);
-* **ink-matched control**: the rest of the class's mean image minus the hosts', where
-  brighter, scaled to the overlay's total and added the same way (the class's object at the
-  same amount of added ink).
+* **control**: the rest of the class's mean image minus the hosts', where brighter, scaled
+  to the overlay's brightest pixel (``--match peak``, spray's ``overlay_control``) or to its
+  total added ink (``--match ink``), and added the same way (the class's object, as strong).
 
 For each relied-on dev watermark and texture, both sides of the planted split are measured
 (the stamped images against the genuine ones, and the reverse); for each two-mode class,
@@ -17,7 +17,7 @@ both modes. A usable test moves hosts with the stamped side's overlay, not with 
 side's, and not with a legitimate mode's. Dev split only: it reads the truth, so it never
 runs on a test draw.
 
-    python3 bench/overlay_probe.py          # about 4 min here (the dev cases' models cached)
+    python3 bench/overlay_probe.py [--match ink]   # about 4 min here (the dev cases' models cached)
 """
 
 from __future__ import annotations
