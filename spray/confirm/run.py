@@ -30,7 +30,7 @@ from spray.analysis.result import ClassAnalysis, ClusterResult
 from spray.confirm.config import ConfirmConfig, EvidenceSetting
 from spray.confirm.evidence import excess_masks, image_masks, matched_donors, rest_share
 from spray.confirm.resolve import lift_of, settle
-from spray.confirm.test import OVERLAY_WORDING, Predict, decide, overlay_test, paste_pairs, paste_test, removal_test
+from spray.confirm.test import Predict, decide, overlay_test, overlay_wording, paste_pairs, paste_test, removal_outcome, removal_test
 from spray.store.rows import take_rows
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ class CandidateTester:
         (their mean image minus the rest's, where it is brighter) is added to the hosts; the
         control adds what the rest of the class adds to the hosts' own images (the rest's mean
         minus the hosts', where brighter: the class's object, on average), scaled to the same
-        brightest pixel. An overlay written over the object (a watermark, a texture) moves
+        brightest pixel (or total ink: ``overlay_control``). An overlay written over the object (a watermark, a texture) moves
         predictions this way where no pasted region holds it whole; a class-shaped one (the
         object drawn another way) moves them no more than the class's own object does."""
         config = self.config
@@ -244,8 +244,10 @@ class CandidateTester:
         paste = overlay_test(self.predict, overlay, sample.host_images, target, sample.host_probs)
         control = overlay_test(self.predict, class_overlay, sample.host_images, target, sample.host_probs)
         removed = np.clip(sample.member_images - overlay[None], 0.0, 1.0).astype(sample.member_images.dtype)
-        removal, _, _ = removal_test(self.predict, sample.member_images, None, None, target, sample.member_probs, removed=removed)
-        status, reason = decide(paste.entry, control.entry, config.min_paste_rate, setting.min_lift, OVERLAY_WORDING)
+        removal, _, _ = removal_outcome(self.predict, sample.member_images, removed, target, sample.member_probs)
+        status, reason = decide(
+            paste.entry, control.entry, config.min_paste_rate, setting.min_lift, overlay_wording(config.overlay_control)
+        )
         strongest = overlay.max(axis=0)
         mask = strongest >= OVERLAY_SHOWN * strongest.max() if strongest.max() > 0 else np.zeros_like(strongest, dtype=bool)
         record = {

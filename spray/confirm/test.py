@@ -101,8 +101,13 @@ def paste_test(
     if len(pairs) == 0:
         return PasteOutcome(rate_entry(0, 0, 0.0, "moved", "gain"), pairs, hosts[:0])
     images = pasted(hosts[pairs[:, 1]], donors[pairs[:, 0]], masks[pairs[:, 0]])
+    return _moved(predict, images, host_probs[pairs[:, 1]], target, pairs)
+
+
+def _moved(predict: Predict, images: np.ndarray, before: np.ndarray, target: int, pairs: np.ndarray) -> PasteOutcome:
+    """How many of the changed ``images`` (hosts with evidence put in) that were not predicted
+    as ``target`` before (``before``: their probabilities then) are now, and the mean gain."""
     after = predict(images)
-    before = host_probs[pairs[:, 1]]
     eligible = before.argmax(axis=1) != target
     moved = int((after.argmax(axis=1)[eligible] == target).sum())
     gain = float((after[:, target] - before[:, target]).mean())
@@ -116,26 +121,26 @@ def overlay_test(
     (pairs: donor 0 with each host)."""
     host_probs = predict(hosts) if host_probs is None else host_probs
     images = np.clip(hosts + overlay[None], 0.0, 1.0).astype(hosts.dtype)
-    after = predict(images)
-    eligible = host_probs.argmax(axis=1) != target
-    moved = int((after.argmax(axis=1)[eligible] == target).sum())
-    gain = float((after[:, target] - host_probs[:, target]).mean())
     pairs = np.stack([np.zeros(len(hosts), dtype=np.int64), np.arange(len(hosts))], axis=1)
-    return PasteOutcome(rate_entry(moved, int(eligible.sum()), gain, "moved", "gain"), pairs, images)
+    return _moved(predict, images, host_probs, target, pairs)
 
 
 def removal_test(
-    predict: Predict, members: np.ndarray, masks: np.ndarray | None, fill: np.ndarray | None, target: int,
-    member_probs: np.ndarray | None = None, removed: np.ndarray | None = None,
+    predict: Predict, members: np.ndarray, masks: np.ndarray, fill: np.ndarray, target: int,
+    member_probs: np.ndarray | None = None,
 ) -> tuple[dict[str, float | int], np.ndarray, np.ndarray]:
-    """Fill each member's evidence with ``fill`` (C, H, W) (or take the members as ``removed``
-    when given); the entry, the filled images and their predicted probabilities."""
+    """Fill each member's evidence with ``fill`` (C, H, W); the entry, the filled images and
+    their predicted probabilities."""
+    keep = masks[:, None, :, :].astype(members.dtype)
+    return removal_outcome(predict, members, members * (1 - keep) + fill[None] * keep, target, member_probs)
+
+
+def removal_outcome(
+    predict: Predict, members: np.ndarray, removed: np.ndarray, target: int, member_probs: np.ndarray | None = None
+) -> tuple[dict[str, float | int], np.ndarray, np.ndarray]:
+    """How many ``members`` predicted as ``target`` are not once their evidence is gone
+    (``removed``: the same images without it); the entry, ``removed`` and its probabilities."""
     member_probs = predict(members) if member_probs is None else member_probs
-    if removed is None:
-        if masks is None or fill is None:
-            raise ValueError("removal_test needs masks and a fill, or the removed images")
-        keep = masks[:, None, :, :].astype(members.dtype)
-        removed = members * (1 - keep) + fill[None] * keep
     after = predict(removed)
     eligible = member_probs.argmax(axis=1) == target
     lost = int((after.argmax(axis=1)[eligible] != target).sum())
@@ -146,7 +151,13 @@ def removal_test(
 #: How :func:`decide` names the evidence and its control: a pasted region (the default) or
 #: the members' mean overlay added to the hosts.
 REGION_WORDING = ("pasting the evidence", "the same regions copied from the rest of the class")
-OVERLAY_WORDING = ("adding the members' mean overlay", "the rest of the class's mean overlay at the same peak")
+
+
+def overlay_wording(control: str) -> tuple[str, str]:
+    """:func:`decide`'s words for the overlay setting with its control scaled by ``control``
+    (``"peak"`` or ``"ink"``, ``[confirm] overlay_control``)."""
+    scale = "brightest pixel" if control == "peak" else "total added ink"
+    return "adding the members' mean overlay", f"the rest of the class's mean overlay at the same {scale}"
 
 
 def decide(
