@@ -90,8 +90,6 @@ EVIDENCE_GRID = ((0.12, 0.5), (0.3, 0.5), (0.5, 0.9))
 OVERLAY = "overlay"
 #: The same with the control scaled to the overlay's total ink (``overlay_control = "ink"``).
 OVERLAY_INK = "overlay-ink"
-#: Every evidence setting a record holds.
-RECORD_KEYS: tuple[str, ...] = (*(f"{area}/{mass}" for area, mass in EVIDENCE_GRID), OVERLAY, OVERLAY_INK)
 RULE_GRID = {
     "threshold": (0.0, 0.3, 0.5, 0.6, 0.75),
     "min_paste_rate": (0.05, 0.1, 0.2),
@@ -145,6 +143,10 @@ def explain(case: Case, batch: int = 500) -> tuple[np.ndarray, dict[str, np.ndar
 
 def evidence_key(area: float, mass: float) -> str:
     return f"{area}/{mass}"
+
+
+#: Every evidence setting a record holds.
+RECORD_KEYS: tuple[str, ...] = (*(evidence_key(area, mass) for area, mass in EVIDENCE_GRID), OVERLAY, OVERLAY_INK)
 
 
 def cluster_records(case: Case, tested: dict[str, list], ratio: float) -> tuple[list[dict], dict]:

@@ -114,12 +114,14 @@ def _untested_low_score(cluster: dict[str, Any]) -> bool:
     return isinstance(record, dict) and bool(record.get("low_score")) and record.get("status") == "untested"
 
 
-def describe_incomplete(summary: dict[str, Any]) -> list[str]:
-    """One line per thing the audit could not check (accepted ones say so)."""
+def describe_incomplete(summary: dict[str, Any], accepted: bool = True) -> list[str]:
+    """One line per thing the audit could not check (accepted ones say so; ``accepted=False``
+    leaves the unanalysed classes the job accepts out)."""
     lines = [
         f"class {item['class_name']!r} ({item['space']}) not analysed: {item['reason']}"
         + (" (accepted by [check] allow_unanalysed)" if item.get("allowed") else "")
         for item in summary.get("unanalysed", [])
+        if accepted or not item.get("allowed")
     ]
     if summary.get("skipped_images"):
         lines.append(f"{summary['skipped_images']} unreadable image(s) skipped (listed in the report)")

@@ -217,7 +217,7 @@ def evaluate(summary: dict[str, Any], reviews: Sequence[Review], fingerprints: S
         return GateResult(FLAGGED, EXIT_FLAGGED, audit_verdict, complete, flags, f"{len(failing)} of {len(flags)} flag(s) fail the gate")
     if not complete:
         waived = f"; {len(flags)} flag(s) waived" if flags else ""
-        unchecked = [line for line in describe_incomplete(summary) if "(accepted by" not in line]
+        unchecked = describe_incomplete(summary, accepted=False)
         shown = "; ".join(unchecked[:UNCHECKED_SHOWN]) + (f"; and {len(unchecked) - UNCHECKED_SHOWN} more" if len(unchecked) > UNCHECKED_SHOWN else "")
         detail = f" ({shown})" if shown else ""
         return GateResult(INCOMPLETE, EXIT_INCOMPLETE, audit_verdict, complete, flags, f"the audit did not check everything{detail}{waived}")
