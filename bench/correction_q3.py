@@ -246,7 +246,7 @@ def correct_case(
         true_recovered = None if math.isnan(share) else float(share)
     clean_ok = report.clean_change >= -MAX_CLEAN_LOSS - ROUNDING
     if config.method == "counterfactual":
-        layer, estimator = f"{len(evidence)} masks", (
+        layer, estimator = f"{len(evidence)} masks{'' if evidence.overlay is None else ' + overlay'}", (
             f"lr {config.cf_learning_rate:g}, share {config.cf_paste_share:g}, {report.history.epochs} ep., "
             f"members {'kept' if report.history.members_kept else 'out'} (survival {report.history.member_survival:.2f}"
             f", blurred {report.history.blurred_survival:.2f} vs {report.history.blurred_control:.2f}"
@@ -305,6 +305,7 @@ def main() -> None:
     parser.add_argument("--cf-distill", type=float, default=None, help="dev only: try a distillation weight")
     parser.add_argument("--cf-signature-effect", type=float, default=None, help="dev only: try another signature effect size")
     parser.add_argument("--cf-blur-control", type=float, default=None, help="dev only: try another blur control ratio (0: off)")
+    parser.add_argument("--cf-overlay-share", type=float, default=None, help="dev only: try another share of overlay pastes (0: off)")
     parser.add_argument("--cf-relabel", type=int, choices=(0, 1), default=None, help="dev only: relabel left-out members (1) or not (0)")
     parser.add_argument("--show-search", action="store_true", help="print every search candidate's validation numbers")
     parser.add_argument("--probe", type=Path, default=None, help="dev only: measure every search candidate on the test images too "
@@ -325,6 +326,8 @@ def main() -> None:
         counterfactual.SIGNATURE_EFFECT = args.cf_signature_effect
     if args.cf_blur_control is not None:
         counterfactual.BLUR_CONTROL = args.cf_blur_control
+    if args.cf_overlay_share is not None:
+        counterfactual.OVERLAY_SHARE = args.cf_overlay_share
     if args.cf_relabel is not None:
         counterfactual.RELABEL_MEMBERS = bool(args.cf_relabel)
     if args.cf_learning_rate is not None:

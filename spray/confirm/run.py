@@ -30,7 +30,7 @@ from spray.analysis.result import ClassAnalysis, ClusterResult
 from spray.confirm.config import ConfirmConfig, EvidenceSetting
 from spray.confirm.evidence import excess_masks, image_masks, matched_donors, rest_share
 from spray.confirm.resolve import lift_of, settle
-from spray.confirm.test import Predict, decide, overlay_test, overlay_wording, paste_pairs, paste_test, removal_outcome, removal_test
+from spray.confirm.test import Predict, decide, mean_overlay, overlay_test, overlay_wording, paste_pairs, paste_test, removal_outcome, removal_test
 from spray.store.rows import take_rows
 
 log = logging.getLogger(__name__)
@@ -235,10 +235,10 @@ class CandidateTester:
         predictions this way where no pasted region holds it whole; a class-shaped one (the
         object drawn another way) moves them no more than the class's own object does."""
         config = self.config
-        overlay = np.clip(sample.member_images.mean(axis=0) - sample.rest_images.mean(axis=0), 0.0, None)
+        overlay = mean_overlay(sample.member_images, sample.rest_images)
         # the control: what the rest of the class adds to the hosts (its object, on average),
         # as bright at its brightest pixel as the overlay, or with as much ink in all
-        class_overlay = np.clip(sample.rest_images.mean(axis=0) - sample.host_images.mean(axis=0), 0.0, None)
+        class_overlay = mean_overlay(sample.rest_images, sample.host_images)
         measure = np.max if config.overlay_control == "peak" else np.sum
         class_overlay *= float(measure(overlay)) / max(float(measure(class_overlay)), 1e-9)
         paste = overlay_test(self.predict, overlay, sample.host_images, target, sample.host_probs)

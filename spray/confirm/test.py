@@ -114,6 +114,13 @@ def _moved(predict: Predict, images: np.ndarray, before: np.ndarray, target: int
     return PasteOutcome(rate_entry(moved, int(eligible.sum()), gain, "moved", "gain"), pairs, images)
 
 
+def mean_overlay(member_images: np.ndarray, rest_images: np.ndarray) -> np.ndarray:
+    """(C, H, W) what members add to their class's images on average: their mean image minus
+    the rest of the class's, where it is brighter. Objects that differ from image to image
+    average out; what every member carries over its object (a watermark, a texture) stays."""
+    return np.clip(np.mean(member_images, axis=0) - np.mean(rest_images, axis=0), 0.0, None)
+
+
 def overlay_test(
     predict: Predict, overlay: np.ndarray, hosts: np.ndarray, target: int, host_probs: np.ndarray | None = None
 ) -> PasteOutcome:

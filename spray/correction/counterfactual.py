@@ -17,7 +17,9 @@ What the fine-tuning sees, all of it from the audited images and the flag (no gr
   that moves from image to image (a mark, a sticker); the second holds a fixed artifact
   whole: a member's relevance singles out part of a frame, and a model taught that this part
   means nothing still reads the rest (on Q3's dev frames, the true frame was recovered 0.11-0.28
-  with the member masks alone);
+  with the member masks alone). The members' **mean overlay** (:func:`overlay_evidence`, the
+  causal test's overlay setting) can be added to part of the pasted images instead
+  (:data:`OVERLAY_SHARE`); it is off: on Q3's dev split it did not recover more;
 * **counterfactual images**: a share (``paste_share``) of the images of every class, redrawn
   each epoch, get one random member's evidence pasted, and keep their own (true) labels. The
   flagged class's own images get it too, so the evidence ends up carrying no label at all
@@ -65,6 +67,7 @@ half a point).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -94,6 +97,16 @@ EVIDENCE_MASS = DEFAULT_EVIDENCE_MASS
 #: and its mask holds some of its object too); ``"auto"``, the signature where the members
 #: have one, else the member masks.
 EVIDENCE_SCOPE = "auto"
+#: Share of the pasted images that get the members' **mean overlay** added instead of one
+#: member's evidence (:func:`overlay_evidence`): their mean image minus the rest of the
+#: class's, where brighter, which holds a watermark or texture over the object whole where a
+#: mask or the signature holds part of it. Off (0): on Q3's dev split, at 0.5, it recovered
+#: less of the true stamp on a VGG watermark on 90 % (0.50 against 0.63) and a ResNet texture
+#: on 15 % (0.55 against 0.65), as much on the other textures and patches, and one random mark
+#: more (docs/correction.md). In a backdoor the members are other classes' objects, so their
+#: mean minus the class's holds those objects too; the relabelled members already carry the
+#: artifact whole.
+OVERLAY_SHARE = 0.0
 #: Effect size (difference of means over the pooled standard deviation) from which a pixel
 #: belongs to the members' signature: a stamp every member carries differs by many standard
 #: deviations; the shapes of different objects differ by about one.
@@ -144,11 +157,15 @@ PASTE_SHARES: tuple[float, ...] = (0.1, 0.5)
 class Evidence:
     """Members' evidence, ready to paste: model-input images (n, C, H, W) and their masks
     (n, H, W) at the images' resolution; ``rows`` are the members' rows in the audited data
-    (a member appears once per evidence size)."""
+    (a member appears once per evidence size). ``overlay``: the members' mean overlay
+    (:func:`overlay_evidence`) with the per-channel ``bounds`` (2, C) of the images it is
+    added to, or None."""
 
     rows: np.ndarray
     images: np.ndarray
     masks: np.ndarray
+    overlay: np.ndarray | None = None
+    bounds: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -156,14 +173,22 @@ class Evidence:
     def among(self, rows: np.ndarray) -> Evidence:
         """The evidence of the members among ``rows`` only (e.g. those of a fitting split)."""
         keep = np.isin(self.rows, rows)
-        return Evidence(self.rows[keep], self.images[keep], self.masks[keep])
+        return dataclasses.replace(self, rows=self.rows[keep], images=self.images[keep], masks=self.masks[keep])
 
     def paste(self, hosts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """``hosts`` with one random member's evidence each (``host * (1 - mask) + member * mask``)."""
+        """``hosts`` with one random member's evidence each (``host * (1 - mask) + member * mask``);
+        with an overlay, :data:`OVERLAY_SHARE` of them get the overlay added instead (within
+        ``bounds``)."""
         from spray.confirm.test import pasted
 
+        hosts = np.asarray(hosts, dtype=np.float32)
         which = rng.integers(0, len(self), size=len(hosts))
-        return pasted(np.asarray(hosts, dtype=np.float32), self.images[which], self.masks[which])
+        result = pasted(hosts, self.images[which], self.masks[which])
+        if self.overlay is not None and self.bounds is not None:
+            added = rng.random(len(hosts)) < OVERLAY_SHARE
+            low, high = (bound[None, :, None, None] for bound in self.bounds)
+            result[added] = np.clip(hosts[added] + self.overlay[None], low, high)
+        return result
 
 
 def member_evidence(
@@ -198,6 +223,8 @@ def member_evidence(
         scope_images = np.concatenate([member_images] * len(areas))
     keep = full.reshape(len(full), -1).any(axis=1)
     evidence = Evidence(scope_rows[keep], scope_images[keep].astype(np.float32), full[keep])
+    if rest_images is not None and len(rest_images) and OVERLAY_SHARE > 0:
+        evidence = dataclasses.replace(evidence, **overlay_evidence(member_images, rest_images))
     if len(evidence) == 0:
         raise CorrectionError(
             "no flagged member has relevance outside where its class looks, and the members share no pixel signature: "
@@ -223,6 +250,19 @@ def signature_mask(member_images: np.ndarray, rest_images: np.ndarray, effect: f
     return (size >= effect).any(axis=0)
 
 
+def overlay_evidence(member_images: np.ndarray, rest_images: np.ndarray) -> dict[str, np.ndarray | None]:
+    """The members' mean overlay (:func:`spray.confirm.test.mean_overlay`, model inputs) and
+    the per-channel bounds (2, C) of the members' and the rest's images it is clipped to when
+    added (model inputs need not lie in [0, 1]); ``overlay`` None when the members add nothing."""
+    from spray.confirm.test import mean_overlay
+
+    overlay = mean_overlay(member_images, rest_images).astype(np.float32)
+    if not overlay.any():
+        return {"overlay": None, "bounds": None}
+    both = np.concatenate([np.asarray(member_images, np.float32), np.asarray(rest_images, np.float32)])
+    return {"overlay": overlay, "bounds": np.stack([both.min(axis=(0, 2, 3)), both.max(axis=(0, 2, 3))])}
+
+
 def sampled_evidence(
     members: np.ndarray,
     rest: np.ndarray,
@@ -243,8 +283,9 @@ def sampled_evidence(
 @dataclass
 class FineTuneHistory:
     """What the fine-tuning did: its settings (``epochs`` as run, at least :data:`MIN_STEPS`
-    steps), images per epoch, pasted ones among them, mean loss per epoch, the distillation
-    weight, and whether the flagged members stayed in (:data:`MEMBER_SURVIVAL`)."""
+    steps), images per epoch, pasted ones among them (``overlay_share`` of those with the
+    members' mean overlay added), mean loss per epoch, the distillation weight, and whether
+    the flagged members stayed in (:data:`MEMBER_SURVIVAL`)."""
 
     epochs: int
     learning_rate: float
@@ -261,6 +302,7 @@ class FineTuneHistory:
     relabelled: int = 0
     blurred_survival: float = float("nan")
     blurred_control: float = float("nan")
+    overlay_share: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -428,6 +470,6 @@ def counterfactual_finetune(
         epochs=epochs, learning_rate=learning_rate, paste_share=paste_share, images_per_epoch=n_images, pasted_per_epoch=n_pasted,
         evidence_masks=len(evidence), loss=losses, seconds=time.perf_counter() - started, member_survival=survival, members_kept=kept,
         distill=distill, class_weight=float(class_weights[class_id]), relabelled=n_relabelled,
-        blurred_survival=blurred[0], blurred_control=blurred[1],
+        blurred_survival=blurred[0], blurred_control=blurred[1], overlay_share=OVERLAY_SHARE if evidence.overlay is not None else 0.0,
     )
     return tuned, history

@@ -75,6 +75,37 @@ def test_the_signature_is_the_frame_every_member_carries_not_their_objects() -> 
         member_evidence(np.arange(12), member_maps, rest_maps, members, scope="cluster")
 
 
+def test_a_faint_watermark_over_the_object_is_carried_whole_by_the_members_mean_overlay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Members are different objects with a faint diagonal stripe written over them: it
+    differs from the class by less than the objects do (no signature), and each member's
+    relevance singles out a corner of it. Their mean overlay holds the whole stripe, and
+    the pasted evidence adds it (within the images' range) to part of the hosts. Off by
+    default (``OVERLAY_SHARE`` 0, chosen on Q3's dev split)."""
+    from spray.correction import counterfactual
+
+    rng = np.random.default_rng(2)
+    images = (rng.uniform(size=(600, 1, 8, 8)) * (rng.uniform(size=(600, 1, 8, 8)) > 0.5)).astype(np.float32)
+    stripe = np.eye(8, dtype=bool)
+    members, rest = images[:300].copy(), images[300:]
+    members[:, 0, stripe] = np.clip(members[:, 0, stripe] + 0.3, 0.0, 1.0)
+    assert not signature_mask(members, rest).any()
+    member_maps, rest_maps = _maps(300, False, rng), _maps(300, False, rng)
+    member_maps[:, :2, :2] += 2.0
+    assert member_evidence(np.arange(300), member_maps, rest_maps, members, rest_images=rest).overlay is None
+    monkeypatch.setattr(counterfactual, "OVERLAY_SHARE", 0.5)
+    evidence = member_evidence(np.arange(300), member_maps, rest_maps, members, rest_images=rest)
+    assert evidence.overlay is not None and evidence.overlay.shape == (1, 8, 8)
+    on, off = evidence.overlay[0][stripe], evidence.overlay[0][~stripe]
+    assert on.min() > 0.1 and off.max() < 0.5 * on.min()  # the whole stripe, little of the objects
+    assert not evidence.masks[:, 3:, 3:].any()  # the masks hold only the corner the relevance singles out
+    hosts = np.full((400, 1, 8, 8), 0.9, np.float32)
+    result = evidence.paste(hosts, np.random.default_rng(0))
+    added = np.abs(result - hosts)[:, 0, 5, 5] > 0  # only the overlay reaches the stripe's far end
+    assert 0.4 < added.mean() < 0.6 and result.max() <= 1.0  # half the hosts, clipped to the images' range
+    assert member_evidence(np.arange(300), member_maps, rest_maps, members).overlay is None  # needs the rest's images
+    assert member_evidence(np.arange(300), member_maps, rest_maps, members, scope="member", rest_images=rest).overlay is not None
+
+
 class _CornerOrCentre(nn.Module):
     """Class 1 when a bright corner plus a bright centre outweigh a constant class 0."""
 
