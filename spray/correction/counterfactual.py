@@ -183,11 +183,14 @@ class Evidence:
 
         hosts = np.asarray(hosts, dtype=np.float32)
         which = rng.integers(0, len(self), size=len(hosts))
-        result = pasted(hosts, self.images[which], self.masks[which])
-        if self.overlay is not None and self.bounds is not None:
-            added = rng.random(len(hosts)) < OVERLAY_SHARE
-            low, high = (bound[None, :, None, None] for bound in self.bounds)
-            result[added] = np.clip(hosts[added] + self.overlay[None], low, high)
+        if self.overlay is None or self.bounds is None:
+            return pasted(hosts, self.images[which], self.masks[which])
+        added = rng.random(len(hosts)) < OVERLAY_SHARE
+        result = np.empty_like(hosts)
+        region = ~added  # each host gets one of the two, never both computed
+        result[region] = pasted(hosts[region], self.images[which[region]], self.masks[which[region]])
+        low, high = (bound[None, :, None, None] for bound in self.bounds)
+        result[added] = np.clip(hosts[added] + self.overlay[None], low, high)
         return result
 
 
