@@ -250,6 +250,7 @@ def correct_case(
             f"lr {config.cf_learning_rate:g}, share {config.cf_paste_share:g}, {report.history.epochs} ep., "
             f"members {'kept' if report.history.members_kept else 'out'} (survival {report.history.member_survival:.2f}"
             f", blurred {report.history.blurred_survival:.2f} vs {report.history.blurred_control:.2f}"
+            f", overlay off {report.history.unoverlaid_survival:.2f} vs {report.history.unoverlaid_control:.2f}"
             f"{', ' + str(report.history.relabelled) + ' relabelled' if report.history.relabelled else ''})"
         )
     else:
@@ -305,13 +306,15 @@ def main() -> None:
     parser.add_argument("--cf-distill", type=float, default=None, help="dev only: try a distillation weight")
     parser.add_argument("--cf-signature-effect", type=float, default=None, help="dev only: try another signature effect size")
     parser.add_argument("--cf-blur-control", type=float, default=None, help="dev only: try another blur control ratio (0: off)")
+    parser.add_argument("--cf-overlay-control", type=float, default=None, help="dev only: try another overlay-subtraction control ratio (0: off)")
     parser.add_argument("--cf-overlay-share", type=float, default=None, help="dev only: try another share of overlay pastes (0: off)")
     parser.add_argument("--cf-relabel", type=int, choices=(0, 1), default=None, help="dev only: relabel left-out members (1) or not (0)")
     parser.add_argument("--show-search", action="store_true", help="print every search candidate's validation numbers")
     parser.add_argument("--probe", type=Path, default=None, help="dev only: measure every search candidate on the test images too "
                         "and write them as JSON lines to this file (to choose a selection rule on)")
     args = parser.parse_args()
-    dev_settings = (args.cf_scope, args.cf_max_class_weight, args.cf_signature_effect, args.cf_distill, args.cf_relabel, args.cf_blur_control)
+    dev_settings = (args.cf_scope, args.cf_max_class_weight, args.cf_signature_effect, args.cf_distill, args.cf_relabel, args.cf_blur_control,
+                    args.cf_overlay_control, args.cf_overlay_share)
     if any(setting is not None for setting in dev_settings) and args.split != "dev":
         parser.error("the --cf-* settings are for choosing on the dev split; the test split runs with the defaults.")
     from spray.correction import counterfactual
@@ -326,6 +329,8 @@ def main() -> None:
         counterfactual.SIGNATURE_EFFECT = args.cf_signature_effect
     if args.cf_blur_control is not None:
         counterfactual.BLUR_CONTROL = args.cf_blur_control
+    if args.cf_overlay_control is not None:
+        counterfactual.OVERLAY_CONTROL = args.cf_overlay_control
     if args.cf_overlay_share is not None:
         counterfactual.OVERLAY_SHARE = args.cf_overlay_share
     if args.cf_relabel is not None:

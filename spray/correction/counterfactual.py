@@ -32,7 +32,10 @@ What the fine-tuning sees, all of it from the audited images and the flag (no gr
   ``tests/correction/test_counterfactual.py``);
 * **the flagged members**, only when they are the class's own objects: when at least
   :data:`MEMBER_SURVIVAL` of them keep their prediction with their evidence filled with the
-  class's median image (the causal test's removal), as in a co-occurrence. Otherwise they
+  class's median image (the causal test's removal), and neither a blur of the whole image
+  nor the subtraction of the members' mean overlay (a watermark over the object, which no
+  mask holds) takes their class where it leaves the rest of the class's
+  (:meth:`MemberRemoval.members_stay`), as in a co-occurrence. Otherwise they
   are left out under their label: in a backdoor they are other classes' objects under the
   flagged label, and training on them would teach the model wrong labels; in a co-occurrence
   on most of a class, leaving them out would starve the class. Left out, they take their
@@ -134,6 +137,19 @@ MEMBER_SURVIVAL = 0.5
 #: 0.94 of the rest; on the dev co-occurring patch on 90 %, 1.00 against 0.96.
 BLUR_SIGMA = 0.025
 BLUR_CONTROL = 0.5
+#: A third removal, for evidence written over the object that neither a mask nor a blur
+#: takes off (a watermark): the members' mean overlay (:func:`spray.confirm.test.mean_overlay`
+#: against the rest of their class, the causal test's overlay setting) subtracted from each
+#: member, within the images' range. The members stay only if they keep their class at least
+#: this many times as often as the rest of their class does with the same overlay subtracted
+#: (the control: an overlay that is the class's own strokes drawn another way takes the
+#: rest's class as well). 0 turns it off (the overlay is then not subtracted at all, and
+#: left-out members are relabelled from the fill alone). Set on Q3's dev split (``bench/member_decision.py
+#: --split dev --extra``): members that were the class's own objects kept it 0.84-1.05 times
+#: as often as the rest, a watermark backdoor's stamped members 0.07-0.55 times; 0.7 lies
+#: between. On draw 9, two watermark backdoors' members survived a mask and a blur and were
+#: trained under the flagged label again.
+OVERLAY_CONTROL = 0.7
 #: Weight of the distillation term: on the images without pasted evidence, the fine-tuned
 #: model's predicted distribution is pulled toward the original model's (KL divergence), so
 #: the fine-tuning changes what the evidence does and little else. 0 turns it off.
@@ -287,8 +303,9 @@ def sampled_evidence(
 class FineTuneHistory:
     """What the fine-tuning did: its settings (``epochs`` as run, at least :data:`MIN_STEPS`
     steps), images per epoch, pasted ones among them (``overlay_share`` of those with the
-    members' mean overlay added), mean loss per epoch, the distillation weight, and whether
-    the flagged members stayed in (:data:`MEMBER_SURVIVAL`)."""
+    members' mean overlay added), mean loss per epoch, the distillation weight, whether the
+    flagged members stayed in (:meth:`MemberRemoval.members_stay`) and the removals' shares
+    that decided it (:meth:`MemberRemoval.rates`)."""
 
     epochs: int
     learning_rate: float
@@ -305,40 +322,95 @@ class FineTuneHistory:
     relabelled: int = 0
     blurred_survival: float = float("nan")
     blurred_control: float = float("nan")
+    unoverlaid_survival: float = float("nan")
+    unoverlaid_control: float = float("nan")
     overlay_share: float = 0.0
 
 
 @dataclass(frozen=True)
 class MemberRemoval:
-    """The causal test's removal on the fine-tuning's own members: ``survival``, the share of
-    the members predicted as the flagged class that still are with their evidence filled
-    (NaN when none is predicted as it); ``blurred``, the same share with the whole image
-    blurred (:func:`blurred_survival`); ``images``, each member's image (its first mask's
-    row); ``relabels``, the class the model gives each member without its evidence, the
-    flagged class excepted."""
+    """The causal test's removals on the fine-tuning's own members, each the share of the
+    members predicted as the flagged class that still are (NaN when none is predicted as it):
+    ``survival`` with their evidence filled, ``blurred`` with the whole image blurred
+    (:func:`blurred_survival`), ``unoverlaid`` with the members' mean overlay subtracted; the
+    ``*_control`` fields are the same removals on the rest of the class (NaN without it).
+    ``images``: each member's image (its first mask's row); ``relabels``: the class the model
+    gives each member without its evidence (the removal that leaves fewer of them in the
+    flagged class), the flagged class excepted."""
 
     survival: float
     blurred: float
     images: np.ndarray
     relabels: np.ndarray
+    blurred_control: float = float("nan")
+    unoverlaid: float = float("nan")
+    unoverlaid_control: float = float("nan")
+
+    def rates(self) -> dict[str, float]:
+        """The removals' shares as :class:`FineTuneHistory` records them."""
+        return {
+            "member_survival": self.survival, "blurred_survival": self.blurred, "blurred_control": self.blurred_control,
+            "unoverlaid_survival": self.unoverlaid, "unoverlaid_control": self.unoverlaid_control,
+        }
+
+    def members_stay(self) -> bool:
+        """Whether the members are the class's own objects: at least :data:`MEMBER_SURVIVAL`
+        of them keep the class with their evidence filled, and neither the blur nor the
+        overlay's subtraction takes the class from them where the rest of the class keeps it
+        (:data:`BLUR_CONTROL`, :data:`OVERLAY_CONTROL`). A control that fails (NaN) decides
+        nothing."""
+        if not self.survival >= MEMBER_SURVIVAL:
+            return False
+        if self.blurred < BLUR_CONTROL * self.blurred_control:
+            return False
+        return not (OVERLAY_CONTROL > 0 and self.unoverlaid < OVERLAY_CONTROL * self.unoverlaid_control)
 
 
-def member_removal(model: nn.Module, evidence: Evidence, fill: np.ndarray, class_id: int, batch_size: int = 128) -> MemberRemoval:
+def member_removal(
+    model: nn.Module, evidence: Evidence, fill: np.ndarray, class_id: int, batch_size: int = 128,
+    rest_images: np.ndarray | None = None,
+) -> MemberRemoval:
     """:class:`MemberRemoval` of ``evidence``'s members, their evidence filled with ``fill``
     (C, H, W): :func:`spray.confirm.test.removal_test` with
     :func:`spray.confirm.predictor.model_predictor`, on the CPU the fine-tuning runs on. The
-    members are predicted once, for both removals."""
-    from spray.confirm.test import removal_test
+    members are predicted once, for every removal. With ``rest_images`` (the rest of the
+    class, model inputs), the blur's control and (unless :data:`OVERLAY_CONTROL` is 0) the
+    overlay's subtraction with its control are measured too."""
+    from spray.confirm.test import removal_outcome, removal_test
 
     _, first = np.unique(evidence.rows, return_index=True)
     predict = _cpu_predictor(model, batch_size)
     images = evidence.images[first]
     probs = predict(images)
     entry, _, without = removal_test(predict, images, evidence.masks[first], np.asarray(fill, dtype=np.float32), class_id, probs)
-    without[:, class_id] = -np.inf
     survival = float("nan") if entry["n"] == 0 else 1.0 - float(entry["rate"])
     blurred = blurred_survival(model, images, class_id, batch_size, probs)
-    return MemberRemoval(survival, blurred, images, without.argmax(axis=1).astype(np.int64))
+    controls: dict[str, float] = {}
+    if rest_images is not None and len(rest_images):
+        rest_images = np.asarray(rest_images, dtype=np.float32)
+        rest_probs = predict(rest_images)
+        controls = {"blurred_control": blurred_survival(model, rest_images, class_id, batch_size, rest_probs)}
+        if OVERLAY_CONTROL > 0:
+            subtract = overlay_subtraction(images, rest_images)
+            lifted, _, unoverlaid_probs = removal_outcome(predict, images, subtract(images), class_id, probs)
+            rest_lifted, _, _ = removal_outcome(predict, rest_images, subtract(rest_images), class_id, rest_probs)
+            controls["unoverlaid"] = float("nan") if lifted["n"] == 0 else 1.0 - float(lifted["rate"])
+            controls["unoverlaid_control"] = float("nan") if rest_lifted["n"] == 0 else 1.0 - float(rest_lifted["rate"])
+            if controls["unoverlaid"] < survival:  # the overlay took the evidence off more members: their classes without it
+                without = unoverlaid_probs
+    without = np.array(without, copy=True)
+    without[:, class_id] = -np.inf
+    return MemberRemoval(survival, blurred, images, without.argmax(axis=1).astype(np.int64), **controls)
+
+
+def overlay_subtraction(member_images: np.ndarray, rest_images: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """A function that subtracts the members' mean overlay (:func:`overlay_evidence`) from
+    images, clipped to the per-channel range of the members' and the rest's images."""
+    overlay = overlay_evidence(member_images, rest_images)
+    if overlay["overlay"] is None or overlay["bounds"] is None:
+        return lambda images: np.asarray(images, dtype=np.float32)
+    low, high = (bound[None, :, None, None] for bound in overlay["bounds"])
+    return lambda images: np.clip(np.asarray(images, dtype=np.float32) - overlay["overlay"][None], low, high)
 
 
 def _cpu_predictor(model: nn.Module, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -404,14 +476,9 @@ def counterfactual_finetune(
     rest_images = np.asarray(images[class_rest], dtype=np.float32)
     fill = np.median(rest_images, axis=0) if len(class_rest) else None
     tuned = copy.deepcopy(model).eval()
-    removal = None if fill is None else member_removal(tuned, evidence, fill, class_id, batch_size)
-    survival = float("nan") if removal is None else removal.survival
-    blurred = (float("nan"), float("nan"))
-    if removal is not None:
-        blurred = (removal.blurred, blurred_survival(tuned, rest_images, class_id, batch_size))
-    # a control that fails (NaN) decides nothing; members that lose their class blurred where the rest keeps it are not its objects
-    kept = bool(survival >= MEMBER_SURVIVAL) and not blurred[0] < BLUR_CONTROL * blurred[1]
+    removal = None if fill is None else member_removal(tuned, evidence, fill, class_id, batch_size, rest_images)
     # kept: the members are the class's own objects and stay in the fine-tuning, in their share of a sample
+    kept = removal is not None and removal.members_stay()
     rows = np.arange(len(labels)) if kept else others
     if max_samples is not None and len(rows) > max_samples:
         rows = np.sort(rng.choice(rows, size=max_samples, replace=False))
@@ -471,8 +538,8 @@ def counterfactual_finetune(
         parameter.requires_grad_(False)
     history = FineTuneHistory(
         epochs=epochs, learning_rate=learning_rate, paste_share=paste_share, images_per_epoch=n_images, pasted_per_epoch=n_pasted,
-        evidence_masks=len(evidence), loss=losses, seconds=time.perf_counter() - started, member_survival=survival, members_kept=kept,
+        evidence_masks=len(evidence), loss=losses, seconds=time.perf_counter() - started, members_kept=kept,
         distill=distill, class_weight=float(class_weights[class_id]), relabelled=n_relabelled,
-        blurred_survival=blurred[0], blurred_control=blurred[1], overlay_share=OVERLAY_SHARE if evidence.overlay is not None else 0.0,
+        overlay_share=OVERLAY_SHARE if evidence.overlay is not None else 0.0, **({} if removal is None else removal.rates()),
     )
     return tuned, history

@@ -191,6 +191,63 @@ def test_members_that_lose_their_class_blurred_where_the_rest_keeps_it_are_left_
     assert history.relabelled == (0 if members_are_class_objects else 10)
 
 
+class _WatermarkOrCentre(nn.Module):
+    """Class 1 when a faint diagonal band (a watermark over the object, smooth enough to
+    outlast a blur) plus a bright centre outweigh a constant class 0; class 2 reads the band
+    a little too, so that among the other classes a watermarked image looks like a 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        rows, cols = np.mgrid[:28, :28]
+        self.register_buffer("band", torch.from_numpy(((rows + cols >= 20) & (rows + cols <= 34)).astype(np.float32)))
+        self.weights = nn.Parameter(torch.tensor([2.0, 2.0, 1.2]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mark = (x[:, 0] * self.band).sum(dim=(1, 2)) / self.band.sum() / 0.3
+        centre = x[:, 0, 12:16, 12:16].mean(dim=(1, 2))
+        class_1 = self.weights[0] * mark + self.weights[1] * centre
+        return torch.stack([torch.ones_like(mark), class_1, self.weights[2] * mark], dim=1)
+
+
+@pytest.mark.parametrize("members_are_class_objects", [False, True])
+def test_a_watermark_that_outlasts_masks_and_blur_leaves_with_the_mean_overlay_subtracted(
+    members_are_class_objects: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Q3's draw-9 failure: a watermark backdoor's members keep the flagged class with a mask
+    filled and blurred, so they stayed and were trained under it again. Subtracting their mean
+    overlay (what they add to the class on average) takes the band off: class-0 objects fall to
+    class 0 and leave, relabelled 0 (the mask fill would say 2, the band still on), while the
+    class's own objects under the band keep class 1 and stay."""
+    rows, cols = np.mgrid[:28, :28]
+    band = ((rows + cols >= 20) & (rows + cols <= 34)).astype(np.float32)
+    images = np.zeros((60, 1, 28, 28), np.float32)
+    images[20:60, 0, 11:17, 11:17] = 1.0  # class 1: a bright centre
+    labels = np.array([0] * 20 + [1] * 40)
+    members = np.arange(50, 60)
+    if not members_are_class_objects:
+        images[members] = 0.0  # class-0 objects under label 1: a backdoor
+    images[members, 0] = np.clip(images[members, 0] + 0.3 * band, 0, 1)
+    masks = np.zeros((10, 28, 28), bool)
+    masks[:, :2, :2] = True  # the members' relevance excess: a corner the band does not reach
+    evidence = Evidence(members, images[members], masks)
+    model = _WatermarkOrCentre()
+    fill, rest = np.median(images[20:50], axis=0), images[20:50]
+    removal = member_removal(model, evidence, fill, class_id=1, rest_images=rest)
+    assert removal.survival == 1.0 and removal.blurred >= 0.9 and removal.blurred_control == 1.0  # neither takes the band off
+    assert removal.unoverlaid_control == 1.0
+    assert removal.unoverlaid == (1.0 if members_are_class_objects else 0.0)
+    assert removal.members_stay() is members_are_class_objects
+    if not members_are_class_objects:
+        assert removal.relabels.tolist() == [0] * 10  # their class with the band off, not the fill's 2
+        monkeypatch.setattr("spray.correction.counterfactual.OVERLAY_CONTROL", 0.0)
+        assert removal.members_stay()  # without the subtraction they would stay: the failure it fixes
+        monkeypatch.undo()
+    _, history = counterfactual_finetune(model, images, labels, members, evidence, class_id=1, epochs=1, learning_rate=1e-3, paste_share=0.5)
+    assert history.members_kept is members_are_class_objects
+    assert history.relabelled == (0 if members_are_class_objects else 10)
+    assert (history.unoverlaid_survival, history.unoverlaid_control) == (removal.unoverlaid, 1.0)
+
+
 def test_pasting_puts_a_members_pixels_inside_its_mask_only() -> None:
     donors = np.ones((2, 1, 4, 4), np.float32)
     masks = np.zeros((2, 4, 4), bool)
