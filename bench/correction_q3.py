@@ -63,7 +63,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.cases import Case, CaseSpec, build_case, generate_cases  # noqa: E402
+from bench.cases import Case, CaseSpec, build_case, extra_dev_cases, generate_cases  # noqa: E402
 from bench.detection import default_rule, findings, package_versions, run_case, select  # noqa: E402
 from spray.correction.config import CorrectionConfig  # noqa: E402
 from spray.correction.errors import CorrectionError  # noqa: E402
@@ -309,6 +309,8 @@ def main() -> None:
     parser.add_argument("--cf-overlay-control", type=float, default=None, help="dev only: try another overlay-subtraction control ratio (0: off)")
     parser.add_argument("--cf-overlay-share", type=float, default=None, help="dev only: try another share of overlay pastes (0: off)")
     parser.add_argument("--cf-relabel", type=int, choices=(0, 1), default=None, help="dev only: relabel left-out members (1) or not (0)")
+    parser.add_argument("--extra", choices=("add", "only"), default=None,
+                        help="dev only: add the extra dev watermark cases (bench/cases.py extra_dev_cases), or run them alone")
     parser.add_argument("--show-search", action="store_true", help="print every search candidate's validation numbers")
     parser.add_argument("--probe", type=Path, default=None, help="dev only: measure every search candidate on the test images too "
                         "and write them as JSON lines to this file (to choose a selection rule on)")
@@ -345,7 +347,11 @@ def main() -> None:
         parser.error("--draw picks a draw of the test split.")
     if args.probe is not None and (args.split != "dev" or args.methods != "cf"):
         parser.error("--probe looks at the test images of every candidate: it is for the dev split and --methods cf only.")
-    specs = select(generate_cases(args.split, "full", args.draw), 30, 0, 0)
+    if args.extra and args.split != "dev":
+        parser.error("--extra adds dev-split cases.")
+    specs = [] if args.extra == "only" else select(generate_cases(args.split, "full", args.draw), 30, 0, 0)
+    if args.extra:
+        specs += extra_dev_cases()
     if args.kinds:
         specs = [spec for spec in specs if spec.kind in args.kinds]
     rows: list[dict] = []

@@ -31,26 +31,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.cases import ARCHS, DEV_TARGETS, CaseSpec, build_case, generate_cases, planted_spec  # noqa: E402
+from bench.cases import CaseSpec, build_case, extra_dev_cases, generate_cases  # noqa: E402
 from bench.correction_q3 import cf_evidence, top_finding  # noqa: E402
 from bench.detection import explain, select  # noqa: E402
-
-#: Seeds of the extra dev cases (the grid's dev draw uses 0-4).
-EXTRA_SEEDS: tuple[int, ...] = (10, 11)
-
-
-def extra_dev_cases() -> list[CaseSpec]:
-    """Watermark backdoors on 30 and 60 % of a class (two seeds) and co-occurrences on 60 and
-    90 % (one seed), every architecture, dev targets."""
-    specs = []
-    for s, seed in enumerate(EXTRA_SEEDS):
-        for a, arch in enumerate(ARCHS):
-            cells = [(0.3, "backdoor"), (0.6, "backdoor")] + ([(0.6, "cooccurrence"), (0.9, "cooccurrence")] if s == 0 else [])
-            for c, (fraction, regime) in enumerate(cells):
-                target = DEV_TARGETS[(s + a + c) % len(DEV_TARGETS)]
-                specs.append(planted_spec("mnist", arch, "watermark", fraction, regime, target, seed))
-    return specs
-
 
 def decide(spec: CaseSpec) -> dict | None:
     """The removals and the decisions for one relied-on case with a finding (None otherwise)."""

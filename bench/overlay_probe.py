@@ -11,6 +11,13 @@ planted truth, apart from the clustering:
   to the overlay's brightest pixel (``--match peak``, spray's ``overlay_control``) or to its
   total added ink (``--match ink``), and added the same way (the class's object, as strong).
 
+``--reference hosts`` takes the overlay against the hosts' mean image instead of the rest
+of the class's: in a backdoor the members are other classes' objects, and their mean minus
+the class's loses the artifact wherever the class's own object is bright (a watermark over
+a 0's ring); against the hosts (other classes' objects too) the objects cancel and the
+artifact stays. ``--extra`` adds the dev split's extra watermark cases
+(``bench/cases.py extra_dev_cases``).
+
 For each relied-on dev watermark and texture, both sides of the planted split are measured
 (the stamped images against the genuine ones, and the reverse); for each two-mode class,
 both modes. A usable test moves hosts with the stamped side's overlay, not with the genuine
@@ -18,6 +25,7 @@ side's, and not with a legitimate mode's. Dev split only: it reads the truth, so
 runs on a test draw.
 
     python3 bench/overlay_probe.py [--match ink]   # about 4 min here (the dev cases' models cached)
+    python3 bench/overlay_probe.py --reference hosts --extra
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cases import Case, build_case, generate_cases  # noqa: E402
+from bench.cases import Case, build_case, extra_dev_cases, generate_cases  # noqa: E402
 from bench.detection import select  # noqa: E402
 from spray.attribution.settings import AttributionSettings  # noqa: E402
 from spray.confirm.predictor import model_predictor  # noqa: E402
@@ -51,12 +59,13 @@ def moved(predict: Predict, hosts: np.ndarray, before: np.ndarray, overlay: np.n
 
 
 def probe_side(case: Case, predict: Predict, side: np.ndarray, other: np.ndarray, hosts: np.ndarray,
-               before: np.ndarray, rng: np.random.Generator, match: str = "ink") -> tuple[float, float]:
-    """(overlay move rate, ink-matched control move rate) of the images ``side`` against ``other``."""
+               before: np.ndarray, rng: np.random.Generator, match: str = "ink", reference: str = "rest") -> tuple[float, float]:
+    """(overlay move rate, matched control move rate) of the images ``side`` against ``other``
+    (the overlay against the hosts' mean instead with ``reference`` "hosts")."""
     target = case.target_label
     members = case.train_images[np.sort(rng.choice(side, min(MEMBERS, len(side)), replace=False))]
     rest = case.train_images[np.sort(rng.choice(other, min(REST, len(other)), replace=False))]
-    overlay = np.clip(members.mean(axis=0) - rest.mean(axis=0), 0.0, None)
+    overlay = np.clip(members.mean(axis=0) - (hosts if reference == "hosts" else rest).mean(axis=0), 0.0, None)
     control = np.clip(rest.mean(axis=0) - hosts.mean(axis=0), 0.0, None)
     if match == "ink":
         control *= overlay.sum() / max(float(control.sum()), 1e-9)
@@ -72,8 +81,13 @@ def main() -> None:
     parser.add_argument("--multimodal", type=int, default=12)
     parser.add_argument("--match", choices=("ink", "peak"), default="peak",
                         help="the control's scale: the overlay's total added ink, or its brightest pixel")
+    parser.add_argument("--reference", choices=("rest", "hosts"), default="rest",
+                        help="the overlay is the members' mean minus the rest of the class's (spray's), or minus the hosts'")
+    parser.add_argument("--extra", action="store_true", help="add the dev split's extra watermark cases")
     args = parser.parse_args()
     specs = select(generate_cases("dev", "full", 0), args.planted, args.clean, args.multimodal)
+    if args.extra:
+        specs += extra_dev_cases()
     print("| case | side A | n | overlay | control | side B | n | overlay | control |")
     print("|---|---|---|---|---|---|---|---|---|")
     for spec in specs:
@@ -90,8 +104,8 @@ def main() -> None:
         host_rows = np.sort(rng.choice(np.flatnonzero(case.train_labels != case.target_label), HOSTS, replace=False))
         hosts = case.train_images[host_rows]
         before = predict(hosts).argmax(axis=1) == case.target_label
-        a = probe_side(case, predict, side_a, side_b, hosts, before, rng, args.match)
-        b = probe_side(case, predict, side_b, side_a, hosts, before, rng, args.match)
+        a = probe_side(case, predict, side_a, side_b, hosts, before, rng, args.match, args.reference)
+        b = probe_side(case, predict, side_b, side_a, hosts, before, rng, args.match, args.reference)
         names = ("mode 1", "mode 0") if spec.kind == MULTIMODAL else ("stamped", "genuine")
         print(f"| {spec.key()} | {names[0]} | {len(side_a)} | {a[0]:.2f} | {a[1]:.2f} | "
               f"{names[1]} | {len(side_b)} | {b[0]:.2f} | {b[1]:.2f} |", flush=True)
