@@ -53,10 +53,7 @@ def decide(spec: CaseSpec) -> dict | None:
     rest = np.sort(rng.choice(rest, size=min(counterfactual.MAX_REST, len(rest)), replace=False))
     rest_images = case.train_images[rest]
     removal = counterfactual.member_removal(case.model, evidence, np.median(rest_images, axis=0), class_id, rest_images=rest_images)
-    control = counterfactual.OVERLAY_CONTROL
-    counterfactual.OVERLAY_CONTROL = 0.0
-    without_overlay = removal.members_stay()
-    counterfactual.OVERLAY_CONTROL = control
+    without_overlay = removal.members_stay(overlay_control=0.0)
     stamped = float(np.isin(members, np.flatnonzero(case.stamped)).mean()) if len(members) else float("nan")
     return {
         "spec": spec, "finding": True, "in_target": class_id == case.target_label, "members": len(members), "stamped": stamped,

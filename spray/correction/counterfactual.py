@@ -353,17 +353,18 @@ class MemberRemoval:
             "unoverlaid_survival": self.unoverlaid, "unoverlaid_control": self.unoverlaid_control,
         }
 
-    def members_stay(self) -> bool:
+    def members_stay(self, overlay_control: float | None = None) -> bool:
         """Whether the members are the class's own objects: at least :data:`MEMBER_SURVIVAL`
         of them keep the class with their evidence filled, and neither the blur nor the
         overlay's subtraction takes the class from them where the rest of the class keeps it
-        (:data:`BLUR_CONTROL`, :data:`OVERLAY_CONTROL`). A control that fails (NaN) decides
-        nothing."""
+        (:data:`BLUR_CONTROL`; ``overlay_control``, default :data:`OVERLAY_CONTROL`, 0 leaves
+        the overlay out). A control that fails (NaN) decides nothing."""
+        overlay_control = OVERLAY_CONTROL if overlay_control is None else overlay_control
         if not self.survival >= MEMBER_SURVIVAL:
             return False
         if self.blurred < BLUR_CONTROL * self.blurred_control:
             return False
-        return not (OVERLAY_CONTROL > 0 and self.unoverlaid < OVERLAY_CONTROL * self.unoverlaid_control)
+        return not (overlay_control > 0 and self.unoverlaid < overlay_control * self.unoverlaid_control)
 
 
 def member_removal(
@@ -383,7 +384,7 @@ def member_removal(
     images = evidence.images[first]
     probs = predict(images)
     entry, _, without = removal_test(predict, images, evidence.masks[first], np.asarray(fill, dtype=np.float32), class_id, probs)
-    survival = float("nan") if entry["n"] == 0 else 1.0 - float(entry["rate"])
+    survival = _kept_share(entry)
     blurred = blurred_survival(model, images, class_id, batch_size, probs)
     controls: dict[str, float] = {}
     if rest_images is not None and len(rest_images):
@@ -394,13 +395,17 @@ def member_removal(
             subtract = overlay_subtraction(images, rest_images)
             lifted, _, unoverlaid_probs = removal_outcome(predict, images, subtract(images), class_id, probs)
             rest_lifted, _, _ = removal_outcome(predict, rest_images, subtract(rest_images), class_id, rest_probs)
-            controls["unoverlaid"] = float("nan") if lifted["n"] == 0 else 1.0 - float(lifted["rate"])
-            controls["unoverlaid_control"] = float("nan") if rest_lifted["n"] == 0 else 1.0 - float(rest_lifted["rate"])
+            controls["unoverlaid"], controls["unoverlaid_control"] = _kept_share(lifted), _kept_share(rest_lifted)
             if controls["unoverlaid"] < survival:  # the overlay took the evidence off more members: their classes without it
                 without = unoverlaid_probs
     without = np.array(without, copy=True)
     without[:, class_id] = -np.inf
     return MemberRemoval(survival, blurred, images, without.argmax(axis=1).astype(np.int64), **controls)
+
+
+def _kept_share(entry: dict[str, float | int]) -> float:
+    """The share of a removal's eligible images that keep their class (NaN when none was eligible)."""
+    return float("nan") if entry["n"] == 0 else 1.0 - float(entry["rate"])
 
 
 def overlay_subtraction(member_images: np.ndarray, rest_images: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:

@@ -211,7 +211,7 @@ class _WatermarkOrCentre(nn.Module):
 
 @pytest.mark.parametrize("members_are_class_objects", [False, True])
 def test_a_watermark_that_outlasts_masks_and_blur_leaves_with_the_mean_overlay_subtracted(
-    members_are_class_objects: bool, monkeypatch: pytest.MonkeyPatch
+    members_are_class_objects: bool,
 ) -> None:
     """Q3's draw-9 failure: a watermark backdoor's members keep the flagged class with a mask
     filled and blurred, so they stayed and were trained under it again. Subtracting their mean
@@ -239,9 +239,7 @@ def test_a_watermark_that_outlasts_masks_and_blur_leaves_with_the_mean_overlay_s
     assert removal.members_stay() is members_are_class_objects
     if not members_are_class_objects:
         assert removal.relabels.tolist() == [0] * 10  # their class with the band off, not the fill's 2
-        monkeypatch.setattr("spray.correction.counterfactual.OVERLAY_CONTROL", 0.0)
-        assert removal.members_stay()  # without the subtraction they would stay: the failure it fixes
-        monkeypatch.undo()
+        assert removal.members_stay(overlay_control=0.0)  # without the subtraction they would stay: the failure it fixes
     _, history = counterfactual_finetune(model, images, labels, members, evidence, class_id=1, epochs=1, learning_rate=1e-3, paste_share=0.5)
     assert history.members_kept is members_are_class_objects
     assert history.relabelled == (0 if members_are_class_objects else 10)
