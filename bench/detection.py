@@ -56,6 +56,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -65,15 +66,15 @@ from sklearn.metrics import adjusted_rand_score
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.cases import Case, CaseSpec, build_case, generate_cases  # noqa: E402
+from bench.cases import Case, CaseSpec, build_case, extra_dev_cases, generate_cases  # noqa: E402
 from spray.analysis.config import HEATMAP_SPACE, SprayConfig, concept_space  # noqa: E402
 from spray.analysis.pipeline import analyze_spaces  # noqa: E402
 from spray.attribution.select import make_explainer  # noqa: E402
 from spray.attribution.settings import AttributionSettings  # noqa: E402
-from spray.confirm.config import ConfirmConfig  # noqa: E402
+from spray.confirm.config import ConfirmConfig, EvidenceSetting  # noqa: E402
 from spray.confirm.predictor import model_predictor  # noqa: E402
 from spray.confirm.resolve import YARDSTICK_WHERE_CONFIRMED, Contender, resolve  # noqa: E402
-from spray.confirm.run import confirm_analyses  # noqa: E402
+from spray.confirm.run import CandidateTester, confirm_analyses  # noqa: E402
 from spray.findings import group_findings  # noqa: E402
 
 CACHE = REPO / ".bench-cache" / "detection-q3"
@@ -90,6 +91,12 @@ EVIDENCE_GRID = ((0.12, 0.5), (0.3, 0.5), (0.5, 0.9))
 OVERLAY = "overlay"
 #: The same with the control scaled to the overlay's total ink (``overlay_control = "ink"``).
 OVERLAY_INK = "overlay-ink"
+#: The members' mean overlay against the hosts' mean image, its control at the same ink
+#: (``[confirm] host_overlay_evidence``).
+OVERLAY_HOSTS = "overlay-hosts"
+#: The record keys of the overlay settings: they need no relevance, so a record made before
+#: one existed gets it from the record's own clusters (:func:`_with_overlays`).
+OVERLAY_KEYS = (OVERLAY, OVERLAY_INK, OVERLAY_HOSTS)
 RULE_GRID = {
     "threshold": (0.0, 0.3, 0.5, 0.6, 0.75),
     "min_paste_rate": (0.05, 0.1, 0.2),
@@ -121,6 +128,14 @@ OVERLAY_GRID = {
     # an anchor is a yardstick only where it confirms (False: at every setting)
     "yardstick_confirmed": (False, True),
 }
+#: The fourth stage, around the third's best rule: the overlay against the hosts, beside the
+#: overlay against the rest of the class or instead of it, and the lift that confirms with it.
+HOST_OVERLAY_GRID = {
+    "evidence": (
+        f"0.3/0.5+0.5/0.9+{OVERLAY}", f"0.3/0.5+0.5/0.9+{OVERLAY}+{OVERLAY_HOSTS}", f"0.3/0.5+0.5/0.9+{OVERLAY_HOSTS}",
+    ),
+    "host_overlay_min_lift": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
+}
 AUDIT = "audit"
 
 
@@ -146,7 +161,7 @@ def evidence_key(area: float, mass: float) -> str:
 
 
 #: Every evidence setting a record holds.
-RECORD_KEYS: tuple[str, ...] = (*(evidence_key(area, mass) for area, mass in EVIDENCE_GRID), OVERLAY, OVERLAY_INK)
+RECORD_KEYS: tuple[str, ...] = (*(evidence_key(area, mass) for area, mass in EVIDENCE_GRID), *OVERLAY_KEYS)
 
 
 def cluster_records(case: Case, tested: dict[str, list], ratio: float) -> tuple[list[dict], dict]:
@@ -203,11 +218,19 @@ def version_report(records: list[dict]) -> list[str]:
 
 
 class OverlayOnly(ConfirmConfig):
-    """The causal test at the overlay setting only (the relevance settings of
-    ``EVIDENCE_GRID`` are run one by one): the draws are those of an audit's third setting."""
+    """The causal test at the overlay settings only (the relevance settings of
+    ``EVIDENCE_GRID`` are run one by one): the draws are those of an audit's overlay settings."""
 
     def evidence_settings(self, low_score: bool = False) -> tuple:
         return tuple(setting for setting in super().evidence_settings(low_score) if setting.overlay)
+
+
+def overlay_config(key: str, seed: int) -> ConfirmConfig:
+    """The causal test at the one overlay setting of record key ``key`` (:data:`OVERLAY_KEYS`)."""
+    return OverlayOnly(
+        max_candidates=10**6, random_state=seed, overlay_control="ink" if key == OVERLAY_INK else "peak",
+        overlay_evidence=key != OVERLAY_HOSTS, host_overlay_evidence=key == OVERLAY_HOSTS,
+    )
 
 
 def _tested(case: Case, spec: CaseSpec, heatmaps: np.ndarray, concepts: dict, ratio: float, keys: tuple[str, ...]) -> dict[str, list]:
@@ -223,14 +246,13 @@ def _tested(case: Case, spec: CaseSpec, heatmaps: np.ndarray, concepts: dict, ra
     tested = {}
     for key in keys:
         copies = copy.deepcopy(analyses)
-        if key in (OVERLAY, OVERLAY_INK):
-            control = "ink" if key == OVERLAY_INK else "peak"
-            confirm = OverlayOnly(max_candidates=10**6, random_state=spec.seed, overlay_control=control)
+        if key in OVERLAY_KEYS:
+            confirm = overlay_config(key, spec.seed)
         else:
             area, mass = settings[key]
             confirm = ConfirmConfig(
                 max_candidates=10**6, random_state=spec.seed, evidence_area=area, evidence_mass=mass,
-                wide_evidence=False, overlay_evidence=False,
+                wide_evidence=False, overlay_evidence=False, host_overlay_evidence=False,
             )
         confirm_analyses(
             copies, heatmaps, case.train_labels, lambda rows: case.train_images[rows], predict, confirm,
@@ -266,6 +288,42 @@ def _with_settings(spec: CaseSpec, record: dict, path: Path, keys: tuple[str, ..
     return record
 
 
+def _with_overlays(spec: CaseSpec, record: dict, path: Path, keys: tuple[str, ...]) -> dict:
+    """A record made before the overlay settings ``keys`` existed, with them added from its own
+    clusters: an overlay needs the members' images, not their relevance, so nothing is
+    explained or clustered again. Each candidate is tested as :func:`_tested` does (an
+    audit's ``confirm_analyses`` with every cluster a candidate): in the order of
+    ``spray.confirm.run._by_score`` (score, class, space, cluster), its rank the seed of its
+    draws; clusters that were not candidates (a whole class, or under the size floor, which
+    no rule reads) keep no test."""
+    case = build_case(spec)
+    predict = model_predictor(case.model, AttributionSettings(device="cpu"), ConfirmConfig().batch_size)
+    # the overlay settings read no relevance: a stand-in of the right length for the tester
+    no_relevance = np.zeros((len(case.train_labels), 1, 1), dtype=np.float32)
+    min_size = SprayConfig().min_cluster_size
+    for ratio in sorted({c["ratio"] for c in record["clusters"]}):
+        clusters = [c for c in record["clusters"] if c["ratio"] == ratio]
+        per_analysis = defaultdict(int)
+        for c in clusters:
+            per_analysis[(c["class"], c["space"])] += 1
+        position = {id(c): i for i, c in enumerate(clusters)}  # an analysis's order: score, then cluster id
+        candidates = sorted(
+            (c for c in clusters if per_analysis[(c["class"], c["space"])] > 1 and c["size"] >= min_size),
+            key=lambda c: (-c["score"], c["class"], c["space"], position[id(c)]),
+        )
+        for key in keys:
+            tester = CandidateTester(no_relevance, case.train_labels, lambda rows: case.train_images[rows], predict,
+                                     overlay_config(key, spec.seed))
+            for c in clusters:
+                c["tests"][key] = {part: None for part in ("paste", "control", "removal", "status")}
+            for rank, c in enumerate(candidates):
+                members = SimpleNamespace(member_rows=np.asarray(c["members"], dtype=np.int64))
+                conf, _ = tester.test(members, c["class"], rank)
+                c["tests"][key] = {part: conf.get(part) for part in ("paste", "control", "removal", "status")}
+    _write_record(path, record)
+    return record
+
+
 def run_case(spec: CaseSpec, ratios: tuple[float, ...] = EIGEN_RATIOS) -> dict:
     """The stored record of one case for ``ratios`` (computed once, then read from the cache;
     a record made before an evidence setting of ``RECORD_KEYS`` existed gets it added)."""
@@ -274,6 +332,8 @@ def run_case(spec: CaseSpec, ratios: tuple[float, ...] = EIGEN_RATIOS) -> dict:
     if path.exists():
         record = json.loads(path.read_text())
         missing = tuple(key for key in RECORD_KEYS if any(key not in c["tests"] for c in record["clusters"]))
+        if missing and set(missing) <= set(OVERLAY_KEYS):
+            return _with_overlays(spec, record, path, missing)
         return _with_settings(spec, record, path, missing) if missing else record
     started = time.perf_counter()
     case = build_case(spec)
@@ -314,11 +374,15 @@ class Rule:
     #: settle comparing with an anchor only at the settings where it confirms
     #: (``spray.confirm.resolve.YARDSTICK_WHERE_CONFIRMED``); False: at every setting
     yardstick_confirmed: bool = False
+    #: the lift that confirms with the members' mean overlay against the hosts (``OVERLAY_HOSTS``)
+    host_overlay_min_lift: float | None = None
 
     def lift_needed(self, key: str, position: int, low_score: bool = False) -> float:
         """The lift that confirms at the ``position``-th evidence setting of the rule (record
         key ``key``), for a candidate or for a cluster scoring under the threshold (``low_score``)."""
-        if key in (OVERLAY, OVERLAY_INK) and self.overlay_min_lift is not None:
+        if key == OVERLAY_HOSTS and self.host_overlay_min_lift is not None:
+            needed = self.host_overlay_min_lift
+        elif key in (OVERLAY, OVERLAY_INK) and self.overlay_min_lift is not None:
             needed = self.overlay_min_lift
         else:
             needed = self.min_lift if position == 0 or self.wide_min_lift is None else self.wide_min_lift
@@ -446,16 +510,18 @@ def summarise(records: list[dict], rule: Rule, space: str | None = None) -> dict
 def tune(records: list[dict], ratios: tuple[float, ...], refine_from: Rule | None = None) -> Rule:
     """The dev rule: most relied-on cases found, then fewest false-flag models, then highest
     F1 (first ``RULE_GRID``, then ``REFINE_GRID`` around its best rule, then ``OVERLAY_GRID``
-    around that). Among rules of the first stage that tie, the first in grid order is kept;
+    and ``HOST_OVERLAY_GRID``, each around the one before). Among rules of the first stage that tie, the first in grid order is kept;
     among those of the later ones, the strictest (the highest bars: fewer flags where the dev
     cases cannot tell). ``refine_from``: only the last stage, around this rule (the earlier
     stages' choices stand when the records of their settings did not change)."""
     def strictness(rule: Rule) -> tuple[float, ...]:
+        keys = rule.evidence.split("+")
         return (
             rule.dominance if rule.wide_dominance is None else rule.wide_dominance,
             1.0 if rule.low_score_lift is None else rule.low_score_lift,
-            1.0 if OVERLAY not in rule.evidence or rule.overlay_min_lift is None else rule.overlay_min_lift,  # also overlay-ink
+            1.0 if not {OVERLAY, OVERLAY_INK} & set(keys) or rule.overlay_min_lift is None else rule.overlay_min_lift,
             0.0 if rule.yardstick_confirmed else 1.0,  # the settling of draw 8 when they tie
+            1.0 if OVERLAY_HOSTS not in keys or rule.host_overlay_min_lift is None else rule.host_overlay_min_lift,
         )
 
     def ranked(rules: list[Rule], strict: bool = False) -> Rule:
@@ -474,35 +540,55 @@ def tune(records: list[dict], ratios: tuple[float, ...], refine_from: Rule | Non
         # one setting: the same rule as with wide_min_lift None
         if (rule := Rule(ratio, *values)).wide_min_lift is None or "+" in rule.evidence
     ]
+    def around(best: Rule, grid: dict) -> Rule:
+        return ranked([dataclasses.replace(best, **dict(zip(grid, v))) for v in itertools.product(*grid.values())], strict=True)
+
     if refine_from is None:
-        best = ranked(first)
-        best = ranked([dataclasses.replace(best, **dict(zip(REFINE_GRID, v))) for v in itertools.product(*REFINE_GRID.values())], strict=True)
+        best = around(around(ranked(first), REFINE_GRID), OVERLAY_GRID)
     else:
         best = refine_from
-    return ranked([dataclasses.replace(best, **dict(zip(OVERLAY_GRID, v))) for v in itertools.product(*OVERLAY_GRID.values())], strict=True)
+    return around(best, HOST_OVERLAY_GRID)
 
 
-#: The constants judged on test draw 8 (two evidence settings, the wide one with its own
-#: bars; clusters under the threshold flagged with a lift of 0.6; every setting a yardstick):
-#: printed beside the current rule with ``--previous``, a paired comparison on the same
-#: records (nothing is chosen from it).
-PREVIOUS_RULE = Rule(1.5, 0.6, 0.2, 0.2, 0.85, "0.3/0.5+0.5/0.9", 0.6, 0.4, 0.6)
+#: The constants judged on test draws 9 and 10 (the overlay against the rest of the class,
+#: its control at the same brightest pixel, lift 0.3; anchors a yardstick only where they
+#: confirm): printed beside the current rule with ``--previous``, a paired comparison on the
+#: same records (nothing is chosen from it).
+PREVIOUS_RULE = Rule(1.5, 0.6, 0.2, 0.2, 0.85, f"0.3/0.5+0.5/0.9+{OVERLAY}", 0.6, 0.4, 0.6, 0.3, True)
+
+
+def changed_cases(records: list[dict], rule: Rule, previous: Rule) -> list[str]:
+    """One line per case that ``rule`` and ``previous`` judge differently (found, F1, false flags)."""
+    lines = []
+    for record in records:
+        now, before = judge(record, rule), judge(record, previous)
+        if (now["found"], round(now["f1"], 2), now["false"]) != (before["found"], round(before["f1"], 2), before["false"]):
+            lines.append(f"| {record['key']} | {record['relied']} | {before['found']} | {before['f1']:.2f} | {before['false']} | "
+                         f"{now['found']} | {now['f1']:.2f} | {now['false']} |")
+    return lines
 
 
 def default_rule() -> Rule:
     analysis, confirm = SprayConfig(), ConfirmConfig()
     return Rule(
         analysis.min_eigen_ratio, analysis.threshold, confirm.min_paste_rate, confirm.min_lift, confirm.dominance,
-        "+".join(
-            (OVERLAY_INK if confirm.overlay_control == "ink" else OVERLAY) if setting.overlay else evidence_key(setting.area, setting.mass)
-            for setting in confirm.evidence_settings()
-        ),
+        "+".join(setting_key(setting, confirm) for setting in confirm.evidence_settings()),
         confirm.wide_min_lift if confirm.wide_evidence else None,
         confirm.wide_dominance if confirm.wide_evidence else None,
         confirm.low_score_min_lift if confirm.max_low_score else None,
         confirm.overlay_min_lift if confirm.overlay_evidence else None,
         YARDSTICK_WHERE_CONFIRMED,
+        confirm.host_overlay_min_lift if confirm.host_overlay_evidence else None,
     )
+
+
+def setting_key(setting: EvidenceSetting, confirm: ConfirmConfig) -> str:
+    """The record key of one of spray's evidence settings."""
+    if not setting.overlay:
+        return evidence_key(setting.area, setting.mass)
+    if setting.reference == "hosts":
+        return OVERLAY_HOSTS
+    return OVERLAY_INK if confirm.overlay_control == "ink" else OVERLAY
 
 
 def table(records: list[dict], rule: Rule) -> None:
@@ -579,8 +665,10 @@ def main() -> None:
     )
     parser.add_argument("--previous", action="store_true", help="also print the previous detector's row on the same records")
     parser.add_argument("--tune", action="store_true", help="dev only: score every rule and print the best")
+    parser.add_argument("--extra", action="store_true",
+                        help="dev only: add the extra watermark cases (bench/cases.py extra_dev_cases)")
     parser.add_argument("--refine", action="store_true",
-                        help="with --tune: only the last stage (OVERLAY_GRID), around spray's current defaults")
+                        help="with --tune: only the last stage (HOST_OVERLAY_GRID), around spray's current defaults")
     parser.add_argument(
         "--ratios", type=float, nargs="+", default=None,
         help="min_eigen_ratio values to analyse with (default: all of EIGEN_RATIOS with --tune, else spray's default)",
@@ -591,7 +679,10 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.draw and args.split != "test":
         parser.error("--draw picks a fresh draw of the test split; the dev split has one.")
+    if args.extra and args.split != "dev":
+        parser.error("--extra adds dev-split cases.")
     specs = select(generate_cases(args.split, args.size, args.draw), args.planted, args.clean, args.multimodal)
+    specs += extra_dev_cases() if args.extra else []
     if args.shard:
         try:
             index, count = (int(part) for part in args.shard.split("/"))
@@ -616,6 +707,9 @@ def main() -> None:
         print(f"\nprevious detector ({PREVIOUS_RULE}): found {s['found']}/{s['relied']}, mean F1 {s['f1']:.3f}, "
               f"models with a false flag {s['false_models']}/{s['models']} (95% bound {s['false_bound']:.3f}), "
               f"multi-modal flagged {s['multi_flagged']}/{s['multi']}")
+        print("\n| case judged differently | relied | found before | F1 before | false flags before | found | F1 | false flags |")
+        print("|---|---|---|---|---|---|---|---|")
+        print("\n".join(changed_cases(records, rule, PREVIOUS_RULE)))
 
 
 if __name__ == "__main__":

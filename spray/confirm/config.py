@@ -50,6 +50,18 @@ DEFAULT_OVERLAY_MIN_LIFT = 0.3
 #: How the overlay's control (the rest of the class's own mean overlay) is scaled: to the
 #: overlay's brightest pixel, or to its total added ink.
 OVERLAY_CONTROLS = ("peak", "ink")
+#: The members' mean overlay against the *hosts'* mean image, and the lift that confirms there
+#: (``host_overlay_min_lift``). On the dev split with its extra watermark cases (96 cases, 39
+#: relied on), beside the overlay against the class or instead of it, among 0.2-0.7: instead
+#: of it at 0.4 and 0.5, 32 of 39 found (F1 0.793) against 29 (0.673) without it, 3 of 84
+#: models with a false flag against 4, no two-mode class flagged against 1; beside it, the
+#: same cases found with 2 models and 1 two-mode class flagged (the same objective; the
+#: tune keeps the higher bars of a tie). Three watermark backdoors more are found and two
+#: others move from their clean side to the stamped one (docs/analysis.md, "bench Q3").
+DEFAULT_HOST_OVERLAY_MIN_LIFT = 0.5
+#: What an overlay is taken against: the rest of the members' class, or the other classes'
+#: images it is added to (``EvidenceSetting.reference``).
+OVERLAY_REFERENCES = ("rest", "hosts")
 
 
 class EvidenceSetting(NamedTuple):
@@ -57,18 +69,22 @@ class EvidenceSetting(NamedTuple):
 
     ``overlay`` false: each member's relevance excess, at most ``area`` of the image and
     ``mass`` of the excess (``spray.confirm.evidence.excess_masks``), pasted as a region;
-    true: what the members add to their class's images on average, added to the hosts
-    (``area`` and ``mass`` are 1: the whole image)."""
+    true: what the members add on average to the images of ``reference`` (``"rest"``: the
+    rest of their class; ``"hosts"``: the other classes' images it is added to), added to the
+    hosts (``area`` and ``mass`` are 1: the whole image)."""
 
     area: float
     mass: float
     min_lift: float
     overlay: bool = False
+    reference: str = "rest"
 
-    def entry(self) -> dict[str, float | bool]:
-        """The record's ``evidence``."""
-        entry: dict[str, float | bool] = {"area": float(self.area), "mass": float(self.mass), "min_lift": float(self.min_lift)}
-        return {**entry, "overlay": True} if self.overlay else entry
+    def entry(self) -> dict[str, float | bool | str]:
+        """The record's ``evidence`` (an overlay against the hosts says ``"reference": "hosts"``)."""
+        entry: dict[str, float | bool | str] = {"area": float(self.area), "mass": float(self.mass), "min_lift": float(self.min_lift)}
+        if not self.overlay:
+            return entry
+        return {**entry, "overlay": True, **({"reference": "hosts"} if self.reference == "hosts" else {})}
 
 
 @dataclass
@@ -95,9 +111,17 @@ class ConfirmConfig:
             rest of the class's (where brighter) added to other classes' images, against the
             rest's mean minus the hosts' scaled to the same brightest pixel; confirmed with a lift of at least
             ``overlay_min_lift``. A faint overlay written over the object (a watermark, a
-            texture) moves predictions this way where no pasted region holds it whole.
+            texture) moves predictions this way where no pasted region holds it whole. Off
+            by default since the overlay against the hosts replaced it (dev split).
         overlay_control: the control's scale, ``"peak"`` (the overlay's brightest pixel) or
             ``"ink"`` (its total added ink).
+        host_overlay_evidence: also test the members' mean overlay taken against the
+            hosts' mean image instead of the rest of the class's, against the rest's mean
+            minus the hosts' scaled to the same total ink; confirmed with a lift of at least
+            ``host_overlay_min_lift``. In a backdoor the members are other classes' objects
+            carrying a mark: against the rest of their class, the mark is lost wherever the
+            class's own object is bright (a watermark over a 0's ring); against the hosts,
+            which are other classes' objects too, the objects cancel and the mark stays.
         min_paste_rate: the lower 95 % bound of the share of pasted hosts that move to the
             cluster's class must reach this;
         min_lift: and the share must exceed the control's (the rest of the class's own
@@ -127,9 +151,11 @@ class ConfirmConfig:
     wide_evidence_area: float = setting(DEFAULT_WIDE_EVIDENCE_AREA, Range(0.0, 1.0, low_open=True), doc="largest share of the image the wide evidence covers")
     wide_evidence_mass: float = setting(DEFAULT_WIDE_EVIDENCE_MASS, Range(0.0, 1.0, low_open=True), doc="share of the excess relevance the wide evidence covers")
     wide_min_lift: float = setting(DEFAULT_WIDE_MIN_LIFT, Range(0.0, 1.0), doc="move rate above the control's that confirms at the wide setting")
-    overlay_evidence: bool = setting(True, doc="also test the members' mean overlay added to other classes' images")
+    overlay_evidence: bool = setting(False, doc="also test the members' mean overlay against the rest of their class, added to other classes' images")
     overlay_control: str = setting("peak", Choice(OVERLAY_CONTROLS), doc="the overlay control's scale: the overlay's brightest pixel or its total added ink")
     overlay_min_lift: float = setting(DEFAULT_OVERLAY_MIN_LIFT, Range(0.0, 1.0), doc="move rate above the control's that confirms with the overlay")
+    host_overlay_evidence: bool = setting(True, doc="also test the members' mean overlay against the hosts' mean image")
+    host_overlay_min_lift: float = setting(DEFAULT_HOST_OVERLAY_MIN_LIFT, Range(0.0, 1.0), doc="move rate above the control's that confirms with the overlay against the hosts")
     min_paste_rate: float = setting(DEFAULT_MIN_PASTE_RATE, Range(0.0, 1.0), doc="lower bound of the pasted hosts' move rate that confirms")
     min_lift: float = setting(DEFAULT_MIN_LIFT, Range(0.0, 1.0), doc="move rate above the control's that confirms")
     dominance: float = setting(DEFAULT_DOMINANCE, Range(0.0, 1.0), doc="share of the class's strongest lift below which a confirmed candidate is outranked")
@@ -144,7 +170,7 @@ class ConfirmConfig:
 
     def evidence_settings(self, low_score: bool = False) -> tuple[EvidenceSetting, ...]:
         """The settings each candidate is tested with, the default one first, then the wide
-        one and the overlay; for a cluster scoring under the threshold (``low_score``) each
+        one and the overlays (against the rest of the class, then the hosts); for a cluster scoring under the threshold (``low_score``) each
         lift is at least ``low_score_min_lift``."""
         floor = self.low_score_min_lift if low_score else 0.0
         narrow = EvidenceSetting(self.evidence_area, self.evidence_mass, max(self.min_lift, floor))
@@ -153,4 +179,6 @@ class ConfirmConfig:
             settings.append(EvidenceSetting(self.wide_evidence_area, self.wide_evidence_mass, max(self.wide_min_lift, floor)))
         if self.overlay_evidence:
             settings.append(EvidenceSetting(1.0, 1.0, max(self.overlay_min_lift, floor), overlay=True))
+        if self.host_overlay_evidence:
+            settings.append(EvidenceSetting(1.0, 1.0, max(self.host_overlay_min_lift, floor), overlay=True, reference="hosts"))
         return tuple(settings)

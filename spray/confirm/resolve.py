@@ -260,7 +260,8 @@ def outrank(
         area = evidence.get("area")
         own, theirs = own_lifts[position], their_lifts[position]
         where = f" with evidence of at most {area:.0%} of the image" if isinstance(area, (int, float)) else ""
-        where = " with the members' mean overlay" if evidence.get("overlay") else where
+        if evidence.get("overlay"):
+            where = " with the members' mean overlay" + (" over other classes'" if evidence.get("reference") == "hosts" else "")
     if whole_class:
         comparison = (
             f"({own:+.0%} over the control at its strongest setting), but cluster {strongest.cluster_id} of the "

@@ -227,26 +227,30 @@ class CandidateTester:
     def _measure_overlay(
         self, sample: _Sample, target: int, setting: EvidenceSetting
     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """The overlay setting: what the members add to their class's images on average
-        (their mean image minus the rest's, where it is brighter) is added to the hosts; the
-        control adds what the rest of the class adds to the hosts' own images (the rest's mean
-        minus the hosts', where brighter: the class's object, on average), scaled to the same
-        brightest pixel (or total ink: ``overlay_control``). An overlay written over the object (a watermark, a texture) moves
-        predictions this way where no pasted region holds it whole; a class-shaped one (the
-        object drawn another way) moves them no more than the class's own object does."""
+        """The overlay settings: what the members add on average to the images of the
+        setting's reference (the rest of their class, or the hosts), where it is brighter, is
+        added to the hosts; the control adds what the rest of the class adds to the hosts'
+        own images (the rest's mean minus the hosts', where brighter: the class's object, on
+        average), scaled to the same brightest pixel (or total ink: ``overlay_control``;
+        always total ink against the hosts, whose overlay carries the members' objects as
+        well). An overlay written over the object (a watermark, a texture) moves predictions
+        this way where no pasted region holds it whole; a class-shaped one (the object drawn
+        another way) moves them no more than the class's own object does."""
         config = self.config
-        overlay = mean_overlay(sample.member_images, sample.rest_images)
+        against_hosts = setting.reference == "hosts"
+        overlay = mean_overlay(sample.member_images, sample.host_images if against_hosts else sample.rest_images)
         # the control: what the rest of the class adds to the hosts (its object, on average),
         # as bright at its brightest pixel as the overlay, or with as much ink in all
         class_overlay = mean_overlay(sample.rest_images, sample.host_images)
-        measure = np.max if config.overlay_control == "peak" else np.sum
+        scale = "ink" if against_hosts else config.overlay_control
+        measure = np.max if scale == "peak" else np.sum
         class_overlay *= float(measure(overlay)) / max(float(measure(class_overlay)), 1e-9)
         paste = overlay_test(self.predict, overlay, sample.host_images, target, sample.host_probs)
         control = overlay_test(self.predict, class_overlay, sample.host_images, target, sample.host_probs)
         removed = np.clip(sample.member_images - overlay[None], 0.0, 1.0).astype(sample.member_images.dtype)
         removal, _, _ = removal_outcome(self.predict, sample.member_images, removed, target, sample.member_probs)
         status, reason = decide(
-            paste.entry, control.entry, config.min_paste_rate, setting.min_lift, overlay_wording(config.overlay_control)
+            paste.entry, control.entry, config.min_paste_rate, setting.min_lift, overlay_wording(scale, setting.reference)
         )
         strongest = overlay.max(axis=0)
         mask = strongest >= OVERLAY_SHOWN * strongest.max() if strongest.max() > 0 else np.zeros_like(strongest, dtype=bool)

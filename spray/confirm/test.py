@@ -32,7 +32,10 @@ An overlay written over the object (a watermark, a texture) is held whole by no 
 it is also tested as an overlay (:func:`overlay_test`, set up by ``spray.confirm.run``): the
 members' mean image minus the rest of the class's, where brighter, is added to the hosts;
 the control adds the rest's mean minus the hosts' (the class's object, on average), scaled
-to the same brightest pixel; the removal subtracts the overlay from the members.
+to the same brightest pixel; the removal subtracts the overlay from the members. By default
+the overlay is taken against the hosts' mean image instead of the rest of the class's (a
+backdoor's members are other classes' objects, which cancel against the hosts), with the
+control at the same total ink (``[confirm] host_overlay_evidence``).
 """
 
 from __future__ import annotations
@@ -160,11 +163,13 @@ def removal_outcome(
 REGION_WORDING = ("pasting the evidence", "the same regions copied from the rest of the class")
 
 
-def overlay_wording(control: str) -> tuple[str, str]:
-    """:func:`decide`'s words for the overlay setting with its control scaled by ``control``
-    (``"peak"`` or ``"ink"``, ``[confirm] overlay_control``)."""
+def overlay_wording(control: str, reference: str = "rest") -> tuple[str, str]:
+    """:func:`decide`'s words for an overlay setting with its control scaled by ``control``
+    (``"peak"`` or ``"ink"``, ``[confirm] overlay_control``), the overlay taken against
+    ``reference`` (``"rest"`` of the class or the ``"hosts"``)."""
     scale = "brightest pixel" if control == "peak" else "total added ink"
-    return "adding the members' mean overlay", f"the rest of the class's mean overlay at the same {scale}"
+    action = "adding the members' mean overlay" + (" over other classes' mean image" if reference == "hosts" else "")
+    return action, f"the rest of the class's mean overlay at the same {scale}"
 
 
 def decide(

@@ -18,7 +18,7 @@ What the fine-tuning sees, all of it from the audited images and the flag (no gr
   whole: a member's relevance singles out part of a frame, and a model taught that this part
   means nothing still reads the rest (on Q3's dev frames, the true frame was recovered 0.11-0.28
   with the member masks alone). The members' **mean overlay** (:func:`overlay_evidence`, the
-  causal test's overlay setting) can be added to part of the pasted images instead
+  causal test's overlay against the rest of the class, ``[confirm] overlay_evidence``) can be added to part of the pasted images instead
   (:data:`OVERLAY_SHARE`); it is off: on Q3's dev split it did not recover more;
 * **counterfactual images**: a share (``paste_share``) of the images of every class, redrawn
   each epoch, get one random member's evidence pasted, and keep their own (true) labels. The
@@ -139,7 +139,7 @@ BLUR_SIGMA = 0.025
 BLUR_CONTROL = 0.5
 #: A third removal, for evidence written over the object that neither a mask nor a blur
 #: takes off (a watermark): the members' mean overlay (:func:`spray.confirm.test.mean_overlay`
-#: against the rest of their class, the causal test's overlay setting) subtracted from each
+#: against the rest of their class, the causal test's ``overlay_evidence``) subtracted from each
 #: member, within the images' range. The members stay only if they keep their class at least
 #: this many times as often as the rest of their class does with the same overlay subtracted
 #: (the control: an overlay that is the class's own strokes drawn another way takes the

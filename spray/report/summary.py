@@ -105,8 +105,9 @@ the analysis recorded it (non-finite numbers as ``null``)::
       "reason": str,                    # one sentence for people (e.g. why untested)
       "target_class": int,              # the flagged class
       "evidence_area": float | null,    # mean share of the image the evidence covers
-      "evidence": {"area": float, "mass": float, "min_lift": float, "overlay": true},  # the setting
-                                        #   kept ("overlay" only for the overlay setting)
+      "evidence": {"area": float, "mass": float, "min_lift": float, "overlay": true,
+                    "reference": "hosts"},  # the setting kept ("overlay" only for the
+                                        #   overlay settings, "reference" only against the hosts)
       "paste": {                        # the cluster's distinguishing evidence pasted into
         "n": int, "moved": int,         #   n audited images of other classes; moved: how
         "rate": float, "low": float, "high": float,   # many now predict the class;
@@ -128,13 +129,15 @@ and its ``evidence.min_lift`` is the larger ``low_score_min_lift``; or when the 
 reach it (beyond the cap, or the test switched off): ``"status": "untested"`` with
 ``"low_score": true``, not flagged, counted in ``untested_low_score``.
 When the candidate was tested at several evidence settings (``[confirm] wide_evidence``,
-``overlay_evidence``), the record is the setting that lifts most among those that confirm
+``overlay_evidence``, ``host_overlay_evidence``), the record is the setting that lifts most among those that confirm
 (else the one that lifts most), and ``"settings"`` lists every setting's ``evidence``,
 ``status``, ``evidence_area``, ``paste``, ``control`` and ``removal``, the default setting
 first. The overlay setting's ``evidence`` has ``"overlay": true`` (area and mass 1): its
 ``paste`` adds the members' mean overlay to ``n`` images of other classes, its ``control``
 adds the rest of the class's mean overlay at the same brightest pixel, and its ``removal``
-subtracts the overlay from the members.
+subtracts the overlay from the members. The overlay against the hosts (``"reference":
+"hosts"``) is the members' mean image minus the hosts' (not the rest of the class's), and
+its control is scaled to the same total ink.
 
 ``flags`` holds one entry per *finding*. When several analyses flag clusters with (nearly)
 the same members (heatmap and concept spaces, a class and the dataset-wide analysis),

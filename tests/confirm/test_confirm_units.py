@@ -217,7 +217,10 @@ def test_an_overlay_over_the_object_is_confirmed_as_an_overlay_where_no_region_h
     part of the stripes and moves nothing; the members' mean overlay
     (the stripes) moves every host, the class's own mean overlay (its blob, as faint) none.
     As with LRP on a real overlay, the members' relevance singles out a part of it.
-    For the other side of the split (the plain ones), the overlay adds nothing: rejected."""
+    For the other side of the split (the plain ones), the overlay adds nothing: rejected.
+    (The overlay against the hosts is off here: this model takes a faint blob in the middle
+    as class 1's object, so the plain side's blob added to the hosts moves them, and only
+    the settling of both sides decides; see the backdoor test below.)"""
     rng = np.random.default_rng(0)
     images = np.zeros((80, 1, SIDE, SIDE), np.float32)
     images[:40, 0, 4:8, 0:4] = 0.7 + 0.1 * rng.random((40, 1, 1))
@@ -229,7 +232,8 @@ def test_an_overlay_over_the_object_is_confirmed_as_an_overlay_where_no_region_h
     heatmaps[:, 4:8, 4:8] = 1.0
     heatmaps[stamped, :5, :5] += 0.5 * STRIPES[:5, :5]  # relevance singles out part of the overlay
     assert (stripes_model(images).argmax(axis=1) == labels).all()
-    tester = CandidateTester(heatmaps, labels, lambda rows: images[rows], stripes_model, ConfirmConfig(members=12, hosts=4))
+    config = ConfirmConfig(members=12, hosts=4, overlay_evidence=True, host_overlay_evidence=False)
+    tester = CandidateTester(heatmaps, labels, lambda rows: images[rows], stripes_model, config)
     record, examples = tester.test(_cluster(stamped), 1, seed=0)
     narrow, wide, overlay = record["settings"]
     assert overlay["evidence"]["overlay"] and overlay["status"] == "confirmed"
@@ -242,9 +246,74 @@ def test_an_overlay_over_the_object_is_confirmed_as_an_overlay_where_no_region_h
     other_side, _ = tester.test(_cluster(plain), 1, seed=0)
     assert other_side["status"] == "rejected"
     assert other_side["settings"][2]["paste"]["moved"] == 0
-    # switched off, the overlay is not tested
-    off, _ = CandidateTester(heatmaps, labels, lambda rows: images[rows], stripes_model, ConfirmConfig(members=12, hosts=4, overlay_evidence=False)).test(_cluster(stamped), 1, seed=0)
+    # switched off, the overlays are not tested
+    off_config = ConfirmConfig(members=12, hosts=4, overlay_evidence=False, host_overlay_evidence=False)
+    off, _ = CandidateTester(heatmaps, labels, lambda rows: images[rows], stripes_model, off_config).test(_cluster(stamped), 1, seed=0)
     assert off["status"] == "rejected" and len(off["settings"]) == 2
+
+
+CENTRE = (slice(4, 8), slice(4, 8))
+
+
+def watermark_backdoor_model(images: np.ndarray) -> np.ndarray:
+    """Three classes. Class 1 when faint stripes cross the middle of the image (a backdoor's
+    watermark: brighter on the stripes than off them by 0.12 or more there) or when the
+    middle is bright (class 1's own object, a square); otherwise class 0 or 2 by whether the
+    left or the right edge is brighter (their objects)."""
+    middle = images[:, 0, CENTRE[0], CENTRE[1]]
+    stripes = STRIPES[CENTRE]
+    contrast = middle[:, stripes].mean(axis=1) - middle[:, ~stripes].mean(axis=1)
+    p1 = 1 / (1 + np.exp(-40 * np.maximum(contrast - 0.12, middle.mean(axis=(1, 2)) - 0.7)))
+    left = images[:, 0, 4:8, 0:3].mean(axis=(1, 2))
+    right = images[:, 0, 4:8, 9:12].mean(axis=(1, 2))
+    p0 = (1 - p1) / (1 + np.exp(-40 * (left - right)))
+    return np.stack([p0, p1, 1 - p1 - p0], axis=1)
+
+
+def test_a_watermark_backdoor_lost_against_its_class_is_confirmed_against_the_hosts():
+    """A backdoor: 20 images of classes 0 and 2 (bars at the left and right edges) carry faint
+    stripes over the whole image and are labelled 1, whose own object is a bright square in
+    the middle. The members' mean overlay against the rest of class 1 loses the stripes
+    where the square is (the square is brighter than the stripes), and the model reads the
+    stripes only there: nothing moves. Against the hosts' mean image (bars as well, which
+    cancel) the stripes stay and move the hosts to class 1; the control (class 1's square at
+    the same total ink, fainter than the real one) moves none. The other side of the split
+    (the squares) lifts no more than its control (the stripes) against the hosts: rejected."""
+    rng = np.random.default_rng(1)
+    images = np.zeros((100, 1, SIDE, SIDE), np.float32)
+    labels = np.r_[np.zeros(30, int), np.ones(40, int), np.full(30, 2)]
+    left = np.r_[np.arange(0, 30), np.arange(60, 70)]
+    right = np.r_[np.arange(70, 100), np.arange(50, 60)]
+    images[left, 0, 4:8, 0:3] = 0.7 + 0.1 * rng.random((len(left), 1, 1))
+    images[right, 0, 4:8, 9:12] = 0.7 + 0.1 * rng.random((len(right), 1, 1))
+    square = np.arange(30, 50)
+    images[square, 0, CENTRE[0], CENTRE[1]] = 0.75 + 0.1 * rng.random((20, 1, 1))
+    stamped = np.arange(50, 70)
+    images[stamped, 0] = np.clip(images[stamped, 0] + 0.2 * STRIPES, 0, 1)
+    assert (watermark_backdoor_model(images).argmax(axis=1) == labels).all()
+    heatmaps = np.zeros((100, SIDE, SIDE), np.float32)
+    heatmaps[square, CENTRE[0], CENTRE[1]] = 1.0
+    heatmaps[stamped] = 0.3 * STRIPES
+    both = ConfirmConfig(members=12, hosts=4, overlay_evidence=True)
+    tester = CandidateTester(heatmaps, labels, lambda rows: images[rows], watermark_backdoor_model, both)
+    record, _ = tester.test(_cluster(stamped), 1, seed=0)
+    *_, against_rest, against_hosts = record["settings"]
+    assert against_rest["status"] == "rejected" and against_rest["paste"]["moved"] == 0
+    assert against_hosts["evidence"]["reference"] == "hosts" and against_hosts["status"] == "confirmed"
+    assert against_hosts["paste"]["rate"] >= 0.9 and against_hosts["control"]["rate"] <= 0.1
+    assert record["status"] == "confirmed" and record["evidence"].get("reference") == "hosts"
+    assert "other classes' mean image" in record["reason"]
+    genuine, _ = tester.test(_cluster(square), 1, seed=0)
+    assert genuine["status"] == "rejected"
+    assert genuine["settings"][-1]["paste"]["rate"] - genuine["settings"][-1]["control"]["rate"] < 0.2
+    # without the setting, the backdoor is not confirmed
+    off, _ = CandidateTester(heatmaps, labels, lambda rows: images[rows], watermark_backdoor_model,
+                             dataclasses.replace(both, host_overlay_evidence=False)).test(_cluster(stamped), 1, seed=0)
+    assert off["status"] == "rejected" and len(off["settings"]) == 3
+    # spray's defaults test the overlay against the hosts, not against the class
+    default, _ = CandidateTester(heatmaps, labels, lambda rows: images[rows], watermark_backdoor_model,
+                                 ConfirmConfig(members=12, hosts=4)).test(_cluster(stamped), 1, seed=0)
+    assert default["status"] == "confirmed" and [entry["evidence"].get("reference") for entry in default["settings"]] == [None, None, "hosts"]
 
 
 def _cluster(members: np.ndarray) -> ClusterResult:

@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 
 from bench.cases import TEST_SEED_BASE, generate_cases
-from bench.detection import Rule, settled
+from bench.detection import Rule, default_rule, setting_key, settled
+from spray.confirm.config import ConfirmConfig
 
 
 def test_a_fresh_draw_of_the_test_split_shares_no_case_with_the_first():
@@ -117,3 +118,25 @@ def test_the_overlay_setting_has_its_own_bar_and_an_anchor_is_a_yardstick_only_w
     # compared at every setting, the overlay's +0.15 outranks the part's -0.05
     (alone,) = rule.flags(sticker)
     assert alone["size"] == 114
+
+
+def test_the_overlay_against_the_hosts_has_its_own_bar_and_spray_s_defaults_name_it():
+    """A watermark backdoor: its overlay against the rest of the class loses the mark, against
+    the hosts it lifts +0.6. The hosts' bar decides, the rule without that setting finds
+    nothing, and the bench's default rule tests spray's own settings in spray's order."""
+    backdoor = {"clusters": [
+        _tested(range(0, 240), 0.9, {"0.3/0.5": (0.2, 0.1), "0.5/0.9": (0.4, 0.3), "overlay": (0.1, 0.05),
+                                     "overlay-hosts": (0.8, 0.2)}, hits=240),
+        _tested(range(240, 800), 0.7, {"0.3/0.5": (0.1, 0.1), "0.5/0.9": (0.3, 0.3), "overlay": (0.0, 0.6),
+                                       "overlay-hosts": (0.3, 0.6)}),
+    ]}
+    rule = Rule(1.5, 0.6, 0.2, 0.2, 0.85, "0.3/0.5+0.5/0.9+overlay+overlay-hosts", 0.6, 0.4, None,
+                overlay_min_lift=0.3, yardstick_confirmed=True, host_overlay_min_lift=0.5)
+    (flag,) = rule.flags(backdoor)
+    assert flag["hits"] == 240 and flag["paste"]["rate"] == 0.8
+    assert rule.lift_needed("overlay-hosts", 3) == 0.5 and rule.lift_needed("overlay", 2) == 0.3
+    assert dataclasses.replace(rule, host_overlay_min_lift=0.7).flags(backdoor) == []
+    assert dataclasses.replace(rule, evidence="0.3/0.5+0.5/0.9+overlay").flags(backdoor) == []
+    confirm, default = ConfirmConfig(), default_rule()
+    assert default.evidence.split("+") == [setting_key(s, confirm) for s in confirm.evidence_settings()]
+    assert default.evidence.endswith("+overlay-hosts") and default.host_overlay_min_lift == confirm.host_overlay_min_lift
