@@ -61,6 +61,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -161,14 +162,17 @@ def reaudit(case: Case, model: torch.nn.Module, finding: dict) -> dict:
     explanation of every audited (training) image, spray's analysis in the audit's spaces and
     its causal test at spray's defaults (as ``spray.audit.analyse``). The flag is **gone** when
     no flagged cluster of the class shares at least ``SAME_FINDING_JACCARD`` of its members
-    with the finding (``spray.correction.reaudit.match_flag``'s rule)."""
+    with the finding (``spray.correction.reaudit.match_flag``'s rule). Beside it (measured,
+    not part of the goal): the finding's own members causally tested again on the corrected
+    model (``retest``, ``retest_lift``), which does not depend on how the clustering regroups
+    them."""
     from bench.detection import explain
     from spray.analysis.config import HEATMAP_SPACE, SprayConfig, concept_space
     from spray.analysis.pipeline import analyze_spaces
     from spray.attribution.settings import AttributionSettings
     from spray.confirm.config import ConfirmConfig
     from spray.confirm.predictor import model_predictor
-    from spray.confirm.run import confirm_analyses
+    from spray.confirm.run import CandidateTester, confirm_analyses
     from spray.correction.reaudit import explainable_model
     from spray.findings import SAME_FINDING_JACCARD, jaccard
 
@@ -184,7 +188,13 @@ def reaudit(case: Case, model: torch.nn.Module, finding: dict) -> dict:
                      min_size=config.min_cluster_size)
     flagged = [cluster for analysis in analyses for cluster in analysis.clusters if cluster.flagged]
     overlap = max((jaccard(members, cluster.member_rows) for cluster in flagged), default=0.0)
-    return {"flag_gone": overlap < SAME_FINDING_JACCARD, "jaccard": overlap, "flags_in_class": len(flagged)}
+    # the finding's own members tested again on the corrected model, whatever the clustering
+    # now makes of them: does their evidence still move other classes' images?
+    tester = CandidateTester(heatmaps, case.train_labels, lambda rows: case.train_images[rows], predict, confirm)
+    retest, _ = tester.test(SimpleNamespace(member_rows=members), class_id, seed=0)
+    lift = None if retest.get("paste") is None else float(retest["paste"]["rate"] - retest["control"]["rate"])
+    return {"flag_gone": overlap < SAME_FINDING_JACCARD, "jaccard": overlap, "flags_in_class": len(flagged),
+            "retest": retest["status"], "retest_lift": lift}
 
 
 def true_stamp(case: Case):
@@ -309,7 +319,10 @@ def reaudit_cell(audited: dict | None) -> str:
     """The re-audit's column: whether the flag is gone, with the best overlap of a flagged cluster."""
     if audited is None:
         return "-"
-    return f"{'gone' if audited['flag_gone'] else 'persists'} (J {audited['jaccard']:.2f}, {audited['flags_in_class']} flags)"
+    retest = audited.get("retest", "-")
+    lift = audited.get("retest_lift")
+    return (f"{'gone' if audited['flag_gone'] else 'persists'} (J {audited['jaccard']:.2f}, {audited['flags_in_class']} flags; "
+            f"members re-tested: {retest}{'' if lift is None else f' {lift:+.2f}'})")
 
 
 def summary(rows: list[dict], methods: list[str]) -> None:
@@ -328,15 +341,23 @@ def summary(rows: list[dict], methods: list[str]) -> None:
         return f"{sum(bool(item.get(goal, item['goal'])) and bool(gone(item)) for item in items)}/{len(items)}"
 
     print("\n| method | cases reaching the goal (its attack) | and the re-audit clears the flag | on the true stamp | "
-          "and the re-audit clears the flag | flag gone where the goal is missed | median recovered | median clean change pt | median s |"
+          "and the re-audit clears the flag | flag gone where the goal is missed (its attack; true stamp) | median recovered | median clean change pt | median s |"
           "\n|---|---|---|---|---|---|---|---|---|")
     for method in methods:
         items = [row for row in rows if row["method"] == method]
         recovered = [row["recovered"] for row in items if row["recovered"] is not None]
         missed = [row for row in items if gone(row) is not None and not row["goal"]]
+        missed_true = [row for row in items if gone(row) is not None and not row.get("true_goal", row["goal"])]
         print(f"| {method} | {share(items)} | {with_reaudit(items, 'goal')} | {true_share(items)} | {with_reaudit(items, 'true_goal')} | "
-              f"{sum(bool(gone(row)) for row in missed)}/{len(missed)} | {np.median(recovered) if recovered else float('nan'):.2f} | "
+              f"{sum(bool(gone(row)) for row in missed)}/{len(missed)}; {sum(bool(gone(row)) for row in missed_true)}/{len(missed_true)} | {np.median(recovered) if recovered else float('nan'):.2f} | "
               f"{100 * np.median([row['clean_change'] for row in items]):+.1f} | {np.median([row['seconds'] for row in items]):.0f} |")
+    retested = [row for row in rows if row["method"] == methods[0] and (row.get("reaudit") or {}).get("retest") is not None]
+    if retested:
+        print("\n| the finding's members re-tested on the corrected model | goal reached on the true stamp | goal missed on the true stamp |\n|---|---|---|")
+        for status in ("confirmed", "rejected", "untested"):
+            reached = sum(row["reaudit"]["retest"] == status and bool(row.get("true_goal", row["goal"])) for row in retested)
+            missed = sum(row["reaudit"]["retest"] == status and not row.get("true_goal", row["goal"]) for row in retested)
+            print(f"| {status} | {reached} | {missed} |")
     for field in ("kind", "fraction", "regime", "arch"):
         groups: dict[str, list[dict]] = defaultdict(list)
         for row in rows:
