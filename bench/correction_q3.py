@@ -159,7 +159,8 @@ def top_finding(spec: CaseSpec) -> dict | None:
 
 def reaudit(case: Case, model: torch.nn.Module, finding: dict) -> dict:
     """The audit again on the corrected ``model``, in the finding's class: the detection bench's
-    explanation of every audited (training) image, spray's analysis in the audit's spaces and
+    explanation of the class's audited (training) images (the other classes are hosts of the
+    causal test, read as images only), spray's analysis in the audit's spaces and
     its causal test at spray's defaults (as ``spray.audit.analyse``). The flag is **gone** when
     no flagged cluster of the class shares at least ``SAME_FINDING_JACCARD`` of its members
     with the finding (``spray.correction.reaudit.match_flag``'s rule). Beside it (measured,
@@ -178,7 +179,7 @@ def reaudit(case: Case, model: torch.nn.Module, finding: dict) -> dict:
 
     class_id, members = int(finding["class"]), np.asarray(finding["members"], dtype=np.int64)
     explained = dataclasses.replace(case, model=explainable_model(model))
-    heatmaps, concepts = explain(explained)
+    heatmaps, concepts = explain(explained, rows=np.flatnonzero(case.train_labels == class_id))
     spaces = (HEATMAP_SPACE, *(concept_space(layer) for layer in case.concept_layers))
     config = SprayConfig(embedding="spectral", random_state=case.spec.seed, spaces=spaces)
     analyses = analyze_spaces(heatmaps, case.train_labels, case.class_names, config, concepts=concepts, classes=[class_id])

@@ -139,21 +139,32 @@ HOST_OVERLAY_GRID = {
 AUDIT = "audit"
 
 
-def explain(case: Case, batch: int = 500) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Heatmaps (N, H, W) of the true label's logit and concept relevances per concept layer."""
+def explain(case: Case, batch: int = 500, rows: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Heatmaps (N, H, W) of the true label's logit and concept relevances per concept layer;
+    with ``rows``, only those rows are explained and every other row stays zero (the arrays
+    keep all N rows, so analyses and the causal test index them as usual)."""
     settings = AttributionSettings(
         composite="epsilon_plus_flat", canonizers=case.canonizers, layers=case.concept_layers, device="cpu"
     )
     explainer = make_explainer(case.model, settings)
+    chosen = np.arange(len(case.train_images)) if rows is None else np.asarray(rows, dtype=np.int64)
     heatmaps, concepts = [], defaultdict(list)
-    for start in range(0, len(case.train_images), batch):
-        x = torch.from_numpy(case.train_images[start : start + batch])
-        y = torch.from_numpy(case.train_labels[start : start + batch])
-        explanation = explainer.explain(x, y)
+    for start in range(0, len(chosen), batch):
+        part = chosen[start : start + batch]
+        explanation = explainer.explain(torch.from_numpy(case.train_images[part]), torch.from_numpy(case.train_labels[part]))
         heatmaps.append(explanation.heatmaps.numpy())
         for layer, values in explanation.concepts.items():
             concepts[layer].append(values.numpy())
-    return np.concatenate(heatmaps), {layer: np.concatenate(parts) for layer, parts in concepts.items()}
+    explained = np.concatenate(heatmaps), {layer: np.concatenate(parts) for layer, parts in concepts.items()}
+    if rows is None:
+        return explained
+
+    def full(values: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(case.train_images), *values.shape[1:]), dtype=values.dtype)
+        out[chosen] = values
+        return out
+
+    return full(explained[0]), {layer: full(values) for layer, values in explained[1].items()}
 
 
 def evidence_key(area: float, mass: float) -> str:
