@@ -59,9 +59,6 @@ OVERLAY_CONTROLS = ("peak", "ink")
 #: tune keeps the higher bars of a tie). Three watermark backdoors more are found and two
 #: others move from their clean side to the stamped one (docs/analysis.md, "bench Q3").
 DEFAULT_HOST_OVERLAY_MIN_LIFT = 0.5
-#: What an overlay is taken against: the rest of the members' class, or the other classes'
-#: images it is added to (``EvidenceSetting.reference``).
-OVERLAY_REFERENCES = ("rest", "hosts")
 
 
 class EvidenceSetting(NamedTuple):

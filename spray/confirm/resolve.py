@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from spray.analysis.result import ClassAnalysis, ClusterResult
+from spray.confirm.test import overlay_name
 from spray.findings import SAME_FINDING_JACCARD, jaccard
 
 
@@ -260,8 +261,7 @@ def outrank(
         area = evidence.get("area")
         own, theirs = own_lifts[position], their_lifts[position]
         where = f" with evidence of at most {area:.0%} of the image" if isinstance(area, (int, float)) else ""
-        if evidence.get("overlay"):
-            where = " with the members' mean overlay" + (" over other classes'" if evidence.get("reference") == "hosts" else "")
+        where = f" with {overlay_name(evidence.get('reference'))}" if evidence.get("overlay") else where
     if whole_class:
         comparison = (
             f"({own:+.0%} over the control at its strongest setting), but cluster {strongest.cluster_id} of the "

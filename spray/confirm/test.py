@@ -163,13 +163,18 @@ def removal_outcome(
 REGION_WORDING = ("pasting the evidence", "the same regions copied from the rest of the class")
 
 
+def overlay_name(reference: str | None) -> str:
+    """What an overlay setting adds, in words: the members' mean overlay, taken against the
+    rest of their class or (``reference`` ``"hosts"``) against the other classes' images."""
+    return "the members' mean overlay" + (" over other classes' mean image" if reference == "hosts" else "")
+
+
 def overlay_wording(control: str, reference: str = "rest") -> tuple[str, str]:
     """:func:`decide`'s words for an overlay setting with its control scaled by ``control``
     (``"peak"`` or ``"ink"``, ``[confirm] overlay_control``), the overlay taken against
     ``reference`` (``"rest"`` of the class or the ``"hosts"``)."""
     scale = "brightest pixel" if control == "peak" else "total added ink"
-    action = "adding the members' mean overlay" + (" over other classes' mean image" if reference == "hosts" else "")
-    return action, f"the rest of the class's mean overlay at the same {scale}"
+    return f"adding {overlay_name(reference)}", f"the rest of the class's mean overlay at the same {scale}"
 
 
 def decide(

@@ -31,6 +31,7 @@ from spray.report import plots
 from spray.report.config import ReportConfig
 from spray.report.context import ClusterAtlas, ConceptPicture, ReportContext
 from spray.report.rows import representatives, take_rows, texts_at
+from spray.confirm.test import overlay_name
 from spray.report.summary import class_name, confirmation_status, sorted_analyses, sorted_clusters
 from spray.verdict import describe_incomplete
 
@@ -410,8 +411,7 @@ def _confirmation_view(confirmation: dict[str, Any] | None) -> ConfirmationView 
             evidence = entry.get("evidence") or {}
             area = _number(evidence.get("area"))
             name = "evidence of at most " + ("?" if area is None else f"{area:.0%}") + " of the image"
-            if evidence.get("overlay"):
-                name = "the members' mean overlay" + (" over other classes'" if evidence.get("reference") == "hosts" else "") + ", added"
+            name = f"{overlay_name(evidence.get('reference'))}, added" if evidence.get("overlay") else name
             lines.append(_test_line(entry.get("paste"), f"{name}: pasted", "moved", "moved", "mean \u0394P", "gain"))
             lines.append(_test_line(entry.get("control"), f"{name}: control", "moved", "moved", "mean \u0394P", "gain"))
     for part in confirmation.get("joined") or []:
