@@ -35,7 +35,7 @@ loss with at most 0.5 pt of clean accuracy lost. Prints one row per case and met
 share of cases reaching the goal per method, artifact kind, fraction, regime and
 architecture. Each corrected model is **re-audited** (``--no-reaudit`` skips it): spray's
 analysis and causal test of the finding's class on the corrected model's explanations of the
-audited images; the flag is gone when no flagged cluster of the class shares half the
+class's audited images; the flag is gone when no flagged cluster of the class shares half the
 finding's members (``spray correct``'s rule). The summary counts the cases reaching the goal
 *and* clearing the flag, and the flags gone where the goal was missed (a re-audit that
 clears an unfixed model would be a wrong last word).
