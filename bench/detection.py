@@ -136,6 +136,13 @@ HOST_OVERLAY_GRID = {
     ),
     "host_overlay_min_lift": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
 }
+#: The fifth stage, around spray's current defaults (``--refine``): the lift a cluster holding
+#: most of its class must reach at every setting (None: no extra bar). Added after draw 11,
+#: whose two clean models were flagged on a majority side that lifted +0.23 and +0.27 over a
+#: control pasted from the small, atypical rest of the class.
+MAJORITY_GRID = {
+    "majority_min_lift": (None, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+}
 AUDIT = "audit"
 
 
@@ -232,8 +239,8 @@ class OverlayOnly(ConfirmConfig):
     """The causal test at the overlay settings only (the relevance settings of
     ``EVIDENCE_GRID`` are run one by one): the draws are those of an audit's overlay settings."""
 
-    def evidence_settings(self, low_score: bool = False) -> tuple:
-        return tuple(setting for setting in super().evidence_settings(low_score) if setting.overlay)
+    def evidence_settings(self, low_score: bool = False, majority: bool = False) -> tuple:
+        return tuple(setting for setting in super().evidence_settings(low_score, majority) if setting.overlay)
 
 
 def overlay_config(key: str, seed: int) -> ConfirmConfig:
@@ -387,17 +394,22 @@ class Rule:
     yardstick_confirmed: bool = False
     #: the lift that confirms with the members' mean overlay against the hosts (``OVERLAY_HOSTS``)
     host_overlay_min_lift: float | None = None
+    #: the least lift at every setting for a cluster holding more than half its class (None: no extra bar)
+    majority_min_lift: float | None = None
 
-    def lift_needed(self, key: str, position: int, low_score: bool = False) -> float:
+    def lift_needed(self, key: str, position: int, low_score: bool = False, majority: bool = False) -> float:
         """The lift that confirms at the ``position``-th evidence setting of the rule (record
-        key ``key``), for a candidate or for a cluster scoring under the threshold (``low_score``)."""
+        key ``key``), for a candidate or for a cluster scoring under the threshold (``low_score``),
+        holding more than half of its class or not (``majority``)."""
         if key == OVERLAY_HOSTS and self.host_overlay_min_lift is not None:
             needed = self.host_overlay_min_lift
         elif key in (OVERLAY, OVERLAY_INK) and self.overlay_min_lift is not None:
             needed = self.overlay_min_lift
         else:
             needed = self.min_lift if position == 0 or self.wide_min_lift is None else self.wide_min_lift
-        return max(needed, self.low_score_lift) if low_score and self.low_score_lift is not None else needed
+        if low_score and self.low_score_lift is not None:
+            needed = max(needed, self.low_score_lift)
+        return max(needed, self.majority_min_lift) if majority and self.majority_min_lift is not None else needed
 
     def flags(self, record: dict, space: str | None = None) -> list[dict]:
         """The clusters this rule flags. Every cluster is tested here (no candidate cap), so a
@@ -405,7 +417,12 @@ class Rule:
         evidence settings, a cluster is judged at the one where it lifts most among those where
         it confirms (as :class:`spray.confirm.run.CandidateTester` does). The confirmed ones are
         settled by spray's own :func:`spray.confirm.resolve.resolve`, with their lifts at every
-        setting: outranked ones are dropped, joined ones merged into their head."""
+        setting: outranked ones are dropped, joined ones merged into their head. A cluster
+        holding more than half of its analysis's rows needs ``majority_min_lift`` as well."""
+        sizes = defaultdict(int)  # an analysis's clusters cover its rows
+        for c in record["clusters"]:
+            if c["ratio"] == self.ratio:
+                sizes[(c["class"], c["space"])] += c["size"]
         chosen = []
         for c in record["clusters"]:
             low_score = c["score"] < self.threshold
@@ -419,7 +436,8 @@ class Rule:
             confirms = tuple(
                 test["paste"] is not None
                 and test["paste"]["low"] >= self.min_paste_rate
-                and test["paste"]["rate"] - test["control"]["rate"] >= self.lift_needed(key, position, low_score)
+                and test["paste"]["rate"] - test["control"]["rate"]
+                >= self.lift_needed(key, position, low_score, 2 * c["size"] > sizes[(c["class"], c["space"])])
                 for position, (key, test) in enumerate(zip(keys, tests))
             )
             passing = [
@@ -434,10 +452,6 @@ class Rule:
                     **c, "paste": paste, "control": control, "lifts": lifts if complete else (),
                     "confirms": confirms if complete and self.yardstick_confirmed else (),
                 })
-        sizes = defaultdict(int)  # an analysis's clusters cover its rows
-        for c in record["clusters"]:
-            if c["ratio"] == self.ratio:
-                sizes[(c["class"], c["space"])] += c["size"]
         chosen = [{**c, "analysis_size": sizes[(c["class"], c["space"])]} for c in chosen]
         kept = chosen if self.dominance is None else settled(chosen, self.dominance, self.wide_dominance)
         return sorted(kept, key=lambda c: -c["score"])
@@ -520,8 +534,8 @@ def summarise(records: list[dict], rule: Rule, space: str | None = None) -> dict
 
 def tune(records: list[dict], ratios: tuple[float, ...], refine_from: Rule | None = None) -> Rule:
     """The dev rule: most relied-on cases found, then fewest false-flag models, then highest
-    F1 (first ``RULE_GRID``, then ``REFINE_GRID`` around its best rule, then ``OVERLAY_GRID``
-    and ``HOST_OVERLAY_GRID``, each around the one before). Among rules of the first stage that tie, the first in grid order is kept;
+    F1 (first ``RULE_GRID``, then ``REFINE_GRID`` around its best rule, then ``OVERLAY_GRID``,
+    ``HOST_OVERLAY_GRID`` and ``MAJORITY_GRID``, each around the one before). Among rules of the first stage that tie, the first in grid order is kept;
     among those of the later ones, the strictest (the highest bars: fewer flags where the dev
     cases cannot tell). ``refine_from``: only the last stage, around this rule (the earlier
     stages' choices stand when the records of their settings did not change)."""
@@ -533,6 +547,7 @@ def tune(records: list[dict], ratios: tuple[float, ...], refine_from: Rule | Non
             1.0 if not {OVERLAY, OVERLAY_INK} & set(keys) or rule.overlay_min_lift is None else rule.overlay_min_lift,
             0.0 if rule.yardstick_confirmed else 1.0,  # the settling of draw 8 when they tie
             1.0 if OVERLAY_HOSTS not in keys or rule.host_overlay_min_lift is None else rule.host_overlay_min_lift,
+            0.0 if rule.majority_min_lift is None else rule.majority_min_lift,
         )
 
     def ranked(rules: list[Rule], strict: bool = False) -> Rule:
@@ -554,18 +569,15 @@ def tune(records: list[dict], ratios: tuple[float, ...], refine_from: Rule | Non
     def around(best: Rule, grid: dict) -> Rule:
         return ranked([dataclasses.replace(best, **dict(zip(grid, v))) for v in itertools.product(*grid.values())], strict=True)
 
-    if refine_from is None:
-        best = around(around(ranked(first), REFINE_GRID), OVERLAY_GRID)
-    else:
-        best = refine_from
-    return around(best, HOST_OVERLAY_GRID)
+    if refine_from is not None:
+        return around(refine_from, MAJORITY_GRID)
+    return around(around(around(around(ranked(first), REFINE_GRID), OVERLAY_GRID), HOST_OVERLAY_GRID), MAJORITY_GRID)
 
 
-#: The constants judged on test draws 9 and 10 (the overlay against the rest of the class,
-#: its control at the same brightest pixel, lift 0.3; anchors a yardstick only where they
-#: confirm): printed beside the current rule with ``--previous``, a paired comparison on the
-#: same records (nothing is chosen from it).
-PREVIOUS_RULE = Rule(1.5, 0.6, 0.2, 0.2, 0.85, f"0.3/0.5+0.5/0.9+{OVERLAY}", 0.6, 0.4, 0.6, 0.3, True)
+#: The constants judged on test draw 11 (the members' mean overlay against the hosts, lift
+#: 0.5; no extra bar for a cluster holding most of its class): printed beside the current
+#: rule with ``--previous``, a paired comparison on the same records (nothing is chosen from it).
+PREVIOUS_RULE = Rule(1.5, 0.6, 0.2, 0.2, 0.85, f"0.3/0.5+0.5/0.9+{OVERLAY_HOSTS}", 0.6, 0.4, 0.6, None, True, 0.5)
 
 
 def changed_cases(records: list[dict], rule: Rule, previous: Rule) -> list[str]:
@@ -590,6 +602,7 @@ def default_rule() -> Rule:
         confirm.overlay_min_lift if confirm.overlay_evidence else None,
         YARDSTICK_WHERE_CONFIRMED,
         confirm.host_overlay_min_lift if confirm.host_overlay_evidence else None,
+        confirm.majority_min_lift or None,
     )
 
 
@@ -678,8 +691,11 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="dev only: score every rule and print the best")
     parser.add_argument("--extra", action="store_true",
                         help="dev only: add the extra watermark cases (bench/cases.py extra_dev_cases)")
+    parser.add_argument("--min-fraction", type=float, default=None,
+                        help="only the planted cases on at least this share of their class (clean and multi-modal cases stay): "
+                             "the cases a bar for clusters holding most of their class can change")
     parser.add_argument("--refine", action="store_true",
-                        help="with --tune: only the last stage (HOST_OVERLAY_GRID), around spray's current defaults")
+                        help="with --tune: only the last stage (MAJORITY_GRID), around spray's current defaults")
     parser.add_argument(
         "--ratios", type=float, nargs="+", default=None,
         help="min_eigen_ratio values to analyse with (default: all of EIGEN_RATIOS with --tune, else spray's default)",
@@ -694,6 +710,8 @@ def main() -> None:
         parser.error("--extra adds dev-split cases.")
     specs = select(generate_cases(args.split, args.size, args.draw), args.planted, args.clean, args.multimodal)
     specs += extra_dev_cases() if args.extra else []
+    if args.min_fraction is not None:
+        specs = [spec for spec in specs if not spec.planted or spec.fraction >= args.min_fraction]
     if args.shard:
         try:
             index, count = (int(part) for part in args.shard.split("/"))

@@ -59,6 +59,17 @@ OVERLAY_CONTROLS = ("peak", "ink")
 #: tune keeps the higher bars of a tie). Three watermark backdoors more are found and two
 #: others move from their clean side to the stamped one (docs/analysis.md, "bench Q3").
 DEFAULT_HOST_OVERLAY_MIN_LIFT = 0.5
+#: The lift a candidate holding most of its class must reach at every setting. Its control's
+#: donors come from the rest of the class, which for a majority cluster is a small remainder
+#: that is unusual by construction (what the class's typical images are not): pasted from it,
+#: even the object's own parts move hosts less, so a legitimate majority lifts over it.
+#: Set on the dev split (its 32 planted cases on 60-90 % of a class, 24 clean models, 12
+#: two-mode classes): 0.3-0.6 tie (one extra flag fewer than no bar, nothing lost), 0.7 loses
+#: a relied-on artifact. Confirmed majority clusters there lift at most +0.33 when they are
+#: not an artifact the model relies on and at least +0.61 when they are; 0.5 keeps a margin
+#: on both sides (the tune's tie rule would take 0.6, none above the smallest artifact).
+#: 0 means no extra bar (docs/analysis.md, "bench Q3").
+DEFAULT_MAJORITY_MIN_LIFT = 0.5
 
 
 class EvidenceSetting(NamedTuple):
@@ -134,6 +145,11 @@ class ConfirmConfig:
             by position into small clusters scores low but pastes as strongly as a whole one.
         low_score_min_lift: such a cluster is flagged only when it confirms with at least
             this lift (at each setting: the larger of this and the setting's own).
+        majority_min_lift: a candidate holding more than half of its class's samples confirms
+            only with at least this lift (at each setting: the larger of this and the
+            setting's own; 0: no extra bar). Its control is pasted from the small rest of
+            the class, which is atypical by construction, so even a legitimate majority's
+            object parts lift over it; an artifact on most of a class still lifts far more.
         batch_size: images per forward pass.
         random_state: seeds every draw (the job's seed).
     """
@@ -159,17 +175,20 @@ class ConfirmConfig:
     wide_dominance: float = setting(DEFAULT_WIDE_DOMINANCE, Range(0.0, 1.0), doc="the same share at the wide evidence setting")
     max_low_score: int = setting(DEFAULT_MAX_LOW_SCORE, Range(0), doc="clusters under the score threshold also tested, highest score first")
     low_score_min_lift: float = setting(DEFAULT_LOW_SCORE_MIN_LIFT, Range(0.0, 1.0), doc="move rate above the control's that flags a cluster under the score threshold")
+    majority_min_lift: float = setting(DEFAULT_MAJORITY_MIN_LIFT, Range(0.0, 1.0), doc="move rate above the control's that confirms a candidate holding most of its class")
     batch_size: int = setting(128, Range(1), doc="images per forward pass")
     random_state: int = setting(0, Range(0, 2**32 - 1), doc="seed of every draw (the job's seed)", job_key=False)
 
     def __post_init__(self) -> None:
         validate(self)
 
-    def evidence_settings(self, low_score: bool = False) -> tuple[EvidenceSetting, ...]:
+    def evidence_settings(self, low_score: bool = False, majority: bool = False) -> tuple[EvidenceSetting, ...]:
         """The settings each candidate is tested with, the default one first, then the wide
-        one and the overlays (against the rest of the class, then the hosts); for a cluster scoring under the threshold (``low_score``) each
-        lift is at least ``low_score_min_lift``."""
-        floor = self.low_score_min_lift if low_score else 0.0
+        one and the overlays (against the rest of the class, then the hosts); for a cluster
+        scoring under the threshold (``low_score``) each lift is at least
+        ``low_score_min_lift``, for one holding most of its class (``majority``) at least
+        ``majority_min_lift``."""
+        floor = max(self.low_score_min_lift if low_score else 0.0, self.majority_min_lift if majority else 0.0)
         narrow = EvidenceSetting(self.evidence_area, self.evidence_mass, max(self.min_lift, floor))
         settings = [narrow]
         if self.wide_evidence and (self.wide_evidence_area, self.wide_evidence_mass) != (self.evidence_area, self.evidence_mass):

@@ -128,6 +128,8 @@ its test confirmed it (``[confirm] max_low_score``): the record then has ``"low_
 and its ``evidence.min_lift`` is the larger ``low_score_min_lift``; or when the test did not
 reach it (beyond the cap, or the test switched off): ``"status": "untested"`` with
 ``"low_score": true``, not flagged, counted in ``untested_low_score``.
+A candidate holding more than half of its class's samples is tested with every lift at
+least ``[confirm] majority_min_lift`` (when it is above 0): its record has ``"majority": true``.
 When the candidate was tested at several evidence settings (``[confirm] wide_evidence``,
 ``overlay_evidence``, ``host_overlay_evidence``), the record is the setting that lifts most among those that confirm
 (else the one that lifts most), and ``"settings"`` lists every setting's ``evidence``,

@@ -37,6 +37,13 @@ def _shift(audit: digits.Audit, stamp) -> float:
 #: (Wilson lower bound 0.18), under the default ``min_paste_rate`` of 0.2, which the dev split
 #: chose to keep false flags down; ``test_a_weak_shortcut_is_missed_at_the_defaults`` pins that.
 SENSITIVE = ConfirmConfig(min_paste_rate=0.05, min_lift=0.1, random_state=0)
+#: The majority patch below is a weak shortcut too: its evidence lifts +0.34 over the control
+#: at the narrow setting, +0.54 and +0.49 at the wide one and the hosts' overlay (under their
+#: bars of 0.6 and 0.5), so it confirms only at the narrow setting, under the default
+#: ``majority_min_lift`` of 0.5 that the dev split chose against legitimate majorities
+#: (lifting up to +0.33 there); ``test_a_weak_majority_shortcut_is_missed_at_the_defaults``
+#: pins that cost. With the bar at 0.3 (the low end of the dev tie) it is flagged.
+MAJORITY_SENSITIVE = ConfirmConfig(majority_min_lift=0.3, random_state=0)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +55,7 @@ def minority():
 @pytest.fixture(scope="module")
 def majority():
     images, labels, stamped = digits.plant(digits.patch, 0.7, seed=0)
-    return digits.audit(images, labels, seed=0), stamped
+    return digits.audit(images, labels, seed=0, confirm_config=MAJORITY_SENSITIVE), stamped
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +94,22 @@ def test_a_majority_patch_is_flagged_on_the_stamped_side(majority):
     # measured: precision 1.00, recall 1.00 (128 of 128); the clean side moved 20/192, its control 26/192
     assert precision >= 0.9 and recall >= 0.8
     assert top.size > 0.5 * (audit.labels == digits.TARGET).sum()
+    assert top.confirmation["majority"] and top.confirmation["evidence"]["min_lift"] == 0.3
+
+
+def test_a_weak_majority_shortcut_is_missed_at_the_defaults(majority):
+    """The cost of the default majority bar: the same stamped side, tested at spray's
+    defaults, lifts +0.34 at the narrow setting and confirms at no setting."""
+    audit, stamped = majority
+    defaults = ConfirmConfig(random_state=0)
+    tester = CandidateTester(audit.heatmaps, audit.labels, lambda rows: audit.images[rows], digits.predictor(audit.net), defaults)
+    stamped_side = ClusterResult(0, np.sort(stamped), 0.9, True, {}, np.zeros((1, 1)), candidate=True)
+    record, _ = tester.test(stamped_side, digits.TARGET, seed=0)
+    lifts = [entry["paste"]["rate"] - entry["control"]["rate"] for entry in record["settings"]]
+    bars = [entry["evidence"]["min_lift"] for entry in record["settings"]]
+    assert record["status"] == "rejected" and record["majority"] and "holds 128 of its class's 183 samples" in record["reason"]
+    assert 0.3 <= lifts[0] < defaults.majority_min_lift == bars[0] and all(lift < bar for lift, bar in zip(lifts, bars))
+    assert bars[1:] == [defaults.wide_min_lift, defaults.host_overlay_min_lift]
 
 
 def test_a_merged_two_mode_class_is_split_but_not_flagged(merged):

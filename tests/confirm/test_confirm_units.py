@@ -318,3 +318,48 @@ def test_a_watermark_backdoor_lost_against_its_class_is_confirmed_against_the_ho
 
 def _cluster(members: np.ndarray) -> ClusterResult:
     return ClusterResult(9, members, 0.9, True, {}, np.zeros((2, 2), np.float32), candidate=True)
+
+
+def _cornered(corner: np.ndarray, n_class: int = 40) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """40 images of class 0 and ``n_class`` of class 1, a blob in the middle; class 1's images
+    get ``corner`` (one brightness per image) in the top-left corner, and the heatmaps of
+    those with a bright one look there."""
+    images = np.zeros((40 + n_class, 1, SIDE, SIDE), np.float32)
+    images[:, 0, 4:8, 4:8] = 0.6
+    images[40:, 0, :2, :2] = corner[:, None, None]
+    labels = np.r_[np.zeros(40, int), np.ones(n_class, int)]
+    heatmaps = np.zeros((40 + n_class, SIDE, SIDE), np.float32)
+    heatmaps[:, 4:8, 4:8] = 1.0
+    heatmaps[40:][corner > 0.2, :2, :2] = 4.0
+    return images, labels, heatmaps
+
+
+def test_a_cluster_holding_most_of_its_class_needs_the_majority_lift():
+    """A majority side pasted against the small rest of its class lifts over a control that is
+    atypical by construction. Here 30 of 40 class-1 images have a middling corner (half of
+    them past the corner model's 0.5), the other 10 none: the majority's evidence lifts
+    about +0.5 and confirms at the plain bar, not with ``majority_min_lift`` 0.7; a stamped
+    majority (full corner, lift about +1.0) confirms at any bar, and a minority of the same
+    middling corner is not held to the majority's bar."""
+    rng = np.random.default_rng(0)
+    middling = np.r_[rng.uniform(0.35, 0.65, 30), np.zeros(10)].astype(np.float32)
+    majority = np.arange(40, 70)
+
+    def tested(corner: np.ndarray, members: np.ndarray, majority_min_lift: float) -> dict:
+        images, labels, heatmaps = _cornered(corner)
+        config = ConfirmConfig(members=24, hosts=8, majority_min_lift=majority_min_lift, wide_evidence=False,
+                               host_overlay_evidence=False)
+        tester = CandidateTester(heatmaps, labels, lambda rows: images[rows], corner_model, config)
+        record, _ = tester.test(ClusterResult(1, members, 0.9, True, {}, np.zeros((2, 2), np.float32)), 1, seed=0)
+        return record
+
+    plain, barred = tested(middling, majority, 0.0), tested(middling, majority, 0.7)
+    lift = plain["paste"]["rate"] - plain["control"]["rate"]
+    assert 0.3 <= lift < 0.7 and plain["status"] == "confirmed" and "majority" not in plain
+    assert barred["status"] == "rejected" and barred["majority"] and barred["evidence"]["min_lift"] == 0.7
+    assert "holds 30 of its class's 40 samples" in barred["reason"]
+    stamped = tested(np.r_[np.ones(30), np.zeros(10)].astype(np.float32), majority, 0.7)
+    assert stamped["status"] == "confirmed" and stamped["paste"]["rate"] - stamped["control"]["rate"] >= 0.9
+    minority = tested(np.r_[np.zeros(30), middling[:10]].astype(np.float32), np.arange(70, 80), 0.8)
+    assert "majority" not in minority and minority["evidence"]["min_lift"] == ConfirmConfig().min_lift
+    assert minority["status"] == "confirmed" and minority["paste"]["rate"] - minority["control"]["rate"] < 0.8

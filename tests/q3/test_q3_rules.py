@@ -140,3 +140,29 @@ def test_the_overlay_against_the_hosts_has_its_own_bar_and_spray_s_defaults_name
     confirm, default = ConfirmConfig(), default_rule()
     assert default.evidence.split("+") == [setting_key(s, confirm) for s in confirm.evidence_settings()]
     assert default.evidence.endswith("+overlay-hosts") and default.host_overlay_min_lift == confirm.host_overlay_min_lift
+
+
+def test_a_majority_side_needs_the_majority_lift_at_every_setting_and_spray_s_defaults_name_it():
+    """A clean class split 700/100: the typical side lifts +0.27 over the atypical rest and is
+    flagged without the majority bar, not with it; a stamp on 700 of 800 lifts +0.9 and stays
+    flagged; a 100-sample minority is held only to the plain bar."""
+    clean = {"clusters": [
+        _tested(range(0, 700), 0.8, {"0.3/0.5": (0.37, 0.1), "0.5/0.9": (0.5, 0.3)}),
+        _tested(range(700, 800), 0.7, {"0.3/0.5": (0.1, 0.2), "0.5/0.9": (0.2, 0.4)}),
+    ]}
+    stamped = {"clusters": [
+        _tested(range(0, 700), 0.8, {"0.3/0.5": (0.95, 0.05), "0.5/0.9": (0.97, 0.1)}, hits=700),
+        _tested(range(700, 800), 0.7, {"0.3/0.5": (0.05, 0.6), "0.5/0.9": (0.1, 0.7)}),
+    ]}
+    minority = {"clusters": [
+        _tested(range(0, 700), 0.7, {"0.3/0.5": (0.1, 0.1), "0.5/0.9": (0.2, 0.2)}),
+        _tested(range(700, 800), 0.8, {"0.3/0.5": (0.4, 0.1), "0.5/0.9": (0.5, 0.3)}, hits=100),
+    ]}
+    plain = Rule(1.5, 0.6, 0.2, 0.2, 0.85, "0.3/0.5+0.5/0.9", 0.6, 0.4, None)
+    barred = dataclasses.replace(plain, majority_min_lift=0.5)
+    assert [f["size"] for f in plain.flags(clean)] == [700] and barred.flags(clean) == []
+    assert [f["hits"] for f in barred.flags(stamped)] == [700]
+    assert [f["hits"] for f in barred.flags(minority)] == [100]
+    assert barred.lift_needed("0.3/0.5", 0, majority=True) == 0.5 and barred.lift_needed("0.5/0.9", 1, majority=True) == 0.6
+    confirm = ConfirmConfig()
+    assert default_rule().majority_min_lift == (confirm.majority_min_lift or None)
