@@ -61,7 +61,6 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -161,20 +160,21 @@ def reaudit(case: Case, model: torch.nn.Module, finding: dict) -> dict:
     """The audit again on the corrected ``model``, in the finding's class: the detection bench's
     explanation of the class's audited (training) images (the other classes are hosts of the
     causal test, read as images only), spray's analysis in the audit's spaces and
-    its causal test at spray's defaults (as ``spray.audit.analyse``). The flag is **gone** when
-    no flagged cluster of the class shares at least ``SAME_FINDING_JACCARD`` of its members
-    with the finding (``spray.correction.reaudit.match_flag``'s rule). Beside it (measured,
-    not part of the goal): the finding's own members causally tested again on the corrected
-    model (``retest``, ``retest_lift``), which does not depend on how the clustering regroups
-    them."""
+    its causal test at spray's defaults (as ``spray.audit.analyse``). The flag is **gone** by
+    ``spray correct``'s rule (``spray.correction.reaudit.gone``): no flagged cluster of the class
+    shares at least ``SAME_FINDING_JACCARD`` of its members with the finding, and the finding's
+    own members, causally tested again on the corrected model, no longer move other classes'
+    images beyond chance (``spray.correction.retest``; ``follows``, ``retest_lift`` and the
+    interval's ``retest_low``). ``overlap_gone`` keeps the overlap rule alone (draw 11's)."""
     from bench.detection import explain
     from spray.analysis.config import HEATMAP_SPACE, SprayConfig, concept_space
     from spray.analysis.pipeline import analyze_spaces
     from spray.attribution.settings import AttributionSettings
     from spray.confirm.config import ConfirmConfig
     from spray.confirm.predictor import model_predictor
-    from spray.confirm.run import CandidateTester, confirm_analyses
-    from spray.correction.reaudit import explainable_model
+    from spray.confirm.run import confirm_analyses
+    from spray.correction.reaudit import explainable_model, gone
+    from spray.correction.retest import retest_members
     from spray.findings import SAME_FINDING_JACCARD, jaccard
 
     class_id, members = int(finding["class"]), np.asarray(finding["members"], dtype=np.int64)
@@ -191,11 +191,14 @@ def reaudit(case: Case, model: torch.nn.Module, finding: dict) -> dict:
     overlap = max((jaccard(members, cluster.member_rows) for cluster in flagged), default=0.0)
     # the finding's own members tested again on the corrected model, whatever the clustering
     # now makes of them: does their evidence still move other classes' images?
-    tester = CandidateTester(heatmaps, case.train_labels, lambda rows: case.train_images[rows], predict, confirm)
-    retest, _ = tester.test(SimpleNamespace(member_rows=members), class_id, seed=0)
-    lift = None if retest.get("paste") is None else float(retest["paste"]["rate"] - retest["control"]["rate"])
-    return {"flag_gone": overlap < SAME_FINDING_JACCARD, "jaccard": overlap, "flags_in_class": len(flagged),
-            "retest": retest["status"], "retest_lift": lift}
+    retest = retest_members(heatmaps, case.train_labels, lambda rows: case.train_images[rows], predict, confirm, members, class_id)
+    strongest = retest["strongest"] or {}
+    return {"flag_gone": gone(overlap >= SAME_FINDING_JACCARD, retest), "overlap_gone": overlap < SAME_FINDING_JACCARD,
+            "jaccard": overlap, "flags_in_class": len(flagged), "retest": retest["status"], "follows": retest["follows"],
+            # the variants the judging settings were chosen among (dev): every setting judging, the audit's own bars
+            "follows_any_setting": any(facts["low"] > 0 for facts in retest["settings"]),
+            "retest_lows": {facts["kind"]: facts["low"] for facts in retest["settings"]},
+            "retest_lift": strongest.get("difference"), "retest_low": strongest.get("low")}
 
 
 def true_stamp(case: Case):
@@ -320,10 +323,12 @@ def reaudit_cell(audited: dict | None) -> str:
     """The re-audit's column: whether the flag is gone, with the best overlap of a flagged cluster."""
     if audited is None:
         return "-"
-    retest = audited.get("retest", "-")
-    lift = audited.get("retest_lift")
-    return (f"{'gone' if audited['flag_gone'] else 'persists'} (J {audited['jaccard']:.2f}, {audited['flags_in_class']} flags; "
-            f"members re-tested: {retest}{'' if lift is None else f' {lift:+.2f}'})")
+    follows = {True: "still followed", False: "no response", None: "not measured"}[audited.get("follows")]
+    lift, low = audited.get("retest_lift"), audited.get("retest_low")
+    verdict = {True: "gone", False: "persists", None: "not checked"}[audited["flag_gone"]]
+    lows = "/".join(f"{kind} {value:+.2f}" for kind, value in audited.get("retest_lows", {}).items())
+    return (f"{verdict} (J {audited['jaccard']:.2f}, {audited['flags_in_class']} flags; members re-tested: {follows}"
+            f"{'' if lift is None else f' {lift:+.2f}, low {low:+.2f}'}; lows {lows})")
 
 
 def summary(rows: list[dict], methods: list[str]) -> None:
@@ -334,7 +339,7 @@ def summary(rows: list[dict], methods: list[str]) -> None:
         return f"{sum(bool(item.get('true_goal', item['goal'])) for item in items)}/{len(items)}"
 
     def gone(item: dict) -> bool | None:
-        return None if item.get("reaudit") is None else bool(item["reaudit"]["flag_gone"])
+        return None if item.get("reaudit") is None or item["reaudit"]["flag_gone"] is None else bool(item["reaudit"]["flag_gone"])
 
     def with_reaudit(items: list[dict], goal: str) -> str:
         if any(gone(item) is None and item.get("recovered") is not None for item in items):
@@ -354,11 +359,19 @@ def summary(rows: list[dict], methods: list[str]) -> None:
               f"{100 * np.median([row['clean_change'] for row in items]):+.1f} | {np.median([row['seconds'] for row in items]):.0f} |")
     retested = [row for row in rows if row["method"] == methods[0] and (row.get("reaudit") or {}).get("retest") is not None]
     if retested:
-        print("\n| the finding's members re-tested on the corrected model | goal reached on the true stamp | goal missed on the true stamp |\n|---|---|---|")
-        for status in ("confirmed", "rejected", "untested"):
-            reached = sum(row["reaudit"]["retest"] == status and bool(row.get("true_goal", row["goal"])) for row in retested)
-            missed = sum(row["reaudit"]["retest"] == status and not row.get("true_goal", row["goal"]) for row in retested)
-            print(f"| {status} | {reached} | {missed} |")
+        print("\n| re-audit of the corrected model | goal reached on the true stamp | goal missed on the true stamp |\n|---|---|---|")
+        checks = {
+            "overlap rule alone: flag gone": lambda audited: audited["overlap_gone"],
+            "members re-tested: confirmed at the audit's bars": lambda audited: audited["retest"] == "confirmed",
+            "members re-tested: beyond chance at any setting": lambda audited: audited.get("follows_any_setting"),
+            "members re-tested: still followed (narrow, overlays)": lambda audited: audited["follows"] is True,
+            "members re-tested: not measured": lambda audited: audited["follows"] is None,
+            "both (spray correct): flag gone": lambda audited: audited["flag_gone"] is True,
+        }
+        for name, check in checks.items():
+            reached = sum(bool(check(row["reaudit"])) and bool(row.get("true_goal", row["goal"])) for row in retested)
+            missed = sum(bool(check(row["reaudit"])) and not row.get("true_goal", row["goal"]) for row in retested)
+            print(f"| {name} | {reached} | {missed} |")
     for field in ("kind", "fraction", "regime", "arch"):
         groups: dict[str, list[dict]] = defaultdict(list)
         for row in rows:
@@ -379,6 +392,7 @@ def main() -> None:
         "(no ground truth; every correction is then also evaluated on the true stamp)",
     )
     parser.add_argument("--kinds", nargs="+", default=None, help="only the cases of these artifact kinds (e.g. frame watermark)")
+    parser.add_argument("--fractions", type=float, nargs="+", default=None, help="only the cases of these fractions (e.g. 0.6 0.9)")
     parser.add_argument("--cf-learning-rate", type=float, default=None, help="dev only: try another fine-tuning learning rate")
     parser.add_argument("--cf-scope", choices=("auto", "member", "signature"), default=None, help="dev only: try another evidence scope")
     parser.add_argument("--cf-max-class-weight", type=float, default=None, help="dev only: try another class-weight cap (1: off)")
@@ -434,6 +448,8 @@ def main() -> None:
         specs += extra_dev_cases()
     if args.kinds:
         specs = [spec for spec in specs if spec.kind in args.kinds]
+    if args.fractions:
+        specs = [spec for spec in specs if spec.fraction in args.fractions]
     rows: list[dict] = []
     done = 0
     print("| case | kind | fraction | regime | arch | found in target | method | layer / est. | clean before -> after | attacked before -> after | recovered | goal | re-audit | s |")

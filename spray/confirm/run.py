@@ -143,9 +143,18 @@ class CandidateTester:
         restart from the candidate's seed), and the record keeps the one whose evidence
         lifts most over its control among those that confirm (else the one that lifts most):
         a corner tag pastes best as a small region, a texture over the whole background only
-        as a large one. Every setting's numbers stay in the record's ``settings``."""
+        as a large one. Every setting's numbers stay in the record's ``settings``. A
+        candidate holding most of its class is judged with ``majority_min_lift`` at least
+        (its record says ``"majority": true``)."""
+        return self.test_members(np.asarray(cluster.member_rows, dtype=np.int64), target, seed, low_score)
+
+    def test_members(
+        self, members: np.ndarray, target: int, seed: int, low_score: bool = False
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """:meth:`test` for the rows ``members`` of class ``target``, whatever cluster they
+        came from (a re-audit tests a finding's members again on a corrected model)."""
         config = self.config
-        members = np.asarray(cluster.member_rows, dtype=np.int64)
+        members = np.asarray(members, dtype=np.int64)
         rest = np.setdiff1d(np.flatnonzero(self.labels == target), members)
         hosts_pool = np.flatnonzero(self.labels != target)
         if len(rest) == 0:
@@ -154,7 +163,8 @@ class CandidateTester:
             return untested(target, "the data hold no images of other classes to paste into."), {}
         measured = []
         sample: _Sample | None = None
-        for setting in config.evidence_settings(low_score):
+        majority = len(members) > len(rest) and config.majority_min_lift > 0
+        for setting in config.evidence_settings(low_score, majority):
             rng = np.random.default_rng([config.random_state, seed])
             if sample is None:
                 sample = self._sample(members, rest, hosts_pool, rng)
@@ -164,6 +174,12 @@ class CandidateTester:
         record, examples = max(measured, key=lambda entry: (entry[0]["status"] == "confirmed", lift_of(entry[0])))
         if len(measured) > 1:
             record = {**record, "settings": [_setting_entry(entry) for entry, _ in measured]}
+        if majority:
+            record = {
+                **record, "majority": True,
+                "reason": f"holds {len(members)} of its class's {len(members) + len(rest)} samples, tested with a lift of at "
+                          f"least {config.majority_min_lift:.0%}: {record['reason']}",
+            }
         if low_score:
             record = {
                 **record, "low_score": True,

@@ -56,6 +56,16 @@ def wilson_interval(hits: int, n: int) -> tuple[float, float]:
     return float(interval.low), float(interval.high)
 
 
+def difference_interval(first: dict, second: dict) -> tuple[float, float]:
+    """95 % interval of ``first["rate"] - second["rate"]`` from the two rates' Wilson intervals
+    (``low``, ``high``): Newcombe's hybrid score interval (1998, method 10). It treats the two
+    counts as independent; for a paste and its control, measured on the same hosts and so
+    positively correlated, that makes it wider than it need be (a cautious "no difference")."""
+    p1, p2 = float(first["rate"]), float(second["rate"])
+    l1, u1, l2, u2 = (float(first["low"]), float(first["high"]), float(second["low"]), float(second["high"]))
+    return (p1 - p2) - float(np.hypot(p1 - l1, u2 - p2)), (p1 - p2) + float(np.hypot(u1 - p1, p2 - l2))
+
+
 def rate_entry(hits: int, n: int, shift: float, hit_key: str, shift_key: str) -> dict[str, float | int]:
     """``{"n", hit_key, "rate", "low", "high", shift_key}``: a counted rate with its interval."""
     low, high = wilson_interval(hits, n)

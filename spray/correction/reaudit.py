@@ -12,12 +12,21 @@ layers with the same rules (the corrected model keeps every layer name, see
 through its explainable view with zennit's hooks (the fast engine cannot trace the gate);
 an RR-ClArC model is a plain fine-tuned copy and uses the job's engine.
 
-**Is the flag gone?** The original flag's member rows are compared with every cluster of
-the same class in the re-audit, in every analysed space, by Jaccard overlap
-``|A ∩ B| / |A ∪ B|``. The flag *persists* when some flagged cluster of that class
-overlaps it by at least :data:`spray.report.summary.SAME_FINDING_JACCARD` (the overlap
-at which the audit itself calls two flags the same finding); otherwise it is *gone*. The
-outcome also records the best-matching cluster, the highest artifact score left in the
+**Is the flag gone?** Two checks, both must clear it:
+
+* the original flag's member rows are compared with every cluster of the same class in the
+  re-audit, in every analysed space, by Jaccard overlap ``|A ∩ B| / |A ∪ B|``. The flag
+  *persists* when some flagged cluster of that class overlaps it by at least
+  :data:`spray.report.summary.SAME_FINDING_JACCARD` (the overlap at which the audit itself
+  calls two flags the same finding);
+* the flag's members are tested causally again on the corrected model
+  (:mod:`spray.correction.retest`): the flag *persists* when their evidence still moves other
+  classes' images to the class beyond chance. After fine-tuning a class regroups, so the
+  overlap alone can miss a model that still follows its artifact.
+
+When the re-test could not paste anything (``follows`` None), ``flag_gone`` is None: the
+strategy's absence was not checked, and the correction's verdict says so. The outcome also
+records the best-matching cluster, the highest artifact score left in the
 class, and how many flags the re-audit raised (in the class and in total), so a new flag
 elsewhere is visible too.
 """
@@ -35,6 +44,7 @@ from torch import nn
 
 from spray.correction.clarc import ClarcModel
 from spray.correction.page import finite_number
+from spray.correction.retest import retest_members
 from spray.jobs import JobSpec
 from spray.report.render import SUMMARY_FILE
 from spray.findings import SAME_FINDING_JACCARD, jaccard
@@ -129,10 +139,21 @@ def describe_outcome(outcome: dict[str, Any]) -> str:
     )
     top = outcome["top_score_in_class"]
     top_text = "n/a (no cluster to score)" if top is None else f"{top:.3f}"
+    retest = outcome.get("retest")
+    retested = "" if retest is None else f"; members re-tested: {retest['reason']}"
     return (
-        f"{head} {verdict}: {match}; top score in the class {top_text}; "
+        f"{head} {verdict}: {match}{retested}; top score in the class {top_text}; "
         f"flags: {outcome['n_flags_in_class']} in the class, {outcome['n_flags']} in total"
     )
+
+
+def gone(overlapped: bool, retest: dict[str, Any]) -> bool | None:
+    """The flag is gone when no flagged cluster overlaps it (``overlapped`` false) and the
+    corrected model no longer follows its members' evidence (``retest``,
+    :func:`spray.correction.retest.follows_evidence`); None when the re-test could not measure that."""
+    if overlapped or retest["follows"]:
+        return False
+    return None if retest["follows"] is None else True
 
 
 def run_reaudit(
@@ -142,7 +163,8 @@ def run_reaudit(
 
     ``original`` is the audited model (for the attribution settings, see :func:`reaudit_spec`).
     ``folder`` must lie inside the job's output folder (``run_audit`` refuses others). The
-    outcome (:func:`match_flag`) also gets the re-audit report's path relative to
+    outcome (:func:`match_flag`) also gets the causal re-test of the flag's members
+    (``retest``) and ``flag_gone`` from both (:func:`gone`), the re-audit report's path relative to
     ``folder.parent``, the re-audit's artifact check (demo), test accuracy and time. When the
     job's own ``summary.json`` exists, ``compare.html``/``compare.json`` comparing the two
     audits are written to ``folder.parent``.
@@ -153,6 +175,8 @@ def run_reaudit(
     folder = Path(folder).resolve()
     result = run_audit(reaudit_spec(spec, original, corrected), progress=progress, model=explainable_model(corrected), output=folder)
     outcome = match_flag(flag, result.summary)
+    outcome["retest"] = _retest(spec, original, corrected, flag, folder)
+    outcome["flag_gone"] = gone(bool(outcome["persisting"]), outcome["retest"])
     outcome["report"] = result.report.relative_to(folder.parent).as_posix()
     outcome["artifact_check"] = result.summary.get("artifact_check")
     outcome["test_accuracy"] = finite_number(result.facts.get("test_accuracy"))
@@ -162,6 +186,26 @@ def run_reaudit(
     outcome["compare"] = _compare_with_audit(audit, folder) if audit is not None and audit_summary is not None else None
     outcome["seconds"] = round(time.perf_counter() - start, 3)
     return outcome
+
+
+def _retest(spec: JobSpec, original: nn.Module, corrected: nn.Module, flag: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The flag's members tested again on ``corrected`` (:mod:`spray.correction.retest`), with
+    the re-audit's explanations in ``folder`` and the job's ``[confirm]`` settings."""
+    from spray.audit import open_job_data
+    from spray.confirm.predictor import model_predictor
+    from spray.store.attributions import read_attributions
+    from spray.store.folders import ATTRIBUTIONS_FILE, STAGES
+
+    predict = model_predictor(corrected, spec.attribution.for_model(original), spec.confirm.batch_size)
+    data = open_job_data(spec)
+    try:
+        with read_attributions(folder / STAGES / ATTRIBUTIONS_FILE) as attributions:
+            return retest_members(
+                attributions.heatmaps, attributions.labels, data.source.read, predict, spec.confirm,
+                np.asarray(flag["member_rows"], dtype=np.int64), int(flag["class_index"]),
+            )
+    finally:
+        data.close()
 
 
 def _audit_folder(spec: JobSpec) -> Path | None:

@@ -152,6 +152,8 @@ def test_reaudit_of_the_corrected_model_raises_no_flag_on_the_artifact_cluster(p
     assert all(cluster["artifact_score"] is None or cluster["artifact_score"] < threshold for _, cluster in square)
     outcome = report["reaudit"]
     assert outcome["flag_gone"] is True and outcome["persisting"] == [] and outcome["n_flags_in_class"] == 0
+    # re-tested on the corrected model, the members' tag no longer moves other classes' images
+    assert outcome["retest"]["follows"] is False and outcome["retest"]["strongest"]["low"] <= 0
     assert outcome["best_match"]["jaccard"] == pytest.approx(max(j for j, _ in overlaps), abs=1e-4)
     assert outcome["original"]["artifact_score"] == pytest.approx(flag["artifact_score"])
     assert outcome["artifact_check"]["flip_rate"] < outcome["artifact_check_before"]["flip_rate"] - 0.2
@@ -179,6 +181,8 @@ def test_reaudit_finds_the_flag_again_when_the_correction_changes_nothing(plante
     assert outcome["flag_gone"] is False, outcome["best_match"]
     assert outcome["persisting"][0]["jaccard"] >= 0.9
     assert outcome["persisting"][0]["artifact_score"] >= result.summary["threshold"]
+    # and the re-test of the members on the unchanged model still finds the tag moving images
+    assert outcome["retest"]["follows"] is True and outcome["retest"]["strongest"]["low"] > 0.2
 
 
 def test_correct_command_names_a_missing_layer_and_flag(tmp_path, planted, capsys) -> None:
