@@ -6,15 +6,12 @@ A correction is **fixed** only when all of these hold:
   loss (the attacked set: the artifact stamped on held-out images of the other classes);
 * it costs at most ``[correct] max_clean_loss`` (default 0.005, half a point) of clean
   accuracy on the held-out images;
-* the re-audit of the corrected model no longer finds the flag: no flagged cluster shares
-  its members, and their evidence no longer moves other classes' images beyond chance
-  (``spray.correction.reaudit``). The re-audit is the final word: a correction that moves
-  the numbers but leaves the strategy in place is not a fix.
+* the re-audit of the corrected model no longer finds the flag. The re-audit is the final
+  word: a correction that moves the numbers but leaves the strategy in place is not a fix.
 
 Otherwise it is **not fixed**, and every unmet condition is named. When the numbers reach the
-goal but the re-audit was switched off (``[correct] reaudit = false``), or its re-test could not
-paste the members' evidence, nothing confirmed that the strategy is gone, and the verdict is
-**unverified**, never "fixed": a verdict is a promise.
+goal but the re-audit was switched off (``[correct] reaudit = false``), nothing confirmed that
+the strategy is gone, and the verdict is **unverified**, never "fixed": a verdict is a promise.
 
 ``spray correct`` exits with 0 (fixed), 1 (not fixed) or 3 (unverified), the codes of
 ``spray check`` for clean, flagged and incomplete.
@@ -95,28 +92,12 @@ def judge(
         unmet.append("the clean accuracy could not be measured")
     elif clean_change < -max_clean_loss - ROUNDING:
         unmet.append(f"clean accuracy fell by {-100 * clean_change:.1f} pt, more than the {100 * max_clean_loss:.1f} pt allowed")
-    flag_gone = None if reaudit is None or reaudit.get("flag_gone") is None else bool(reaudit["flag_gone"])
+    flag_gone = None if reaudit is None else bool(reaudit.get("flag_gone"))
     if flag_gone is False:
-        unmet.append(_why_persists(reaudit))
+        unmet.append("the re-audit still finds the flag")
     if unmet:
         return Outcome(NOT_FIXED, goal_recovered, max_clean_loss, recovered, clean_change, flag_gone, unmet)
-    if flag_gone is None and reaudit is not None:
-        reason = (reaudit.get("retest") or {}).get("reason", "no reason given")
-        unmet = [f"the numbers reach the goal, but the re-audit could not re-test the flag's members ({reason})"]
-        return Outcome(UNVERIFIED, goal_recovered, max_clean_loss, recovered, clean_change, flag_gone, unmet)
     if flag_gone is None:
         unmet = ["the numbers reach the goal, but no re-audit checked that the strategy is gone ([correct] reaudit = false)"]
         return Outcome(UNVERIFIED, goal_recovered, max_clean_loss, recovered, clean_change, flag_gone, unmet)
     return Outcome(FIXED, goal_recovered, max_clean_loss, recovered, clean_change, flag_gone)
-
-
-def _why_persists(reaudit: dict[str, Any]) -> str:
-    """Why the re-audit keeps the flag: a flagged cluster still holds its members, the
-    corrected model still follows their evidence, or both."""
-    reasons = []
-    if reaudit.get("persisting"):
-        reasons.append("a flagged cluster of the class still shares its members")
-    retest = reaudit.get("retest") or {}
-    if retest.get("follows"):
-        reasons.append(f"re-tested, {retest['reason']}")
-    return "the re-audit still finds the flag" + (f": {'; '.join(reasons)}" if reasons else "")

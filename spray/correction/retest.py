@@ -2,29 +2,24 @@
 
 The re-audit's overlap rule (:func:`spray.correction.reaudit.match_flag`) asks whether the
 clustering of the corrected model's explanations still groups the finding's members into a
-flagged cluster. After fine-tuning a class regroups, and that rule alone then reads a model
+flagged cluster. After fine-tuning a class regroups, and that rule alone can read a model
 that still follows its artifact as fixed: on test draw 11 of ``bench/correction_q3.py`` it
 cleared 3 of the 4 corrections that missed the goal on the true stamp.
 
 The re-test asks the corrected model directly. The finding's own members are tested again
 with :mod:`spray.confirm`'s causal test, on the corrected model: their evidence is where
 the corrected model's relevance on them exceeds the rest of their class's, pasted (and
-overlaid) into other classes' images against the same control as in the audit. The model
-**still follows** the evidence when, at the narrow setting or an overlay setting, the paste
+overlaid) into other classes' images against the same control as in the audit. The
+outcome's ``follows`` is true when, at the narrow setting or an overlay setting, the paste
 moves more hosts to the class than its control does beyond chance: the lower end of the
 95 % interval of the difference (Newcombe's, :func:`spray.confirm.test.difference_interval`)
-is above 0.
+is above 0. The wide setting is measured and shown but not read: half the image carries part
+of the object, and a correction that recovered every attacked image of the user-job test
+(``tests/correction/test_correction_user.py``) still moved +10 % more images there.
 
-No lift bar is tuned here: the audit's confirmation bars tell a shortcut from a legitimate
-strategy of a model that was never corrected, while a fix must leave *no measurable*
-response to the evidence it removed. The wide setting is measured and shown but does not
-judge: half the image carries part of the object, so members and the rest of their class
-differ there for legitimate reasons (the audit asks three times the narrow lift of it), and
-a correction that recovered every attacked image still showed +10 % there (the user-job
-test, ``tests/correction/test_correction_user.py``). With two judging settings each read at
-its own 95 % interval, a model with no response at all is called "still follows" in at most
-about 5 % of re-tests (each lower end errs one way in 2.5 %): a cautious error, never a
-fix called clean.
+It is shown beside the verdict, not part of it: on the dev split "beyond chance" kept the
+flag of corrections that reached the goal (a fix recovering 80-95 % of the loss still leaves
+a measurable response, which the goal allows); ``docs/correction.md`` has the numbers.
 """
 
 from __future__ import annotations

@@ -189,7 +189,7 @@ def read_correction(root: Path, path: Path) -> CorrectionEntry | None:
             job=relative.parts[0] if len(relative.parts) > 2 else "",
             method=str(record.get("method", "")),
             recovered_share=float(recovered) if isinstance(recovered, (int, float)) else None,
-            flag_gone=bool(reaudit["flag_gone"]) if isinstance(reaudit, dict) and reaudit.get("flag_gone") is not None else None,
+            flag_gone=bool(reaudit["flag_gone"]) if isinstance(reaudit, dict) and "flag_gone" in reaudit else None,
         )
     except (OSError, ValueError, TypeError, AttributeError, KeyError):
         return None
