@@ -49,14 +49,21 @@ components, each in [0, 1]:
 The score is the geometric mean of the first three, times a gate::
 
     score = gate * (displacement * consistency * separation) ** (1/3)
-    gate  = 1 if min_cluster_size <= |M| (and, dataset-wide only, size_fraction <= 0.5) else 0
+    gate  = 1 if min_cluster_size <= |M| and min_cluster_size <= |R|
+              (and, dataset-wide only, size_fraction <= 0.5) else 0
 
 A geometric mean because every property is needed: a cluster that looks elsewhere but is
 only a slice of a continuum (low separation), or a well-separated group that looks at the
 same object (low displacement), is a sub-strategy, not a Clever Hans; one low term pulls
 the score down however high the others are. Clusters below ``min_cluster_size`` members are
 outliers, too small to call a strategy. A class with a single cluster has no rest to
-compare with: its cluster scores 0 (one strategy means no distinct strategy). Within one
+compare with: its cluster scores 0 (one strategy means no distinct strategy). So does a
+cluster whose rest (its class's other clusters together) holds fewer than
+``min_cluster_size`` samples: it is its class up to a few outliers, and a contrast with
+outliers says what the outliers lack, not what the cluster adds (on bench Q3 a 798-of-800
+concept-space cluster of a model that ignored its planted watermark scored 0.96 against its
+2 outliers, and its evidence, the class's own object, moved other classes' images more than
+the outliers' did). Within one
 class every side of a split may be proposed, the majority included (an artifact on most
 of a class); the causal test then says which side moves predictions. In a dataset-wide
 analysis, a cluster holding more than ``DATASET_WIDE_MAX_SHARE`` of one class is that
@@ -263,7 +270,8 @@ def score_clusters(
         vectors: (n, d) analysis vectors; used only to build the kNN affinity graph when
             ``graph`` is not given.
         labels: (n,) cluster label per sample.
-        min_cluster_size: clusters with fewer members score 0.
+        min_cluster_size: clusters with fewer members score 0, and so do clusters whose
+            rest (the other clusters together) is smaller.
         random_state: seeds the graph's neighbour search when it is built here.
         graph: the (n, n) affinity graph the clusters were found in.
         groups: (n,) class of each sample when the samples span several classes (a
@@ -307,6 +315,7 @@ def score_clusters(
         gate = (
             len(ids) > 1
             and size >= min_cluster_size
+            and n - size >= min_cluster_size
             and (groups is None or components["size_fraction"] <= DATASET_WIDE_MAX_SHARE)
         )
         score = combine(components) if gate else 0.0

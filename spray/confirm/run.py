@@ -42,9 +42,11 @@ EXAMPLES = 4
 #: The overlay setting's evidence as outlined in the report: where the members' mean
 #: difference reaches this share of its largest value.
 OVERLAY_SHOWN = 0.5
-#: Version of the records :func:`confirm_analyses` leaves on the clusters; part of the
-#: audit's analysis-cache key, so analyses cached with older records are recomputed.
-RECORDS_VERSION = 2
+#: Version of the records :func:`confirm_analyses` leaves on the clusters (and of which
+#: clusters it tests); part of the audit's analysis-cache key, so analyses cached with older
+#: records are recomputed. 3: a cluster whose rest is fewer than ``min_size`` outliers scores
+#: 0 and is never tested.
+RECORDS_VERSION = 3
 
 ReadImages = Callable[[np.ndarray], np.ndarray]
 
@@ -335,8 +337,9 @@ def confirm_analyses(
         config: the test's settings.
         settle_candidates: settle the confirmed candidates (an audit always does; a
             benchmark that applies its own rules to the raw test numbers does not).
-        min_size: clusters scoring under the threshold are tested only from this size
-            (the analysis's ``min_cluster_size``).
+        min_size: clusters scoring under the threshold are tested only from this size, and
+            only when the rest of their analysis is as large (the analysis's
+            ``min_cluster_size``: a smaller side is outliers, not a strategy to compare with).
 
     After every test, the confirmed candidates of each class are settled against each other
     (:func:`spray.confirm.resolve.settle`): the weaker side of a class's split is outranked
@@ -350,7 +353,10 @@ def confirm_analyses(
     """
     candidates = sorted(((a, c) for a in analyses for c in a.clusters if c.candidate), key=_by_score)
     low_scores = sorted(
-        ((a, c) for a in analyses for c in a.clusters if a.n_clusters > 1 and not c.candidate and c.size >= min_size),
+        (
+            (a, c) for a in analyses for c in a.clusters
+            if a.n_clusters > 1 and not c.candidate and c.size >= min_size and len(a.rows) - c.size >= min_size
+        ),
         key=_by_score,
     )
     tester = CandidateTester(heatmaps, labels, read_images, predict, config)

@@ -80,6 +80,18 @@ def test_min_cluster_size_gate():
     assert {s.cluster_id: s.score for s in too_small}[1] == 0.0
 
 
+def test_a_cluster_whose_rest_is_a_few_outliers_scores_zero():
+    """97 samples looking at the centre and 2 at a corner: the 97 are the class up to two
+    outliers, not a strategy inside it, so they score 0 as a one-cluster class does; the
+    same split with a rest of ``min_cluster_size`` is scored."""
+    maps, labels = _two_groups(97, 2, np.random.default_rng(4))
+    vectors = preprocess(maps).vectors
+    gated = {s.cluster_id: s.score for s in score_clusters(maps, vectors, labels, min_cluster_size=3)}
+    assert gated == {0: 0.0, 1: 0.0}
+    opened = {s.cluster_id: s.score for s in score_clusters(maps, vectors, labels, min_cluster_size=2)}
+    assert opened[0] > 0.5 and opened[1] > 0.5
+
+
 def test_single_cluster_scores_zero():
     maps, _ = _two_groups(50, 0, np.random.default_rng(3))
     (only,) = score_clusters(maps, preprocess(maps).vectors, np.zeros(50, int))

@@ -153,6 +153,28 @@ def test_a_low_scoring_cluster_whose_evidence_moves_predictions_is_flagged():
     assert counts["low_score_tested"] == 0 and not analysis.clusters[1].flagged
 
 
+def test_a_low_scoring_cluster_whose_rest_is_a_few_outliers_is_not_tested():
+    """Class 1 split into 38 samples and 2: the 38 are the class up to two outliers, and a
+    control drawn from two images says what they lack, not what the 38 add. Neither side is
+    tested while the other is smaller than the analysis's ``min_cluster_size``."""
+    images, labels, _, heatmaps = _data(np.random.default_rng(0))
+    config = ConfirmConfig(members=12, hosts=4)
+    outliers = np.flatnonzero(labels == 1)[-2:]
+
+    def split() -> ClassAnalysis:
+        analysis = _analysis(labels, outliers)
+        analysis.clusters[0] = dataclasses.replace(analysis.clusters[0], artifact_score=0.0, flagged=False, candidate=False)
+        return analysis
+
+    analysis = split()
+    counts = confirm_analyses([analysis], heatmaps, labels, lambda rows: images[rows], corner_model, config, min_size=3)
+    assert counts["low_score_tested"] == 0 and counts["low_score_untested"] == 0
+    assert all(cluster.confirmation is None for cluster in analysis.clusters)
+    analysis = split()
+    counts = confirm_analyses([analysis], heatmaps, labels, lambda rows: images[rows], corner_model, config, min_size=2)
+    assert counts["low_score_tested"] == 2
+
+
 @pytest.mark.parametrize("config, reason", [
     (ConfirmConfig(enabled=False), "switched off"),
     (ConfirmConfig(max_candidates=0), "max_candidates"),
