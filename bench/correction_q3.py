@@ -358,6 +358,15 @@ def summary(rows: list[dict], methods: list[str]) -> None:
         print(f"| {method} | {share(items)} | {with_reaudit(items, 'goal')} | {true_share(items)} | {with_reaudit(items, 'true_goal')} | "
               f"{sum(bool(gone(row)) for row in missed)}/{len(missed)}; {sum(bool(gone(row)) for row in missed_true)}/{len(missed_true)} | {np.median(recovered) if recovered else float('nan'):.2f} | "
               f"{100 * np.median([row['clean_change'] for row in items]):+.1f} | {np.median([row['seconds'] for row in items]):.0f} |")
+    for method in methods:
+        verdicts = [row for row in rows if row["method"] == method and gone(row) is not None and "true_goal" in row]
+        if verdicts:
+            said_fixed = [row for row in verdicts if row["goal"] and gone(row)]
+            broken = sum(not row["true_goal"] for row in said_fixed)
+            undersold = sum(bool(row["true_goal"]) for row in verdicts if not (row["goal"] and gone(row)))
+            print(f"\n{method}: spray's verdict (goal on its attack and flag gone) against the true stamp: 'fixed' "
+                  f"{len(said_fixed)}/{len(verdicts)}, of them missing the goal on the true stamp {broken} (a broken promise); "
+                  f"'not fixed' though the true stamp reaches the goal {undersold}")
     retested = [row for row in rows if row["method"] == methods[0] and (row.get("reaudit") or {}).get("retest") is not None]
     if retested:
         print("\n| re-audit of the corrected model | goal reached on the true stamp | goal missed on the true stamp |\n|---|---|---|")
