@@ -293,17 +293,21 @@ EXTRA_SEEDS: tuple[int, ...] = (10, 11)
 def extra_dev_cases() -> list[CaseSpec]:
     """Dev-split cases of the kind the grid's dev draw lacks: watermark backdoors on 30 and 60 %
     of a class (two seeds) and co-occurrences on 60 and 90 % (one seed), every architecture,
-    dev targets, variant 0. The grid's dev draw has one watermark with a finding, and draw
-    9's correction failed on watermark backdoors; these are for choosing on dev, never reported
-    as a test figure."""
-    specs = []
-    for s, seed in enumerate(EXTRA_SEEDS):
-        for a, arch in enumerate(ARCHS):
-            cells = [(0.3, "backdoor"), (0.6, "backdoor")] + ([(0.6, "cooccurrence"), (0.9, "cooccurrence")] if s == 0 else [])
-            for c, (fraction, regime) in enumerate(cells):
-                target = DEV_TARGETS[(s + a + c) % len(DEV_TARGETS)]
-                specs.append(planted_spec("mnist", arch, "watermark", fraction, regime, target, seed))
-    return specs
+    dev targets, variant 0; then watermark backdoors on 5 and 15 % (two seeds). The grid's dev
+    draw has one watermark with a finding, draw 9's correction failed on watermark backdoors,
+    and test draws 12 and 13 missed every watermark backdoor on 5-15 %; these are for choosing
+    on dev, never reported as a test figure."""
+    def watermarks(cells: Callable[[int], list[tuple[float, str]]]) -> list[CaseSpec]:
+        """One watermark case per seed, architecture and ``cells(seed index)`` (fraction, regime)."""
+        return [
+            planted_spec("mnist", arch, "watermark", fraction, regime, DEV_TARGETS[(s + a + c) % len(DEV_TARGETS)], seed)
+            for s, seed in enumerate(EXTRA_SEEDS)
+            for a, arch in enumerate(ARCHS)
+            for c, (fraction, regime) in enumerate(cells(s))
+        ]
+
+    first = watermarks(lambda s: [(0.3, "backdoor"), (0.6, "backdoor")] + ([(0.6, "cooccurrence"), (0.9, "cooccurrence")] if s == 0 else []))
+    return first + watermarks(lambda s: [(0.05, "backdoor"), (0.15, "backdoor")])
 
 
 def generate_cases(split: str, size: str = "full", draw: int = 0) -> list[CaseSpec]:
