@@ -58,7 +58,11 @@ OVERLAY_CONTROLS = ("peak", "ink")
 #: same cases found with 2 models and 1 two-mode class flagged (the same objective; the
 #: tune keeps the higher bars of a tie). Three watermark backdoors more are found and two
 #: others move from their clean side to the stamped one (docs/analysis.md, "bench Q3").
-DEFAULT_HOST_OVERLAY_MIN_LIFT = 0.5
+#: Lowered to 0.4 on the whole dev split with the twelve low-fraction watermark backdoors
+#: (108 cases, 46 relied on): 0.3 and 0.4 find 35 against 34 at 0.5, with no false flag or
+#: two-mode flag added; no cluster that is not a relied-on artifact lifts more than +0.30
+#: there, so 0.4 (the higher bar of the tie) keeps a margin.
+DEFAULT_HOST_OVERLAY_MIN_LIFT = 0.4
 #: The lift a candidate holding most of its class must reach at every setting. Its control's
 #: donors come from the rest of the class, which for a majority cluster is a small remainder
 #: that is unusual by construction (what the class's typical images are not): pasted from it,

@@ -94,7 +94,8 @@ def test_a_majority_patch_is_flagged_on_the_stamped_side(majority):
     # measured: precision 1.00, recall 1.00 (128 of 128); the clean side moved 20/192, its control 26/192
     assert precision >= 0.9 and recall >= 0.8
     assert top.size > 0.5 * (audit.labels == digits.TARGET).sum()
-    assert top.confirmation["majority"] and top.confirmation["evidence"]["min_lift"] == 0.3
+    # judged with the majority bar at least (its strongest setting is now the hosts' overlay, bar 0.4)
+    assert top.confirmation["majority"] and top.confirmation["evidence"]["min_lift"] >= MAJORITY_SENSITIVE.majority_min_lift
 
 
 def test_a_weak_majority_shortcut_is_missed_at_the_defaults(majority):
@@ -109,7 +110,8 @@ def test_a_weak_majority_shortcut_is_missed_at_the_defaults(majority):
     bars = [entry["evidence"]["min_lift"] for entry in record["settings"]]
     assert record["status"] == "rejected" and record["majority"] and "holds 128 of its class's 183 samples" in record["reason"]
     assert 0.3 <= lifts[0] < defaults.majority_min_lift == bars[0] and all(lift < bar for lift, bar in zip(lifts, bars))
-    assert bars[1:] == [defaults.wide_min_lift, defaults.host_overlay_min_lift]
+    # the hosts' overlay bar is raised to the majority bar too
+    assert bars[1:] == [defaults.wide_min_lift, max(defaults.host_overlay_min_lift, defaults.majority_min_lift)]
 
 
 def test_a_merged_two_mode_class_is_split_but_not_flagged(merged):
@@ -146,9 +148,11 @@ def test_the_causal_test_separates_a_shortcut_from_a_legitimate_sub_population(m
     assert record_m["paste"]["rate"] - record_m["control"]["rate"] < record["paste"]["rate"] - record["control"]["rate"]
 
 
-def test_a_weak_shortcut_is_missed_at_the_defaults(minority):
-    """The trade-off of the dev-chosen defaults, pinned: the same weak shortcut is rejected
-    with numbers that say why, and nothing else in its class is flagged in its place."""
+def test_a_weak_shortcut_is_confirmed_only_by_the_overlay_against_the_hosts(minority):
+    """The same weak shortcut at the dev-chosen defaults, pinned with the numbers that say
+    why: the pasted regions do not confirm it, the members' mean overlay against the hosts
+    does, at the bar (0.4 since the dev split's low-fraction watermark backdoors; at 0.5,
+    the bar before, it was missed)."""
     audit, stamped = minority
     shortcut = ClusterResult(
         cluster_id=99, member_rows=stamped, artifact_score=1.0, flagged=True, score_components={},
@@ -157,7 +161,7 @@ def test_a_weak_shortcut_is_missed_at_the_defaults(minority):
     tester = CandidateTester(audit.heatmaps, audit.labels, lambda rows: audit.images[rows], digits.predictor(audit.net), ConfirmConfig(random_state=0))
     record, _ = tester.test(shortcut, digits.TARGET, seed=0)
     defaults = ConfirmConfig()
-    assert record["status"] == "rejected" and "moves" in record["reason"]
+    assert record["status"] == "confirmed" and record["evidence"]["overlay"]
     narrow, wide, overlay = record["settings"]
     # the default evidence: too few pasted images move (the measurement above, same draws)
     assert narrow["evidence"]["area"] == defaults.evidence_area
@@ -169,11 +173,11 @@ def test_a_weak_shortcut_is_missed_at_the_defaults(minority):
     assert wide["status"] == "rejected"
     assert wide["paste"]["rate"] - wide["control"]["rate"] < defaults.wide_min_lift
     # the members' mean overlay against the hosts (a three with its patch, the hosts'
-    # digits cancelled) moves more than the class's own three at the same ink, but not by
-    # the overlay's bar: measured 115/192 against 38/192, +0.40 under 0.5
+    # digits cancelled) moves more than the class's own three at the same ink, by the
+    # overlay's bar: measured 115/192 against 38/192, +0.401 (a bar of 0.5 missed it)
     assert overlay["evidence"]["overlay"] and overlay["evidence"]["reference"] == "hosts"
-    assert overlay["status"] == "rejected"
-    assert 0.2 <= overlay["paste"]["rate"] - overlay["control"]["rate"] < defaults.host_overlay_min_lift
+    assert overlay["status"] == "confirmed"
+    assert defaults.host_overlay_min_lift <= overlay["paste"]["rate"] - overlay["control"]["rate"] < 0.5
 
 
 def test_a_mark_at_varying_places_is_found_in_a_concept_space():
