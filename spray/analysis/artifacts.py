@@ -199,6 +199,14 @@ def combine(components: dict[str, float]) -> float:
     return float(np.prod(terms) ** (1.0 / len(terms)))
 
 
+def comparable(size: int, total: int, min_cluster_size: int) -> bool:
+    """Whether a cluster of ``size`` of its analysis's ``total`` samples is a strategy with
+    another one to compare with: both it and its rest hold at least ``min_cluster_size``
+    (a smaller side is outliers). The score's gate and the causal test's choice of clusters
+    under the threshold share this rule."""
+    return size >= min_cluster_size and total - size >= min_cluster_size
+
+
 def largest_group_share(groups: np.ndarray, members: np.ndarray) -> float:
     """``max_g |M & g| / |g|``: the largest share of any one group (class) held by the
     members (boolean mask aligned with ``groups``)."""
@@ -314,8 +322,7 @@ def score_clusters(
             )
         gate = (
             len(ids) > 1
-            and size >= min_cluster_size
-            and n - size >= min_cluster_size
+            and comparable(size, n, min_cluster_size)
             and (groups is None or components["size_fraction"] <= DATASET_WIDE_MAX_SHARE)
         )
         score = combine(components) if gate else 0.0

@@ -59,7 +59,7 @@ OVERLAY_CONTROLS = ("peak", "ink")
 #: tune keeps the higher bars of a tie). Three watermark backdoors more are found and two
 #: others move from their clean side to the stamped one (docs/analysis.md, "bench Q3").
 #: Lowered to 0.4 on the whole dev split with the twelve low-fraction watermark backdoors
-#: (108 cases, 46 relied on): 0.3 and 0.4 find 35 against 34 at 0.5, with no false flag or
+#: (108 cases, 46 relied on): 0.2, 0.3 and 0.4 find 35 against 34 at 0.5, with no false flag or
 #: two-mode flag added; no cluster that is not a relied-on artifact lifts more than +0.30
 #: there, so 0.4 (the higher bar of the tie) keeps a margin.
 DEFAULT_HOST_OVERLAY_MIN_LIFT = 0.4

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from spray.analysis.artifacts import comparable
 from spray.analysis.result import ClassAnalysis, ClusterResult
 from spray.confirm.config import ConfirmConfig, EvidenceSetting
 from spray.confirm.evidence import excess_masks, image_masks, matched_donors, rest_share
@@ -355,7 +356,7 @@ def confirm_analyses(
     low_scores = sorted(
         (
             (a, c) for a in analyses for c in a.clusters
-            if a.n_clusters > 1 and not c.candidate and c.size >= min_size and len(a.rows) - c.size >= min_size
+            if a.n_clusters > 1 and not c.candidate and comparable(c.size, len(a.rows), min_size)
         ),
         key=_by_score,
     )
