@@ -215,6 +215,7 @@ def report_context(
         dataset_wide=spec.analysis.dataset_wide,
         skipped_images=len(data.skipped),
         check=spec.check,
+        min_cluster_size=spec.analysis.min_cluster_size,
     )
 
 

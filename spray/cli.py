@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from spray.correction.config import METHODS
-from spray.verdict import EXIT_BUSY, EXIT_ERROR, EXIT_FLAGGED, EXIT_INCOMPLETE, EXIT_OK, describe_incomplete, exit_code
+from spray.verdict import EXIT_BUSY, EXIT_ERROR, EXIT_FLAGGED, EXIT_INCOMPLETE, EXIT_OK, describe_incomplete, describe_scope, exit_code
 
 #: The conventional exit status of a command stopped by Ctrl-C (128 + SIGINT).
 EXIT_INTERRUPTED = 130
@@ -154,6 +154,11 @@ def _print_summary(result: object, elapsed: float) -> None:
     print(f"verdict: {result.summary['verdict']} ({complete})")
     for line in describe_incomplete(result.summary)[:20]:
         print(f"  {line}")
+    scope = describe_scope(result.summary)
+    if scope:
+        print(f"seen as one strategy (nothing to compare within the class): {len(scope)} class(es)")
+        for line in scope[:10]:
+            print(f"  {line}")
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"time: {elapsed:.1f}s ({stages}); peak memory {peak_mib:.0f} MiB")

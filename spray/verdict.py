@@ -1,7 +1,10 @@
 """The gate's verdict on an audit, and the exit codes of ``spray check``.
 
 A verdict is a promise: ``clean`` means every class of the data was analysed in every
-requested space and nothing was flagged. Anything the audit could not check makes the
+requested space and nothing was flagged. SpRAy compares a class's strategies with each other,
+so what it rules out is a part of a class following a strategy of its own; a class it saw as
+one strategy had nothing to compare, and ``summary.json`` lists those (``one_strategy``,
+:func:`describe_scope`) without making the verdict incomplete. Anything the audit could not check makes the
 verdict ``incomplete`` (unless the job accepts it in ``[check]``), and a run that failed
 leaves the verdict ``error``, never the previous run's answer.
 
@@ -131,6 +134,19 @@ def describe_incomplete(summary: dict[str, Any], accepted: bool = True) -> list[
             "raise [confirm] max_low_score, or accept with [check] allow_untested_low_score = true"
         )
     return lines
+
+
+def describe_scope(summary: dict[str, Any]) -> list[str]:
+    """One line per class that an audit saw as one strategy in some space (``summary.json``'s
+    ``one_strategy``): there SpRAy had nothing to compare, so a shortcut shared by the whole
+    class is not something its verdict rules out."""
+    spaces: dict[tuple[int, str], list[str]] = {}
+    for item in summary.get("one_strategy", []):
+        spaces.setdefault((int(item["class_index"]), str(item["class_name"])), []).append(str(item["space"]))
+    return [
+        f"class {name!r}: one strategy ({', '.join(found)}); a shortcut shared by the whole class is not found by comparison within it"
+        for (_, name), found in sorted(spaces.items())
+    ]
 
 
 def exit_code(summary: dict[str, Any]) -> int:

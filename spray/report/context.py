@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from spray.verdict import CheckConfig
+from spray.analysis.config import DEFAULT_MIN_CLUSTER_SIZE
 from spray.analysis.result import ClassAnalysis
+from spray.verdict import CheckConfig
 
 
 @dataclass
@@ -124,6 +125,10 @@ class ReportContext:
         dataset_wide: whether a dataset-wide analysis was asked for.
         skipped_images: unreadable images left out of the audit.
         check: what the gate accepts as not checked (``[check]``, ``spray.verdict``).
+        min_cluster_size: ``[analysis] min_cluster_size``: a cluster is a strategy to compare
+            with the rest of its class only when both hold at least this many samples
+            (``spray.analysis.artifacts.comparable``); ``summary.json`` lists the analyses
+            with none (``one_strategy``).
     """
 
     job_name: str
@@ -144,3 +149,4 @@ class ReportContext:
     dataset_wide: bool = False
     skipped_images: int = 0
     check: CheckConfig = field(default_factory=CheckConfig)
+    min_cluster_size: int = DEFAULT_MIN_CLUSTER_SIZE

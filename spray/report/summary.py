@@ -26,6 +26,9 @@ timestamps of its own, keys of free-form maps sorted). Non-finite numbers are wr
                                         #   allow_untested_low_score
       "untested_flags": int,            # flags whose confirmation status is "untested"
                                         #   (the causal test could not run: never clean)
+      "one_strategy": [                 # class analyses with no two strategies to compare
+        {"class_index": int, "class_name": str, "space": str, "n_samples": int}, ...
+      ],                                #   (comparable_clusters 0): see below
       "threshold": float | null,        # artifact-score threshold used for flags
       "n_samples": int,                 # rows in the attribution file
       "class_names": [str, ...],        # one per class index
@@ -51,6 +54,9 @@ timestamps of its own, keys of free-form maps sorted). Non-finite numbers are wr
           "reason": str,                # why not analysable; "" otherwise
           "n_samples": int,             # rows analysed (not analysable: the class's samples)
           "n_clusters": int,            # chosen by the eigengap
+          "comparable_clusters": int,   # clusters with a rest to compare with: both the
+                                        #   cluster and the rest of its class hold at least
+                                        #   [analysis] min_cluster_size samples
           "eigenvalues": [float | null, ...],   # smallest Laplacian eigenvalues, ascending
           "clusters": [                 # highest artifact_score first
             {
@@ -141,6 +147,15 @@ subtracts the overlay from the members. The overlay against the hosts (``"refere
 "hosts"``) is the members' mean image minus the hosts' (not the rest of the class's), and
 its control is scaled to the same total ink.
 
+``one_strategy`` lists every class analysis (dataset-wide excepted) that saw the class as
+one strategy: a single cluster, or one whose rest is a few outliers (fewer than ``[analysis]
+min_cluster_size``). SpRAy finds a Clever Hans strategy by comparing a class's strategies
+with each other, so there nothing was compared: a shortcut that the whole class shares (an
+artifact on every image of the class) cannot be found in it. It does not make the verdict
+incomplete (a class with one strategy is the common case, and the analysis ran), but
+"clean" then says that no *part* of the class follows a strategy of its own, not that the
+class as a whole does not; the report and ``spray check`` say which classes these are.
+
 ``flags`` holds one entry per *finding*. When several analyses flag clusters with (nearly)
 the same members (heatmap and concept spaces, a class and the dataset-wide analysis),
 the members' Jaccard overlap with a higher-scoring flag being at least
@@ -149,8 +164,8 @@ its ``revealed_by`` with their overlap. In ``classes`` every flagged cluster kee
 ``flagged: true``.
 
 Keys are only ever added within a schema version (``accuracy``, ``concepts``,
-``revealed_by``, ``candidate``, ``confirmation``, ``untested_flags``, ``low_score`` and
-``untested_low_score`` were),
+``revealed_by``, ``candidate``, ``confirmation``, ``untested_flags``, ``low_score``,
+``untested_low_score``, ``comparable_clusters`` and ``one_strategy`` were),
 so a reader should ignore keys it does not know.
 
 A CI gate fails a build unless ``summary["verdict"] == "clean"`` (``spray check`` exits
@@ -168,6 +183,7 @@ from typing import Any
 
 import numpy as np
 
+from spray.analysis.artifacts import comparable
 from spray.analysis.result import ClassAnalysis, ClusterResult
 from spray.findings import group_findings
 from spray.report.context import ArtifactCheck, ReportContext
@@ -202,6 +218,7 @@ def build_summary(context: ReportContext) -> dict[str, Any]:
         "created": str(context.created),
         **gate,
         "untested_flags": sum(confirmation_status(flag) == "untested" for flag in flags),
+        "one_strategy": one_strategy(classes),
         "threshold": finite_or_none(context.threshold),
         "n_samples": len(context.sample_ids),
         "class_names": [str(name) for name in context.class_names],
@@ -317,10 +334,23 @@ def _class_entry(
         "reason": str(analysis.reason or ""),
         "n_samples": int(rows.size) if analysis.analysable else _class_size(context, int(analysis.class_index)),
         "n_clusters": int(analysis.n_clusters),
+        "comparable_clusters": sum(
+            comparable(cluster["size"], int(rows.size), context.min_cluster_size) for cluster in clusters
+        ) if analysis.analysable else 0,
         "accuracy": _accuracy(correct, rows, rows),
         "eigenvalues": [finite_or_none(value) for value in _vector(analysis.eigenvalues)],
         "clusters": clusters,
     }
+
+
+def one_strategy(classes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The analysable class analyses (dataset-wide excepted) with no comparable cluster:
+    where a shortcut shared by the whole class could not be found by comparison."""
+    return [
+        {key: entry[key] for key in ("class_index", "class_name", "space", "n_samples")}
+        for entry in classes
+        if entry["analysable"] and int(entry["class_index"]) >= 0 and not entry.get("comparable_clusters")
+    ]
 
 
 def _class_size(context: ReportContext, class_index: int) -> int:

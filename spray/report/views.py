@@ -33,7 +33,7 @@ from spray.report.context import ClusterAtlas, ConceptPicture, ReportContext
 from spray.report.rows import representatives, take_rows, texts_at
 from spray.confirm.test import overlay_name
 from spray.report.summary import class_name, confirmation_status, sorted_analyses, sorted_clusters
-from spray.verdict import describe_incomplete
+from spray.verdict import describe_incomplete, describe_scope
 
 READ_CHUNK = 64
 
@@ -246,6 +246,7 @@ class PageView:
     n_rejected: int = 0
     verdict: str = ""
     not_checked: list[str] = field(default_factory=list)
+    one_strategy: list[str] = field(default_factory=list)
 
 
 def build_page(
@@ -290,6 +291,7 @@ def build_page(
         n_rejected=sum(len(view.rejected) for view in classes),
         verdict=str(summary.get("verdict", "")),
         not_checked=describe_incomplete(summary),
+        one_strategy=describe_scope(summary),
     )
 
 

@@ -52,6 +52,17 @@ def test_dataset_strings_are_escaped(rendered: Path) -> None:
     assert "\"&'" not in html
 
 
+def test_classes_seen_as_one_strategy_are_named_on_the_page_escaped(report_context: ReportContext, tmp_path: Path) -> None:
+    """The page says which classes had nothing to compare (``summary.json``'s
+    ``one_strategy``), with their dataset-given names escaped; without any, no such row."""
+    plain = _html(render_report(report_context, tmp_path / "plain"))
+    assert "seen as one strategy" not in plain
+    strict = _html(render_report(dataclasses.replace(report_context, min_cluster_size=7), tmp_path / "strict"))
+    row = strict[strict.index("seen as one strategy") : strict.index("artifact-score threshold")]
+    assert row.count("<li>") == 2 and "&lt;img src=x onerror=alert(1)&gt;" in row and "&#34;&amp;" in row
+    assert "<img src=x" not in strict
+
+
 def test_page_is_self_contained(rendered: Path) -> None:
     html = _html(rendered)
     assert not re.search(r"https?:", html, flags=re.IGNORECASE)

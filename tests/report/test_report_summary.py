@@ -19,7 +19,7 @@ from spray.report.summary import SCHEMA_VERSION, build_summary, write_summary
 TOP_KEYS = {
     "schema_version", "job", "created", "threshold", "n_samples", "class_names", "metadata",
     "artifact_check", "ground_truth", "classes", "flags", "verdict", "complete", "unanalysed", "skipped_images",
-    "untested_flags", "untested_low_score",
+    "untested_flags", "untested_low_score", "one_strategy",
 }
 CHECK_KEYS = {
     "target_class", "target_class_name", "n_images", "flip_rate", "mean_prob_before",
@@ -27,7 +27,7 @@ CHECK_KEYS = {
 }
 CLASS_KEYS = {
     "class_index", "class_name", "space", "analysable", "reason", "n_samples", "n_clusters",
-    "accuracy", "eigenvalues", "clusters",
+    "comparable_clusters", "accuracy", "eigenvalues", "clusters",
 }
 CLUSTER_KEYS = {
     "cluster_id", "size", "artifact_score", "flagged", "score_components", "member_ids",
@@ -263,6 +263,27 @@ def test_without_flags_an_unanalysed_class_makes_the_verdict_incomplete_unless_a
     summary = build_summary(missing_space)
     assert summary["verdict"] == "incomplete"
     assert {item["reason"] for item in summary["unanalysed"] if item["space"] == "concept:layer4"} == {"no analysis of this class in this space"}
+
+
+def test_a_class_seen_as_one_strategy_is_listed_as_not_compared_within(report_context: ReportContext) -> None:
+    """A class whose clustering leaves no two strategies to compare (one cluster, or one
+    whose rest is fewer than min_cluster_size outliers) is named in ``one_strategy``, and
+    the scope line says a whole-class shortcut is not ruled out; the verdict is unchanged."""
+    from spray.verdict import describe_scope
+
+    summary = build_summary(report_context)
+    counts = {entry["class_index"]: entry["comparable_clusters"] for entry in summary["classes"]}
+    assert counts == {0: 2, 1: 3, 2: 0}  # class 1's clusters of 6, 6 and 5 of 17 each leave 11-12
+    assert summary["one_strategy"] == []  # the unanalysable class is listed as unanalysed, not here
+    # class 0 (20 samples, clusters of 14 and 6): with min_cluster_size 7 its cluster of 6 is
+    # outliers, and the cluster of 14 has only those 6 to be compared with
+    strict = build_summary(dataclasses.replace(report_context, min_cluster_size=7))
+    assert {entry["class_index"]: entry["comparable_clusters"] for entry in strict["classes"]} == {0: 0, 1: 0, 2: 0}
+    assert [(item["class_index"], item["n_samples"]) for item in strict["one_strategy"]] == [(0, 20), (1, 17)]
+    assert strict["verdict"] == summary["verdict"]
+    lines = describe_scope(strict)
+    assert len(lines) == 2 and all("shortcut shared by the whole class" in line for line in lines)
+    assert describe_scope(summary) == []
 
 
 def test_summary_carries_the_causal_tests(tested_context: ReportContext, tmp_path: Path) -> None:
