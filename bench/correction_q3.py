@@ -38,7 +38,13 @@ analysis and causal test of the finding's class on the corrected model's explana
 class's audited images; the flag is gone when no flagged cluster of the class shares half the
 finding's members (``spray correct``'s rule). The summary counts the cases reaching the goal
 *and* clearing the flag, and the flags gone where the goal was missed (a re-audit that
-clears an unfixed model would be a wrong last word).
+clears an unfixed model would be a wrong last word). Each correction is also given spray's
+check of the **unseen members** (:mod:`spray.correction.unseen`): the finding's members in
+the search's validation split, which the validated fine-tuning never trained on, carry the
+artifact as it was stamped; where they are other classes' objects, the share of them the
+corrected model releases from the class. spray's verdict ("fixed": goal on its attack, flag
+gone, unseen members not released below the goal beyond chance) is counted against the
+true stamp, beside the verdict without that check.
 
     python3 bench/correction_q3.py                  # every relied-on test case (draw 0)
     python3 bench/correction_q3.py --draw 1 --attack evidence   # the current detector's draw, evidence attack
@@ -72,7 +78,7 @@ from bench.cases import Case, CaseSpec, build_case, extra_dev_cases, generate_ca
 from bench.detection import default_rule, findings, package_versions, run_case, select  # noqa: E402
 from spray.correction.config import CorrectionConfig  # noqa: E402
 from spray.correction.errors import CorrectionError  # noqa: E402
-from spray.correction.outcome import ROUNDING  # noqa: E402
+from spray.correction.outcome import ROUNDING, unseen_miss  # noqa: E402
 from spray.correction.run import build_correction, correct_model  # noqa: E402
 from spray.correction.search import search  # noqa: E402
 
@@ -308,6 +314,7 @@ def correct_case(
     else:
         layer, estimator = config.layer, config.estimator
     audited = None if finding is None else reaudit(case, report.model, finding)
+    unseen = unseen_members(case, report.model, members, class_id, config.seed)
     return {
         "layer": layer, "estimator": estimator, "rr_lambda": config.rr_lambda if config.method == "rr-clarc" else None,
         "clean_before": report.before.clean_accuracy, "attacked_before": report.before.attacked_accuracy,
@@ -317,7 +324,37 @@ def correct_case(
         "true_recovered": true_recovered,
         "true_goal": true_recovered is not None and true_recovered >= GOAL_RECOVERED and clean_ok,
         "seconds": seconds, "n_candidates": len(searched["candidates"]), "reaudit": audited,
+        "members_kept": bool(getattr(report.history, "members_kept", True)), "unseen": unseen,
     }
+
+
+def unseen_members(case: Case, corrected: torch.nn.Module, members: np.ndarray, class_id: int, seed: int) -> dict:
+    """spray's check of the finding's members that no step of the correction saw
+    (:func:`spray.correction.unseen.unseen_members_check`): here those in the search's
+    validation split, which the validated fine-tuning never trained on, against a sample of
+    the rest of their class. ``stamped``: how many of them carry the true stamp (ground truth,
+    for the reader)."""
+    from spray.correction.search import validation_split
+    from spray.correction.unseen import unseen_members_check
+    from bench.detection import explain
+
+    _, held = validation_split(case.train_labels, seed)
+    rows = np.intersect1d(members, held)
+    rest = np.setdiff1d(np.flatnonzero(case.train_labels == class_id), members)
+    rest = np.sort(np.random.default_rng(seed).choice(rest, size=min(512, len(rest)), replace=False))
+    heatmaps = explain(case, rows=np.union1d(rows, rest))[0]  # only these rows
+    check = unseen_members_check(
+        case.model, corrected, case.train_images[rows], heatmaps[rows], case.train_images[rest], heatmaps[rest], class_id
+    )
+    return check | {"stamped": int(case.stamped[rows].sum())}
+
+
+def unseen_cell(check: dict) -> str:
+    """The unseen members' check in words: released / dependent with its interval, or why not measured."""
+    if not check["applies"]:
+        return f"unseen members: not measured ({check['reason']}; {check['n']} unseen, {check['stamped']} stamped)"
+    return (f"unseen members: {check['released']}/{check['dependent']} released ({check['rate']:.2f}, 95 % "
+            f"{check['low']:.2f}-{check['high']:.2f}; {check['n']} unseen, {check['stamped']} stamped)")
 
 
 def reaudit_cell(audited: dict | None) -> str:
@@ -358,13 +395,20 @@ def summary(rows: list[dict], methods: list[str]) -> None:
         print(f"| {method} | {share(items)} | {with_reaudit(items, 'goal')} | {true_share(items)} | {with_reaudit(items, 'true_goal')} | "
               f"{sum(bool(gone(row)) for row in missed)}/{len(missed)}; {sum(bool(gone(row)) for row in missed_true)}/{len(missed_true)} | {np.median(recovered) if recovered else float('nan'):.2f} | "
               f"{100 * np.median([row['clean_change'] for row in items]):+.1f} | {np.median([row['seconds'] for row in items]):.0f} |")
+    def unseen_held(row: dict) -> bool:
+        return unseen_miss(row.get("unseen"), GOAL_RECOVERED) is not None
+
+    rules = {
+        "goal on its attack, flag gone, unseen members released (spray's verdict)": lambda row: row["goal"] and gone(row) and not unseen_held(row),
+        "goal on its attack, flag gone (the verdict before the unseen members' check)": lambda row: row["goal"] and gone(row),
+    }
     for method in methods:
         verdicts = [row for row in rows if row["method"] == method and gone(row) is not None and "true_goal" in row]
-        if verdicts:
-            said_fixed = [row for row in verdicts if row["goal"] and gone(row)]
+        for name, fixed in rules.items() if verdicts else ():
+            said_fixed = [row for row in verdicts if fixed(row)]
             broken = sum(not row["true_goal"] for row in said_fixed)
-            undersold = sum(bool(row["true_goal"]) for row in verdicts if not (row["goal"] and gone(row)))
-            print(f"\n{method}: spray's verdict (goal on its attack and flag gone) against the true stamp: 'fixed' "
+            undersold = sum(bool(row["true_goal"]) for row in verdicts if not fixed(row))
+            print(f"\n{method}: {name}, against the true stamp: 'fixed' "
                   f"{len(said_fixed)}/{len(verdicts)}, of them missing the goal on the true stamp {broken} (a broken promise); "
                   f"'not fixed' though the true stamp reaches the goal {undersold}")
     retested = [row for row in rows if row["method"] == methods[0] and (row.get("reaudit") or {}).get("retest") is not None]
@@ -526,7 +570,9 @@ def main() -> None:
                   f"{100 * result['attacked_before']:.1f} -> {100 * result['attacked_after']:.1f} | "
                   f"{'n/a' if result['recovered'] is None else format(result['recovered'], '.2f')}"
                   f"{'' if args.attack == 'stamp' or result.get('true_recovered') is None else ' (true stamp ' + format(result['true_recovered'], '.2f') + ')'} | "
-                  f"{'yes' if result['goal'] else 'no'} | {reaudit_cell(result['reaudit'])} | {result['seconds']:.0f} |",
+                  f"{'yes' if result['goal'] else 'no'} | {reaudit_cell(result['reaudit'])} | {result['seconds']:.0f} |"
+                  f" {unseen_cell(result['unseen'])},"
+                  f" members {'kept' if result['members_kept'] else 'out'}",
                   flush=True)
     summary(rows, methods)
     attack = "the true stamp (the ceiling)" if args.attack == "stamp" else "the finding's evidence (no ground truth)"

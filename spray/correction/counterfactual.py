@@ -336,7 +336,8 @@ class MemberRemoval:
     ``*_control`` fields are the same removals on the rest of the class (NaN without it).
     ``images``: each member's image (its first mask's row); ``relabels``: the class the model
     gives each member without its evidence (the removal that leaves fewer of them in the
-    flagged class), the flagged class excepted."""
+    flagged class), the flagged class excepted; ``lost``: for each member, whether the model
+    gave it the flagged class and no longer does without its evidence (that same removal)."""
 
     survival: float
     blurred: float
@@ -345,6 +346,7 @@ class MemberRemoval:
     blurred_control: float = float("nan")
     unoverlaid: float = float("nan")
     unoverlaid_control: float = float("nan")
+    lost: np.ndarray | None = None
 
     def rates(self) -> dict[str, float]:
         """The removals' shares as :class:`FineTuneHistory` records them."""
@@ -380,7 +382,7 @@ def member_removal(
     from spray.confirm.test import removal_outcome, removal_test
 
     _, first = np.unique(evidence.rows, return_index=True)
-    predict = _cpu_predictor(model, batch_size)
+    predict = cpu_predictor(model, batch_size)
     images = evidence.images[first]
     probs = predict(images)
     entry, _, without = removal_test(predict, images, evidence.masks[first], np.asarray(fill, dtype=np.float32), class_id, probs)
@@ -398,9 +400,10 @@ def member_removal(
             controls["unoverlaid"], controls["unoverlaid_control"] = _kept_share(lifted), _kept_share(rest_lifted)
             if controls["unoverlaid"] < survival:  # the overlay took the evidence off more members: their classes without it
                 without = unoverlaid_probs
+    lost = (probs.argmax(axis=1) == class_id) & (np.asarray(without).argmax(axis=1) != class_id)
     without = np.array(without, copy=True)
     without[:, class_id] = -np.inf
-    return MemberRemoval(survival, blurred, images, without.argmax(axis=1).astype(np.int64), **controls)
+    return MemberRemoval(survival, blurred, images, without.argmax(axis=1).astype(np.int64), lost=lost, **controls)
 
 
 def _kept_share(entry: dict[str, float | int]) -> float:
@@ -418,7 +421,7 @@ def overlay_subtraction(member_images: np.ndarray, rest_images: np.ndarray) -> C
     return lambda images: np.clip(np.asarray(images, dtype=np.float32) - overlay["overlay"][None], low, high)
 
 
-def _cpu_predictor(model: nn.Module, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
+def cpu_predictor(model: nn.Module, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
     """The causal test's batched predictor (:func:`spray.confirm.predictor.model_predictor`) on the CPU."""
     from spray.attribution.settings import AttributionSettings
     from spray.confirm.predictor import model_predictor
@@ -435,7 +438,7 @@ def blurred_survival(model: nn.Module, images: np.ndarray, class_id: int, batch_
     images = np.asarray(images, dtype=np.float32)
     if not len(images):
         return float("nan")
-    predict = _cpu_predictor(model, batch_size)
+    predict = cpu_predictor(model, batch_size)
     before = (predict(images) if probs is None else probs).argmax(axis=1) == class_id
     if not before.any():
         return float("nan")

@@ -36,7 +36,7 @@ from torch import nn
 
 from spray.attribution.settings import AttributionSettings
 from spray.correction.config import AUTO_LAYER, CorrectionConfig
-from spray.correction.counterfactual import Evidence, sampled_evidence
+from spray.correction.counterfactual import MAX_REST, Evidence, sampled_evidence
 from spray.correction.errors import CorrectionError
 from spray.correction.evaluate import Stamp
 from spray.correction.images import CountingReader, RowImages
@@ -44,6 +44,7 @@ from spray.correction.page import write_correction_files
 from spray.correction.reaudit import run_reaudit
 from spray.correction.run import CorrectionReport, EvaluationPlan, build_correction, correct_model, job_config
 from spray.correction.search import search
+from spray.correction.unseen import unseen_members_check
 from spray.correction.user import cut_points, default_layer, held_out_evaluation, read_audit_heatmaps
 from spray.data.open import AuditData, PlantedArtifact
 from spray.jobs import JobSpec
@@ -172,6 +173,22 @@ def flag_evidence(spec: JobSpec, inputs: JobInputs, plan: EvaluationPlan, class_
     )
 
 
+def unseen_check(spec: JobSpec, inputs: JobInputs, plan: EvaluationPlan, class_id: int, corrected: nn.Module, seed: int) -> dict[str, Any]:
+    """:func:`spray.correction.unseen.unseen_members_check` of the flag's members in the
+    held-out part (``plan.unseen_rows``), against a seeded sample of at most
+    :data:`~spray.correction.counterfactual.MAX_REST` of the rest of their class in the fitting part."""
+    unseen = np.asarray(plan.unseen_rows, dtype=np.int64)
+    fit_rows = plan.fit_rows if plan.fit_rows is not None else np.arange(len(plan.fit_labels))
+    rest = np.setdiff1d(fit_rows[plan.fit_labels == class_id], fit_rows[plan.artifact_rows])
+    if len(rest) > MAX_REST:
+        rest = np.sort(np.random.default_rng([seed, 17]).choice(rest, size=MAX_REST, replace=False))
+
+    def read(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return inputs.space.to_model(np.asarray(inputs.display[rows])), read_audit_heatmaps(spec, rows, len(inputs.labels))
+
+    return unseen_members_check(inputs.model, corrected, *read(unseen), *read(rest), class_id)
+
+
 def correct_job(spec: JobSpec, flag: dict[str, Any], config: CorrectionConfig | None = None, *, progress: bool = False) -> CorrectionReport:
     """Correct the model of job ``spec`` for ``flag`` (an entry of its ``summary.json`` flags) and evaluate it.
 
@@ -211,8 +228,10 @@ def correct_job(spec: JobSpec, flag: dict[str, Any], config: CorrectionConfig | 
             config=config, output_dir=folder, n_classes=inputs.n_classes, class_id=class_id, job=spec.job.name,
             attribution=inputs.attribution, evaluation_set=plan.facts, evidence=evidence, corrected=chosen,
         )
-        report.images_read = {"read": inputs.reader.images_read, "distinct": len(inputs.reader.distinct_rows), "audited": len(inputs.labels)}
         report.search = searched
+        if plan.unseen_rows is not None:
+            report.unseen = unseen_check(spec, inputs, plan, class_id, report.model, config.seed)
+        report.images_read = {"read": inputs.reader.images_read, "distinct": len(inputs.reader.distinct_rows), "audited": len(inputs.labels)}
     if config.reaudit:
         report.reaudit = run_reaudit(spec, inputs.model, report.model, flag, spec.folders.reaudit(config.method), progress=progress)
         report.seconds["reaudit"] = report.reaudit["seconds"]

@@ -7,7 +7,13 @@ A correction is **fixed** only when all of these hold:
 * it costs at most ``[correct] max_clean_loss`` (default 0.005, half a point) of clean
   accuracy on the held-out images;
 * the re-audit of the corrected model no longer finds the flag. The re-audit is the final
-  word: a correction that moves the numbers but leaves the strategy in place is not a fix.
+  word: a correction that moves the numbers but leaves the strategy in place is not a fix;
+* the flagged members that no step of the correction saw, where they are other classes'
+  objects whose prediction rests on their evidence, are released from the class as often as
+  the goal asks (:mod:`spray.correction.unseen`): not beyond chance below
+  ``goal_recovered``. They carry the artifact as it was made, where the attacked set holds
+  what the audit could cut out of it. Where the check does not apply (a co-occurrence, no
+  unseen member), it judges nothing and says why.
 
 Otherwise it is **not fixed**, and every unmet condition is named. When the numbers reach the
 goal but the re-audit was switched off (``[correct] reaudit = false``), nothing confirmed that
@@ -46,6 +52,8 @@ class Outcome:
     clean_change: float | None
     flag_gone: bool | None
     unmet: list[str] = field(default_factory=list)
+    #: The unseen members' released share (:mod:`spray.correction.unseen`), None where it was not measured.
+    unseen_released: float | None = None
 
     @property
     def exit_code(self) -> int:
@@ -72,15 +80,30 @@ def _finite(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
+def unseen_miss(check: dict[str, Any] | None, goal_recovered: float) -> str | None:
+    """Why the unseen members' ``check`` (:func:`spray.correction.unseen.unseen_members_check`)
+    fails the goal: the upper end of its released share's 95 % interval is below
+    ``goal_recovered``; None when it passes or did not apply."""
+    if not check or not check.get("applies") or check.get("high") is None or check["high"] >= goal_recovered - ROUNDING:
+        return None
+    held = check["dependent"] - check["released"]
+    return (
+        f"the corrected model still gives the class to {held} of the {check['dependent']} flagged members held out of the "
+        f"correction whose prediction rests on their evidence (released {check['rate']:.0%}, 95 % interval up to "
+        f"{check['high']:.0%}, below the goal of {goal_recovered:.0%})"
+    )
+
+
 def judge(
-    recovered: float | None, clean_change: float | None, reaudit: dict[str, Any] | None, goal_recovered: float, max_clean_loss: float
+    recovered: float | None, clean_change: float | None, reaudit: dict[str, Any] | None, goal_recovered: float, max_clean_loss: float,
+    unseen: dict[str, Any] | None = None,
 ) -> Outcome:
     """The :class:`Outcome` of a correction (see the module docstring for the rule).
 
     ``recovered``: share of the attacked-accuracy loss recovered (None or NaN when the
     attack cost nothing, so there was nothing to recover); ``clean_change``: clean accuracy
     after minus before; ``reaudit``: the re-audit's outcome (``flag_gone``), None when it did
-    not run.
+    not run; ``unseen``: the unseen members' check, None when it did not run.
     """
     recovered, clean_change = _finite(recovered), _finite(clean_change)
     unmet = []
@@ -95,9 +118,14 @@ def judge(
     flag_gone = None if reaudit is None else bool(reaudit.get("flag_gone"))
     if flag_gone is False:
         unmet.append("the re-audit still finds the flag")
+    held = unseen_miss(unseen, goal_recovered)
+    if held:
+        unmet.append(held)
+    released = _finite(unseen.get("rate")) if unseen and unseen.get("applies") else None
+    facts = (goal_recovered, max_clean_loss, recovered, clean_change, flag_gone)
     if unmet:
-        return Outcome(NOT_FIXED, goal_recovered, max_clean_loss, recovered, clean_change, flag_gone, unmet)
+        return Outcome(NOT_FIXED, *facts, unmet, released)
     if flag_gone is None:
         unmet = ["the numbers reach the goal, but no re-audit checked that the strategy is gone ([correct] reaudit = false)"]
-        return Outcome(UNVERIFIED, goal_recovered, max_clean_loss, recovered, clean_change, flag_gone, unmet)
-    return Outcome(FIXED, goal_recovered, max_clean_loss, recovered, clean_change, flag_gone)
+        return Outcome(UNVERIFIED, *facts, unmet, released)
+    return Outcome(FIXED, *facts, unseen_released=released)

@@ -84,10 +84,14 @@ class CorrectionReport:
     images_read: dict[str, int] | None = None
     #: The candidates tried on the validation split and the one chosen (:mod:`spray.correction.search`)
     search: dict[str, Any] | None = None
+    #: The check of the flagged members no step of the correction saw (:mod:`spray.correction.unseen`); None: not run
+    unseen: dict[str, Any] | None = None
 
     def judge(self) -> Outcome:
         """Judge the correction (:mod:`spray.correction.outcome`) with what it knows now, and keep the verdict."""
-        self.outcome = judge(self.recovered, self.clean_change, self.reaudit, self.config.goal_recovered, self.config.max_clean_loss)
+        self.outcome = judge(
+            self.recovered, self.clean_change, self.reaudit, self.config.goal_recovered, self.config.max_clean_loss, self.unseen
+        )
         return self.outcome
 
     def table(self) -> str:
@@ -120,6 +124,9 @@ class CorrectionReport:
             "outcome": None if self.outcome is None else self.outcome.to_dict(),
             "images_read": self.images_read,
             "search": self.search,
+            "unseen_members": None if self.unseen is None else {
+                key: finite(value) if isinstance(value, float) else value for key, value in self.unseen.items()
+            },
         }
 
 
@@ -197,7 +204,7 @@ class EvaluationPlan:
     the attacked test set; ``mask`` is its region for the relevance share (None skips it);
     ``facts`` says how the sets were made (``evaluation_set`` of the report; None when the
     data brought their own test split); ``fit_rows``: the audited rows ``fit_images`` holds
-    (None: all of them, in order).
+    (None: all of them, in order); ``unseen_rows``: see the attribute.
     """
 
     fit_images: np.ndarray | RowImages
@@ -209,6 +216,9 @@ class EvaluationPlan:
     mask: np.ndarray | tuple[slice, slice] | None
     facts: dict[str, Any] | None
     fit_rows: np.ndarray | None = None
+    #: The flagged members' rows (audited data) that no step of the correction sees: the
+    #: held-out part's (:mod:`spray.correction.unseen`); None: none set aside
+    unseen_rows: np.ndarray | None = None
 
 
 def correct_model(

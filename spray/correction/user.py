@@ -356,4 +356,5 @@ def held_out_evaluation(
         fit_images=display.subset(fit_rows) if isinstance(display, RowImages) else display[fit_rows], fit_labels=labels[fit_rows],
         test_images=display[test_rows], test_labels=labels[test_rows],
         artifact_rows=np.searchsorted(fit_rows, fit_members), stamp=attack.stamp, mask=attack.mask, facts=facts, fit_rows=fit_rows,
+        unseen_rows=np.setdiff1d(members, fit_members),
     )

@@ -188,7 +188,9 @@ def test_spray_correct_on_the_user_job_writes_export_page_report_and_reaudit(use
     root = user_job.parent
     outside = {p for p in root.rglob("*") if "out" not in p.relative_to(root).parts}
     assert main(["--no-progress", "correct", str(user_job)]) == EXIT_OK
-    assert "attacked set: the flagged members' median pixels" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "attacked set: the flagged members' median pixels" in printed
+    assert "flagged members held out of the correction: not measured: the unseen members keep their class" in printed
     folder = load_job(user_job).output_dir / "correction" / "r-clarc"
     assert {p.name for p in folder.iterdir()} >= {
         "correction.json", "weights.pt", "cav.pt", "model.torchscript.pt", "report.json", "index.html",
@@ -208,13 +210,17 @@ def test_spray_correct_on_the_user_job_writes_export_page_report_and_reaudit(use
     assert report["after"]["gate_precision"] >= 0.9
     assert report["reaudit"]["flag_gone"] is True and (folder / report["reaudit"]["report"]).is_file()
     assert (report["outcome"]["verdict"], report["outcome"]["unmet"]) == ("fixed", [])
-    # only the rows a step used were read: the held-out part, the class's fitting rows (CAV, cut-out patch) and the
-    # search's validation split; never another class's fitting rows outside it
+    # the flagged members held out of the correction are the class's own tagged objects: nothing to release, said so
+    unseen = report["unseen_members"]
+    assert unseen["applies"] is False and "class's own objects" in unseen["reason"] and unseen["n"] == held["n_flagged_held_out"] > 0
+    assert report["outcome"]["unseen_released"] is None and "Flagged members held out of the correction: not measured" in (folder / "index.html").read_text()
+    # only the rows a step used were read: the held-out part (its flagged members for that check), the class's fitting
+    # rows (CAV, cut-out patch) and the search's validation split; never another class's fitting rows outside it
     labels = np.load(root / "data.npz")["label"]
     fit, held_out = held_out_split(labels, 0.25, 0)
     _, validation = held_out_split(labels[fit], 0.2, 1)
     members = _flag(user_job)["member_rows"]
-    expected = set(np.setdiff1d(held_out, members).tolist()) | set(fit[labels[fit] == 1].tolist()) | set(fit[validation].tolist())
+    expected = set(held_out.tolist()) | set(fit[labels[fit] == 1].tolist()) | set(fit[validation].tolist())
     assert (report["images_read"]["distinct"], report["images_read"]["audited"]) == (len(expected), 400) and len(expected) < 400
     # the validation leaves the flagged members out too (positions in the fitting part)
     assert report["search"]["n_validation"] == len(np.setdiff1d(validation, np.searchsorted(fit, np.intersect1d(members, fit))))
