@@ -120,12 +120,16 @@ def evidence_stamp(case: Case, members: np.ndarray, class_id: int, heatmaps: np.
     carry at one place and their class does not, a frame or a fixed patch), every other
     attacked image gets the donor's pixels under the signature instead. A member's mask
     holds the part of a frame its relevance singles out; a correction judged on those parts
-    alone can leave the rest of the frame working. Members without evidence are left out;
+    alone can leave the rest of the frame working. A share of the pastes
+    (:data:`spray.correction.counterfactual.MOVED_SHARE`) is moved to a random place, as the
+    fine-tuning moves them: a finding can hold one place of a mark that varies in place,
+    and a correction judged only there can leave the others working (a frame's signature
+    spans the image and stays). Members without evidence are left out;
     (None, donors) when no member has any."""
     from spray.confirm.config import ConfirmConfig
     from spray.confirm.evidence import excess_masks, image_masks, rest_share
     from spray.confirm.test import pasted
-    from spray.correction.counterfactual import MAX_DONORS, MAX_REST, signature_mask
+    from spray.correction.counterfactual import MAX_DONORS, MAX_REST, MOVED_SHARE, moved_evidence, signature_mask
 
     config = ConfirmConfig()
     rng = np.random.default_rng([case.spec.seed, 11])
@@ -150,7 +154,7 @@ def evidence_stamp(case: Case, members: np.ndarray, class_id: int, heatmaps: np.
         chosen = masks[which].copy()
         if signature is not None:
             chosen[1::2] = signature
-        return pasted(images, donor_images[which], chosen)
+        return pasted(images, *moved_evidence(donor_images[which], chosen, np.random.default_rng([case.spec.seed, 23]), MOVED_SHARE))
 
     return stamp, donors
 

@@ -110,6 +110,16 @@ EVIDENCE_SCOPE = "auto"
 #: mean minus the class's holds those objects too; the relabelled members already carry the
 #: artifact whole.
 OVERLAY_SHARE = 0.0
+#: Share of the pasted evidence that is moved to a random place first (:func:`moved_evidence`;
+#: a mask that spans the image, such as a frame's signature, has no other place and stays).
+#: Heatmap-space clustering groups a mark or a sticker that varies in place by where it
+#: sits, so a finding can hold one place of it, and its members then even share a pixel
+#: signature: on Q3's dev digits sticker backdoor on 90 %, 37 of the finding's 38 members
+#: carried it in the top-left corner, and the 67 stamped members it did not find, the
+#: other corners too. Fine-tuned on the found place only, the model kept following the
+#: sticker elsewhere (true stamp recovered 0.32 while the finding's own evidence said 0.98).
+#: Moved, the evidence teaches that the mark means nothing wherever it is.
+MOVED_SHARE = 0.5
 #: Effect size (difference of means over the pooled standard deviation) from which a pixel
 #: belongs to the members' signature: a stamp every member carries differs by many standard
 #: deviations; the shapes of different objects differ by about one.
@@ -199,15 +209,38 @@ class Evidence:
 
         hosts = np.asarray(hosts, dtype=np.float32)
         which = rng.integers(0, len(self), size=len(hosts))
+        images, masks = self.images[which], self.masks[which]
+        if MOVED_SHARE > 0:
+            images, masks = moved_evidence(images, masks, rng, MOVED_SHARE)
         if self.overlay is None or self.bounds is None:
-            return pasted(hosts, self.images[which], self.masks[which])
+            return pasted(hosts, images, masks)
         added = rng.random(len(hosts)) < OVERLAY_SHARE
         result = np.empty_like(hosts)
         region = ~added  # each host gets one of the two, never both computed
-        result[region] = pasted(hosts[region], self.images[which[region]], self.masks[which[region]])
+        result[region] = pasted(hosts[region], images[region], masks[region])
         low, high = (bound[None, :, None, None] for bound in self.bounds)
         result[added] = np.clip(hosts[added] + self.overlay[None], low, high)
         return result
+
+
+def moved_evidence(
+    images: np.ndarray, masks: np.ndarray, rng: np.random.Generator, share: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """``images`` (n, C, H, W) and their evidence ``masks`` (n, H, W) with ``share`` of them
+    (drawn by ``rng``) moved together by a random offset that keeps each mask's pixels inside
+    the image: the same evidence at another place (see :data:`MOVED_SHARE`). The pixels
+    outside a moved mask are whatever the shift brings and are not meant to be pasted."""
+    images, masks = np.array(images, copy=True), np.array(masks, copy=True)
+    height, width = masks.shape[-2:]
+    for index in np.flatnonzero(rng.random(len(masks)) < share):
+        rows, cols = np.nonzero(masks[index])
+        if rows.size == 0:
+            continue
+        down = int(rng.integers(-rows.min(), height - rows.max()))
+        right = int(rng.integers(-cols.min(), width - cols.max()))
+        masks[index] = np.roll(masks[index], (down, right), axis=(0, 1))
+        images[index] = np.roll(images[index], (down, right), axis=(1, 2))
+    return images, masks
 
 
 def member_evidence(

@@ -247,11 +247,38 @@ def test_a_watermark_that_outlasts_masks_and_blur_leaves_with_the_mean_overlay_s
 
 
 def test_pasting_puts_a_members_pixels_inside_its_mask_only() -> None:
+    """A member's evidence is pasted whole, at its place on about half the hosts (MOVED_SHARE)
+    and elsewhere on the others; a mask that spans the image (a frame) stays where it is."""
+    from spray.correction.counterfactual import MOVED_SHARE
+
     donors = np.ones((2, 1, 4, 4), np.float32)
+    frame = np.ones((2, 4, 4), bool)
+    frame[:, 1:3, 1:3] = False
+    framed = Evidence(np.arange(2), donors, frame).paste(np.zeros((5, 1, 4, 4), np.float32), np.random.default_rng(0))
+    assert (framed[:, 0] == frame[0]).all()
     masks = np.zeros((2, 4, 4), bool)
     masks[:, 0, 0] = True
-    pasted = Evidence(np.arange(2), donors, masks).paste(np.zeros((5, 1, 4, 4), np.float32), np.random.default_rng(0))
-    assert pasted[:, 0, 0, 0].tolist() == [1.0] * 5 and pasted.sum() == 5
+    pasted = Evidence(np.arange(2), donors, masks).paste(np.zeros((400, 1, 4, 4), np.float32), np.random.default_rng(0))
+    assert (pasted.reshape(400, -1).sum(axis=1) == 1).all()  # one member pixel each, nothing else
+    at_place = pasted[:, 0, 0, 0].mean()  # moved ones land on any of the 16 pixels, the place included
+    assert at_place == pytest.approx(1 - MOVED_SHARE + MOVED_SHARE / 16, abs=0.06)
+
+
+def test_moved_evidence_keeps_the_mask_inside_the_image_and_its_pixels_under_it() -> None:
+    from spray.correction.counterfactual import moved_evidence
+
+    rng = np.random.default_rng(1)
+    images = rng.uniform(size=(200, 2, 8, 8)).astype(np.float32)
+    masks = np.zeros((200, 8, 8), bool)
+    masks[:, 5:8, 0:2] = True  # a 3x2 mark at the bottom left
+    moved, moved_masks = moved_evidence(images, masks, np.random.default_rng(2))
+    assert (moved_masks.reshape(200, -1).sum(axis=1) == 6).all()  # whole, never cut by the border
+    for image, original, mask in zip(moved, images, moved_masks):
+        assert np.array_equal(np.sort(image[:, mask].ravel()), np.sort(original[:, masks[0]].ravel()))
+    places = {tuple(np.argwhere(mask)[0]) for mask in moved_masks}
+    assert len(places) > 20  # spread over the image (6 x 7 places fit)
+    same, same_masks = moved_evidence(images, masks, np.random.default_rng(2), share=0.0)
+    assert np.array_equal(same, images) and np.array_equal(same_masks, masks)
 
 
 def test_the_search_tries_learning_rates_and_paste_shares() -> None:
