@@ -185,6 +185,19 @@ def test_check_exit_codes(tmp_path: Path, image_folder: Path) -> None:
     assert main(["check", str(job)]) == EXIT_ERROR
 
 
+def _completed_batches(partial: Path) -> int:
+    """Batches the audit writing ``partial`` has completed (0 when unreadable now), read in
+    a child process: HDF5 reading a file that another process is writing can read half-written
+    metadata, and a library state corrupted that way must not outlive the read (under load,
+    the in-process read once made a later file close of this test segfault)."""
+    script = "import h5py, sys\nwith h5py.File(sys.argv[1], 'r', locking=False) as handle:\n    print(int(handle['complete'][...].sum()))"
+    result = subprocess.run([sys.executable, "-c", script, str(partial)], capture_output=True, text=True, timeout=60)
+    try:
+        return int(result.stdout.strip())
+    except ValueError:
+        return 0
+
+
 def test_killed_audit_resumes_to_the_same_summary(tmp_path: Path) -> None:
     """SIGKILL during the attribution pass, rerun: same flags and clusters as an uninterrupted run."""
     rng = np.random.default_rng(0)
@@ -197,13 +210,8 @@ def test_killed_audit_resumes_to_the_same_summary(tmp_path: Path) -> None:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
-        if partial.exists():
-            try:
-                with h5py.File(partial, "r", locking=False) as handle:
-                    if handle["complete"][...].sum() >= 20:
-                        break
-            except (OSError, KeyError):
-                pass
+        if partial.exists() and _completed_batches(partial) >= 20:
+            break
         time.sleep(0.2)
     assert process.poll() is None, "the audit finished before it could be killed"
     process.send_signal(signal.SIGKILL)
