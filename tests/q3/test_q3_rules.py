@@ -120,6 +120,24 @@ def test_the_overlay_setting_has_its_own_bar_and_an_anchor_is_a_yardstick_only_w
     assert alone["size"] == 114
 
 
+def test_parts_of_a_sticker_outranked_only_at_the_hosts_overlay_join_without_the_overlays_in_the_yardstick():
+    """The dev digits VGG sticker backdoor on 90 %, in numbers: the anchor (one corner) lifts
+    +0.94 / +0.92 / +0.81 at the narrow, wide and hosts' overlay settings; another corner's
+    part keeps up at the region settings (+0.85, +0.79) but its overlay lifts +0.27, under
+    0.4 x 0.81, and it is outranked. With the overlays left out of the settling's yardstick
+    the two corners are one finding."""
+    sticker = {"clusters": [
+        _tested(range(0, 38), 0.89, {"0.3/0.5": (0.96, 0.02), "0.5/0.9": (0.99, 0.07), "overlay-hosts": (0.98, 0.17)}, hits=37),
+        _tested(range(38, 64), 0.85, {"0.3/0.5": (0.86, 0.01), "0.5/0.9": (0.90, 0.11), "overlay-hosts": (0.87, 0.60)}, hits=25),
+        _tested(range(64, 116), 0.3, {"0.3/0.5": (0.2, 0.2), "0.5/0.9": (0.3, 0.3), "overlay-hosts": (0.1, 0.3)}),
+    ]}
+    rule = dataclasses.replace(default_rule(), evidence="0.3/0.5+0.5/0.9+overlay-hosts")
+    (alone,) = rule.flags(sticker)
+    assert alone["size"] == 38
+    (joined,) = dataclasses.replace(rule, overlay_yardstick=False).flags(sticker)
+    assert joined["size"] == 64 and joined["hits"] == 62
+
+
 def test_the_overlay_against_the_hosts_has_its_own_bar_and_spray_s_defaults_name_it():
     """A watermark backdoor: its overlay against the rest of the class loses the mark, against
     the hosts it lifts +0.6. The hosts' bar decides, the rule without that setting finds
