@@ -338,14 +338,15 @@ def unseen_members(case: Case, corrected: torch.nn.Module, members: np.ndarray, 
     validation split, which the validated fine-tuning never trained on, against a sample of
     the rest of their class. ``stamped``: how many of them carry the true stamp (ground truth,
     for the reader)."""
+    from bench.detection import explain
+    from spray.correction.counterfactual import MAX_REST
     from spray.correction.search import validation_split
     from spray.correction.unseen import unseen_members_check
-    from bench.detection import explain
 
     _, held = validation_split(case.train_labels, seed)
     rows = np.intersect1d(members, held)
     rest = np.setdiff1d(np.flatnonzero(case.train_labels == class_id), members)
-    rest = np.sort(np.random.default_rng(seed).choice(rest, size=min(512, len(rest)), replace=False))
+    rest = np.sort(np.random.default_rng(seed).choice(rest, size=min(MAX_REST, len(rest)), replace=False))
     heatmaps = explain(case, rows=np.union1d(rows, rest))[0]  # only these rows
     check = unseen_members_check(
         case.model, corrected, case.train_images[rows], heatmaps[rows], case.train_images[rest], heatmaps[rest], class_id
@@ -354,11 +355,10 @@ def unseen_members(case: Case, corrected: torch.nn.Module, members: np.ndarray, 
 
 
 def unseen_cell(check: dict) -> str:
-    """The unseen members' check in words: released / dependent with its interval, or why not measured."""
-    if not check["applies"]:
-        return f"unseen members: not measured ({check['reason']}; {check['n']} unseen, {check['stamped']} stamped)"
-    return (f"unseen members: {check['released']}/{check['dependent']} released ({check['rate']:.2f}, 95 % "
-            f"{check['low']:.2f}-{check['high']:.2f}; {check['n']} unseen, {check['stamped']} stamped)")
+    """spray's line for the unseen members' check, with how many of them carry the true stamp."""
+    from spray.correction.unseen import describe
+
+    return f"{describe(check)}; {check['n']} unseen given the class, {check['stamped']} stamped"
 
 
 def reaudit_cell(audited: dict | None) -> str:

@@ -131,9 +131,9 @@ def _run_correct(args: argparse.Namespace) -> int:
         print(describe_outcome(report.reaudit))
         print(f"re-audit report: {spec.folders.correction(config.method) / report.reaudit['report']}")
     if report.unseen is not None:
-        unseen = report.unseen
-        detail = f" (released {unseen['rate']:.0%}, 95 % interval {unseen['low']:.0%} to {unseen['high']:.0%})" if unseen["applies"] else ""
-        print(f"flagged members held out of the correction: {unseen['reason'] if unseen['applies'] else 'not measured: ' + unseen['reason']}{detail}")
+        from spray.correction.unseen import describe
+
+        print(describe(report.unseen))
     if report.export is not None:
         print(f"exported: {report.export.folder}")
         print(f"correction page: {report.export.folder / PAGE_FILE}")

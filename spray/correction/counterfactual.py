@@ -202,9 +202,9 @@ class Evidence:
         return dataclasses.replace(self, rows=self.rows[keep], images=self.images[keep], masks=self.masks[keep])
 
     def paste(self, hosts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """``hosts`` with one random member's evidence each (``host * (1 - mask) + member * mask``);
-        with an overlay, :data:`OVERLAY_SHARE` of them get the overlay added instead (within
-        ``bounds``)."""
+        """``hosts`` with one random member's evidence each (``host * (1 - mask) + member * mask``),
+        :data:`MOVED_SHARE` of it moved to another place first (:func:`moved_evidence`); with an
+        overlay, :data:`OVERLAY_SHARE` of them get the overlay added instead (within ``bounds``)."""
         from spray.confirm.test import pasted
 
         hosts = np.asarray(hosts, dtype=np.float32)

@@ -52,8 +52,6 @@ class Outcome:
     clean_change: float | None
     flag_gone: bool | None
     unmet: list[str] = field(default_factory=list)
-    #: The unseen members' released share (:mod:`spray.correction.unseen`), None where it was not measured.
-    unseen_released: float | None = None
 
     @property
     def exit_code(self) -> int:
@@ -121,11 +119,10 @@ def judge(
     held = unseen_miss(unseen, goal_recovered)
     if held:
         unmet.append(held)
-    released = _finite(unseen.get("rate")) if unseen and unseen.get("applies") else None
     facts = (goal_recovered, max_clean_loss, recovered, clean_change, flag_gone)
     if unmet:
-        return Outcome(NOT_FIXED, *facts, unmet, released)
+        return Outcome(NOT_FIXED, *facts, unmet)
     if flag_gone is None:
         unmet = ["the numbers reach the goal, but no re-audit checked that the strategy is gone ([correct] reaudit = false)"]
-        return Outcome(UNVERIFIED, *facts, unmet, released)
-    return Outcome(FIXED, *facts, unseen_released=released)
+        return Outcome(UNVERIFIED, *facts, unmet)
+    return Outcome(FIXED, *facts)

@@ -100,3 +100,12 @@ def unseen_members_check(
         "n": n, "dependent": total, "released": released, "rate": released / total, "low": low, "high": high,
     }
 
+
+def describe(check: dict[str, Any]) -> str:
+    """The check in one line for people: what it found with its interval, or why it did not apply."""
+    if not check["applies"]:
+        return f"flagged members held out of the correction: not measured: {check['reason']}"
+    return (
+        f"flagged members held out of the correction: {check['reason']} (released {check['rate']:.0%}, "
+        f"95 % interval {check['low']:.0%} to {check['high']:.0%})"
+    )

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from spray.correction.outcome import FIXED, NOT_FIXED, judge
-from spray.correction.unseen import unseen_members_check
+from spray.correction.unseen import describe, unseen_members_check
 
 
 class _CornerOrInk(nn.Module):
@@ -56,6 +56,7 @@ def test_a_backdoor_s_unseen_members_are_released_by_a_fix_and_held_by_no_fix() 
     released = unseen_members_check(original, fixed, members, member_maps, rest, rest_maps, class_id=1)
     assert released["applies"] and released["n"] == 12 and released["dependent"] == 12
     assert released["released"] == 12 and released["rate"] == 1.0 and released["low"] > 0.7
+    assert describe(released).endswith(f"(released 100%, 95 % interval {released['low']:.0%} to 100%)")
     held = unseen_members_check(original, copy.deepcopy(original), members, member_maps, rest, rest_maps, class_id=1)
     assert held["applies"] and held["released"] == 0 and held["high"] < 0.3
 
@@ -86,8 +87,8 @@ def test_the_verdict_fails_a_correction_only_when_the_unseen_members_are_release
     low, high = wilson_interval(released, 12)
     check = {"applies": True, "reason": "", "n": 12, "dependent": 12, "released": released, "rate": released / 12, "low": low, "high": high}
     outcome = judge(0.95, 0.0, {"flag_gone": True}, 0.8, 0.005, check)
-    assert outcome.verdict == verdict and outcome.unseen_released == pytest.approx(released / 12)
+    assert outcome.verdict == verdict
     if verdict == NOT_FIXED:
         assert len(outcome.unmet) == 1 and f"{12 - released} of the 12 flagged members held out" in outcome.unmet[0]
     not_measured = judge(0.95, 0.0, {"flag_gone": True}, 0.8, 0.005, check | {"applies": False})
-    assert not_measured.verdict == FIXED and not_measured.unseen_released is None
+    assert not_measured.verdict == FIXED and not_measured.unmet == []
