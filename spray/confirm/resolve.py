@@ -35,8 +35,11 @@ the parts of dev stickers were outranked instead of joined (mean F1 0.696 agains
 at 0.3 to 0.4 with the clusters under the threshold tested; the same cases found, the same
 models flagged falsely). The wide bar applies to the overlay setting too, and a contender is
 compared with the anchor only at the settings where the anchor itself confirms
-(:data:`YARDSTICK_WHERE_CONFIRMED`): a sticker's parts have no common overlay, and a lift
-of noise there must not outrank them.
+(:data:`YARDSTICK_WHERE_CONFIRMED`), and among those at the region settings only, unless the
+anchor confirms at none of them (:data:`YARDSTICK_OVERLAYS`): an overlay is the mean of a
+cluster's own evidence, so the parts of a sticker at other corners have none in common with
+the anchor's, and at the anchor's overlay they lift little whatever they are. A shortcut seen
+only as an overlay (a faint watermark, a texture) still has its overlay as the yardstick.
 """
 
 from __future__ import annotations
@@ -58,6 +61,14 @@ JOINED_PREFIX = "Joined by cluster(s)"
 #: (:attr:`Contender.confirms`); False: at every setting. Chosen on the dev split with the
 #: overlay setting: the same cases found, mean F1 0.775 against 0.737 (docs/analysis.md).
 YARDSTICK_WHERE_CONFIRMED = True
+#: The overlay settings are a yardstick like the region settings; False: only where the
+#: anchor confirms at no region setting (:meth:`Contender.yardstick`). Chosen on the dev
+#: split: on the digits VGG sticker on 90 %, three parts at other corners kept up with the
+#: anchor at the region settings and were outranked at the anchor's overlay against the
+#: hosts (lifts +0.27, +0.26, +0.07 against +0.81): finding F1 0.52 with the overlays in
+#: the yardstick, 0.74 without, the clean and two-mode dev models flagged alike
+#: (docs/analysis.md, "A lead for the sticker backdoors").
+YARDSTICK_OVERLAYS = False
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,10 @@ class Contender:
             (:data:`YARDSTICK_WHERE_CONFIRMED`): a setting at which the class's shortcut
             itself does not move predictions (a mark at varying places, averaged into
             an overlay) says nothing about the other clusters.
+        overlays: whether each setting of ``lifts`` pastes the cluster's mean overlay
+            rather than a region of each member (empty: none does). As an anchor, its
+            overlay settings are a yardstick only where none of its region settings is
+            (:meth:`yardstick`).
     """
 
     key: Hashable
@@ -91,6 +106,18 @@ class Contender:
     lifts: tuple[float, ...] = ()
     analysis_size: int | None = None
     confirms: tuple[bool, ...] = ()
+    overlays: tuple[bool, ...] = ()
+
+    def yardstick(self) -> tuple[bool, ...]:
+        """The settings at which this candidate, as the class's anchor, measures the others
+        (empty: every setting): those where it confirms, and of them the region settings;
+        the overlay settings only where it confirms at no region setting (a shortcut seen
+        only as an overlay)."""
+        if not (YARDSTICK_WHERE_CONFIRMED and len(self.confirms) == len(self.lifts)):
+            return ()
+        overlays = self.overlays if len(self.overlays) == len(self.confirms) else (False,) * len(self.confirms)
+        regions = tuple(confirms and not overlay for confirms, overlay in zip(self.confirms, overlays))
+        return regions if any(regions) else self.confirms
 
     def yields_to(self, anchor: Contender, dominance: float, wide_dominance: float | None = None) -> bool:
         """Whether ``anchor`` outranks this candidate (:meth:`falls_behind` names a setting)."""
@@ -104,7 +131,7 @@ class Contender:
         if not len(self.lifts) == len(anchor.lifts) > 0:
             return 0 if self.lift < dominance * anchor.lift else None
         wide = dominance if wide_dominance is None else wide_dominance
-        yardstick = anchor.confirms if YARDSTICK_WHERE_CONFIRMED and len(anchor.confirms) == len(anchor.lifts) else ()
+        yardstick = anchor.yardstick()
         for position, (own, theirs) in enumerate(zip(self.lifts, anchor.lifts)):
             if yardstick and not yardstick[position]:
                 continue
@@ -139,6 +166,15 @@ def setting_confirms(confirmation: dict[str, Any]) -> tuple[bool, ...]:
     when a setting's status is not recorded)."""
     statuses = [entry.get("status") for entry in confirmation.get("settings") or ()]
     return () if None in statuses else tuple(status == "confirmed" for status in statuses)
+
+
+def setting_overlays(confirmation: dict[str, Any]) -> tuple[bool, ...]:
+    """Whether each evidence setting of a confirmation record pasted the cluster's mean
+    overlay (empty for one setting, or where :data:`YARDSTICK_OVERLAYS` keeps the overlays
+    in the yardstick: then no setting is told apart)."""
+    if YARDSTICK_OVERLAYS:
+        return ()
+    return tuple(bool((entry.get("evidence") or {}).get("overlay")) for entry in confirmation.get("settings") or ())
 
 
 @dataclass
@@ -296,6 +332,7 @@ def settle(
             lift=lift_of(cluster.confirmation or {}), score=float(cluster.artifact_score),
             lifts=setting_lifts(cluster.confirmation or {}), analysis_size=len(analysis.rows),
             confirms=setting_confirms(cluster.confirmation or {}),
+            overlays=setting_overlays(cluster.confirmation or {}),
         )
         for analysis, cluster, target in tested
         if id(cluster) in confirmed

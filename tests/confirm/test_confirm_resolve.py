@@ -66,6 +66,42 @@ def test_an_anchor_is_a_yardstick_only_where_it_confirms():
     assert resolve([part, unknown], dominance=0.85, wide_dominance=0.4).outranked == {"sticker-b": "sticker-a"}
 
 
+def test_an_anchor_s_overlay_is_a_yardstick_only_where_it_confirms_at_no_region():
+    """The dev digits VGG sticker on 90 %: the anchor corner confirms at both regions and with
+    its overlay against the hosts (+0.81); another corner keeps up at the regions and lifts
+    +0.27 with its own overlay, which shows another place. The overlays are left out and the
+    corners join. An anchor seen only as an overlay (a faint watermark) is measured there."""
+    anchor = Contender("corner-a", 1, "heatmap", np.arange(0, 38), 0.94, 0.89, lifts=(0.94, 0.92, 0.81),
+                       confirms=(True, True, True), overlays=(False, False, True))
+    part = Contender("corner-b", 1, "heatmap", np.arange(38, 64), 0.85, 0.85, lifts=(0.85, 0.79, 0.27),
+                     confirms=(True, True, False), overlays=(False, False, True))
+    assert anchor.yardstick() == (True, True, False)
+    assert part.falls_behind(anchor, 0.85, 0.4) is None
+    assert resolve([part, anchor], dominance=0.85, wide_dominance=0.4).joined == {"corner-b": "corner-a"}
+    # without knowing which setting is an overlay, every confirmed setting measures
+    assert part.falls_behind(dataclasses.replace(anchor, overlays=()), 0.85, 0.4) == 2
+    watermark = dataclasses.replace(anchor, lifts=(0.0, 0.0, 0.6), lift=0.6, confirms=(False, False, True))
+    assert watermark.yardstick() == (False, False, True)
+    object_side = dataclasses.replace(part, lifts=(0.25, 0.55, 0.05), lift=0.25, confirms=(True, False, False))
+    assert object_side.falls_behind(watermark, 0.85, 0.4) == 2
+
+
+def test_settle_reads_which_settings_are_overlays_from_the_records():
+    rows = np.arange(100)
+    clusters = [_cluster(0, rows[:30], 0.9, 0.9, 1.0), _cluster(1, rows[30:60], 0.8, 0.85, 1.0), _cluster(2, rows[60:], None, 0.2, 0.0)]
+    settings = ({"area": 0.3, "mass": 0.5}, {"area": 0.5, "mass": 0.9}, {"area": 1.0, "mass": 1.0, "overlay": True, "reference": "hosts"})
+    for cluster, lifts in zip(clusters, ((0.94, 0.92, 0.81), (0.85, 0.79, 0.27))):
+        cluster.confirmation["settings"] = [
+            {"evidence": evidence, "paste": {"rate": 0.05 + lift}, "control": {"rate": 0.05},
+             "status": "confirmed" if lift >= 0.4 else "rejected"}
+            for evidence, lift in zip(settings, lifts)
+        ]
+    analysis = ClassAnalysis(1, "one", "heatmap", rows, np.zeros(3), 3, np.repeat([0, 1, 2], [30, 30, 40]),
+                             np.zeros((100, 2)), np.zeros((100, 2)), clusters)
+    assert settle([(analysis, cluster, 1) for cluster in clusters[:2]], dominance=0.85, wide_dominance=0.4) == {"outranked": 0, "joined": 1}
+    assert len(clusters[0].member_rows) == 60 and clusters[0].flagged
+
+
 def test_settle_names_the_setting_where_the_outranked_side_falls_behind():
     rows = np.arange(100)
     for lifts, area, words in (

@@ -124,18 +124,34 @@ def test_parts_of_a_sticker_outranked_only_at_the_hosts_overlay_join_without_the
     """The dev digits VGG sticker backdoor on 90 %, in numbers: the anchor (one corner) lifts
     +0.94 / +0.92 / +0.81 at the narrow, wide and hosts' overlay settings; another corner's
     part keeps up at the region settings (+0.85, +0.79) but its overlay lifts +0.27, under
-    0.4 x 0.81, and it is outranked. With the overlays left out of the settling's yardstick
-    the two corners are one finding."""
+    0.4 x 0.81. With the overlays in the settling's yardstick (draw 14's rule) it is
+    outranked; spray's default leaves them out, and the two corners are one finding."""
     sticker = {"clusters": [
         _tested(range(0, 38), 0.89, {"0.3/0.5": (0.96, 0.02), "0.5/0.9": (0.99, 0.07), "overlay-hosts": (0.98, 0.17)}, hits=37),
         _tested(range(38, 64), 0.85, {"0.3/0.5": (0.86, 0.01), "0.5/0.9": (0.90, 0.11), "overlay-hosts": (0.87, 0.60)}, hits=25),
         _tested(range(64, 116), 0.3, {"0.3/0.5": (0.2, 0.2), "0.5/0.9": (0.3, 0.3), "overlay-hosts": (0.1, 0.3)}),
     ]}
     rule = dataclasses.replace(default_rule(), evidence="0.3/0.5+0.5/0.9+overlay-hosts")
-    (alone,) = rule.flags(sticker)
-    assert alone["size"] == 38
-    (joined,) = dataclasses.replace(rule, overlay_yardstick=False).flags(sticker)
+    assert not rule.overlay_yardstick
+    (joined,) = rule.flags(sticker)
     assert joined["size"] == 64 and joined["hits"] == 62
+    (alone,) = dataclasses.replace(rule, overlay_yardstick=True).flags(sticker)
+    assert alone["size"] == 38
+
+
+def test_an_anchor_seen_only_as_an_overlay_measures_the_others_at_its_overlay():
+    """A faint watermark backdoor confirms with the hosts' overlay only (+0.6); the object
+    side confirms at the narrow region (+0.25, where the anchor does not confirm) and lifts
+    +0.05 with its overlay. Left with no region setting to compare at, the anchor's overlay is the
+    yardstick, and the object side is outranked instead of flagged as a second shortcut."""
+    record = {"clusters": [
+        _tested(range(0, 60), 0.9, {"0.3/0.5": (0.1, 0.1), "0.5/0.9": (0.3, 0.3), "overlay-hosts": (0.8, 0.2)}, hits=60),
+        _tested(range(60, 300), 0.8, {"0.3/0.5": (0.3, 0.05), "0.5/0.9": (0.75, 0.2), "overlay-hosts": (0.3, 0.25)}),
+        _tested(range(300, 800), 0.3, {"0.3/0.5": (0.1, 0.1), "0.5/0.9": (0.2, 0.2), "overlay-hosts": (0.1, 0.3)}),
+    ]}
+    rule = dataclasses.replace(default_rule(), evidence="0.3/0.5+0.5/0.9+overlay-hosts", min_rest=None)
+    (flag,) = rule.flags(record)
+    assert flag["size"] == 60 and flag["hits"] == 60
 
 
 def test_the_overlay_against_the_hosts_has_its_own_bar_and_spray_s_defaults_name_it():
