@@ -76,6 +76,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.cases import Case, CaseSpec, build_case, extra_dev_cases, generate_cases  # noqa: E402
 from bench.detection import default_rule, findings, package_versions, run_case, select  # noqa: E402
+from spray.correction.attack import EVIDENCE_DONORS, donor_limit  # noqa: E402
 from spray.correction.config import CorrectionConfig  # noqa: E402
 from spray.correction.errors import CorrectionError  # noqa: E402
 from spray.correction.outcome import ROUNDING, unseen_miss  # noqa: E402
@@ -106,57 +107,36 @@ def cf_evidence(case: Case, members: np.ndarray, class_id: int, heatmaps: np.nda
     )
 
 
-#: Members whose evidence makes the attack set (at most; cycled over the attacked images).
-EVIDENCE_DONORS = 64
 
 
 def evidence_stamp(case: Case, members: np.ndarray, class_id: int, heatmaps: np.ndarray, limit: int = EVIDENCE_DONORS):
-    """The attack made from the flag's evidence, with no ground truth, and its donors' rows.
+    """The attack made from the flag's evidence, with no ground truth, and its donors' rows:
+    ``spray correct``'s own (:func:`spray.correction.attack.evidence_attack`) on the case's
+    audited images. (None, donors) when no donor has evidence."""
+    from spray.correction.attack import evidence_attack
 
-    Each attacked image gets one of at most ``limit`` members' evidence pasted, members cycled
-    in a fixed order: ``spray.confirm``'s own masks at its default evidence settings (where
-    the member's relevance exceeds the rest of its class) and, where the members share a
-    pixel signature (:func:`spray.correction.counterfactual.signature_mask`: what all of them
-    carry at one place and their class does not, a frame or a fixed patch), every other
-    attacked image gets the donor's pixels under the signature instead. A member's mask
-    holds the part of a frame its relevance singles out; a correction judged on those parts
-    alone can leave the rest of the frame working. A share of the pastes
-    (:data:`spray.correction.counterfactual.MOVED_SHARE`) is moved to a random place, as the
-    fine-tuning moves them: a finding can hold one place of a mark that varies in place,
-    and a correction judged only there can leave the others working (a frame's signature
-    spans the image and stays). Members without evidence are left out;
-    (None, donors) when no member has any."""
-    from spray.confirm.config import ConfirmConfig
-    from spray.confirm.evidence import excess_masks, image_masks, rest_share
-    from spray.confirm.test import pasted
-    from spray.correction.counterfactual import MAX_DONORS, MAX_REST, MOVED_SHARE, moved_evidence, signature_mask
-
-    config = ConfirmConfig()
-    rng = np.random.default_rng([case.spec.seed, 11])
     rest = np.setdiff1d(np.flatnonzero(case.train_labels == class_id), members)
-    donors = np.sort(rng.choice(members, size=min(limit, len(members)), replace=False))
-    rest_rows = np.sort(rng.choice(rest, size=min(256, len(rest)), replace=False)) if len(rest) else rest
-    small = excess_masks(heatmaps[donors], rest_share(heatmaps[rest_rows]), config.evidence_area, config.evidence_mass)
-    masks = image_masks(small, case.train_images.shape[-2:])
-    keep = masks.reshape(len(masks), -1).any(axis=1)
-    if not keep.any():
-        return None, donors
-    donor_images, masks = case.train_images[donors[keep]], masks[keep]
-    signature = None
-    if len(rest):
-        sample = np.sort(rng.choice(members, size=min(MAX_DONORS, len(members)), replace=False))
-        rest_sample = np.sort(rng.choice(rest, size=min(MAX_REST, len(rest)), replace=False))
-        signature = signature_mask(case.train_images[sample], case.train_images[rest_sample])
-        signature = signature if signature.any() else None
+    attack = evidence_attack(members, rest, lambda rows: heatmaps[rows], lambda rows: case.train_images[rows], case.spec.seed, limit)
+    return (None if attack.empty else attack.stamp), attack.donors
 
-    def stamp(images: np.ndarray) -> np.ndarray:
-        which = np.arange(len(images)) % len(masks)
-        chosen = masks[which].copy()
-        if signature is not None:
-            chosen[1::2] = signature
-        return pasted(images, *moved_evidence(donor_images[which], chosen, np.random.default_rng([case.spec.seed, 23]), MOVED_SHARE))
 
-    return stamp, donors
+def cutout_stamp(case: Case, members: np.ndarray, class_id: int, heatmaps: np.ndarray):
+    """The attack ``spray correct`` made for a user job with no ``[correct] stamp``
+    (before :mod:`spray.correction.attack`): one mask where the members' pooled relevance
+    exceeds the rest of their class's most, and the members' median pixels there, pasted on
+    every attacked image; the fine-tuning saw every member's evidence (no donors were held
+    back). None when the members exceed their class nowhere."""
+    from spray.analysis.config import SprayConfig
+    from spray.correction.user import MAX_REFERENCE_HEATMAPS, cutout_mask, cutout_patch, paste
+
+    rest = np.setdiff1d(np.flatnonzero(case.train_labels == class_id), members)
+    if len(rest) > MAX_REFERENCE_HEATMAPS:
+        rest = np.sort(np.random.default_rng([case.spec.seed, 11]).choice(rest, MAX_REFERENCE_HEATMAPS, replace=False))
+    try:
+        mask = cutout_mask(heatmaps[members], heatmaps[rest], SprayConfig().pooled_size, tuple(case.train_images.shape[-2:]))
+    except CorrectionError:
+        return None
+    return paste(cutout_patch(case.train_images[members], mask), mask)
 
 
 def top_finding(spec: CaseSpec) -> dict | None:
@@ -444,9 +424,10 @@ def main() -> None:
     parser.add_argument("--split", choices=("dev", "test"), default="test", help="dev: choose constants here; test: run once and report")
     parser.add_argument("--draw", type=int, default=0, help="test only: the draw of the test split (bench/detection.py --draw)")
     parser.add_argument(
-        "--attack", choices=("stamp", "evidence"), default="stamp",
-        help="the attacked set the search and evaluation use: the true stamp (the ceiling), or the finding's evidence "
-        "(no ground truth; every correction is then also evaluated on the true stamp)",
+        "--attack", choices=("stamp", "evidence", "cutout"), default="stamp",
+        help="the attacked set the search and evaluation use: the true stamp (the ceiling), the finding's evidence, or "
+        "the cut-out that spray correct makes for a user job without [correct] stamp (no ground truth for either; every "
+        "correction is then also evaluated on the true stamp)",
     )
     parser.add_argument("--kinds", nargs="+", default=None, help="only the cases of these artifact kinds (e.g. frame watermark)")
     parser.add_argument("--fractions", type=float, nargs="+", default=None, help="only the cases of these fractions (e.g. 0.6 0.9)")
@@ -530,17 +511,19 @@ def main() -> None:
         in_target = finding["class"] == case.target_label
         layer = None
         stamp, truth_before, attack_donors = true_stamp(case), None, np.zeros(0, dtype=np.int64)
-        if args.attack == "evidence":
+        if args.attack in ("evidence", "cutout"):
             from bench.detection import explain
             from spray.correction.evaluate import evaluate
 
             truth_before = evaluate(
                 case.model, case.test_images, case.test_labels, int(finding["class"]), stamp, relevance_samples=0
             )
-
-            # counterfactual fine-tuning must not see the evidence it is judged on: half the members at most are donors
-            limit = EVIDENCE_DONORS if args.methods == "clarc" else min(EVIDENCE_DONORS, max(1, len(members) // 2))
-            stamp, attack_donors = evidence_stamp(case, members, int(finding["class"]), explain(case)[0], limit)
+            if args.attack == "cutout":
+                stamp = cutout_stamp(case, members, int(finding["class"]), explain(case)[0])
+            else:
+                # counterfactual fine-tuning must not see the evidence it is judged on: half the members at most are donors
+                limit = EVIDENCE_DONORS if args.methods == "clarc" else donor_limit(len(members))
+                stamp, attack_donors = evidence_stamp(case, members, int(finding["class"]), explain(case)[0], limit)
             if stamp is None:
                 for method in methods:
                     rows.append(base | {"method": method, "goal": False, "recovered": None, "clean_change": 0.0, "seconds": 0.0})
@@ -579,7 +562,10 @@ def main() -> None:
                   f" members {'kept' if result['members_kept'] else 'out'}",
                   flush=True)
     summary(rows, methods)
-    attack = "the true stamp (the ceiling)" if args.attack == "stamp" else "the finding's evidence (no ground truth)"
+    attack = {
+        "stamp": "the true stamp (the ceiling)", "evidence": "the finding's evidence (no ground truth)",
+        "cutout": "the cut-out of spray correct for a user job (no ground truth)",
+    }[args.attack]
     print(f"\nattacked set of the search and of the goal column: {attack}. "
           + ("No re-audit here (--no-reaudit)." if args.no_reaudit else "Re-audit: spray's analysis and causal test of the finding's class on the corrected model."))
     print("packages: " + ", ".join(f"{name} {version}" for name, version in package_versions().items()))

@@ -162,13 +162,15 @@ def flag_members(flag: dict[str, Any], n_samples: int) -> tuple[int, np.ndarray]
 def flag_evidence(spec: JobSpec, inputs: JobInputs, plan: EvaluationPlan, class_id: int, seed: int) -> Evidence:
     """The evidence of the flag's fitting members for counterfactual fine-tuning
     (:func:`spray.correction.counterfactual.sampled_evidence`): their heatmaps from the audit
-    against the rest of their class's, on their images as the model sees them. Rows of the
-    evidence index ``plan.fit_images``."""
+    against the rest of their class's, on their images as the model sees them; the attacked
+    set's donors (``plan.attack_donors``) left out, so that the correction is not judged on
+    evidence it was shown. Rows of the evidence index ``plan.fit_images``."""
     fit_rows = np.arange(len(plan.fit_labels)) if plan.fit_rows is None else plan.fit_rows
     members = np.asarray(plan.artifact_rows, dtype=np.int64)
     rest = np.setdiff1d(np.flatnonzero(plan.fit_labels == class_id), members)
+    shown = members if plan.attack_donors is None else np.setdiff1d(members, plan.attack_donors)
     return sampled_evidence(
-        members, rest, lambda rows: read_audit_heatmaps(spec, fit_rows[rows], len(inputs.labels)),
+        shown, rest, lambda rows: read_audit_heatmaps(spec, fit_rows[rows], len(inputs.labels)),
         lambda rows: inputs.space.to_model(inputs.display[fit_rows[rows]]), seed,
     )
 

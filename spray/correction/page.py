@@ -33,9 +33,8 @@ PAGE_FILE = "index.html"
 REPORT_FILE = "report.json"
 COMPARE_FILE = "compare.html"
 MASK_PICTURE = "artifact_mask.png"
-PATCH_PICTURE = "artifact_patch.png"
 #: The only picture files the page inlines (fixed names inside the correction's folder).
-PICTURES: tuple[str, ...] = (MASK_PICTURE, PATCH_PICTURE)
+PICTURES: tuple[str, ...] = (MASK_PICTURE,)
 #: Rows of the before/after table: (key of EvaluationResult.to_dict(), label, higher is better).
 TABLE_ROWS: tuple[tuple[str, str, bool], ...] = (
     ("clean_accuracy", "clean accuracy", True),

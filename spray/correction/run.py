@@ -219,6 +219,9 @@ class EvaluationPlan:
     #: The flagged members' rows (audited data) that no step of the correction sees: the
     #: held-out part's (:mod:`spray.correction.unseen`); None: none set aside
     unseen_rows: np.ndarray | None = None
+    #: Rows of ``fit_images`` whose evidence the attacked set pastes (:mod:`spray.correction.attack`):
+    #: counterfactual fine-tuning must not paste it too; None: the attack is no member's evidence
+    attack_donors: np.ndarray | None = None
 
 
 def correct_model(

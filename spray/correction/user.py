@@ -18,20 +18,27 @@ accuracy.
   file; ``config.stamp``), by that function: it takes and returns an (N, C, H, W) float array in [0, 1]
   (display images, before the model's normalisation). Its artifact mask is the pixels it
   changes in at least half of the held-out images it was tried on;
-* without one, by pasting the artifact *cut out* of the flagged members. The mask rule
-  (:func:`cutout_mask`): each fitting sample's positive relevance is sum-pooled to the
-  analysis grid (``[analysis] pooled_size``) and scaled to sum 1; the cells where the flagged
-  members' mean exceeds the mean of the rest of their class by at least
-  :data:`MASK_RELATIVE` of the largest excess form candidate regions, of which the
-  4-connected one holding the largest excess is kept and upsampled to image size. The patch
-  is the members' pixel-wise median inside the mask (:func:`cutout_patch`). The mask has the
-  grid's resolution: an artifact that straddles cell borders is covered by whole cells (the
-  patch then carries a rim of the members' median background).
+* without one, by pasting the flagged members' own **evidence**, as the audit's causal test
+  does (:mod:`spray.correction.attack`): each attacked image gets one donor member's
+  relevance excess (or, where the members share a pixel signature, every other image the
+  signature), half of them moved to a random place. The donors are at most half of the
+  fitting members, and counterfactual fine-tuning never pastes their evidence
+  (``EvaluationPlan.attack_donors``): the correction is not judged on what it was shown.
 
-The mask also delimits the artifact's share of relevance in the evaluation. How the attacked
-set was made is recorded under ``evaluation_set`` in ``report.json`` and shown on the page,
-with pictures of the mask and the patch for a cut-out (``artifact_mask.png``,
-``artifact_patch.png`` beside the page). Everything here works on display images in [0, 1].
+The artifact's share of relevance in the evaluation is measured in one mask: the stamp
+function's, or for the evidence the region where the members' relevance exceeds their
+class's most (:func:`cutout_mask`): each fitting sample's positive relevance is sum-pooled to
+the analysis grid (``[analysis] pooled_size``) and scaled to sum 1; the cells where the
+flagged members' mean exceeds the mean of the rest of their class by at least
+:data:`MASK_RELATIVE` of the largest excess form candidate regions, of which the 4-connected
+one holding the largest excess is kept and upsampled to image size. How the attacked set
+was made is recorded under ``evaluation_set`` in ``report.json`` and shown on the page, with
+a picture of that mask (``artifact_mask.png`` beside the page). Everything here works on
+display images in [0, 1].
+
+The members' median pixels inside that one mask, pasted (:func:`cutout_patch`, :func:`paste`),
+were the attack before the evidence; on held-out cases its verdict was wrong (``docs/correction.md``),
+and the bench keeps it to measure that (``bench/correction_q3.py --attack cutout``).
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from spray.correction.config import CorrectionConfig
 from spray.correction.errors import CorrectionError
 from spray.correction.evaluate import Stamp
 from spray.correction.images import RowImages
-from spray.correction.page import MASK_PICTURE, PATCH_PICTURE
+from spray.correction.page import MASK_PICTURE
 from spray.correction.run import EvaluationPlan
 from spray.jobs import JobSpec
 from spray.store.folders import ATTRIBUTIONS_FILE
@@ -199,7 +206,9 @@ class AttackSet:
     stamp: Stamp
     mask: np.ndarray | None
     facts: dict[str, Any]
-    patch: np.ndarray | None = field(default=None, repr=False)
+    #: the flagged members (audited rows) whose evidence the attack pastes; empty for a stamp
+    #: function or a cut-out
+    donors: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
 
 
 def read_audit_heatmaps(spec: JobSpec, rows: np.ndarray, n_samples: int) -> np.ndarray:
@@ -225,24 +234,51 @@ def _grid_name(pooled_size: tuple[int, int] | None) -> str:
     return "the heatmaps' own" if pooled_size is None else "×".join(str(int(side)) for side in pooled_size)
 
 
-def cutout_attack(spec: JobSpec, display: np.ndarray | RowImages, labels: np.ndarray, fit_rows: np.ndarray, members: np.ndarray, class_id: int) -> AttackSet:
-    """The artifact cut out of the fitting ``members`` (rows of ``display``) and pasted (see the module docstring)."""
+def evidence_attack_set(
+    spec: JobSpec, display: np.ndarray | RowImages, labels: np.ndarray, fit_rows: np.ndarray, members: np.ndarray, class_id: int, seed: int
+) -> AttackSet:
+    """The flagged fitting ``members``' own evidence pasted (:mod:`spray.correction.attack`),
+    with the region of their largest relevance excess as the relevance mask (None where they
+    exceed their class nowhere on the pooled grid)."""
+    from spray.correction.attack import donor_limit, evidence_attack
+
     rest = np.setdiff1d(fit_rows[labels[fit_rows] == class_id], members)
-    if len(rest) > MAX_REFERENCE_HEATMAPS:
-        rest = np.sort(np.random.default_rng(spec.job.seed).choice(rest, MAX_REFERENCE_HEATMAPS, replace=False))
-    mask = cutout_mask(
-        read_audit_heatmaps(spec, members, len(labels)), read_audit_heatmaps(spec, rest, len(labels)), spec.analysis.pooled_size, display.shape[2:]
+    attack = evidence_attack(
+        members, rest, lambda rows: read_audit_heatmaps(spec, rows, len(labels)),
+        lambda rows: np.asarray(display[rows], dtype=np.float32), seed, donor_limit(len(members)),
     )
-    patch = cutout_patch(display[members], mask)
+    if attack.empty:
+        raise CorrectionError(
+            "no flagged member has relevance outside where its class looks, so there is no evidence to paste for the attacked "
+            "set; set [correct] stamp to a function that puts the artifact on images."
+        )
+    if len(rest) > MAX_REFERENCE_HEATMAPS:
+        rest = np.sort(np.random.default_rng(seed).choice(rest, MAX_REFERENCE_HEATMAPS, replace=False))
+    try:
+        mask: np.ndarray | None = cutout_mask(
+            read_audit_heatmaps(spec, members, len(labels)), read_audit_heatmaps(spec, rest, len(labels)), spec.analysis.pooled_size,
+            tuple(display.shape[2:]),
+        )
+    except CorrectionError:
+        mask = None
     facts = {
-        "kind": "cut-out",
-        "description": "the flagged members' median pixels inside the mask, pasted on the held-out images of the other classes",
-        "mask_rule": f"pooled cells ({_grid_name(spec.analysis.pooled_size)} grid) where the members' mean relevance share exceeds the rest of "
-        f"the class's by at least {MASK_RELATIVE:.0%} of the largest excess; the connected region of the largest excess",
+        "kind": "evidence",
+        "description": (
+            f"one of {len(attack.donors)} flagged members' evidence (its relevance over the rest of its class, the causal test's "
+            "masks) pasted on each held-out image of the other classes"
+            + (", every other image the members' pixel signature" if attack.signature is not None else "")
+            + "; half of the pastes moved to a random place. Counterfactual fine-tuning never pastes these donors' evidence"
+        ),
+        "mask_rule": f"relevance share measured in the pooled cells ({_grid_name(spec.analysis.pooled_size)} grid) where the members' mean "
+        f"relevance share exceeds the rest of the class's by at least {MASK_RELATIVE:.0%} of the largest excess; the connected "
+        "region of the largest excess",
         "n_members": int(len(members)),
+        "n_donors": int(len(attack.donors)),
+        "n_donors_with_evidence": int(len(attack.masks)),
+        "signature_pixels": None if attack.signature is None else int(attack.signature.sum()),
         "n_reference": int(len(rest)),
     }
-    return AttackSet(paste(patch, mask), mask, facts, patch)
+    return AttackSet(attack.stamp, mask, facts, donors=attack.donors)
 
 
 def function_attack(name: str, stamp: Stamp, probe: np.ndarray) -> AttackSet:
@@ -264,20 +300,17 @@ def _describe_mask(attack: AttackSet) -> None:
 
 
 def write_pictures(attack: AttackSet, folder: Path) -> list[str]:
-    """Write the mask (white on black) and the patch (on grey) as PNGs into ``folder``; return their names."""
+    """Write the relevance mask of an evidence attack (white on black) as a PNG into ``folder``;
+    return the names written (none for a stamp function, whose mask is its own)."""
     from spray.report.plots import rgba_png
 
-    if attack.mask is None or attack.patch is None:
+    if attack.mask is None or attack.facts.get("kind") != "evidence":
         return []
     scale = max(1, -(-PICTURE_SIDE // min(attack.mask.shape)))
     mask = np.repeat(attack.mask[:, :, None].astype(np.float32), 3, axis=2)
-    patch = np.where(attack.mask[None], attack.patch, 0.5).transpose(1, 2, 0)
-    patch = np.repeat(patch, 3, axis=2) if patch.shape[2] == 1 else patch[:, :, :3]
     folder.mkdir(parents=True, exist_ok=True)
-    for name, picture in ((MASK_PICTURE, mask), (PATCH_PICTURE, patch)):
-        big = np.kron(picture, np.ones((scale, scale, 1), np.float32))
-        (folder / name).write_bytes(rgba_png(big))
-    return [MASK_PICTURE, PATCH_PICTURE]
+    (folder / MASK_PICTURE).write_bytes(rgba_png(np.kron(mask, np.ones((scale, scale, 1), np.float32))))
+    return [MASK_PICTURE]
 
 
 def cut_points(model: nn.Module, candidates: Sequence[str]) -> list[str]:
@@ -312,12 +345,12 @@ def default_layer(model: nn.Module, candidates: tuple[str, ...]) -> str:
 
 def _attack_set(
     spec: JobSpec, stamp_name: str, display: np.ndarray | RowImages, labels: np.ndarray, fit_rows: np.ndarray, test_rows: np.ndarray,
-    members: np.ndarray, class_id: int,
+    members: np.ndarray, class_id: int, seed: int,
 ) -> AttackSet:
-    """The stamping function ``stamp_name`` (``[correct] stamp``) when set, else the cut-out artifact; with its mask described."""
+    """The stamping function ``stamp_name`` (``[correct] stamp``) when set, else the members' evidence; with its mask described."""
     stamp = load_stamp(stamp_name, spec.base_dir)
     if stamp is None:
-        attack = cutout_attack(spec, display, labels, fit_rows, members, class_id)
+        attack = evidence_attack_set(spec, display, labels, fit_rows, members, class_id, seed)
     else:
         others = test_rows[labels[test_rows] != class_id][:STAMP_PROBE_IMAGES]
         if len(others) == 0:
@@ -342,7 +375,7 @@ def held_out_evaluation(
     test_rows = np.setdiff1d(held_rows, members)  # the flagged members' labels are in question: not "clean" (spray.correction.search)
     if fit_members.size == 0:
         raise CorrectionError(f"none of the flag's {members.size} member(s) falls outside the held-out part; lower [correct] held_out.")
-    attack = _attack_set(spec, config.stamp, display, labels, fit_rows, test_rows, fit_members, class_id)
+    attack = _attack_set(spec, config.stamp, display, labels, fit_rows, test_rows, fit_members, class_id, config.seed)
     attack.facts["pictures"] = write_pictures(attack, folder)
     facts = {
         "held_out": {
@@ -356,5 +389,5 @@ def held_out_evaluation(
         fit_images=display.subset(fit_rows) if isinstance(display, RowImages) else display[fit_rows], fit_labels=labels[fit_rows],
         test_images=display[test_rows], test_labels=labels[test_rows],
         artifact_rows=np.searchsorted(fit_rows, fit_members), stamp=attack.stamp, mask=attack.mask, facts=facts, fit_rows=fit_rows,
-        unseen_rows=np.setdiff1d(members, fit_members),
+        unseen_rows=np.setdiff1d(members, fit_members), attack_donors=np.searchsorted(fit_rows, attack.donors),
     )
