@@ -17,9 +17,11 @@ artifact:
    the **true stamp** on every test image of the other classes (the ceiling), or the
    finding's **evidence** (no ground truth: ``spray.confirm``'s evidence masks of up to 64
    members, pasted into the other classes' images, members cycled; where the members share a
-   pixel signature, every other image gets the signature instead, ``evidence_stamp``). With the evidence, the
-   search's validation attack is made the same way, and every corrected model is also
-   evaluated on the true stamp (the column beside the goal).
+   pixel signature, every other image gets the signature instead, ``evidence_stamp``: the
+   attack ``spray correct`` makes for a user job, :mod:`spray.correction.attack`), or the
+   **cut-out** that ``spray correct`` made before (``cutout_stamp``, to measure it). Without
+   the true stamp, the search's validation attack is made the same way, and every corrected
+   model is also evaluated on the true stamp (the column beside the goal).
 
 ``--methods cf`` measures **counterfactual fine-tuning** instead (``spray correct --method
 counterfactual``, :mod:`spray.correction.counterfactual`): the top finding's members' evidence
