@@ -13,8 +13,8 @@ the flag is gone), ``page`` (``report.json`` and the correction's HTML page), ``
 ``run`` (the glue: ``correct_model`` for any model and data, the job's ``[correct]`` settings and
 its flag), ``job`` (``correct_job``: what ``spray correct`` runs, on a job's data and model as
 the audit opened them) and ``user`` (the evaluation data of data without a planted artifact: a
-held-out split and an attacked set from the job's stamping function or the artifact cut out
-of the flag).
+held-out split and an attacked set from the job's stamping function or the flag's own
+evidence, :mod:`spray.correction.attack`).
 """
 
 from __future__ import annotations

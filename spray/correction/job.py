@@ -13,7 +13,7 @@ the re-audit in ``reaudit/``.
 fitted on every audited sample and evaluated on the artifact's own held-out test split,
 attacked with its stamping function, its relevance share measured inside its region. Other
 data are split into a fitting and a held-out part, attacked with the job's ``[correct] stamp``
-or with the artifact cut out of the flagged samples (:mod:`spray.correction.user`).
+or with the flagged samples' own evidence pasted (:mod:`spray.correction.user`).
 
 **Input space.** Sources yield display images in [0, 1]; the model sees them normalised with
 ``[data] mean``/``std``. The correction works on the normalised images (so the exported model

@@ -12,7 +12,7 @@ A correction is **fixed** only when all of these hold:
   objects whose prediction rests on their evidence, are released from the class as often as
   the goal asks (:mod:`spray.correction.unseen`): not beyond chance below
   ``goal_recovered``. They carry the artifact as it was made, where the attacked set holds
-  what the audit could cut out of it. Where the check does not apply (a co-occurrence, no
+  what the audit's evidence holds of it. Where the check does not apply (a co-occurrence, no
   unseen member), it judges nothing and says why.
 
 Otherwise it is **not fixed**, and every unmet condition is named. When the numbers reach the

@@ -6,9 +6,9 @@ artifact's share of relevance, the gate's firing rates and precision for R-ClArC
 share of the attacked-accuracy loss recovered, the CAV, the re-audit's outcome (see
 :mod:`spray.correction.reaudit`) and links to the re-audit's report, the audit's own
 report, the comparison of the two audits and the exported files. For a user job it also says
-how the held-out and attacked sets were made and, for an artifact cut out of the flagged
-samples, shows its mask and patch (``artifact_mask.png``, ``artifact_patch.png`` beside the
-page, inlined as ``data:`` URIs).
+how the held-out and attacked sets were made and, for the flagged samples' evidence, shows
+the region whose relevance share is measured (``artifact_mask.png`` beside the page,
+inlined as a ``data:`` URI).
 
 Like the audit report, the page is static and self-contained (inline CSS, no script,
 nothing loaded from the network; its Content-Security-Policy allows no more) and is

@@ -6,7 +6,7 @@ The corrected flag's member rows come from the audit's ``summary.json``.
 
 **Held-out split.** The audited samples are split once, deterministically (``config.seed``)
 and stratified by class: ``config.held_out`` of each class (default 25%) is held out for the
-before/after evaluation; the CAV, the detector, the cut-out artifact and RR-ClArC's
+before/after evaluation; the CAV, the detector, the attack's evidence and RR-ClArC's
 fine-tuning only see the rest. Flagged members that fall in the held-out part are left out
 of every fit and of the evaluation (their number is recorded): their labels are what the flag
 calls into question, and a correction that undoes a backdoor would lose them as "clean"
@@ -207,7 +207,7 @@ class AttackSet:
     mask: np.ndarray | None
     facts: dict[str, Any]
     #: the flagged members (audited rows) whose evidence the attack pastes; empty for a stamp
-    #: function or a cut-out
+    #: function
     donors: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
 
 
@@ -366,7 +366,7 @@ def held_out_evaluation(
     """Split the audited ``display`` images (and ``labels``) for correcting the flag of class ``class_id``
     with ``members`` (sorted unique rows), and make the attacked set; see the module docstring.
 
-    The mask and patch pictures of a cut-out are written to ``folder`` (the correction's).
+    The relevance mask's picture of an evidence attack is written to ``folder`` (the correction's).
     ``display`` may be a :class:`~spray.correction.images.RowImages`: the fitting part then
     stays unread (each step reads the rows it uses), and only the held-out part is read here.
     """
