@@ -33,7 +33,7 @@ flagged members' mean exceeds the mean of the rest of their class by at least
 :data:`MASK_RELATIVE` of the largest excess form candidate regions, of which the 4-connected
 one holding the largest excess is kept and upsampled to image size. How the attacked set
 was made is recorded under ``evaluation_set`` in ``report.json`` and shown on the page, with
-a picture of that mask (``artifact_mask.png`` beside the page). Everything here works on
+a picture of the mask (``artifact_mask.png`` beside the page). Everything here works on
 display images in [0, 1].
 
 The members' median pixels inside that one mask, pasted (:func:`cutout_patch`, :func:`paste`),
@@ -243,22 +243,24 @@ def evidence_attack_set(
     from spray.correction.attack import donor_limit, evidence_attack
 
     rest = np.setdiff1d(fit_rows[labels[fit_rows] == class_id], members)
+    if len(rest) > MAX_REFERENCE_HEATMAPS:
+        rest = np.sort(np.random.default_rng(seed).choice(rest, MAX_REFERENCE_HEATMAPS, replace=False))
+    read = np.union1d(members, rest)  # one read of the audit's heatmaps serves the evidence and the relevance mask
+    stored = read_audit_heatmaps(spec, read, len(labels))
+
+    def heatmaps(rows: np.ndarray) -> np.ndarray:
+        return stored[np.searchsorted(read, rows)]
+
     attack = evidence_attack(
-        members, rest, lambda rows: read_audit_heatmaps(spec, rows, len(labels)),
-        lambda rows: np.asarray(display[rows], dtype=np.float32), seed, donor_limit(len(members)),
+        members, rest, heatmaps, lambda rows: np.asarray(display[rows], dtype=np.float32), seed, donor_limit(len(members))
     )
     if attack.empty:
         raise CorrectionError(
             "no flagged member has relevance outside where its class looks, so there is no evidence to paste for the attacked "
             "set; set [correct] stamp to a function that puts the artifact on images."
         )
-    if len(rest) > MAX_REFERENCE_HEATMAPS:
-        rest = np.sort(np.random.default_rng(seed).choice(rest, MAX_REFERENCE_HEATMAPS, replace=False))
     try:
-        mask: np.ndarray | None = cutout_mask(
-            read_audit_heatmaps(spec, members, len(labels)), read_audit_heatmaps(spec, rest, len(labels)), spec.analysis.pooled_size,
-            tuple(display.shape[2:]),
-        )
+        mask: np.ndarray | None = cutout_mask(heatmaps(members), heatmaps(rest), spec.analysis.pooled_size, tuple(display.shape[2:]))
     except CorrectionError:
         mask = None
     facts = {
@@ -300,11 +302,11 @@ def _describe_mask(attack: AttackSet) -> None:
 
 
 def write_pictures(attack: AttackSet, folder: Path) -> list[str]:
-    """Write the relevance mask of an evidence attack (white on black) as a PNG into ``folder``;
-    return the names written (none for a stamp function, whose mask is its own)."""
+    """Write the attack's mask (white on black) as a PNG into ``folder``; return the names written
+    (none without a mask)."""
     from spray.report.plots import rgba_png
 
-    if attack.mask is None or attack.facts.get("kind") != "evidence":
+    if attack.mask is None:
         return []
     scale = max(1, -(-PICTURE_SIDE // min(attack.mask.shape)))
     mask = np.repeat(attack.mask[:, :, None].astype(np.float32), 3, axis=2)
@@ -366,7 +368,7 @@ def held_out_evaluation(
     """Split the audited ``display`` images (and ``labels``) for correcting the flag of class ``class_id``
     with ``members`` (sorted unique rows), and make the attacked set; see the module docstring.
 
-    The relevance mask's picture of an evidence attack is written to ``folder`` (the correction's).
+    The picture of the attack's mask is written to ``folder`` (the correction's).
     ``display`` may be a :class:`~spray.correction.images.RowImages`: the fitting part then
     stays unread (each step reads the rows it uses), and only the held-out part is read here.
     """

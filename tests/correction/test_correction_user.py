@@ -246,9 +246,10 @@ def test_a_stamp_entry_point_makes_the_attacked_set(user_job: Path) -> None:
     report = json.loads((folder / "report.json").read_text())
     attack = report["evaluation_set"]["attack"]
     assert attack["kind"] == "stamp" and "stamp.py:stamp" in attack["description"]
-    assert (attack["mask_pixels"], attack["mask_box"], attack["pictures"]) == (16, [2, 2, 5, 5], [])
+    assert (attack["mask_pixels"], attack["mask_box"], attack["pictures"]) == (16, [2, 2, 5, 5], ["artifact_mask.png"])
     assert report["before"]["attacked_accuracy"] <= 0.6 and report["recovered_share"] > 0.5
-    assert report["reaudit"] is None and "data:image/png" not in (folder / "index.html").read_text()
+    page = (folder / "index.html").read_text()
+    assert report["reaudit"] is None and page.count("data:image/png;base64,") == 1 and "the patch" not in page
     assert report["outcome"]["verdict"] == "unverified" and report["outcome"]["exit_code"] == EXIT_INCOMPLETE
 
 
