@@ -109,8 +109,6 @@ def cf_evidence(case: Case, members: np.ndarray, class_id: int, heatmaps: np.nda
     )
 
 
-
-
 def evidence_stamp(case: Case, members: np.ndarray, class_id: int, heatmaps: np.ndarray, limit: int = EVIDENCE_DONORS):
     """The attack made from the flag's evidence, with no ground truth, and its donors' rows:
     ``spray correct``'s own (:func:`spray.correction.attack.evidence_attack`) on the case's

@@ -170,10 +170,7 @@ def setting_confirms(confirmation: dict[str, Any]) -> tuple[bool, ...]:
 
 def setting_overlays(confirmation: dict[str, Any]) -> tuple[bool, ...]:
     """Whether each evidence setting of a confirmation record pasted the cluster's mean
-    overlay (empty for one setting, or where :data:`YARDSTICK_OVERLAYS` keeps the overlays
-    in the yardstick: then no setting is told apart)."""
-    if YARDSTICK_OVERLAYS:
-        return ()
+    overlay (empty for one setting)."""
     return tuple(bool((entry.get("evidence") or {}).get("overlay")) for entry in confirmation.get("settings") or ())
 
 
@@ -332,7 +329,8 @@ def settle(
             lift=lift_of(cluster.confirmation or {}), score=float(cluster.artifact_score),
             lifts=setting_lifts(cluster.confirmation or {}), analysis_size=len(analysis.rows),
             confirms=setting_confirms(cluster.confirmation or {}),
-            overlays=setting_overlays(cluster.confirmation or {}),
+            # with the overlays in the yardstick, no setting is told apart
+            overlays=() if YARDSTICK_OVERLAYS else setting_overlays(cluster.confirmation or {}),
         )
         for analysis, cluster, target in tested
         if id(cluster) in confirmed
