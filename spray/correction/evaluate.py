@@ -42,7 +42,12 @@ class EvaluationResult:
     """One model's row of the before/after table.
 
     Gate fields are None for models without a gate (the original model, RR-ClArC);
-    ``artifact_relevance`` is None when no mask was given.
+    ``artifact_relevance`` is None when no mask was given. ``attacked_to_class`` and
+    ``clean_to_class``: the share of the other classes' images the model puts in the
+    artifact's class, stamped and not (None when no image was attacked). Their difference is
+    what the attack does through the shortcut; the attacked accuracy also counts errors into
+    other classes, which a pasted evidence region (part of another object) can cause in any
+    model.
     """
 
     name: str
@@ -55,6 +60,8 @@ class EvaluationResult:
     n_clean: int = 0
     n_attacked: int = 0
     seconds: float | None = None
+    attacked_to_class: float | None = None
+    clean_to_class: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values (NaN as None)."""
@@ -186,12 +193,14 @@ def evaluate(
         raise CorrectionError(f"unknown relevance target {relevance_target!r}; choose one of {list(RELEVANCE_TARGETS)}.")
     labels = np.asarray(labels)
     attacked, others = attack(images, labels, artifact_class, stamp)
-    clean_accuracy = float((predict(model, images).argmax(1) == labels).mean())
-    attacked_accuracy = float((predict(model, attacked).argmax(1) == labels).mean())
+    clean_predicted, attacked_predicted = predict(model, images).argmax(1), predict(model, attacked).argmax(1)
     result = EvaluationResult(
-        name=name, clean_accuracy=clean_accuracy, attacked_accuracy=attacked_accuracy,
+        name=name, clean_accuracy=float((clean_predicted == labels).mean()), attacked_accuracy=float((attacked_predicted == labels).mean()),
         n_clean=len(images), n_attacked=int(others.sum()),
     )
+    if others.any():
+        result.attacked_to_class = float((attacked_predicted[others] == artifact_class).mean())
+        result.clean_to_class = float((clean_predicted[others] == artifact_class).mean())
     other_rows = np.flatnonzero(others)
     if mask is not None and relevance_samples > 0 and other_rows.size:
         rng = np.random.default_rng(random_state)
@@ -219,13 +228,16 @@ def _cell(value: float | None, percent: bool = True) -> str:
 
 def format_table(results: Sequence[EvaluationResult], baseline: EvaluationResult | None = None) -> str:
     """A plain-text table (percentages) of ``results``; with ``baseline``, the recovered share and clean-accuracy change too."""
-    header = ["model", "clean %", "attacked %", "recovered %", "d clean pt", "tag rel. %", "gate stamped %", "gate clean %", "gate prec. %", "time s"]
+    header = [
+        "model", "clean %", "attacked %", "attacked to class %", "recovered %", "d clean pt", "tag rel. %", "gate stamped %", "gate clean %",
+        "gate prec. %", "time s",
+    ]
     rows = [header]
     for r in results:
         recovered = recovered_share(baseline, r) if baseline is not None else None
         delta = 100 * (r.clean_accuracy - baseline.clean_accuracy) if baseline is not None else None
         rows.append([
-            r.name, _cell(r.clean_accuracy), _cell(r.attacked_accuracy), _cell(recovered),
+            r.name, _cell(r.clean_accuracy), _cell(r.attacked_accuracy), _cell(r.attacked_to_class), _cell(recovered),
             "-" if delta is None else f"{delta:+.1f}", _cell(r.artifact_relevance),
             _cell(r.gate_rate_attacked), _cell(r.gate_rate_clean), _cell(r.gate_precision), _cell(r.seconds, percent=False),
         ])

@@ -39,6 +39,7 @@ PICTURES: tuple[str, ...] = (MASK_PICTURE,)
 TABLE_ROWS: tuple[tuple[str, str, bool], ...] = (
     ("clean_accuracy", "clean accuracy", True),
     ("attacked_accuracy", "attacked accuracy (artifact stamped on the other classes)", True),
+    ("attacked_to_class", "attacked images given the flagged class", False),
     ("artifact_relevance", "artifact's share of positive relevance (attacked images)", False),
     ("gate_rate_attacked", "gate fires on attacked images", True),
     ("gate_rate_clean", "gate fires on the same images without the artifact", False),

@@ -1,0 +1,47 @@
+"""The before/after evaluation (spray.correction.evaluate): the attacked accuracy counts every
+error, the share given the flagged class counts the moves the shortcut makes."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from spray.correction.evaluate import evaluate, format_table
+
+
+class FirstRow(nn.Module):
+    """Class k's logit is the image's pixel (0, k): a model that reads one pixel per class."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images[:, 0, 0, :4]
+
+
+def _images() -> tuple[np.ndarray, np.ndarray]:
+    labels = np.array([0, 1, 0, 1, 2, 2])
+    images = np.zeros((len(labels), 1, 4, 4), dtype=np.float32)
+    images[np.arange(len(labels)), 0, 0, labels] = 1.0
+    return images, labels
+
+
+def _stamp_pixel(column: int):
+    def stamp(images: np.ndarray) -> np.ndarray:
+        out = images.copy()
+        out[:, 0, 0, column] = 2.0
+        return out
+
+    return stamp
+
+
+def test_errors_into_the_flagged_class_are_told_from_errors_elsewhere() -> None:
+    images, labels = _images()
+    shortcut = evaluate(FirstRow(), images, labels, 2, _stamp_pixel(2), relevance_samples=0)
+    elsewhere = evaluate(FirstRow(), images, labels, 2, _stamp_pixel(3), relevance_samples=0)
+    # both attacks take every stamped image (the four of classes 0 and 1) from its class ...
+    assert shortcut.attacked_accuracy == elsewhere.attacked_accuracy == 2 / 6 and shortcut.n_attacked == 4
+    # ... but only the first into the flagged class
+    assert (shortcut.attacked_to_class, elsewhere.attacked_to_class) == (1.0, 0.0)
+    assert shortcut.clean_to_class == elsewhere.clean_to_class == 0.0
+    assert shortcut.to_dict()["attacked_to_class"] == 1.0 and "attacked to class %" in format_table([shortcut])
+    nothing = evaluate(FirstRow(), images[labels == 2], labels[labels == 2], 2, _stamp_pixel(2), relevance_samples=0)
+    assert nothing.n_attacked == 0 and nothing.attacked_to_class is None and nothing.clean_to_class is None
