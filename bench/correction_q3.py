@@ -78,7 +78,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.cases import Case, CaseSpec, build_case, extra_dev_cases, generate_cases  # noqa: E402
 from bench.detection import default_rule, findings, package_versions, run_case, select  # noqa: E402
-from spray.correction.attack import EVIDENCE_DONORS, donor_limit  # noqa: E402
+from spray.correction.attack import EVIDENCE_DONORS, donor_limit, overlay_confirmed  # noqa: E402
 from spray.correction.config import CorrectionConfig  # noqa: E402
 from spray.correction.errors import CorrectionError  # noqa: E402
 from spray.correction.outcome import ROUNDING, unseen_miss  # noqa: E402
@@ -109,14 +109,20 @@ def cf_evidence(case: Case, members: np.ndarray, class_id: int, heatmaps: np.nda
     )
 
 
-def evidence_stamp(case: Case, members: np.ndarray, class_id: int, heatmaps: np.ndarray, limit: int = EVIDENCE_DONORS):
+def evidence_stamp(
+    case: Case, members: np.ndarray, class_id: int, heatmaps: np.ndarray, limit: int = EVIDENCE_DONORS, overlay: bool = False
+):
     """The attack made from the flag's evidence, with no ground truth, and its donors' rows:
     ``spray correct``'s own (:func:`spray.correction.attack.evidence_attack`) on the case's
-    audited images. (None, donors) when no donor has evidence."""
+    audited images, with the donors' mean overlay where ``overlay`` (the finding confirmed as
+    an overlay). (None, donors) when no donor has evidence."""
     from spray.correction.attack import evidence_attack
 
     rest = np.setdiff1d(np.flatnonzero(case.train_labels == class_id), members)
-    attack = evidence_attack(members, rest, lambda rows: heatmaps[rows], lambda rows: case.train_images[rows], case.spec.seed, limit)
+    hosts = np.flatnonzero(case.train_labels != class_id) if overlay else None
+    attack = evidence_attack(
+        members, rest, lambda rows: heatmaps[rows], lambda rows: case.train_images[rows], case.spec.seed, limit, hosts
+    )
     return (None if attack.empty else attack.stamp), attack.donors
 
 
@@ -280,12 +286,13 @@ def correct_case(
             print(f"    search: lr {candidate['learning_rate']:g}, share {candidate['paste_share']:g}: {numbers}"
                   f"{' (chosen)' if candidate['chosen'] else ''}", flush=True)
     recovered = None if math.isnan(report.recovered) else float(report.recovered)
+    moves = moves_recovered(report.before, report.after)
     if truth_before is None:
-        true_recovered = recovered
+        true_recovered, true_moves = recovered, moves
     else:
         after = evaluate(report.model, case.test_images, case.test_labels, class_id, truth, relevance_samples=0)
         share = recovered_share(truth_before, after)
-        true_recovered = None if math.isnan(share) else float(share)
+        true_recovered, true_moves = None if math.isnan(share) else float(share), moves_recovered(truth_before, after)
     clean_ok = report.clean_change >= -MAX_CLEAN_LOSS - ROUNDING
     if config.method == "counterfactual":
         layer, estimator = f"{len(evidence)} masks{'' if evidence.overlay is None else ' + overlay'}", (
@@ -307,9 +314,29 @@ def correct_case(
         "goal": recovered is not None and recovered >= GOAL_RECOVERED and clean_ok,
         "true_recovered": true_recovered,
         "true_goal": true_recovered is not None and true_recovered >= GOAL_RECOVERED and clean_ok,
+        "moves_recovered": moves, "true_moves_recovered": true_moves,
+        "moved_before": moved_share(report.before), "true_moved_before": moved_share(truth_before or report.before),
+        "moves_goal": moves is not None and moves >= GOAL_RECOVERED and clean_ok,
         "seconds": seconds, "n_candidates": len(searched["candidates"]), "reaudit": audited,
         "members_kept": bool(getattr(report.history, "members_kept", True)), "unseen": unseen,
     }
+
+
+def moved_share(result) -> float | None:
+    """The other classes' images an attack moves into the flagged class (stamped less unstamped)."""
+    return None if result.attacked_to_class is None else float(result.attacked_to_class - result.clean_to_class)
+
+
+def moves_recovered(before, after) -> float | None:
+    """The share of the attack's moves to the flagged class that a correction undid: the
+    attacked images given the class less the unstamped ones (``EvaluationResult.attacked_to_class``,
+    ``clean_to_class``), before and after. The attacked accuracy counts errors into other
+    classes too, which a pasted member's evidence (part of another object, in a backdoor) can
+    cause whatever the model learned about the artifact. None where the attack moved nothing."""
+    if before is None or after is None or before.attacked_to_class is None or after.attacked_to_class is None:
+        return None
+    moved_before = moved_share(before)
+    return None if not moved_before > 0 else float(1.0 - moved_share(after) / moved_before)
 
 
 def unseen_members(case: Case, corrected: torch.nn.Module, members: np.ndarray, class_id: int, seed: int) -> dict:
@@ -339,6 +366,10 @@ def unseen_cell(check: dict) -> str:
     from spray.correction.unseen import describe
 
     return f"{describe(check)}; {check['n']} unseen given the class, {check['stamped']} stamped"
+
+
+def cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def reaudit_cell(audited: dict | None) -> str:
@@ -385,6 +416,8 @@ def summary(rows: list[dict], methods: list[str]) -> None:
     rules = {
         "goal on its attack, flag gone, unseen members released (spray's verdict)": lambda row: row["goal"] and gone(row) and not unseen_held(row),
         "goal on its attack, flag gone (the verdict before the unseen members' check)": lambda row: row["goal"] and gone(row),
+        "its attack's moves to the flagged class undone (>= 80 %, clean within 0.5 pt), flag gone (not spray's verdict: "
+        "what it would say on moves instead of accuracy)": lambda row: row.get("moves_goal") and gone(row),
     }
     for method in methods:
         verdicts = [row for row in rows if row["method"] == method and gone(row) is not None and "true_goal" in row]
@@ -429,6 +462,11 @@ def main() -> None:
         "the cut-out that spray correct makes for a user job without [correct] stamp (no ground truth for either; every "
         "correction is then also evaluated on the true stamp)",
     )
+    parser.add_argument(
+        "--attack-overlay", action="store_true",
+        help="dev only, with --attack evidence: add the donors' mean overlay to every other attacked image where the finding "
+        "was confirmed as an overlay and the members share no signature (spray.correction.attack.OVERLAY_ATTACK, off)",
+    )
     parser.add_argument("--kinds", nargs="+", default=None, help="only the cases of these artifact kinds (e.g. frame watermark)")
     parser.add_argument("--fractions", type=float, nargs="+", default=None, help="only the cases of these fractions (e.g. 0.6 0.9)")
     parser.add_argument("--cf-learning-rate", type=float, default=None, help="dev only: try another fine-tuning learning rate")
@@ -451,8 +489,12 @@ def main() -> None:
                     args.cf_overlay_control, args.cf_overlay_share)
     if any(setting is not None for setting in dev_settings) and args.split != "dev":
         parser.error("the --cf-* settings are for choosing on the dev split; the test split runs with the defaults.")
-    from spray.correction import counterfactual
+    from spray.correction import attack, counterfactual
 
+    if args.attack_overlay:
+        if args.split != "dev":
+            parser.error("--attack-overlay is for choosing on the dev split; the test split runs with the defaults.")
+        attack.OVERLAY_ATTACK = True
     if args.cf_scope:
         counterfactual.EVIDENCE_SCOPE = args.cf_scope
     if args.cf_max_class_weight is not None:
@@ -523,7 +565,9 @@ def main() -> None:
             else:
                 # counterfactual fine-tuning must not see the evidence it is judged on: half the members at most are donors
                 limit = EVIDENCE_DONORS if args.methods == "clarc" else donor_limit(len(members))
-                stamp, attack_donors = evidence_stamp(case, members, int(finding["class"]), explain(case)[0], limit)
+                stamp, attack_donors = evidence_stamp(
+                    case, members, int(finding["class"]), explain(case)[0], limit, overlay_confirmed(finding.get("confirmation"))
+                )
             if stamp is None:
                 for method in methods:
                     rows.append(base | {"method": method, "goal": False, "recovered": None, "clean_change": 0.0, "seconds": 0.0})
@@ -556,7 +600,9 @@ def main() -> None:
                   f"{100 * result['clean_before']:.1f} -> {100 * result['clean_after']:.1f} | "
                   f"{100 * result['attacked_before']:.1f} -> {100 * result['attacked_after']:.1f} | "
                   f"{'n/a' if result['recovered'] is None else format(result['recovered'], '.2f')}"
-                  f"{'' if args.attack == 'stamp' or result.get('true_recovered') is None else ' (true stamp ' + format(result['true_recovered'], '.2f') + ')'} | "
+                  f"{'' if args.attack == 'stamp' or result.get('true_recovered') is None else ' (true stamp ' + format(result['true_recovered'], '.2f') + ')'}"
+                  f"; moves {cell(result['moves_recovered'])} of {cell(result['moved_before'])}"
+                  f"{'' if args.attack == 'stamp' else ' (true stamp ' + cell(result['true_moves_recovered']) + ' of ' + cell(result['true_moved_before']) + ')'} | "
                   f"{'yes' if result['goal'] else 'no'} | {reaudit_cell(result['reaudit'])} | {result['seconds']:.0f} |"
                   f" {unseen_cell(result['unseen'])},"
                   f" members {'kept' if result['members_kept'] else 'out'}",

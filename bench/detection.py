@@ -463,12 +463,22 @@ class Rule:
                 overlays = () if self.overlay_yardstick else tuple(key in OVERLAY_KEYS for key in keys)
                 chosen.append({
                     **c, "paste": paste, "control": control, "lifts": lifts if complete else (),
+                    "confirmation": confirmation_record(keys, confirms),
                     "confirms": yardstick if complete and (self.yardstick_confirmed or not self.overlay_yardstick) else (),
                     "overlays": overlays if complete else (),
                 })
         chosen = [{**c, "analysis_size": sizes[(c["class"], c["space"])]} for c in chosen]
         kept = chosen if self.dominance is None else settled(chosen, self.dominance, self.wide_dominance)
         return sorted(kept, key=lambda c: -c["score"])
+
+
+def confirmation_record(keys: list[str], confirms: tuple[bool, ...]) -> dict:
+    """What a flag's ``confirmation`` in ``summary.json`` says of its settings, as far as the
+    record knows: each setting's status under the rule, and whether it is an overlay."""
+    return {"settings": [
+        {"status": "confirmed" if confirmed else "rejected", "evidence": {"overlay": key in OVERLAY_KEYS}}
+        for key, confirmed in zip(keys, confirms)
+    ]}
 
 
 def settled(confirmed: list[dict], dominance: float, wide_dominance: float | None = None) -> list[dict]:

@@ -14,6 +14,11 @@ test does (:mod:`spray.confirm`):
   fixed patch), every other attacked image gets the donor's pixels under the signature
   instead: a member's relevance singles out part of a frame, and a correction judged on
   those parts alone can leave the rest working;
+* with :data:`OVERLAY_ATTACK` (off), where the members share no signature but the causal
+  test confirmed the flag with their **mean overlay** (:func:`overlay_confirmed`: a
+  watermark or a texture written over the object, which no region holds whole), every other
+  attacked image gets the donors' mean overlay (over the other classes' images and the rest
+  of their class, :func:`donor_overlay`) added instead; the dev split did not bear it out;
 * :data:`~spray.correction.counterfactual.MOVED_SHARE` of the pastes are moved to a random
   place first, as the counterfactual fine-tuning moves them: a finding can hold one place
   of a mark that varies in place.
@@ -33,8 +38,9 @@ stamp, none of this attack's six (``docs/correction.md``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +48,25 @@ import numpy as np
 EVIDENCE_DONORS = 64
 #: Rest-of-class heatmaps the donors' relevance excess is measured against, at most.
 REST_HEATMAPS = 256
+#: Other classes' images the donors' mean overlay is taken against, at most.
+OVERLAY_HOSTS = 512
+#: Add the donors' mean overlay to every other attacked image where the causal test
+#: confirmed the flag at an overlay setting and the members share no pixel signature
+#: (the module docstring). Off: on Q3's dev split (40 relied-on cases) it changed one case,
+#: the digits sticker on 90 %, whose broken promise it widened (0.83 -> 0.90 on the attack,
+#: 0.59 on the true stamp); every watermark finding there has a signature of 2-14 pixels, which
+#: takes the overlay's place (docs/correction.md).
+OVERLAY_ATTACK = False
+
+
+def overlay_confirmed(confirmation: Mapping[str, Any] | None) -> bool:
+    """Whether the causal test (a flag's ``confirmation`` record, :mod:`spray.confirm.run`)
+    confirmed the flag at one of its overlay settings: the members' mean overlay moved other
+    classes' images to the flagged class beyond its control."""
+    if not confirmation:
+        return False
+    entries = confirmation.get("settings") or [confirmation]
+    return any(entry.get("status") == "confirmed" and bool((entry.get("evidence") or {}).get("overlay")) for entry in entries)
 
 
 def donor_limit(n_members: int, limit: int = EVIDENCE_DONORS) -> int:
@@ -61,6 +86,9 @@ class EvidenceAttack:
         masks: (d, H, W) their evidence masks at image size.
         signature: (H, W) the members' pixel signature, or None when they share none.
         seed: seeds the moved pastes, the same on every call.
+        overlay: (C, H, W) the donors' mean overlay (:func:`donor_overlay`), added to every
+            other attacked image; None: not used (see :func:`evidence_attack`).
+        bounds: (2, C) per-channel bounds the overlaid images are clipped to (with ``overlay``).
     """
 
     donors: np.ndarray
@@ -68,6 +96,8 @@ class EvidenceAttack:
     masks: np.ndarray
     signature: np.ndarray | None
     seed: int
+    overlay: np.ndarray | None = None
+    bounds: np.ndarray | None = None
 
     @property
     def empty(self) -> bool:
@@ -83,8 +113,13 @@ class EvidenceAttack:
         chosen = self.masks[which].copy()
         if self.signature is not None:
             chosen[1::2] = self.signature
+        hosts = np.asarray(hosts)
         images, masks = moved_evidence(self.images[which], chosen, np.random.default_rng([self.seed, 23]), MOVED_SHARE)
-        return pasted(np.asarray(hosts), images.astype(np.asarray(hosts).dtype), masks)
+        result = pasted(hosts, images.astype(hosts.dtype), masks)
+        if self.overlay is not None and self.bounds is not None:
+            low, high = (bound[None, :, None, None] for bound in self.bounds)
+            result[1::2] = np.clip(hosts[1::2] + self.overlay[None], low, high).astype(hosts.dtype)
+        return result
 
 
 def evidence_attack(
@@ -94,10 +129,15 @@ def evidence_attack(
     read_images: Callable[[np.ndarray], np.ndarray],
     seed: int,
     limit: int = EVIDENCE_DONORS,
+    hosts: np.ndarray | None = None,
 ) -> EvidenceAttack:
     """The attack from the evidence of ``members`` (rows) against the ``rest`` of their class
     (rows). ``read_heatmaps(rows)`` and ``read_images(rows)`` give the heatmaps (n, h, w) and
-    images (n, C, H, W) of sorted unique rows; ``limit`` donors at most, drawn with ``seed``."""
+    images (n, C, H, W) of sorted unique rows; ``limit`` donors at most, drawn with ``seed``.
+    ``hosts``: rows of other classes' images to take the donors' mean overlay against, for a
+    flag the causal test confirmed as an overlay (:func:`overlay_confirmed`); None: no overlay.
+    The overlay is used only where the members share no pixel signature (and with
+    :data:`OVERLAY_ATTACK`)."""
     from spray.confirm.config import ConfirmConfig
     from spray.confirm.evidence import excess_masks, image_masks, rest_share
     from spray.correction.counterfactual import MAX_DONORS, MAX_REST, signature_mask
@@ -111,10 +151,40 @@ def evidence_attack(
     small = excess_masks(read_heatmaps(donors), rest_share(read_heatmaps(rest_rows)), config.evidence_area, config.evidence_mass)
     masks = image_masks(small, tuple(donor_images.shape[-2:]))
     keep = masks.reshape(len(masks), -1).any(axis=1)
-    signature = None
+    signature, rest_images = None, None
     if keep.any() and len(rest):
         sample = np.sort(rng.choice(members, size=min(MAX_DONORS, len(members)), replace=False))
         rest_sample = np.sort(rng.choice(rest, size=min(MAX_REST, len(rest)), replace=False))
-        signature = signature_mask(read_images(sample), read_images(rest_sample))
+        rest_images = np.asarray(read_images(rest_sample), dtype=np.float32)
+        signature = signature_mask(read_images(sample), rest_images)
         signature = signature if signature.any() else None
-    return EvidenceAttack(donors, donor_images[keep], masks[keep], signature, seed)
+    overlay, bounds = None, None
+    if OVERLAY_ATTACK and hosts is not None and len(hosts) and signature is None and keep.any():
+        host_rows = np.sort(rng.choice(np.asarray(hosts, dtype=np.int64), size=min(OVERLAY_HOSTS, len(hosts)), replace=False))
+        overlay, bounds = donor_overlay(donor_images, np.asarray(read_images(host_rows), dtype=np.float32), rest_images)
+    return EvidenceAttack(donors, donor_images[keep], masks[keep], signature, seed, overlay, bounds)
+
+
+def donor_overlay(
+    donor_images: np.ndarray, host_images: np.ndarray, rest_images: np.ndarray | None
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(overlay (C, H, W), bounds (2, C)) of what the donors add, on average, over the other
+    classes' images *and* over the rest of their own class: the smaller of their mean overlays
+    against the hosts and against the rest (:func:`spray.correction.counterfactual.overlay_evidence`),
+    pixel by pixel; against the hosts alone where the class has no rest. (None, None) where
+    they add nothing.
+
+    Why both: against the hosts alone, a co-occurring watermark's overlay carries the class's
+    mean object as well, which moves other classes' images to the class in any model, corrected
+    or not; against the rest alone, a backdoor's overlay (its members are other classes'
+    objects) carries those objects. What the donors carry over every class's objects is the
+    watermark."""
+    from spray.correction.counterfactual import overlay_evidence
+
+    against_hosts = overlay_evidence(donor_images, host_images)
+    overlay, bounds = against_hosts["overlay"], against_hosts["bounds"]
+    if overlay is None or rest_images is None or not len(rest_images):
+        return overlay, bounds
+    against_rest = overlay_evidence(donor_images, rest_images)["overlay"]
+    overlay = None if against_rest is None else np.minimum(overlay, against_rest)
+    return (overlay, bounds) if overlay is not None and overlay.any() else (None, None)

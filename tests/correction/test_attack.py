@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spray.correction.attack import EVIDENCE_DONORS, donor_limit, evidence_attack
+from spray.correction.attack import EVIDENCE_DONORS, donor_limit, donor_overlay, evidence_attack, overlay_confirmed
 
 
 def _flag(n: int = 60, side: int = 16, tag: bool = True):
@@ -51,3 +51,90 @@ def test_members_without_relevance_over_their_class_leave_nothing_to_paste():
     images, heatmaps, members, rest = _flag(tag=False)
     attack = evidence_attack(members, rest, lambda rows: heatmaps[rows], lambda rows: images[rows], seed=4)
     assert attack.empty and len(attack.donors) == len(members)
+
+
+def _watermarked(side: int = 16):
+    """:func:`_flag` on varied images (objects differ more than a watermark adds: no pixel
+    signature), a faint diagonal watermark over every member, and 30 rows of another class after them."""
+    tagged, heatmaps, members, rest = _flag(side=side)
+    rng = np.random.default_rng(1)
+    images = np.where(tagged > 0.9, 1.0, rng.uniform(0.0, 0.7, size=tagged.shape)).astype(np.float32)
+    diagonal = np.eye(side, dtype=bool)
+    images[members] = np.minimum(images[members] + 0.25 * diagonal[None], 1.0)
+    others = rng.uniform(0.0, 0.7, size=(30, 1, side, side)).astype(np.float32)
+    images = np.concatenate([images, others])
+    heatmaps = np.concatenate([heatmaps, np.full((30, side, side), 0.01, dtype=np.float32)])
+    return images, heatmaps, members, rest, np.arange(len(images) - 30, len(images)), diagonal
+
+
+def test_a_flag_confirmed_as_an_overlay_gets_the_donors_mean_overlay_on_every_other_host(monkeypatch):
+    from spray.correction import attack as attack_module
+
+    monkeypatch.setattr(attack_module, "OVERLAY_ATTACK", True)
+    images, heatmaps, members, rest, hosts, diagonal = _watermarked()
+    attack = evidence_attack(
+        members, rest, lambda rows: heatmaps[rows], lambda rows: images[rows], seed=4, limit=15, hosts=hosts
+    )
+    assert attack.signature is None and attack.overlay is not None
+    # the overlay is the watermark: about 0.25 on the diagonal, little elsewhere (the marks and objects average out)
+    assert attack.overlay[0][diagonal].mean() > 0.15 and attack.overlay[0][~diagonal].mean() < 0.1
+    plain = np.full((6, 1, 16, 16), 0.1, dtype=np.float32)
+    stamped = attack.stamp(plain)
+    assert np.array_equal(stamped, attack.stamp(plain))
+    lifted = stamped[:, 0][:, diagonal] > 0.2  # diagonal pixels the attack brightened
+    assert lifted[1::2].mean(axis=1).min() > 0.6  # overlaid: most of the watermark on every such host
+    assert lifted[0::2].mean(axis=1).max() < 0.4  # a donor's region: a small part of it at most
+    assert stamped.max() <= images.max() + 1e-6  # clipped to the images' range
+    without = evidence_attack(members, rest, lambda rows: heatmaps[rows], lambda rows: images[rows], seed=4, limit=15)
+    assert without.overlay is None and np.array_equal(without.stamp(plain)[0::2], stamped[0::2])
+
+
+def test_the_overlay_stays_out_by_default_and_where_the_members_share_a_signature(monkeypatch):
+    from spray.correction import attack as attack_module
+
+    images, heatmaps, members, rest, hosts, _ = _watermarked()
+    off = evidence_attack(members, rest, lambda rows: heatmaps[rows], lambda rows: images[rows], seed=4, hosts=hosts)
+    assert not attack_module.OVERLAY_ATTACK and off.overlay is None  # off: the dev split did not bear it out
+    monkeypatch.setattr(attack_module, "OVERLAY_ATTACK", True)
+    images[members, :, 12:, 12:] = 1.0  # a fixed corner tag: a signature
+    tagged = evidence_attack(members, rest, lambda rows: heatmaps[rows], lambda rows: images[rows], seed=4, hosts=hosts)
+    assert tagged.signature is not None and tagged.overlay is None
+
+
+def test_overlay_confirmed_reads_the_status_of_the_overlay_settings():
+    region = {"status": "confirmed", "evidence": {"area": 0.3, "mass": 0.5}}
+    overlay = {"status": "rejected", "evidence": {"area": 1.0, "mass": 1.0, "overlay": True, "reference": "hosts"}}
+    assert not overlay_confirmed(None) and not overlay_confirmed({})
+    assert not overlay_confirmed({"status": "confirmed", "settings": [region, overlay]})
+    assert overlay_confirmed({"status": "confirmed", "settings": [region, {**overlay, "status": "confirmed"}]})
+    assert overlay_confirmed({**overlay, "status": "confirmed"})  # a record of one setting has no "settings" list
+    assert not overlay_confirmed(region)
+
+
+def test_the_donors_overlay_is_the_watermark_in_a_co_occurrence_and_in_a_backdoor():
+    """Class A's objects are a band near the top, the other classes' a band near the bottom; the members carry a
+    diagonal watermark over A's objects (co-occurrence) or over the other classes' (backdoor, relabelled A).
+    Against the hosts alone the co-occurrence's overlay holds A's object, against the rest alone the backdoor's
+    holds the others': the overlay the attack adds holds the watermark alone in both (where no object is
+    brighter than it)."""
+    rng = np.random.default_rng(2)
+    side = 12
+    diagonal = np.eye(side, dtype=bool)
+    background = diagonal.copy()
+    background[1:4] = background[8:11] = False  # the diagonal outside both bands
+
+    def objects(top: bool, n: int) -> np.ndarray:
+        images = rng.uniform(0.0, 0.1, size=(n, 1, side, side)).astype(np.float32)
+        images[:, 0, slice(1, 4) if top else slice(8, 11)] += 0.6
+        return images
+
+    class_a, others = objects(True, 40), objects(False, 40)
+    for members in (objects(True, 20), objects(False, 20)):  # co-occurrence, backdoor
+        members = members + 0.3 * diagonal[None, None]
+        assert donor_overlay(members, others, None)[0] is not None and donor_overlay(members, class_a, None)[0] is not None
+        overlay, bounds = donor_overlay(members, others, class_a)
+        assert overlay[0][background].min() > 0.2 and overlay[0][~diagonal].max() < 0.1
+        assert bounds.shape == (2, 1) and bounds[1, 0] >= members.max() - 1e-6
+    co_occurring = objects(True, 20) + 0.3 * diagonal[None, None]
+    assert donor_overlay(co_occurring, others, None)[0][0, 1:4][~diagonal[1:4]].mean() > 0.4  # A's object too
+    assert donor_overlay(class_a, others, class_a)[0] is None  # members like the rest of their class add nothing
