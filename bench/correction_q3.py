@@ -78,7 +78,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.cases import Case, CaseSpec, build_case, extra_dev_cases, generate_cases  # noqa: E402
 from bench.detection import default_rule, findings, package_versions, run_case, select  # noqa: E402
-from spray.correction.attack import EVIDENCE_DONORS, donor_limit, overlay_confirmed  # noqa: E402
+from spray.confirm.resolve import setting_confirms, setting_overlays  # noqa: E402
+from spray.correction.attack import EVIDENCE_DONORS, donor_limit  # noqa: E402
 from spray.correction.config import CorrectionConfig  # noqa: E402
 from spray.correction.errors import CorrectionError  # noqa: E402
 from spray.correction.outcome import ROUNDING, unseen_miss  # noqa: E402
@@ -107,6 +108,14 @@ def cf_evidence(case: Case, members: np.ndarray, class_id: int, heatmaps: np.nda
     return sampled_evidence(
         np.setdiff1d(members, exclude), rest, lambda rows: heatmaps[rows], lambda rows: case.train_images[rows], case.spec.seed
     )
+
+
+def overlay_confirmed(confirmation: dict | None) -> bool:
+    """Whether a finding's ``confirmation`` record says the causal test confirmed it at one of
+    its overlay settings."""
+    if not confirmation:
+        return False
+    return any(confirmed and overlay for confirmed, overlay in zip(setting_confirms(confirmation), setting_overlays(confirmation)))
 
 
 def evidence_stamp(
@@ -465,7 +474,8 @@ def main() -> None:
     parser.add_argument(
         "--attack-overlay", action="store_true",
         help="dev only, with --attack evidence: add the donors' mean overlay to every other attacked image where the finding "
-        "was confirmed as an overlay and the members share no signature (spray.correction.attack.OVERLAY_ATTACK, off)",
+        "was confirmed as an overlay and the members share no signature (spray.correction.attack.donor_overlay; spray "
+        "correct does not)",
     )
     parser.add_argument("--kinds", nargs="+", default=None, help="only the cases of these artifact kinds (e.g. frame watermark)")
     parser.add_argument("--fractions", type=float, nargs="+", default=None, help="only the cases of these fractions (e.g. 0.6 0.9)")
@@ -489,12 +499,10 @@ def main() -> None:
                     args.cf_overlay_control, args.cf_overlay_share)
     if any(setting is not None for setting in dev_settings) and args.split != "dev":
         parser.error("the --cf-* settings are for choosing on the dev split; the test split runs with the defaults.")
-    from spray.correction import attack, counterfactual
+    from spray.correction import counterfactual
 
-    if args.attack_overlay:
-        if args.split != "dev":
-            parser.error("--attack-overlay is for choosing on the dev split; the test split runs with the defaults.")
-        attack.OVERLAY_ATTACK = True
+    if args.attack_overlay and args.split != "dev":
+        parser.error("--attack-overlay is for choosing on the dev split; the test split runs with the defaults.")
     if args.cf_scope:
         counterfactual.EVIDENCE_SCOPE = args.cf_scope
     if args.cf_max_class_weight is not None:
@@ -566,7 +574,8 @@ def main() -> None:
                 # counterfactual fine-tuning must not see the evidence it is judged on: half the members at most are donors
                 limit = EVIDENCE_DONORS if args.methods == "clarc" else donor_limit(len(members))
                 stamp, attack_donors = evidence_stamp(
-                    case, members, int(finding["class"]), explain(case)[0], limit, overlay_confirmed(finding.get("confirmation"))
+                    case, members, int(finding["class"]), explain(case)[0], limit,
+                    args.attack_overlay and overlay_confirmed(finding.get("confirmation")),
                 )
             if stamp is None:
                 for method in methods:

@@ -14,11 +14,15 @@ test does (:mod:`spray.confirm`):
   fixed patch), every other attacked image gets the donor's pixels under the signature
   instead: a member's relevance singles out part of a frame, and a correction judged on
   those parts alone can leave the rest working;
-* with :data:`OVERLAY_ATTACK` (off), where the members share no signature but the causal
-  test confirmed the flag with their **mean overlay** (:func:`overlay_confirmed`: a
-  watermark or a texture written over the object, which no region holds whole), every other
-  attacked image gets the donors' mean overlay (over the other classes' images and the rest
-  of their class, :func:`donor_overlay`) added instead; the dev split did not bear it out;
+* given other classes' rows (``hosts``) and where the members share no signature, every
+  other attacked image gets the donors' **mean overlay** (over the other classes' images and
+  the rest of their class, :func:`donor_overlay`) added instead: a watermark or texture
+  written over the object is held whole by no region. ``spray correct`` passes no hosts:
+  measured on Q3's dev split for flags the causal test confirmed as an overlay
+  (``bench/correction_q3.py --attack-overlay``), it changed one case of 40, the digits
+  sticker on 90 %, whose broken promise it widened (0.83 -> 0.90 on the attack, 0.59 on the
+  true stamp); every watermark finding there has a signature of 2-14 pixels, which takes the
+  overlay's place (``docs/correction.md``);
 * :data:`~spray.correction.counterfactual.MOVED_SHARE` of the pastes are moved to a random
   place first, as the counterfactual fine-tuning moves them: a finding can hold one place
   of a mark that varies in place.
@@ -38,9 +42,8 @@ stamp, none of this attack's six (``docs/correction.md``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -50,23 +53,6 @@ EVIDENCE_DONORS = 64
 REST_HEATMAPS = 256
 #: Other classes' images the donors' mean overlay is taken against, at most.
 OVERLAY_HOSTS = 512
-#: Add the donors' mean overlay to every other attacked image where the causal test
-#: confirmed the flag at an overlay setting and the members share no pixel signature
-#: (the module docstring). Off: on Q3's dev split (40 relied-on cases) it changed one case,
-#: the digits sticker on 90 %, whose broken promise it widened (0.83 -> 0.90 on the attack,
-#: 0.59 on the true stamp); every watermark finding there has a signature of 2-14 pixels, which
-#: takes the overlay's place (docs/correction.md).
-OVERLAY_ATTACK = False
-
-
-def overlay_confirmed(confirmation: Mapping[str, Any] | None) -> bool:
-    """Whether the causal test (a flag's ``confirmation`` record, :mod:`spray.confirm.run`)
-    confirmed the flag at one of its overlay settings: the members' mean overlay moved other
-    classes' images to the flagged class beyond its control."""
-    if not confirmation:
-        return False
-    entries = confirmation.get("settings") or [confirmation]
-    return any(entry.get("status") == "confirmed" and bool((entry.get("evidence") or {}).get("overlay")) for entry in entries)
 
 
 def donor_limit(n_members: int, limit: int = EVIDENCE_DONORS) -> int:
@@ -134,10 +120,9 @@ def evidence_attack(
     """The attack from the evidence of ``members`` (rows) against the ``rest`` of their class
     (rows). ``read_heatmaps(rows)`` and ``read_images(rows)`` give the heatmaps (n, h, w) and
     images (n, C, H, W) of sorted unique rows; ``limit`` donors at most, drawn with ``seed``.
-    ``hosts``: rows of other classes' images to take the donors' mean overlay against, for a
-    flag the causal test confirmed as an overlay (:func:`overlay_confirmed`); None: no overlay.
-    The overlay is used only where the members share no pixel signature (and with
-    :data:`OVERLAY_ATTACK`)."""
+    ``hosts``: rows of other classes' images to take the donors' mean overlay against (see
+    the module docstring; None: no overlay). The overlay is used only where the members share
+    no pixel signature."""
     from spray.confirm.config import ConfirmConfig
     from spray.confirm.evidence import excess_masks, image_masks, rest_share
     from spray.correction.counterfactual import MAX_DONORS, MAX_REST, signature_mask
@@ -159,7 +144,7 @@ def evidence_attack(
         signature = signature_mask(read_images(sample), rest_images)
         signature = signature if signature.any() else None
     overlay, bounds = None, None
-    if OVERLAY_ATTACK and hosts is not None and len(hosts) and signature is None and keep.any():
+    if hosts is not None and len(hosts) and signature is None and keep.any():
         host_rows = np.sort(rng.choice(np.asarray(hosts, dtype=np.int64), size=min(OVERLAY_HOSTS, len(hosts)), replace=False))
         overlay, bounds = donor_overlay(donor_images, np.asarray(read_images(host_rows), dtype=np.float32), rest_images)
     return EvidenceAttack(donors, donor_images[keep], masks[keep], signature, seed, overlay, bounds)

@@ -35,7 +35,6 @@ import numpy as np
 from torch import nn
 
 from spray.attribution.settings import AttributionSettings
-from spray.correction.attack import overlay_confirmed
 from spray.correction.config import AUTO_LAYER, CorrectionConfig
 from spray.correction.counterfactual import MAX_REST, Evidence, sampled_evidence
 from spray.correction.errors import CorrectionError
@@ -210,9 +209,7 @@ def correct_job(spec: JobSpec, flag: dict[str, Any], config: CorrectionConfig | 
         if inputs.planted is not None:
             plan = planted_evaluation(inputs.planted, inputs.display, inputs.labels, members)
         else:
-            plan = held_out_evaluation(
-                spec, inputs.display, inputs.labels, members, class_id, config, folder, overlay=overlay_confirmed(flag.get("confirmation"))
-            )
+            plan = held_out_evaluation(spec, inputs.display, inputs.labels, members, class_id, config, folder)
         space = inputs.space
         # the search and the correction ask for the flagged class's rows again and again: each is read once
         fit_images = (

@@ -235,14 +235,11 @@ def _grid_name(pooled_size: tuple[int, int] | None) -> str:
 
 
 def evidence_attack_set(
-    spec: JobSpec, display: np.ndarray | RowImages, labels: np.ndarray, fit_rows: np.ndarray, members: np.ndarray, class_id: int, seed: int,
-    overlay: bool = False,
+    spec: JobSpec, display: np.ndarray | RowImages, labels: np.ndarray, fit_rows: np.ndarray, members: np.ndarray, class_id: int, seed: int
 ) -> AttackSet:
     """The flagged fitting ``members``' own evidence pasted (:mod:`spray.correction.attack`),
     with the region of their largest relevance excess as the relevance mask (None where they
-    exceed their class nowhere on the pooled grid). ``overlay``: the causal test confirmed the
-    flag as an overlay (:func:`spray.correction.attack.overlay_confirmed`), so the donors' mean
-    overlay against the other classes' fitting images joins the attack."""
+    exceed their class nowhere on the pooled grid)."""
     from spray.correction.attack import donor_limit, evidence_attack
 
     rest = np.setdiff1d(fit_rows[labels[fit_rows] == class_id], members)
@@ -254,9 +251,8 @@ def evidence_attack_set(
     def heatmaps(rows: np.ndarray) -> np.ndarray:
         return stored[np.searchsorted(read, rows)]
 
-    hosts = fit_rows[labels[fit_rows] != class_id] if overlay else None
     attack = evidence_attack(
-        members, rest, heatmaps, lambda rows: np.asarray(display[rows], dtype=np.float32), seed, donor_limit(len(members)), hosts
+        members, rest, heatmaps, lambda rows: np.asarray(display[rows], dtype=np.float32), seed, donor_limit(len(members))
     )
     if attack.empty:
         raise CorrectionError(
@@ -273,8 +269,6 @@ def evidence_attack_set(
             f"one of {len(attack.donors)} flagged members' evidence (its relevance over the rest of its class, the causal test's "
             "masks) pasted on each held-out image of the other classes"
             + (", every other image the members' pixel signature" if attack.signature is not None else "")
-            + (", every other image the donors' mean overlay over other classes' images added (the flag was confirmed as an overlay)"
-               if attack.overlay is not None else "")
             + "; half of the pastes moved to a random place. Counterfactual fine-tuning never pastes these donors' evidence"
         ),
         "mask_rule": f"relevance share measured in the pooled cells ({_grid_name(spec.analysis.pooled_size)} grid) where the members' mean "
@@ -284,7 +278,6 @@ def evidence_attack_set(
         "n_donors": int(len(attack.donors)),
         "n_donors_with_evidence": int(len(attack.masks)),
         "signature_pixels": None if attack.signature is None else int(attack.signature.sum()),
-        "overlay": attack.overlay is not None,
         "n_reference": int(len(rest)),
     }
     return AttackSet(attack.stamp, mask, facts, donors=attack.donors)
@@ -354,13 +347,12 @@ def default_layer(model: nn.Module, candidates: tuple[str, ...]) -> str:
 
 def _attack_set(
     spec: JobSpec, stamp_name: str, display: np.ndarray | RowImages, labels: np.ndarray, fit_rows: np.ndarray, test_rows: np.ndarray,
-    members: np.ndarray, class_id: int, seed: int, overlay: bool = False,
+    members: np.ndarray, class_id: int, seed: int,
 ) -> AttackSet:
-    """The stamping function ``stamp_name`` (``[correct] stamp``) when set, else the members' evidence (with
-    their mean overlay where ``overlay``, see :func:`evidence_attack_set`); with its mask described."""
+    """The stamping function ``stamp_name`` (``[correct] stamp``) when set, else the members' evidence; with its mask described."""
     stamp = load_stamp(stamp_name, spec.base_dir)
     if stamp is None:
-        attack = evidence_attack_set(spec, display, labels, fit_rows, members, class_id, seed, overlay)
+        attack = evidence_attack_set(spec, display, labels, fit_rows, members, class_id, seed)
     else:
         others = test_rows[labels[test_rows] != class_id][:STAMP_PROBE_IMAGES]
         if len(others) == 0:
@@ -371,8 +363,7 @@ def _attack_set(
 
 
 def held_out_evaluation(
-    spec: JobSpec, display: np.ndarray | RowImages, labels: np.ndarray, members: np.ndarray, class_id: int, config: CorrectionConfig, folder: Path,
-    overlay: bool = False,
+    spec: JobSpec, display: np.ndarray | RowImages, labels: np.ndarray, members: np.ndarray, class_id: int, config: CorrectionConfig, folder: Path
 ) -> EvaluationPlan:
     """Split the audited ``display`` images (and ``labels``) for correcting the flag of class ``class_id``
     with ``members`` (sorted unique rows), and make the attacked set; see the module docstring.
@@ -386,7 +377,7 @@ def held_out_evaluation(
     test_rows = np.setdiff1d(held_rows, members)  # the flagged members' labels are in question: not "clean" (spray.correction.search)
     if fit_members.size == 0:
         raise CorrectionError(f"none of the flag's {members.size} member(s) falls outside the held-out part; lower [correct] held_out.")
-    attack = _attack_set(spec, config.stamp, display, labels, fit_rows, test_rows, fit_members, class_id, config.seed, overlay)
+    attack = _attack_set(spec, config.stamp, display, labels, fit_rows, test_rows, fit_members, class_id, config.seed)
     attack.facts["pictures"] = write_pictures(attack, folder)
     facts = {
         "held_out": {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spray.correction.attack import EVIDENCE_DONORS, donor_limit, donor_overlay, evidence_attack, overlay_confirmed
+from spray.correction.attack import EVIDENCE_DONORS, donor_limit, donor_overlay, evidence_attack
 
 
 def _flag(n: int = 60, side: int = 16, tag: bool = True):
@@ -67,10 +67,7 @@ def _watermarked(side: int = 16):
     return images, heatmaps, members, rest, np.arange(len(images) - 30, len(images)), diagonal
 
 
-def test_a_flag_confirmed_as_an_overlay_gets_the_donors_mean_overlay_on_every_other_host(monkeypatch):
-    from spray.correction import attack as attack_module
-
-    monkeypatch.setattr(attack_module, "OVERLAY_ATTACK", True)
+def test_given_other_classes_rows_the_donors_mean_overlay_goes_on_every_other_host():
     images, heatmaps, members, rest, hosts, diagonal = _watermarked()
     attack = evidence_attack(
         members, rest, lambda rows: heatmaps[rows], lambda rows: images[rows], seed=4, limit=15, hosts=hosts
@@ -89,26 +86,11 @@ def test_a_flag_confirmed_as_an_overlay_gets_the_donors_mean_overlay_on_every_ot
     assert without.overlay is None and np.array_equal(without.stamp(plain)[0::2], stamped[0::2])
 
 
-def test_the_overlay_stays_out_by_default_and_where_the_members_share_a_signature(monkeypatch):
-    from spray.correction import attack as attack_module
-
+def test_the_overlay_stays_out_where_the_members_share_a_signature():
     images, heatmaps, members, rest, hosts, _ = _watermarked()
-    off = evidence_attack(members, rest, lambda rows: heatmaps[rows], lambda rows: images[rows], seed=4, hosts=hosts)
-    assert not attack_module.OVERLAY_ATTACK and off.overlay is None  # off: the dev split did not bear it out
-    monkeypatch.setattr(attack_module, "OVERLAY_ATTACK", True)
     images[members, :, 12:, 12:] = 1.0  # a fixed corner tag: a signature
     tagged = evidence_attack(members, rest, lambda rows: heatmaps[rows], lambda rows: images[rows], seed=4, hosts=hosts)
     assert tagged.signature is not None and tagged.overlay is None
-
-
-def test_overlay_confirmed_reads_the_status_of_the_overlay_settings():
-    region = {"status": "confirmed", "evidence": {"area": 0.3, "mass": 0.5}}
-    overlay = {"status": "rejected", "evidence": {"area": 1.0, "mass": 1.0, "overlay": True, "reference": "hosts"}}
-    assert not overlay_confirmed(None) and not overlay_confirmed({})
-    assert not overlay_confirmed({"status": "confirmed", "settings": [region, overlay]})
-    assert overlay_confirmed({"status": "confirmed", "settings": [region, {**overlay, "status": "confirmed"}]})
-    assert overlay_confirmed({**overlay, "status": "confirmed"})  # a record of one setting has no "settings" list
-    assert not overlay_confirmed(region)
 
 
 def test_the_donors_overlay_is_the_watermark_in_a_co_occurrence_and_in_a_backdoor():

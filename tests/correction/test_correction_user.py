@@ -344,37 +344,3 @@ def test_counterfactual_fine_tuning_fixes_the_user_job_and_ships_the_validated_c
     assert "counterfactual fine-tuning uses no CAV" in page and f"{report.history.epochs} epoch(s) at learning rate" in page and "of them hold their class with their evidence removed" in page
     assert "blurred against" in page and "of the rest of the class" in page
 
-
-def test_a_flag_confirmed_as_an_overlay_adds_the_donors_mean_overlay_to_the_attacked_set(
-    user_job: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """With the overlay attack switched on, where the members share no pixel signature (forced here: the tag is one)
-    and the causal test confirmed the flag as an overlay, every other attacked image gets the donors' mean overlay
-    over the other classes' fitting images; the rest of the attack is the same as without it, and report.json says
-    which it was."""
-    import spray.correction.attack as attack
-    import spray.correction.counterfactual as counterfactual
-    from spray.correction.user import held_out_evaluation
-
-    monkeypatch.setattr(attack, "OVERLAY_ATTACK", True)  # off by default (docs/correction.md)
-    monkeypatch.setattr(counterfactual, "signature_mask", lambda members, rest: np.zeros(members.shape[-2:], dtype=bool))
-    spec, data = load_job(user_job), np.load(user_job.parent / "data.npz")
-    images, labels = data["data"], data["label"]
-    members = np.asarray(_flag(user_job)["member_rows"], dtype=np.int64)
-    plans = {
-        overlay: held_out_evaluation(spec, images, labels, members, 1, job_config(spec), tmp_path, overlay=overlay)
-        for overlay in (False, True)
-    }
-    assert [plans[overlay].facts["attack"]["overlay"] for overlay in (False, True)] == [False, True]
-    assert "mean overlay" in plans[True].facts["attack"]["description"] and "mean overlay" not in plans[False].facts["attack"]["description"]
-    hosts = plans[True].test_images[plans[True].test_labels == 0][:20]
-    plain, overlaid = plans[False].stamp(hosts), plans[True].stamp(hosts)
-    assert np.array_equal(plain[0::2], overlaid[0::2])
-    # on every other host: the tag (magenta: red and blue up at its 4x4 place); not the members' green blob, which they
-    # add over the other class's images but not over the rest of their own class (the class's object is no artifact)
-    added = overlaid[1::2] - hosts[1::2]
-    assert added[:, 0][:, PATCH[0], PATCH[1]].mean() > 0.2 and added[:, 2][:, PATCH[0], PATCH[1]].mean() > 0.2
-    assert added[:, 1][:, 6:10, 6:10].mean() < 0.05
-    beside = added.copy()
-    beside[:, :, PATCH[0], PATCH[1]] = 0.0
-    assert np.abs(beside).max() < 0.1

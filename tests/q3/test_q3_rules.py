@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 
 from bench.cases import TEST_SEED_BASE, generate_cases
+from bench.correction_q3 import overlay_confirmed
 from bench.detection import Rule, default_rule, setting_key, settled
 from spray.confirm.config import ConfirmConfig
-from spray.correction.attack import overlay_confirmed
 
 
 def test_a_fresh_draw_of_the_test_split_shares_no_case_with_the_first():
@@ -153,12 +153,13 @@ def test_an_anchor_seen_only_as_an_overlay_measures_the_others_at_its_overlay():
     rule = dataclasses.replace(default_rule(), evidence="0.3/0.5+0.5/0.9+overlay-hosts", min_rest=None)
     (flag,) = rule.flags(record)
     assert flag["size"] == 60 and flag["hits"] == 60
-    # the flag says, as summary.json does, that the causal test confirmed it as an overlay: the correction's attack
-    # adds the donors' mean overlay (spray.correction.attack); the region-confirmed object side would not have it
+    # the flag says, as summary.json does, that the causal test confirmed it as an overlay: the correction bench's
+    # --attack-overlay adds the donors' mean overlay for it; the region-confirmed object side would not have it
     assert overlay_confirmed(flag["confirmation"])
     assert [entry["status"] for entry in flag["confirmation"]["settings"]] == ["rejected", "rejected", "confirmed"]
     object_side = dataclasses.replace(rule, evidence="0.3/0.5+0.5/0.9").flags(record)
     assert [f["size"] for f in object_side] == [240] and not overlay_confirmed(object_side[0]["confirmation"])
+    assert not overlay_confirmed(None) and not overlay_confirmed({})
 
 
 def test_the_overlay_against_the_hosts_has_its_own_bar_and_spray_s_defaults_name_it():
