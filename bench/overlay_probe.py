@@ -15,7 +15,9 @@ planted truth, apart from the clustering:
 of the class's: in a backdoor the members are other classes' objects, and their mean minus
 the class's loses the artifact wherever the class's own object is bright (a watermark over
 a 0's ring); against the hosts (other classes' objects too) the objects cancel and the
-artifact stays. ``--extra`` adds the dev split's extra watermark cases
+artifact stays. ``--statistic median`` takes every group's per-pixel median image instead of
+its mean (spray's ``[confirm] overlay_statistic``, :func:`spray.confirm.test.mean_overlay`).
+``--extra`` adds the dev split's extra watermark cases
 (``bench/cases.py extra_dev_cases``).
 
 For each relied-on dev watermark and texture, both sides of the planted split are measured
@@ -26,6 +28,7 @@ runs on a test draw.
 
     python3 bench/overlay_probe.py [--match ink]   # about 4 min here (the dev cases' models cached)
     python3 bench/overlay_probe.py --reference hosts --extra
+    python3 bench/overlay_probe.py --reference hosts --match ink --extra --statistic median   # spray's default
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from bench.cases import Case, build_case, extra_dev_cases, generate_cases  # noq
 from bench.detection import select  # noqa: E402
 from spray.attribution.settings import AttributionSettings  # noqa: E402
 from spray.confirm.predictor import model_predictor  # noqa: E402
-from spray.confirm.test import Predict  # noqa: E402
+from spray.confirm.test import Predict, mean_overlay  # noqa: E402
 
 #: Kinds whose artifact is an overlay over the object, and the legitimate two-mode classes.
 OVERLAY_KINDS = ("watermark", "texture")
@@ -59,14 +62,16 @@ def moved(predict: Predict, hosts: np.ndarray, before: np.ndarray, overlay: np.n
 
 
 def probe_side(case: Case, predict: Predict, side: np.ndarray, other: np.ndarray, hosts: np.ndarray,
-               before: np.ndarray, rng: np.random.Generator, match: str = "ink", reference: str = "rest") -> tuple[float, float]:
+               before: np.ndarray, rng: np.random.Generator, match: str = "ink", reference: str = "rest",
+               statistic: str = "mean") -> tuple[float, float]:
     """(overlay move rate, matched control move rate) of the images ``side`` against ``other``
-    (the overlay against the hosts' mean instead with ``reference`` "hosts")."""
+    (the overlay against the hosts' mean instead with ``reference`` "hosts"; medians instead
+    of means with ``statistic`` "median")."""
     target = case.target_label
     members = case.train_images[np.sort(rng.choice(side, min(MEMBERS, len(side)), replace=False))]
     rest = case.train_images[np.sort(rng.choice(other, min(REST, len(other)), replace=False))]
-    overlay = np.clip(members.mean(axis=0) - (hosts if reference == "hosts" else rest).mean(axis=0), 0.0, None)
-    control = np.clip(rest.mean(axis=0) - hosts.mean(axis=0), 0.0, None)
+    overlay = mean_overlay(members, hosts if reference == "hosts" else rest, statistic)
+    control = mean_overlay(rest, hosts, statistic)
     if match == "ink":
         control *= overlay.sum() / max(float(control.sum()), 1e-9)
     else:  # peak: the control's brightest pixel as bright as the overlay's
@@ -83,6 +88,8 @@ def main() -> None:
                         help="the control's scale: the overlay's total added ink, or its brightest pixel")
     parser.add_argument("--reference", choices=("rest", "hosts"), default="rest",
                         help="the overlay is the members' mean minus the rest of the class's (spray's), or minus the hosts'")
+    parser.add_argument("--statistic", choices=("mean", "median"), default="mean",
+                        help="each group's per-pixel mean image (the probe's first measurements) or median image (spray's default)")
     parser.add_argument("--extra", action="store_true", help="add the dev split's extra watermark cases")
     args = parser.parse_args()
     specs = select(generate_cases("dev", "full", 0), args.planted, args.clean, args.multimodal)
@@ -104,8 +111,8 @@ def main() -> None:
         host_rows = np.sort(rng.choice(np.flatnonzero(case.train_labels != case.target_label), HOSTS, replace=False))
         hosts = case.train_images[host_rows]
         before = predict(hosts).argmax(axis=1) == case.target_label
-        a = probe_side(case, predict, side_a, side_b, hosts, before, rng, args.match, args.reference)
-        b = probe_side(case, predict, side_b, side_a, hosts, before, rng, args.match, args.reference)
+        a = probe_side(case, predict, side_a, side_b, hosts, before, rng, args.match, args.reference, args.statistic)
+        b = probe_side(case, predict, side_b, side_a, hosts, before, rng, args.match, args.reference, args.statistic)
         names = ("mode 1", "mode 0") if spec.kind == MULTIMODAL else ("stamped", "genuine")
         print(f"| {spec.key()} | {names[0]} | {len(side_a)} | {a[0]:.2f} | {a[1]:.2f} | "
               f"{names[1]} | {len(side_b)} | {b[0]:.2f} | {b[1]:.2f} |", flush=True)

@@ -23,7 +23,12 @@ DEFAULT_DOMINANCE = 0.85
 #: and ``dominance``, and among 0.3-0.8: 0.3-0.4 and 0.4-0.6 tie, and the highest bars of
 #: the tie were kept (0.3 flagged two-mode classes; docs/analysis.md, "bench Q3").
 DEFAULT_WIDE_DOMINANCE = 0.4
-DEFAULT_LOW_SCORE_MIN_LIFT = 0.6
+#: Lowered from 0.6 with the median overlay (below), among 0.4-0.7 on the whole dev split:
+#: 0.5 finds a watermark backdoor on 5 % of a class whose low-scoring cluster lifts +0.55
+#: with the median overlay; 0.4 and 0.5 tie at the hosts' bar of 0.5, and 0.4 flags a clean
+#: model and a planted one falsely at the hosts' bar of 0.4 (concept-space clusters of
+#: zeros lifting +0.43 and +0.47). With the mean overlay 0.5 and 0.6 judge alike.
+DEFAULT_LOW_SCORE_MIN_LIFT = 0.5
 #: Clusters under the threshold tested per audit: the dev audits have 39 to 71 (ten classes,
 #: three spaces), and the bench tests them all.
 DEFAULT_MAX_LOW_SCORE = 96
@@ -50,6 +55,15 @@ DEFAULT_OVERLAY_MIN_LIFT = 0.3
 #: How the overlay's control (the rest of the class's own mean overlay) is scaled: to the
 #: overlay's brightest pixel, or to its total added ink.
 OVERLAY_CONTROLS = ("peak", "ink")
+#: How the overlays sum up each group's images, pixel by pixel (``spray.confirm.test.mean_overlay``).
+#: The median on the whole dev split (108 cases, 46 relied on; ``bench/detection.py --tune
+#: --refine overlay-statistic``): 37 found (F1 0.773) against 35 (0.737) with the mean, no
+#: model flagged falsely with either, the same one two-mode class flagged. A watermark
+#: added to the members and clipped where their objects are bright survives in their mean
+#: image only as the share of them that are background there, so the mean overlay is a
+#: fainter mark than the one the members carry (docs/analysis.md, "The median overlay").
+OVERLAY_STATISTICS = ("mean", "median")
+DEFAULT_OVERLAY_STATISTIC = "median"
 #: The members' mean overlay against the *hosts'* mean image, and the lift that confirms there
 #: (``host_overlay_min_lift``). On the dev split with its extra watermark cases (96 cases, 39
 #: relied on), beside the overlay against the class or instead of it, among 0.2-0.7: instead
@@ -62,7 +76,10 @@ OVERLAY_CONTROLS = ("peak", "ink")
 #: (108 cases, 46 relied on): 0.2, 0.3 and 0.4 find 35 against 34 at 0.5, with no false flag or
 #: two-mode flag added; no cluster that is not a relied-on artifact lifts more than +0.30
 #: there, so 0.4 (the higher bar of the tie) keeps a margin.
-DEFAULT_HOST_OVERLAY_MIN_LIFT = 0.4
+#: Raised to 0.5 with the median overlay (``DEFAULT_OVERLAY_STATISTIC``), among 0.3-0.7: 0.3-0.5
+#: find the same 37 of 46 with no false flag at ``low_score_min_lift`` 0.5, and the tune keeps
+#: the highest bar of a tie; 0.6 finds 36, 0.7 35 (docs/analysis.md, "bench Q3").
+DEFAULT_HOST_OVERLAY_MIN_LIFT = 0.5
 #: The lift a candidate holding most of its class must reach at every setting. Its control's
 #: donors come from the rest of the class, which for a majority cluster is a small remainder
 #: that is unusual by construction (what the class's typical images are not): pasted from it,
@@ -83,20 +100,26 @@ class EvidenceSetting(NamedTuple):
     ``mass`` of the excess (``spray.confirm.evidence.excess_masks``), pasted as a region;
     true: what the members add on average to the images of ``reference`` (``"rest"``: the
     rest of their class; ``"hosts"``: the other classes' images it is added to), added to the
-    hosts (``area`` and ``mass`` are 1: the whole image)."""
+    hosts (``area`` and ``mass`` are 1: the whole image), each group summed up by its
+    per-pixel ``statistic`` (``"mean"`` or ``"median"``)."""
 
     area: float
     mass: float
     min_lift: float
     overlay: bool = False
     reference: str = "rest"
+    statistic: str = "mean"
 
     def entry(self) -> dict[str, float | bool | str]:
-        """The record's ``evidence`` (an overlay against the hosts says ``"reference": "hosts"``)."""
+        """The record's ``evidence`` (an overlay against the hosts says ``"reference": "hosts"``,
+        one of medians ``"statistic": "median"``)."""
         entry: dict[str, float | bool | str] = {"area": float(self.area), "mass": float(self.mass), "min_lift": float(self.min_lift)}
         if not self.overlay:
             return entry
-        return {**entry, "overlay": True, **({"reference": "hosts"} if self.reference == "hosts" else {})}
+        return {
+            **entry, "overlay": True, **({"reference": "hosts"} if self.reference == "hosts" else {}),
+            **({"statistic": self.statistic} if self.statistic != "mean" else {}),
+        }
 
 
 @dataclass
@@ -125,6 +148,10 @@ class ConfirmConfig:
             ``overlay_min_lift``. A faint overlay written over the object (a watermark, a
             texture) moves predictions this way where no pasted region holds it whole. Off
             by default since the overlay against the hosts replaced it (dev split).
+        overlay_statistic: how the overlays sum up each group's images, pixel by pixel:
+            ``"mean"`` or ``"median"`` (``spray.confirm.test.mean_overlay``). An additive
+            mark clipped where the object is bright keeps its full strength only in the
+            median, where the mean dims it by the share of members whose object covers it.
         overlay_control: the control's scale, ``"peak"`` (the overlay's brightest pixel) or
             ``"ink"`` (its total added ink).
         host_overlay_evidence: also test the members' mean overlay taken against the
@@ -169,6 +196,7 @@ class ConfirmConfig:
     wide_evidence_mass: float = setting(DEFAULT_WIDE_EVIDENCE_MASS, Range(0.0, 1.0, low_open=True), doc="share of the excess relevance the wide evidence covers")
     wide_min_lift: float = setting(DEFAULT_WIDE_MIN_LIFT, Range(0.0, 1.0), doc="move rate above the control's that confirms at the wide setting")
     overlay_evidence: bool = setting(False, doc="also test the members' mean overlay against the rest of their class, added to other classes' images")
+    overlay_statistic: str = setting(DEFAULT_OVERLAY_STATISTIC, Choice(OVERLAY_STATISTICS), doc="the overlays' per-pixel summary of each group's images: mean or median")
     overlay_control: str = setting("peak", Choice(OVERLAY_CONTROLS), doc="the overlay control's scale: the overlay's brightest pixel or its total added ink")
     overlay_min_lift: float = setting(DEFAULT_OVERLAY_MIN_LIFT, Range(0.0, 1.0), doc="move rate above the control's that confirms with the overlay")
     host_overlay_evidence: bool = setting(True, doc="also test the members' mean overlay against the hosts' mean image")
@@ -198,7 +226,9 @@ class ConfirmConfig:
         if self.wide_evidence and (self.wide_evidence_area, self.wide_evidence_mass) != (self.evidence_area, self.evidence_mass):
             settings.append(EvidenceSetting(self.wide_evidence_area, self.wide_evidence_mass, max(self.wide_min_lift, floor)))
         if self.overlay_evidence:
-            settings.append(EvidenceSetting(1.0, 1.0, max(self.overlay_min_lift, floor), overlay=True))
+            settings.append(EvidenceSetting(1.0, 1.0, max(self.overlay_min_lift, floor), overlay=True, statistic=self.overlay_statistic))
         if self.host_overlay_evidence:
-            settings.append(EvidenceSetting(1.0, 1.0, max(self.host_overlay_min_lift, floor), overlay=True, reference="hosts"))
+            settings.append(EvidenceSetting(
+                1.0, 1.0, max(self.host_overlay_min_lift, floor), overlay=True, reference="hosts", statistic=self.overlay_statistic,
+            ))
         return tuple(settings)

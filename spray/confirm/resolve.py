@@ -294,7 +294,7 @@ def outrank(
         area = evidence.get("area")
         own, theirs = own_lifts[position], their_lifts[position]
         where = f" with evidence of at most {area:.0%} of the image" if isinstance(area, (int, float)) else ""
-        where = f" with {overlay_name(evidence.get('reference'))}" if evidence.get("overlay") else where
+        where = f" with {overlay_name(evidence.get('reference'), evidence.get('statistic'))}" if evidence.get("overlay") else where
     if whole_class:
         comparison = (
             f"({own:+.0%} over the control at its strongest setting), but cluster {strongest.cluster_id} of the "

@@ -254,13 +254,15 @@ class CandidateTester:
         always total ink against the hosts, whose overlay carries the members' objects as
         well). An overlay written over the object (a watermark, a texture) moves predictions
         this way where no pasted region holds it whole; a class-shaped one (the object drawn
-        another way) moves them no more than the class's own object does."""
+        another way) moves them no more than the class's own object does. Every image group
+        is summed up by the setting's statistic (``[confirm] overlay_statistic``)."""
         config = self.config
         against_hosts = setting.reference == "hosts"
-        overlay = mean_overlay(sample.member_images, sample.host_images if against_hosts else sample.rest_images)
+        statistic = setting.statistic
+        overlay = mean_overlay(sample.member_images, sample.host_images if against_hosts else sample.rest_images, statistic)
         # the control: what the rest of the class adds to the hosts (its object, on average),
         # as bright at its brightest pixel as the overlay, or with as much ink in all
-        class_overlay = mean_overlay(sample.rest_images, sample.host_images)
+        class_overlay = mean_overlay(sample.rest_images, sample.host_images, statistic)
         scale = "ink" if against_hosts else config.overlay_control
         measure = np.max if scale == "peak" else np.sum
         class_overlay *= float(measure(overlay)) / max(float(measure(class_overlay)), 1e-9)
@@ -269,7 +271,7 @@ class CandidateTester:
         removed = np.clip(sample.member_images - overlay[None], 0.0, 1.0).astype(sample.member_images.dtype)
         removal, _, _ = removal_outcome(self.predict, sample.member_images, removed, target, sample.member_probs)
         status, reason = decide(
-            paste.entry, control.entry, config.min_paste_rate, setting.min_lift, overlay_wording(scale, setting.reference)
+            paste.entry, control.entry, config.min_paste_rate, setting.min_lift, overlay_wording(scale, setting.reference, statistic)
         )
         strongest = overlay.max(axis=0)
         mask = strongest >= OVERLAY_SHOWN * strongest.max() if strongest.max() > 0 else np.zeros_like(strongest, dtype=bool)

@@ -46,6 +46,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import binomtest
 
+from spray.confirm.config import OVERLAY_STATISTICS
+
 #: Probabilities (n, classes) for display images (n, C, H, W) in [0, 1].
 Predict = Callable[[np.ndarray], np.ndarray]
 def wilson_interval(hits: int, n: int) -> tuple[float, float]:
@@ -127,11 +129,21 @@ def _moved(predict: Predict, images: np.ndarray, before: np.ndarray, target: int
     return PasteOutcome(rate_entry(moved, int(eligible.sum()), gain, "moved", "gain"), pairs, images)
 
 
-def mean_overlay(member_images: np.ndarray, rest_images: np.ndarray) -> np.ndarray:
-    """(C, H, W) what members add to their class's images on average: their mean image minus
-    the rest of the class's, where it is brighter. Objects that differ from image to image
-    average out; what every member carries over its object (a watermark, a texture) stays."""
-    return np.clip(np.mean(member_images, axis=0) - np.mean(rest_images, axis=0), 0.0, None)
+def mean_overlay(member_images: np.ndarray, rest_images: np.ndarray, statistic: str = "mean") -> np.ndarray:
+    """(C, H, W) what members add to their class's images: their mean image minus the rest
+    of the class's, where it is brighter. Objects that differ from image to image average
+    out; what every member carries over its object (a watermark, a texture) stays.
+
+    ``statistic`` ``"median"`` takes the per-pixel medians instead: what the *typical* member
+    adds. An additive mark clipped where the object is bright survives in a mean only as the
+    share of members whose pixel is background there, so the mean overlay is a fainter mark
+    than the one the members carry; in the median it keeps its full strength wherever most
+    members are background, and objects that differ from image to image drop out entirely
+    (the median of a pixel that few objects cover is background)."""
+    if statistic not in OVERLAY_STATISTICS:
+        raise ValueError(f"overlay statistic must be one of {OVERLAY_STATISTICS}, got {statistic!r}")
+    summary = np.median if statistic == "median" else np.mean
+    return np.clip(summary(member_images, axis=0) - summary(rest_images, axis=0), 0.0, None)
 
 
 def overlay_test(
@@ -173,18 +185,20 @@ def removal_outcome(
 REGION_WORDING = ("pasting the evidence", "the same regions copied from the rest of the class")
 
 
-def overlay_name(reference: str | None) -> str:
-    """What an overlay setting adds, in words: the members' mean overlay, taken against the
-    rest of their class or (``reference`` ``"hosts"``) against the other classes' images."""
-    return "the members' mean overlay" + (" over other classes' mean image" if reference == "hosts" else "")
+def overlay_name(reference: str | None, statistic: str | None = "mean") -> str:
+    """What an overlay setting adds, in words: the members' mean (or median) overlay, taken
+    against the rest of their class or (``reference`` ``"hosts"``) against the other classes'
+    images."""
+    statistic = statistic or "mean"
+    return f"the members' {statistic} overlay" + (f" over other classes' {statistic} image" if reference == "hosts" else "")
 
 
-def overlay_wording(control: str, reference: str = "rest") -> tuple[str, str]:
+def overlay_wording(control: str, reference: str = "rest", statistic: str = "mean") -> tuple[str, str]:
     """:func:`decide`'s words for an overlay setting with its control scaled by ``control``
     (``"peak"`` or ``"ink"``, ``[confirm] overlay_control``), the overlay taken against
-    ``reference`` (``"rest"`` of the class or the ``"hosts"``)."""
+    ``reference`` (``"rest"`` of the class or the ``"hosts"``) with ``statistic``."""
     scale = "brightest pixel" if control == "peak" else "total added ink"
-    return f"adding {overlay_name(reference)}", f"the rest of the class's mean overlay at the same {scale}"
+    return f"adding {overlay_name(reference, statistic)}", f"the rest of the class's {statistic} overlay at the same {scale}"
 
 
 def decide(

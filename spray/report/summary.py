@@ -112,8 +112,10 @@ the analysis recorded it (non-finite numbers as ``null``)::
       "target_class": int,              # the flagged class
       "evidence_area": float | null,    # mean share of the image the evidence covers
       "evidence": {"area": float, "mass": float, "min_lift": float, "overlay": true,
-                    "reference": "hosts"},  # the setting kept ("overlay" only for the
-                                        #   overlay settings, "reference" only against the hosts)
+                    "reference": "hosts", "statistic": "median"},  # the setting kept
+                                        #   ("overlay" only for the overlay settings,
+                                        #   "reference" only against the hosts,
+                                        #   "statistic" only for an overlay of medians)
       "paste": {                        # the cluster's distinguishing evidence pasted into
         "n": int, "moved": int,         #   n audited images of other classes; moved: how
         "rate": float, "low": float, "high": float,   # many now predict the class;
@@ -145,7 +147,8 @@ first. The overlay setting's ``evidence`` has ``"overlay": true`` (area and mass
 adds the rest of the class's mean overlay at the same brightest pixel, and its ``removal``
 subtracts the overlay from the members. The overlay against the hosts (``"reference":
 "hosts"``) is the members' mean image minus the hosts' (not the rest of the class's), and
-its control is scaled to the same total ink.
+its control is scaled to the same total ink. With ``[confirm] overlay_statistic = "median"``
+(``"statistic": "median"``) every mean image of these is a per-pixel median image.
 
 ``one_strategy`` lists every class analysis (dataset-wide excepted) that saw the class as
 one strategy: a single cluster, or one whose rest is a few outliers (fewer than ``[analysis]

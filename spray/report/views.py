@@ -413,7 +413,7 @@ def _confirmation_view(confirmation: dict[str, Any] | None) -> ConfirmationView 
             evidence = entry.get("evidence") or {}
             area = _number(evidence.get("area"))
             name = "evidence of at most " + ("?" if area is None else f"{area:.0%}") + " of the image"
-            name = f"{overlay_name(evidence.get('reference'))}, added" if evidence.get("overlay") else name
+            name = f"{overlay_name(evidence.get('reference'), evidence.get('statistic'))}, added" if evidence.get("overlay") else name
             lines.append(_test_line(entry.get("paste"), f"{name}: pasted", "moved", "moved", "mean \u0394P", "gain"))
             lines.append(_test_line(entry.get("control"), f"{name}: control", "moved", "moved", "mean \u0394P", "gain"))
     for part in confirmation.get("joined") or []:

@@ -9,7 +9,7 @@ import pytest
 
 from bench.cases import TEST_SEED_BASE, generate_cases
 from bench.correction_q3 import overlay_confirmed
-from bench.detection import Rule, default_rule, setting_key, settled
+from bench.detection import Rule, default_rule, overlay_config, setting_key, settled
 from spray.confirm.config import ConfirmConfig
 
 
@@ -181,7 +181,33 @@ def test_the_overlay_against_the_hosts_has_its_own_bar_and_spray_s_defaults_name
     assert dataclasses.replace(rule, evidence="0.3/0.5+0.5/0.9+overlay").flags(backdoor) == []
     confirm, default = ConfirmConfig(), default_rule()
     assert default.evidence.split("+") == [setting_key(s, confirm) for s in confirm.evidence_settings()]
-    assert default.evidence.endswith("+overlay-hosts") and default.host_overlay_min_lift == confirm.host_overlay_min_lift
+    assert default.evidence.endswith("+overlay-hosts-median") and default.host_overlay_min_lift == confirm.host_overlay_min_lift
+
+
+def test_the_median_overlay_against_the_hosts_is_a_record_key_of_its_own_with_the_hosts_bar():
+    """The overlay of per-pixel medians is recorded beside the mean one (``overlay-hosts-median``),
+    measured by the bench with spray's own setting, and judged with the hosts' bar: a
+    watermark backdoor whose mean overlay lifts +0.2 and whose median overlay lifts +0.7 is
+    found by the rule that reads the median, not by the one that reads the mean."""
+    median = ConfirmConfig(overlay_statistic="median")
+    assert setting_key(median.evidence_settings()[-1], median) == "overlay-hosts-median"
+    assert setting_key(ConfirmConfig(overlay_statistic="mean").evidence_settings()[-1], median) == "overlay-hosts"
+    measured = overlay_config("overlay-hosts-median", seed=3)
+    (setting,) = measured.evidence_settings()
+    assert setting.reference == "hosts" and setting.statistic == "median" and measured.random_state == 3
+    assert overlay_config("overlay-hosts", seed=3).evidence_settings()[0].statistic == "mean"
+    backdoor = {"clusters": [
+        _tested(range(0, 120), 0.3, {"0.3/0.5": (0.2, 0.1), "0.5/0.9": (0.3, 0.3), "overlay-hosts": (0.3, 0.1),
+                                     "overlay-hosts-median": (0.8, 0.1)}, hits=118),
+        _tested(range(120, 800), 0.0, {"0.3/0.5": (0.1, 0.1), "0.5/0.9": (0.3, 0.3), "overlay-hosts": (0.1, 0.3),
+                                       "overlay-hosts-median": (0.1, 0.3)}),
+    ]}
+    mean_rule = dataclasses.replace(default_rule(), evidence="0.3/0.5+0.5/0.9+overlay-hosts")
+    median_rule = dataclasses.replace(mean_rule, evidence="0.3/0.5+0.5/0.9+overlay-hosts-median")
+    assert median_rule.lift_needed("overlay-hosts-median", 2) == mean_rule.lift_needed("overlay-hosts", 2)
+    assert mean_rule.flags(backdoor) == []
+    (flag,) = median_rule.flags(backdoor)
+    assert flag["hits"] == 118 and flag["paste"]["rate"] == 0.8
 
 
 def test_a_majority_side_needs_the_majority_lift_at_every_setting_and_spray_s_defaults_name_it():
