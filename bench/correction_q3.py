@@ -119,18 +119,21 @@ def overlay_confirmed(confirmation: dict | None) -> bool:
 
 
 def evidence_stamp(
-    case: Case, members: np.ndarray, class_id: int, heatmaps: np.ndarray, limit: int = EVIDENCE_DONORS, overlay: bool = False
+    case: Case, members: np.ndarray, class_id: int, heatmaps: np.ndarray, limit: int = EVIDENCE_DONORS, overlay: bool = False,
+    overlay_statistic: str = "mean", overlay_over_signature: bool = False,
 ):
     """The attack made from the flag's evidence, with no ground truth, and its donors' rows:
     ``spray correct``'s own (:func:`spray.correction.attack.evidence_attack`) on the case's
     audited images, with the donors' mean overlay where ``overlay`` (the finding confirmed as
-    an overlay). (None, donors) when no donor has evidence."""
+    an overlay; summed up by ``overlay_statistic``, and in place of a signature's pastes with
+    ``overlay_over_signature``). (None, donors) when no donor has evidence."""
     from spray.correction.attack import evidence_attack
 
     rest = np.setdiff1d(np.flatnonzero(case.train_labels == class_id), members)
     hosts = np.flatnonzero(case.train_labels != class_id) if overlay else None
     attack = evidence_attack(
-        members, rest, lambda rows: heatmaps[rows], lambda rows: case.train_images[rows], case.spec.seed, limit, hosts
+        members, rest, lambda rows: heatmaps[rows], lambda rows: case.train_images[rows], case.spec.seed, limit, hosts,
+        overlay_statistic, overlay_over_signature,
     )
     return (None if attack.empty else attack.stamp), attack.donors
 
@@ -477,6 +480,11 @@ def main() -> None:
         "was confirmed as an overlay and the members share no signature (spray.correction.attack.donor_overlay; spray "
         "correct does not)",
     )
+    parser.add_argument("--attack-overlay-statistic", choices=("mean", "median"), default="mean",
+                        help="dev only, with --attack-overlay: the donors' overlay from per-pixel means or medians")
+    parser.add_argument("--attack-overlay-over-signature", action="store_true",
+                        help="dev only, with --attack-overlay: the overlay also where the members share a signature, "
+                             "in place of the signature's pastes")
     parser.add_argument("--kinds", nargs="+", default=None, help="only the cases of these artifact kinds (e.g. frame watermark)")
     parser.add_argument("--fractions", type=float, nargs="+", default=None, help="only the cases of these fractions (e.g. 0.6 0.9)")
     parser.add_argument("--cf-learning-rate", type=float, default=None, help="dev only: try another fine-tuning learning rate")
@@ -576,6 +584,7 @@ def main() -> None:
                 stamp, attack_donors = evidence_stamp(
                     case, members, int(finding["class"]), explain(case)[0], limit,
                     args.attack_overlay and overlay_confirmed(finding.get("confirmation")),
+                    args.attack_overlay_statistic, args.attack_overlay_over_signature,
                 )
             if stamp is None:
                 for method in methods:

@@ -302,13 +302,14 @@ def signature_mask(member_images: np.ndarray, rest_images: np.ndarray, effect: f
     return (size >= effect).any(axis=0)
 
 
-def overlay_evidence(member_images: np.ndarray, rest_images: np.ndarray) -> dict[str, np.ndarray | None]:
-    """The members' mean overlay (:func:`spray.confirm.test.mean_overlay`, model inputs) and
-    the per-channel bounds (2, C) of the members' and the rest's images it is clipped to when
-    added (model inputs need not lie in [0, 1]); ``overlay`` None when the members add nothing."""
+def overlay_evidence(member_images: np.ndarray, rest_images: np.ndarray, statistic: str = "mean") -> dict[str, np.ndarray | None]:
+    """The members' mean (or ``statistic`` ``"median"``) overlay
+    (:func:`spray.confirm.test.mean_overlay`, model inputs) and the per-channel bounds (2, C)
+    of the members' and the rest's images it is clipped to when added (model inputs need not
+    lie in [0, 1]); ``overlay`` None when the members add nothing."""
     from spray.confirm.test import mean_overlay
 
-    overlay = mean_overlay(member_images, rest_images).astype(np.float32)
+    overlay = mean_overlay(member_images, rest_images, statistic).astype(np.float32)
     if not overlay.any():
         return {"overlay": None, "bounds": None}
     both = np.concatenate([np.asarray(member_images, np.float32), np.asarray(rest_images, np.float32)])

@@ -120,3 +120,43 @@ def test_the_donors_overlay_is_the_watermark_in_a_co_occurrence_and_in_a_backdoo
     co_occurring = objects(True, 20) + 0.3 * diagonal[None, None]
     assert donor_overlay(co_occurring, others, None)[0][0, 1:4][~diagonal[1:4]].mean() > 0.4  # A's object too
     assert donor_overlay(class_a, others, class_a)[0] is None  # members like the rest of their class add nothing
+
+
+def test_the_median_overlay_keeps_a_clipped_watermark_whole():
+    """Members and other classes' images alike: 40 % carry a bright object over the middle
+    rows. The members' watermark (+0.25 on the diagonal) is clipped away on their objects, so
+    their mean overlay over the hosts holds 0.6 of it in the middle rows; the median overlay
+    holds all of it there (most members are background), and nothing off the diagonal."""
+    rng = np.random.default_rng(3)
+    side = 16
+    diagonal = np.eye(side, dtype=bool)
+
+    def group(n: int) -> np.ndarray:
+        images = rng.uniform(0.0, 0.05, size=(n, 1, side, side)).astype(np.float32)
+        images[rng.random(n) < 0.4, :, 4:12] = 1.0
+        return images
+
+    members, hosts, rest = group(60), group(60), group(60)
+    members = np.minimum(members + 0.25 * diagonal[None, None], 1.0)
+    middle = diagonal.copy()
+    middle[:4] = middle[12:] = False
+    by_mean, _ = donor_overlay(members, hosts, rest)
+    by_median, _ = donor_overlay(members, hosts, rest, "median")
+    assert by_mean[0][middle].mean() < 0.2 and by_median[0][middle].mean() > 0.22
+    assert by_median[0][~diagonal].max() < 0.05
+
+
+def test_the_overlay_can_take_the_signature_s_place():
+    """By default a pixel signature keeps the overlay out; with ``overlay_over_signature`` the
+    overlay goes on every other host in place of the signature's pastes."""
+    images, heatmaps, members, rest, hosts, diagonal = _watermarked()
+    images[members, :, 12:, 12:] = 1.0  # a fixed corner tag: a signature
+    kept_out = evidence_attack(members, rest, lambda rows: heatmaps[rows], lambda rows: images[rows], seed=4, hosts=hosts,
+                               overlay_statistic="median")
+    assert kept_out.signature is not None and kept_out.overlay is None
+    over = evidence_attack(members, rest, lambda rows: heatmaps[rows], lambda rows: images[rows], seed=4, hosts=hosts,
+                           overlay_statistic="median", overlay_over_signature=True)
+    assert over.signature is not None and over.overlay is not None
+    plain = np.full((6, 1, 16, 16), 0.1, dtype=np.float32)
+    lifted = over.stamp(plain)[:, 0][:, diagonal] > 0.2
+    assert lifted[1::2].mean(axis=1).min() > 0.6  # every other host: the watermark, not the tag alone
