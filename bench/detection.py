@@ -67,7 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.cases import Case, CaseSpec, build_case, extra_dev_cases, generate_cases  # noqa: E402
-from spray.analysis.config import HEATMAP_SPACE, SprayConfig, concept_space  # noqa: E402
+from spray.analysis.config import CONCEPT_PREFIX, HEATMAP_SPACE, SprayConfig, concept_space  # noqa: E402
 from spray.analysis.pipeline import analyze_spaces  # noqa: E402
 from spray.attribution.select import make_explainer  # noqa: E402
 from spray.attribution.settings import AttributionSettings  # noqa: E402
@@ -157,8 +157,15 @@ OVERLAY_STATISTIC_GRID = {
     "host_overlay_min_lift": (0.3, 0.4, 0.5, 0.6, 0.7),
     "low_score_lift": (0.4, 0.5, 0.6, 0.7),
 }
+#: A stage of ``--refine concept-low-score``, around spray's current defaults: a bar of its own
+#: for concept-space clusters scoring under the threshold (None: ``low_score_lift``, as spray;
+#: 1.0: practically never). Added after test draw 17, whose two false flags were such clusters
+#: confirmed only by the median overlay; the dev split is to choose it, the next draw to judge.
+CONCEPT_LOW_SCORE_GRID = {"concept_low_score_lift": (None, 0.6, 0.7, 0.8, 1.0)}
 #: The stages ``--refine`` can score around spray's current defaults.
-REFINE_STAGES = {"majority": MAJORITY_GRID, "overlay-statistic": OVERLAY_STATISTIC_GRID}
+REFINE_STAGES = {
+    "majority": MAJORITY_GRID, "overlay-statistic": OVERLAY_STATISTIC_GRID, "concept-low-score": CONCEPT_LOW_SCORE_GRID,
+}
 AUDIT = "audit"
 
 
@@ -420,19 +427,25 @@ class Rule:
     #: region settings, and at the overlays only where the anchor confirms at no region
     #: setting (``spray.confirm.resolve.YARDSTICK_OVERLAYS``, :meth:`Contender.yardstick`)
     overlay_yardstick: bool = True
+    #: the lift that flags a *concept-space* cluster scoring under the threshold (None: the
+    #: same as ``low_score_lift``; spray has one bar for every space)
+    concept_low_score_lift: float | None = None
 
-    def lift_needed(self, key: str, position: int, low_score: bool = False, majority: bool = False) -> float:
+    def lift_needed(self, key: str, position: int, low_score: bool = False, majority: bool = False,
+                    concept: bool = False) -> float:
         """The lift that confirms at the ``position``-th evidence setting of the rule (record
         key ``key``), for a candidate or for a cluster scoring under the threshold (``low_score``),
-        holding more than half of its class or not (``majority``)."""
+        holding more than half of its class or not (``majority``), in a concept space or not
+        (``concept``)."""
         if key in HOST_OVERLAY_KEYS and self.host_overlay_min_lift is not None:
             needed = self.host_overlay_min_lift
         elif key in (OVERLAY, OVERLAY_INK) and self.overlay_min_lift is not None:
             needed = self.overlay_min_lift
         else:
             needed = self.min_lift if position == 0 or self.wide_min_lift is None else self.wide_min_lift
-        if low_score and self.low_score_lift is not None:
-            needed = max(needed, self.low_score_lift)
+        low_bar = self.concept_low_score_lift if concept and self.concept_low_score_lift is not None else self.low_score_lift
+        if low_score and low_bar is not None:
+            needed = max(needed, low_bar)
         return max(needed, self.majority_min_lift) if majority and self.majority_min_lift is not None else needed
 
     def flags(self, record: dict, space: str | None = None) -> list[dict]:
@@ -465,7 +478,8 @@ class Rule:
                 test["paste"] is not None
                 and test["paste"]["low"] >= self.min_paste_rate
                 and test["paste"]["rate"] - test["control"]["rate"]
-                >= self.lift_needed(key, position, low_score, 2 * c["size"] > sizes[(c["class"], c["space"])])
+                >= self.lift_needed(key, position, low_score, 2 * c["size"] > sizes[(c["class"], c["space"])],
+                                    c["space"].startswith(CONCEPT_PREFIX))
                 for position, (key, test) in enumerate(zip(keys, tests))
             )
             passing = [
@@ -590,6 +604,7 @@ def tune(records: list[dict], ratios: tuple[float, ...], refine_from: Rule | Non
             0.0 if rule.yardstick_confirmed else 1.0,  # the settling of draw 8 when they tie
             1.0 if not set(HOST_OVERLAY_KEYS) & set(keys) or rule.host_overlay_min_lift is None else rule.host_overlay_min_lift,
             0.0 if rule.majority_min_lift is None else rule.majority_min_lift,
+            (1.0 if rule.low_score_lift is None else rule.low_score_lift) if rule.concept_low_score_lift is None else rule.concept_low_score_lift,
         )
 
     def ranked(rules: list[Rule], strict: bool = False) -> Rule:
@@ -743,7 +758,7 @@ def main() -> None:
                              "the cases a bar for clusters holding most of their class can change")
     parser.add_argument("--refine", nargs="?", const="majority", default=None, choices=tuple(REFINE_STAGES),
                         help="with --tune: only one stage (default: majority, MAJORITY_GRID; overlay-statistic: "
-                             "OVERLAY_STATISTIC_GRID), around spray's current defaults")
+                             "OVERLAY_STATISTIC_GRID; concept-low-score: CONCEPT_LOW_SCORE_GRID), around spray's current defaults")
     parser.add_argument(
         "--ratios", type=float, nargs="+", default=None,
         help="min_eigen_ratio values to analyse with (default: all of EIGEN_RATIOS with --tune, else spray's default)",

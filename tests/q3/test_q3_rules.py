@@ -234,3 +234,27 @@ def test_a_majority_side_needs_the_majority_lift_at_every_setting_and_spray_s_de
     assert barred.lift_needed("0.3/0.5", 0, majority=True) == 0.5 and barred.lift_needed("0.5/0.9", 1, majority=True) == 0.6
     confirm = ConfirmConfig()
     assert default_rule().majority_min_lift == (confirm.majority_min_lift or None)
+
+
+def test_a_concept_space_cluster_under_the_threshold_can_have_a_bar_of_its_own():
+    """Two clusters scoring 0 that lift +0.6 only with the median overlay, one in the heatmap
+    space, one in a concept space: both are flagged at spray's single low-score bar (0.5); with
+    ``concept_low_score_lift`` 0.8 only the heatmap one is."""
+    def cluster(space: str, members: range) -> dict:
+        entry = _tested(members, 0.0, {"0.3/0.5": (0.2, 0.1), "0.5/0.9": (0.3, 0.3), "overlay-hosts": (0.2, 0.1),
+                                       "overlay-hosts-median": (0.7, 0.1)}, hits=len(members))
+        return {**entry, "space": space, "class": 3 if space == "heatmap" else 5}
+
+    record = {"clusters": [
+        cluster("heatmap", range(0, 100)), _tested(range(100, 800), 0.0, {"0.3/0.5": (0.1, 0.1), "0.5/0.9": (0.1, 0.1),
+                                                                          "overlay-hosts": (0.0, 0.1), "overlay-hosts-median": (0.0, 0.1)}),
+        cluster("concept:layer3", range(800, 900)),
+        {**_tested(range(900, 1600), 0.0, {"0.3/0.5": (0.1, 0.1), "0.5/0.9": (0.1, 0.1), "overlay-hosts": (0.0, 0.1),
+                                            "overlay-hosts-median": (0.0, 0.1)}), "space": "concept:layer3", "class": 5},
+    ]}
+    default = default_rule()
+    assert sorted(flag["space"] for flag in default.flags(record)) == ["concept:layer3", "heatmap"]
+    own_bar = dataclasses.replace(default, concept_low_score_lift=0.8)
+    assert [flag["space"] for flag in own_bar.flags(record)] == ["heatmap"]
+    assert own_bar.lift_needed("overlay-hosts-median", 2, low_score=True, concept=True) == 0.8
+    assert own_bar.lift_needed("overlay-hosts-median", 2, low_score=True) == default.low_score_lift
