@@ -78,6 +78,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.cases import Case, CaseSpec, build_case, extra_dev_cases, generate_cases  # noqa: E402
 from bench.detection import default_rule, findings, package_versions, run_case, select  # noqa: E402
+from spray.confirm.config import OVERLAY_STATISTICS  # noqa: E402
 from spray.confirm.resolve import setting_confirms, setting_overlays  # noqa: E402
 from spray.correction.attack import EVIDENCE_DONORS, donor_limit  # noqa: E402
 from spray.correction.config import CorrectionConfig  # noqa: E402
@@ -480,7 +481,7 @@ def main() -> None:
         "was confirmed as an overlay and the members share no signature (spray.correction.attack.donor_overlay; spray "
         "correct does not)",
     )
-    parser.add_argument("--attack-overlay-statistic", choices=("mean", "median"), default="mean",
+    parser.add_argument("--attack-overlay-statistic", choices=OVERLAY_STATISTICS, default="mean",
                         help="dev only, with --attack-overlay: the donors' overlay from per-pixel means or medians")
     parser.add_argument("--attack-overlay-over-signature", action="store_true",
                         help="dev only, with --attack-overlay: the overlay also where the members share a signature, "

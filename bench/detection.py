@@ -97,8 +97,10 @@ OVERLAY_HOSTS = "overlay-hosts"
 #: The same with every image group summed up by its per-pixel median
 #: (``[confirm] overlay_statistic = "median"``).
 OVERLAY_HOSTS_MEDIAN = "overlay-hosts-median"
-#: The overlays against the hosts: both confirm with ``Rule.host_overlay_min_lift``.
-HOST_OVERLAY_KEYS = (OVERLAY_HOSTS, OVERLAY_HOSTS_MEDIAN)
+#: The overlays against the hosts, by record key, and the statistic each sums its images by:
+#: both confirm with ``Rule.host_overlay_min_lift``.
+HOST_OVERLAY_STATISTICS = {OVERLAY_HOSTS: "mean", OVERLAY_HOSTS_MEDIAN: "median"}
+HOST_OVERLAY_KEYS = tuple(HOST_OVERLAY_STATISTICS)
 #: The record keys of the overlay settings: they need no relevance, so a record made before
 #: one existed gets it from the record's own clusters (:func:`_with_overlays`).
 OVERLAY_KEYS = (OVERLAY, OVERLAY_INK, *HOST_OVERLAY_KEYS)
@@ -271,7 +273,7 @@ def overlay_config(key: str, seed: int) -> ConfirmConfig:
     return OverlayOnly(
         max_candidates=10**6, random_state=seed, overlay_control="ink" if key == OVERLAY_INK else "peak",
         overlay_evidence=key not in HOST_OVERLAY_KEYS, host_overlay_evidence=key in HOST_OVERLAY_KEYS,
-        overlay_statistic="median" if key == OVERLAY_HOSTS_MEDIAN else "mean",
+        overlay_statistic=HOST_OVERLAY_STATISTICS.get(key, "mean"),
     )
 
 
@@ -673,7 +675,7 @@ def setting_key(setting: EvidenceSetting, confirm: ConfirmConfig) -> str:
     if not setting.overlay:
         return evidence_key(setting.area, setting.mass)
     if setting.reference == "hosts":
-        return OVERLAY_HOSTS_MEDIAN if setting.statistic == "median" else OVERLAY_HOSTS
+        return next(key for key, statistic in HOST_OVERLAY_STATISTICS.items() if statistic == setting.statistic)
     return OVERLAY_INK if confirm.overlay_control == "ink" else OVERLAY
 
 

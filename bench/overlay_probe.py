@@ -16,7 +16,7 @@ of the class's: in a backdoor the members are other classes' objects, and their 
 the class's loses the artifact wherever the class's own object is bright (a watermark over
 a 0's ring); against the hosts (other classes' objects too) the objects cancel and the
 artifact stays. ``--statistic median`` takes every group's per-pixel median image instead of
-its mean (spray's ``[confirm] overlay_statistic``, :func:`spray.confirm.test.mean_overlay`).
+its mean (spray's ``[confirm] overlay_statistic``, :func:`spray.confirm.test.member_overlay`).
 ``--extra`` adds the dev split's extra watermark cases
 (``bench/cases.py extra_dev_cases``).
 
@@ -44,8 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.cases import Case, build_case, extra_dev_cases, generate_cases  # noqa: E402
 from bench.detection import select  # noqa: E402
 from spray.attribution.settings import AttributionSettings  # noqa: E402
+from spray.confirm.config import OVERLAY_STATISTICS  # noqa: E402
 from spray.confirm.predictor import model_predictor  # noqa: E402
-from spray.confirm.test import Predict, mean_overlay  # noqa: E402
+from spray.confirm.test import Predict, member_overlay  # noqa: E402
 
 #: Kinds whose artifact is an overlay over the object, and the legitimate two-mode classes.
 OVERLAY_KINDS = ("watermark", "texture")
@@ -70,8 +71,8 @@ def probe_side(case: Case, predict: Predict, side: np.ndarray, other: np.ndarray
     target = case.target_label
     members = case.train_images[np.sort(rng.choice(side, min(MEMBERS, len(side)), replace=False))]
     rest = case.train_images[np.sort(rng.choice(other, min(REST, len(other)), replace=False))]
-    overlay = mean_overlay(members, hosts if reference == "hosts" else rest, statistic)
-    control = mean_overlay(rest, hosts, statistic)
+    overlay = member_overlay(members, hosts if reference == "hosts" else rest, statistic)
+    control = member_overlay(rest, hosts, statistic)
     if match == "ink":
         control *= overlay.sum() / max(float(control.sum()), 1e-9)
     else:  # peak: the control's brightest pixel as bright as the overlay's
@@ -88,7 +89,7 @@ def main() -> None:
                         help="the control's scale: the overlay's total added ink, or its brightest pixel")
     parser.add_argument("--reference", choices=("rest", "hosts"), default="rest",
                         help="the overlay is the members' mean minus the rest of the class's (spray's), or minus the hosts'")
-    parser.add_argument("--statistic", choices=("mean", "median"), default="mean",
+    parser.add_argument("--statistic", choices=OVERLAY_STATISTICS, default="mean",
                         help="each group's per-pixel mean image (the probe's first measurements) or median image (spray's default)")
     parser.add_argument("--extra", action="store_true", help="add the dev split's extra watermark cases")
     args = parser.parse_args()

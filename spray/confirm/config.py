@@ -55,7 +55,7 @@ DEFAULT_OVERLAY_MIN_LIFT = 0.3
 #: How the overlay's control (the rest of the class's own mean overlay) is scaled: to the
 #: overlay's brightest pixel, or to its total added ink.
 OVERLAY_CONTROLS = ("peak", "ink")
-#: How the overlays sum up each group's images, pixel by pixel (``spray.confirm.test.mean_overlay``).
+#: How the overlays sum up each group's images, pixel by pixel (``spray.confirm.test.member_overlay``).
 #: The median on the whole dev split (108 cases, 46 relied on; ``bench/detection.py --tune
 #: --refine overlay-statistic``): 37 found (F1 0.773) against 35 (0.737) with the mean, no
 #: model flagged falsely with either, the same one two-mode class flagged. A watermark
@@ -149,7 +149,7 @@ class ConfirmConfig:
             texture) moves predictions this way where no pasted region holds it whole. Off
             by default since the overlay against the hosts replaced it (dev split).
         overlay_statistic: how the overlays sum up each group's images, pixel by pixel:
-            ``"mean"`` or ``"median"`` (``spray.confirm.test.mean_overlay``). An additive
+            ``"mean"`` or ``"median"`` (``spray.confirm.test.member_overlay``). An additive
             mark clipped where the object is bright keeps its full strength only in the
             median, where the mean dims it by the share of members whose object covers it.
         overlay_control: the control's scale, ``"peak"`` (the overlay's brightest pixel) or

@@ -31,7 +31,7 @@ from spray.analysis.result import ClassAnalysis, ClusterResult
 from spray.confirm.config import ConfirmConfig, EvidenceSetting
 from spray.confirm.evidence import excess_masks, image_masks, matched_donors, rest_share
 from spray.confirm.resolve import lift_of, settle
-from spray.confirm.test import Predict, decide, mean_overlay, overlay_test, overlay_wording, paste_pairs, paste_test, removal_outcome, removal_test
+from spray.confirm.test import Predict, decide, member_overlay, overlay_test, overlay_wording, paste_pairs, paste_test, removal_outcome, removal_test
 from spray.store.rows import take_rows
 
 log = logging.getLogger(__name__)
@@ -259,10 +259,10 @@ class CandidateTester:
         config = self.config
         against_hosts = setting.reference == "hosts"
         statistic = setting.statistic
-        overlay = mean_overlay(sample.member_images, sample.host_images if against_hosts else sample.rest_images, statistic)
+        overlay = member_overlay(sample.member_images, sample.host_images if against_hosts else sample.rest_images, statistic)
         # the control: what the rest of the class adds to the hosts (its object, on average),
         # as bright at its brightest pixel as the overlay, or with as much ink in all
-        class_overlay = mean_overlay(sample.rest_images, sample.host_images, statistic)
+        class_overlay = member_overlay(sample.rest_images, sample.host_images, statistic)
         scale = "ink" if against_hosts else config.overlay_control
         measure = np.max if scale == "peak" else np.sum
         class_overlay *= float(measure(overlay)) / max(float(measure(class_overlay)), 1e-9)

@@ -129,10 +129,12 @@ def _moved(predict: Predict, images: np.ndarray, before: np.ndarray, target: int
     return PasteOutcome(rate_entry(moved, int(eligible.sum()), gain, "moved", "gain"), pairs, images)
 
 
-def mean_overlay(member_images: np.ndarray, rest_images: np.ndarray, statistic: str = "mean") -> np.ndarray:
-    """(C, H, W) what members add to their class's images: their mean image minus the rest
-    of the class's, where it is brighter. Objects that differ from image to image average
-    out; what every member carries over its object (a watermark, a texture) stays.
+def member_overlay(member_images: np.ndarray, rest_images: np.ndarray, statistic: str = "mean") -> np.ndarray:
+    """(C, H, W) what members add to the images of ``rest_images`` (the rest of their class, or
+    other classes' images): the members' image minus the rest's, where it is brighter, each
+    group summed up pixel by pixel by ``statistic``. With ``"mean"``, objects that differ from
+    image to image average out; what every member carries over its object (a watermark, a
+    texture) stays.
 
     ``statistic`` ``"median"`` takes the per-pixel medians instead: what the *typical* member
     adds. An additive mark clipped where the object is bright survives in a mean only as the

@@ -127,7 +127,7 @@ def evidence_attack(
     images (n, C, H, W) of sorted unique rows; ``limit`` donors at most, drawn with ``seed``.
     ``hosts``: rows of other classes' images to take the donors' mean overlay against (see
     the module docstring; None: no overlay), summed up by ``overlay_statistic`` (``"mean"`` or
-    ``"median"``, :func:`spray.confirm.test.mean_overlay`). The overlay is used only where the
+    ``"median"``, :func:`spray.confirm.test.member_overlay`). The overlay is used only where the
     members share no pixel signature, unless ``overlay_over_signature`` (then it replaces the
     signature's pastes). Both are dev-split settings of ``bench/correction_q3.py``."""
     from spray.confirm.config import ConfirmConfig

@@ -148,7 +148,7 @@ MEMBER_SURVIVAL = 0.5
 BLUR_SIGMA = 0.025
 BLUR_CONTROL = 0.5
 #: A third removal, for evidence written over the object that neither a mask nor a blur
-#: takes off (a watermark): the members' mean overlay (:func:`spray.confirm.test.mean_overlay`
+#: takes off (a watermark): the members' mean overlay (:func:`spray.confirm.test.member_overlay`
 #: against the rest of their class, the causal test's ``overlay_evidence``) subtracted from each
 #: member, within the images' range. The members stay only if they keep their class at least
 #: this many times as often as the rest of their class does with the same overlay subtracted
@@ -304,12 +304,12 @@ def signature_mask(member_images: np.ndarray, rest_images: np.ndarray, effect: f
 
 def overlay_evidence(member_images: np.ndarray, rest_images: np.ndarray, statistic: str = "mean") -> dict[str, np.ndarray | None]:
     """The members' mean (or ``statistic`` ``"median"``) overlay
-    (:func:`spray.confirm.test.mean_overlay`, model inputs) and the per-channel bounds (2, C)
+    (:func:`spray.confirm.test.member_overlay`, model inputs) and the per-channel bounds (2, C)
     of the members' and the rest's images it is clipped to when added (model inputs need not
     lie in [0, 1]); ``overlay`` None when the members add nothing."""
-    from spray.confirm.test import mean_overlay
+    from spray.confirm.test import member_overlay
 
-    overlay = mean_overlay(member_images, rest_images, statistic).astype(np.float32)
+    overlay = member_overlay(member_images, rest_images, statistic).astype(np.float32)
     if not overlay.any():
         return {"overlay": None, "bounds": None}
     both = np.concatenate([np.asarray(member_images, np.float32), np.asarray(rest_images, np.float32)])

@@ -12,7 +12,7 @@ from spray.config import ConfigError
 from spray.confirm.config import ConfirmConfig
 from spray.confirm.evidence import excess_masks, image_masks, matched_donors, rest_share
 from spray.confirm.run import CandidateTester, confirm_analyses
-from spray.confirm.test import decide, mean_overlay, paste_pairs, paste_test, removal_test, wilson_interval
+from spray.confirm.test import decide, member_overlay, paste_pairs, paste_test, removal_test, wilson_interval
 from spray.store.analysis import read_analysis, write_analysis
 from spray.analysis.config import SprayConfig
 
@@ -371,7 +371,7 @@ def stripes_only_model(images: np.ndarray) -> np.ndarray:
     return np.stack([p0, p1, 1 - p1 - p0], axis=1)
 
 
-def test_mean_overlay_by_median_keeps_a_clipped_mark_at_full_strength():
+def test_member_overlay_by_median_keeps_a_clipped_mark_at_full_strength():
     """Five members carry a mark of 0.2 on a dark pixel; two of them have their object there
     (1.0, the mark clipped away). The mean overlay dims the mark (and adds the objects); the
     median keeps it at 0.2 and drops the objects."""
@@ -379,10 +379,10 @@ def test_mean_overlay_by_median_keeps_a_clipped_mark_at_full_strength():
     members[:, 0, 0, 0] = 0.2
     members[:2, 0, 0, 0] = 1.0
     reference = np.zeros((4, 1, 2, 2), np.float32)
-    assert mean_overlay(members, reference)[0, 0, 0] == pytest.approx(0.52)
-    assert mean_overlay(members, reference, "median")[0, 0, 0] == pytest.approx(0.2)
+    assert member_overlay(members, reference)[0, 0, 0] == pytest.approx(0.52)
+    assert member_overlay(members, reference, "median")[0, 0, 0] == pytest.approx(0.2)
     with pytest.raises(ValueError, match="median"):
-        mean_overlay(members, reference, "mode")
+        member_overlay(members, reference, "mode")
 
 
 def test_a_watermark_under_many_members_objects_is_confirmed_by_the_median_overlay():
