@@ -174,6 +174,15 @@ def setting_overlays(confirmation: dict[str, Any]) -> tuple[bool, ...]:
     return tuple(bool((entry.get("evidence") or {}).get("overlay")) for entry in confirmation.get("settings") or ())
 
 
+def confirmed_as_overlay(confirmation: dict[str, Any] | None) -> bool:
+    """Whether a confirmation record (a flag's in ``summary.json``) says the causal test
+    confirmed it at one of its overlay settings: its evidence is something added over the
+    image (a watermark, a texture), which no pasted region holds whole."""
+    if not confirmation:
+        return False
+    return any(confirmed and overlay for confirmed, overlay in zip(setting_confirms(confirmation), setting_overlays(confirmation)))
+
+
 @dataclass
 class _Group:
     """A contender that others may join, with the members it has gathered so far."""

@@ -8,7 +8,8 @@ stays flagged with ``status: "untested"``, so an unchecked candidate never reads
 
 The score only proposes. After the candidates, up to ``max_low_score`` clusters scoring
 under the threshold are tested as well, and flagged when they confirm with the larger lift
-``low_score_min_lift`` (their record says ``"low_score": true``): a shortcut that the
+``low_score_min_lift`` (``concept_low_score_min_lift`` in a concept space; their record says
+``"low_score": true``): a shortcut that the
 clustering splits by position into small clusters scores low, yet each part's evidence
 moves other classes' images as strongly as a whole one's. One that does not confirm stays
 unflagged and keeps no record (it was never proposed). One beyond the cap (or with
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from spray.analysis.artifacts import comparable
+from spray.analysis.config import space_layer
 from spray.analysis.result import ClassAnalysis, ClusterResult
 from spray.confirm.config import ConfirmConfig, EvidenceSetting
 from spray.confirm.evidence import excess_masks, image_masks, matched_donors, rest_share
@@ -136,11 +138,12 @@ class CandidateTester:
         self.config = config
 
     def test(
-        self, cluster: ClusterResult, target: int, seed: int, low_score: bool = False
+        self, cluster: ClusterResult, target: int, seed: int, low_score: bool = False, concept: bool = False
     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """The confirmation record and the example images of one candidate of class ``target``
         (:func:`candidate_target`), at each evidence setting (:meth:`ConfirmConfig.evidence_settings`;
-        ``low_score``: a cluster scoring under the threshold, judged with the larger lifts).
+        ``low_score``: a cluster scoring under the threshold, judged with the larger lifts, those
+        of a ``concept`` space's cluster or not).
 
         Each setting is measured on the same sampled members, rest and hosts (the draws
         restart from the candidate's seed), and the record keeps the one whose evidence
@@ -149,10 +152,10 @@ class CandidateTester:
         as a large one. Every setting's numbers stay in the record's ``settings``. A
         candidate holding most of its class is judged with ``majority_min_lift`` at least
         (its record says ``"majority": true``)."""
-        return self.test_members(np.asarray(cluster.member_rows, dtype=np.int64), target, seed, low_score)
+        return self.test_members(np.asarray(cluster.member_rows, dtype=np.int64), target, seed, low_score, concept)
 
     def test_members(
-        self, members: np.ndarray, target: int, seed: int, low_score: bool = False
+        self, members: np.ndarray, target: int, seed: int, low_score: bool = False, concept: bool = False
     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """:meth:`test` for the rows ``members`` of class ``target``, whatever cluster they
         came from (a re-audit tests a finding's members again on a corrected model)."""
@@ -167,7 +170,7 @@ class CandidateTester:
         measured = []
         sample: _Sample | None = None
         majority = len(members) > len(rest) and config.majority_min_lift > 0
-        for setting in config.evidence_settings(low_score, majority):
+        for setting in config.evidence_settings(low_score, majority, concept):
             rng = np.random.default_rng([config.random_state, seed])
             if sample is None:
                 sample = self._sample(members, rest, hosts_pool, rng)
@@ -186,7 +189,8 @@ class CandidateTester:
         if low_score:
             record = {
                 **record, "low_score": True,
-                "reason": f"scored under the threshold, tested with a lift of at least {config.low_score_min_lift:.0%}: {record['reason']}",
+                "reason": f"scored under the threshold{' in a concept space' if concept else ''}, tested with a lift of at least "
+                          f"{config.low_score_lift(concept):.0%}: {record['reason']}",
             }
         return record, examples
 
@@ -386,7 +390,7 @@ def confirm_analyses(
         cluster.confirmation = {**untested(candidate_target(analysis, cluster, tester.labels), _low_score_skip(config)), "low_score": True}
     for rank, (analysis, cluster) in enumerate(low_tested, start=len(candidates)):
         target = candidate_target(analysis, cluster, tester.labels)
-        record, examples = tester.test(cluster, target, rank, low_score=True)
+        record, examples = tester.test(cluster, target, rank, low_score=True, concept=space_layer(analysis.space) is not None)
         if record["status"] == "confirmed":
             cluster.confirmation, cluster.examples, cluster.flagged = record, examples, True
             tested.append((analysis, cluster, target))

@@ -133,7 +133,8 @@ the analysis recorded it (non-finite numbers as ``null``)::
 ``paste``, ``control`` and ``removal`` may be absent when ``status`` is ``"untested"``.
 A cluster that scored under the threshold (``candidate: false``) carries a record only when
 its test confirmed it (``[confirm] max_low_score``): the record then has ``"low_score": true``,
-and its ``evidence.min_lift`` is the larger ``low_score_min_lift``; or when the test did not
+and its ``evidence.min_lift`` is the larger ``low_score_min_lift`` (``concept_low_score_min_lift``
+in a concept space); or when the test did not
 reach it (beyond the cap, or the test switched off): ``"status": "untested"`` with
 ``"low_score": true``, not flagged, counted in ``untested_low_score``.
 A candidate holding more than half of its class's samples is tested with every lift at

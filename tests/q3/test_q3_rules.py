@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from bench.cases import TEST_SEED_BASE, generate_cases
-from bench.correction_q3 import overlay_confirmed
+from spray.confirm.resolve import confirmed_as_overlay
 from bench.detection import Rule, default_rule, overlay_config, setting_key, settled
 from spray.confirm.config import ConfirmConfig
 
@@ -155,11 +155,11 @@ def test_an_anchor_seen_only_as_an_overlay_measures_the_others_at_its_overlay():
     assert flag["size"] == 60 and flag["hits"] == 60
     # the flag says, as summary.json does, that the causal test confirmed it as an overlay: the correction bench's
     # --attack-overlay adds the donors' mean overlay for it; the region-confirmed object side would not have it
-    assert overlay_confirmed(flag["confirmation"])
+    assert confirmed_as_overlay(flag["confirmation"])
     assert [entry["status"] for entry in flag["confirmation"]["settings"]] == ["rejected", "rejected", "confirmed"]
     object_side = dataclasses.replace(rule, evidence="0.3/0.5+0.5/0.9").flags(record)
-    assert [f["size"] for f in object_side] == [240] and not overlay_confirmed(object_side[0]["confirmation"])
-    assert not overlay_confirmed(None) and not overlay_confirmed({})
+    assert [f["size"] for f in object_side] == [240] and not confirmed_as_overlay(object_side[0]["confirmation"])
+    assert not confirmed_as_overlay(None) and not confirmed_as_overlay({})
 
 
 def test_the_overlay_against_the_hosts_has_its_own_bar_and_spray_s_defaults_name_it():
@@ -238,8 +238,8 @@ def test_a_majority_side_needs_the_majority_lift_at_every_setting_and_spray_s_de
 
 def test_a_concept_space_cluster_under_the_threshold_can_have_a_bar_of_its_own():
     """Two clusters scoring 0 that lift +0.6 only with the median overlay, one in the heatmap
-    space, one in a concept space: both are flagged at spray's single low-score bar (0.5); with
-    ``concept_low_score_lift`` 0.8 only the heatmap one is."""
+    space, one in a concept space: at spray's bars (0.5, and 0.8 in a concept space) only the
+    heatmap one is flagged; with one bar for every space both are."""
     def cluster(space: str, members: range) -> dict:
         entry = _tested(members, 0.0, {"0.3/0.5": (0.2, 0.1), "0.5/0.9": (0.3, 0.3), "overlay-hosts": (0.2, 0.1),
                                        "overlay-hosts-median": (0.7, 0.1)}, hits=len(members))
@@ -253,8 +253,9 @@ def test_a_concept_space_cluster_under_the_threshold_can_have_a_bar_of_its_own()
                                             "overlay-hosts-median": (0.0, 0.1)}), "space": "concept:layer3", "class": 5},
     ]}
     default = default_rule()
-    assert sorted(flag["space"] for flag in default.flags(record)) == ["concept:layer3", "heatmap"]
-    own_bar = dataclasses.replace(default, concept_low_score_lift=0.8)
-    assert [flag["space"] for flag in own_bar.flags(record)] == ["heatmap"]
-    assert own_bar.lift_needed("overlay-hosts-median", 2, low_score=True, concept=True) == 0.8
-    assert own_bar.lift_needed("overlay-hosts-median", 2, low_score=True) == default.low_score_lift
+    assert default.concept_low_score_lift == ConfirmConfig().concept_low_score_min_lift == 0.8
+    assert [flag["space"] for flag in default.flags(record)] == ["heatmap"]
+    one_bar = dataclasses.replace(default, concept_low_score_lift=None)
+    assert sorted(flag["space"] for flag in one_bar.flags(record)) == ["concept:layer3", "heatmap"]
+    assert default.lift_needed("overlay-hosts-median", 2, low_score=True, concept=True) == 0.8
+    assert default.lift_needed("overlay-hosts-median", 2, low_score=True) == default.low_score_lift == 0.5
