@@ -162,9 +162,12 @@ OVERLAY_STATISTIC_GRID = {
 #: A stage of ``--refine concept-low-score``, around spray's current defaults: a bar of its own
 #: for concept-space clusters scoring under the threshold (None: ``low_score_lift``, as spray;
 #: 1.0: practically never). Added after test draw 17, whose two false flags were such clusters
-#: confirmed only by the median overlay; chosen on the dev split (0.6-0.8 tie, the highest
-#: kept: spray's ``[confirm] concept_low_score_min_lift``), judged on draw 18.
+#: confirmed only by the median overlay. On the 108 dev cases 0.6-0.8 tie with none; with
+#: the correction bench's 20 planted dev cases added (``--correction-cases``) every bar loses
+#: relied-on backdoors found only there, so spray keeps one bar (docs/analysis.md).
 CONCEPT_LOW_SCORE_GRID = {"concept_low_score_lift": (None, 0.6, 0.7, 0.8, 1.0)}
+#: Planted dev cases ``bench/correction_q3.py --split dev`` spreads over the split (``--correction-cases``).
+CORRECTION_PLANTED = 30
 #: The stages ``--refine`` can score around spray's current defaults.
 REFINE_STAGES = {
     "majority": MAJORITY_GRID, "overlay-statistic": OVERLAY_STATISTIC_GRID, "concept-low-score": CONCEPT_LOW_SCORE_GRID,
@@ -635,7 +638,8 @@ def tune(records: list[dict], ratios: tuple[float, ...], refine_from: Rule | Non
 
 
 #: The constants judged on test draw 17 (the hosts' *median* overlay confirming at 0.5, a
-#: cluster under the threshold at 0.5 in every space): printed beside the current rule with
+#: cluster under the threshold at 0.5 in every space; spray's defaults again after the
+#: concept spaces' own bar was withdrawn): printed beside the current rule with
 #: ``--previous``, a paired comparison on the same records (nothing is chosen from it).
 PREVIOUS_RULE = Rule(
     1.5, 0.6, 0.2, 0.2, 0.85, f"0.3/0.5+0.5/0.9+{OVERLAY_HOSTS_MEDIAN}", 0.6, 0.4, 0.5, None, True, 0.5, 0.5, 3, False
@@ -762,6 +766,9 @@ def main() -> None:
     parser.add_argument("--refine", nargs="?", const="majority", default=None, choices=tuple(REFINE_STAGES),
                         help="with --tune: only one stage (default: majority, MAJORITY_GRID; overlay-statistic: "
                              "OVERLAY_STATISTIC_GRID; concept-low-score: CONCEPT_LOW_SCORE_GRID), around spray's current defaults")
+    parser.add_argument("--correction-cases", action="store_true",
+                        help="dev only: add the planted cases bench/correction_q3.py --split dev reads (its own spread of the "
+                             "split, 20 of them not in --planted 42's)")
     parser.add_argument(
         "--ratios", type=float, nargs="+", default=None,
         help="min_eigen_ratio values to analyse with (default: all of EIGEN_RATIOS with --tune, else spray's default)",
@@ -776,6 +783,11 @@ def main() -> None:
         parser.error("--extra adds dev-split cases.")
     specs = select(generate_cases(args.split, args.size, args.draw), args.planted, args.clean, args.multimodal)
     specs += extra_dev_cases() if args.extra else []
+    if args.correction_cases:
+        if args.split != "dev":
+            parser.error("--correction-cases adds dev-split cases.")
+        chosen = {spec.key() for spec in specs}
+        specs += [spec for spec in select(generate_cases("dev", args.size), CORRECTION_PLANTED, 0, 0) if spec.key() not in chosen]
     if args.min_fraction is not None:
         specs = [spec for spec in specs if not spec.planted or spec.fraction >= args.min_fraction]
     if args.shard:

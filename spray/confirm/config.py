@@ -32,12 +32,14 @@ DEFAULT_LOW_SCORE_MIN_LIFT = 0.5
 #: The same lift for a *concept-space* cluster scoring under the threshold. A concept space
 #: isolates groups of a class drawn one way (the channels of one style light together), and
 #: the median image of such a group is a crisp stroke of that style, which moves other
-#: classes' images more than the rest's blurrier median at the same ink: every false flag
-#: of the low-score path, on the dev split at ``low_score_min_lift`` 0.4 (+0.43, +0.47) and on
-#: test draw 17 at 0.5 (+0.52, +0.63), was such a concept-space cluster. On the whole dev
-#: split (``--refine concept-low-score``) 0.6, 0.7 and 0.8 judge every case as 0.5 does, and
-#: none at all (1.0) loses a little F1; the tune keeps the highest bar of a tie.
-DEFAULT_CONCEPT_LOW_SCORE_MIN_LIFT = 0.8
+#: classes' images more than the rest's blurrier median at the same ink: the false flags of
+#: the low-score path on test draw 17 (+0.52, +0.63) were such clusters. Yet concept spaces
+#: also find what the heatmaps miss this way: on the dev split with the correction bench's
+#: planted cases (128 cases, 58 relied on; ``--correction-cases --refine concept-low-score``)
+#: a random-mark backdoor (F1 0.95) and a watermark backdoor (F1 0.58) are found only by
+#: concept-space clusters under the threshold; 0.6-0.7 lose one of them, 0.8 both, and no bar
+#: removes a false flag there. So the same bar as the heatmap space's (0.5).
+DEFAULT_CONCEPT_LOW_SCORE_MIN_LIFT = 0.5
 #: Clusters under the threshold tested per audit: the dev audits have 39 to 71 (ten classes,
 #: three spaces), and the bench tests them all.
 DEFAULT_MAX_LOW_SCORE = 96
@@ -187,7 +189,8 @@ class ConfirmConfig:
             this lift (at each setting: the larger of this and the setting's own).
         concept_low_score_min_lift: the same lift for such a cluster of a concept space,
             where a group of one drawing style separates cleanly and its crisp median image
-            lifts over the rest's without being a shortcut.
+            can lift over the rest's without being a shortcut (by default the heatmap
+            space's: concept spaces also find shortcuts this way that heatmaps miss).
         majority_min_lift: a candidate holding more than half of its class's samples confirms
             only with at least this lift (at each setting: the larger of this and the
             setting's own; 0: no extra bar). Its control is pasted from the small rest of
