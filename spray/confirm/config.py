@@ -28,7 +28,12 @@ DEFAULT_WIDE_DOMINANCE = 0.4
 #: with the median overlay; 0.4 and 0.5 tie at the hosts' bar of 0.5, and 0.4 flags a clean
 #: model and a planted one falsely at the hosts' bar of 0.4 (concept-space clusters of
 #: zeros lifting +0.43 and +0.47). With the mean overlay 0.5 and 0.6 judge alike.
-DEFAULT_LOW_SCORE_MIN_LIFT = 0.5
+#: Lowered to 0.4 for the heatmap space with the correction bench's 20 planted dev cases
+#: added (128 cases, 58 relied on; ``bench/detection.py ... --correction-cases --refine
+#: overlay-statistic``): at the hosts' bar of 0.3-0.4, 49 found (F1 0.793) against 48
+#: (0.778) at 0.5, no model flagged falsely that 0.5 does not flag; the concept spaces keep
+#: 0.5 (``DEFAULT_CONCEPT_LOW_SCORE_MIN_LIFT``), where 0.4 flags the two models above.
+DEFAULT_LOW_SCORE_MIN_LIFT = 0.4
 #: The same lift for a *concept-space* cluster scoring under the threshold. A concept space
 #: isolates groups of a class drawn one way (the channels of one style light together), and
 #: the median image of such a group is a crisp stroke of that style, which moves other
@@ -38,7 +43,9 @@ DEFAULT_LOW_SCORE_MIN_LIFT = 0.5
 #: planted cases (128 cases, 58 relied on; ``--correction-cases --refine concept-low-score``)
 #: a random-mark backdoor (F1 0.95) and a watermark backdoor (F1 0.58) are found only by
 #: concept-space clusters under the threshold; 0.6-0.7 lose one of them, 0.8 both, and no bar
-#: removes a false flag there. So the same bar as the heatmap space's (0.5).
+#: removes a false flag there. With the heatmap space's bar at 0.4, 0.4 in the concept
+#: spaces too flags a clean VGG and a plain CNN's co-occurring texture falsely (concept-space
+#: clusters scoring 0), and 0.5 finds as many: 0.5.
 DEFAULT_CONCEPT_LOW_SCORE_MIN_LIFT = 0.5
 #: Clusters under the threshold tested per audit: the dev audits have 39 to 71 (ten classes,
 #: three spaces), and the bench tests them all.
@@ -90,7 +97,10 @@ DEFAULT_OVERLAY_STATISTIC = "median"
 #: Raised to 0.5 with the median overlay (``DEFAULT_OVERLAY_STATISTIC``), among 0.3-0.7: 0.3-0.5
 #: find the same 37 of 46 with no false flag at ``low_score_min_lift`` 0.5, and the tune keeps
 #: the highest bar of a tie; 0.6 finds 36, 0.7 35 (docs/analysis.md, "bench Q3").
-DEFAULT_HOST_OVERLAY_MIN_LIFT = 0.5
+#: Lowered to 0.4 with the correction bench's 20 planted dev cases added (128 cases): 0.3 and
+#: 0.4 find 49 of 58 with the low-score bar at 0.4, 0.5 finds 48, with the same two models
+#: flagged falsely; the tune keeps the highest bar of the tie.
+DEFAULT_HOST_OVERLAY_MIN_LIFT = 0.4
 #: The lift a candidate holding most of its class must reach at every setting. Its control's
 #: donors come from the rest of the class, which for a majority cluster is a small remainder
 #: that is unusual by construction (what the class's typical images are not): pasted from it,

@@ -167,9 +167,10 @@ def test_a_weak_shortcut_seen_only_by_the_hosts_mean_overlay_is_missed_at_the_de
     why: the pasted regions do not confirm it, and the overlay against the hosts lifts under
     its bar. The defaults before the median overlay (the hosts' *mean* overlay at a bar of
     0.4) confirmed it at +0.40; the median overlay moves more hosts (a crisper three with its
-    patch) but its control too (a crisper three without), +0.38 under the bar of 0.5 that
-    the dev split chose with it: the cost of a change that found two more relied-on artifacts
-    there and flagged nothing more falsely (docs/analysis.md, "The median overlay")."""
+    patch) but its control too (a crisper three without), +0.38, under the bar of 0.5 that
+    the dev split chose with it and just under the 0.4 it chose with more dev cases: the cost
+    of a change that found two more relied-on artifacts there and flagged nothing more
+    falsely (docs/analysis.md, "The median overlay")."""
     audit, stamped = minority
     shortcut = ClusterResult(
         cluster_id=99, member_rows=stamped, artifact_score=1.0, flagged=True, score_components={},
@@ -201,7 +202,7 @@ def test_a_weak_shortcut_seen_only_by_the_hosts_mean_overlay_is_missed_at_the_de
     before = tested(dataclasses.replace(defaults, overlay_statistic="mean", host_overlay_min_lift=0.4))
     mean_overlay = before["settings"][2]
     assert before["status"] == "confirmed" and mean_overlay["status"] == "confirmed"
-    assert 0.4 <= mean_overlay["paste"]["rate"] - mean_overlay["control"]["rate"] < defaults.host_overlay_min_lift
+    assert 0.4 <= mean_overlay["paste"]["rate"] - mean_overlay["control"]["rate"] < 0.41
 
 
 def test_a_mark_at_varying_places_is_found_in_a_concept_space():
