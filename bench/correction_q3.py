@@ -21,7 +21,9 @@ artifact:
    attack ``spray correct`` makes for a user job, :mod:`spray.correction.attack`), or the
    **cut-out** that ``spray correct`` made before (``cutout_stamp``, to measure it). Without
    the true stamp, the search's validation attack is made the same way, and every corrected
-   model is also evaluated on the true stamp (the column beside the goal).
+   model is also evaluated on the true stamp (the column beside the goal). Where the finding
+   was confirmed as an overlay, the search validates on the same donors with their median
+   overlay in place of the signature's pastes, as ``spray correct`` does (``--search-attack``).
 
 ``--methods cf`` measures **counterfactual fine-tuning** instead (``spray correct --method
 counterfactual``, :mod:`spray.correction.counterfactual`): the top finding's members' evidence
@@ -77,10 +79,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.cases import Case, CaseSpec, build_case, extra_dev_cases, generate_cases  # noqa: E402
-from bench.detection import default_rule, findings, package_versions, run_case, select  # noqa: E402
+from bench.detection import CORRECTION_PLANTED, default_rule, findings, package_versions, run_case, select  # noqa: E402
 from spray.confirm.config import OVERLAY_STATISTICS  # noqa: E402
-from spray.confirm.resolve import setting_confirms, setting_overlays  # noqa: E402
-from spray.correction.attack import EVIDENCE_DONORS, donor_limit  # noqa: E402
+from spray.confirm.resolve import confirmed_as_overlay  # noqa: E402
+from spray.correction.attack import EVIDENCE_DONORS, SEARCH_OVERLAY_STATISTIC, donor_limit  # noqa: E402
 from spray.correction.config import CorrectionConfig  # noqa: E402
 from spray.correction.errors import CorrectionError  # noqa: E402
 from spray.correction.outcome import ROUNDING, unseen_miss  # noqa: E402
@@ -111,30 +113,23 @@ def cf_evidence(case: Case, members: np.ndarray, class_id: int, heatmaps: np.nda
     )
 
 
-def overlay_confirmed(confirmation: dict | None) -> bool:
-    """Whether a finding's ``confirmation`` record says the causal test confirmed it at one of
-    its overlay settings."""
-    if not confirmation:
-        return False
-    return any(confirmed and overlay for confirmed, overlay in zip(setting_confirms(confirmation), setting_overlays(confirmation)))
-
-
 def evidence_stamp(
     case: Case, members: np.ndarray, class_id: int, heatmaps: np.ndarray, limit: int = EVIDENCE_DONORS, overlay: bool = False,
-    overlay_statistic: str = "mean", overlay_over_signature: bool = False,
+    overlay_statistic: str = "mean", overlay_over_signature: bool = False, overlay_only: bool = False,
 ):
     """The attack made from the flag's evidence, with no ground truth, and its donors' rows:
     ``spray correct``'s own (:func:`spray.correction.attack.evidence_attack`) on the case's
     audited images, with the donors' mean overlay where ``overlay`` (the finding confirmed as
     an overlay; summed up by ``overlay_statistic``, and in place of a signature's pastes with
-    ``overlay_over_signature``). (None, donors) when no donor has evidence."""
+    ``overlay_over_signature``, on every image with ``overlay_only``). (None, donors) when no
+    donor has evidence."""
     from spray.correction.attack import evidence_attack
 
     rest = np.setdiff1d(np.flatnonzero(case.train_labels == class_id), members)
     hosts = np.flatnonzero(case.train_labels != class_id) if overlay else None
     attack = evidence_attack(
         members, rest, lambda rows: heatmaps[rows], lambda rows: case.train_images[rows], case.spec.seed, limit, hosts,
-        overlay_statistic, overlay_over_signature,
+        overlay_statistic, overlay_over_signature, overlay_only,
     )
     return (None if attack.empty else attack.stamp), attack.donors
 
@@ -261,13 +256,15 @@ def probing_build(case: Case, members: np.ndarray, class_id: int, stamp, seed: i
 
 def correct_case(
     case: Case, members: np.ndarray, class_id: int, config: CorrectionConfig, layer: str | None, stamp, truth_before=None,
-    evidence=None, show_search: bool = False, probe: list | None = None, finding: dict | None = None,
+    evidence=None, show_search: bool = False, probe: list | None = None, finding: dict | None = None, search_stamp=None,
 ) -> dict:
     """One method on one case: search and fit on the audited images with the attack ``stamp``
     (the finding's evidence, or the true stamp), evaluate on the test images with that attack
     and, when ``truth_before`` (the original model on the true stamp, evaluated once per
     case) is given, with the true stamp as well; with ``finding``, :func:`reaudit` the
-    corrected model (``reaudit`` in the result, else None)."""
+    corrected model (``reaudit`` in the result, else None). ``search_stamp``: the search
+    validates on this attack instead of ``stamp``, and the corrected model is evaluated on
+    it as well (``search_recovered``, ``search_goal``)."""
     from spray.correction.evaluate import evaluate, recovered_share
 
     truth = true_stamp(case)
@@ -278,8 +275,8 @@ def correct_case(
     build = build_correction if probe is None else probing_build(case, members, class_id, stamp, config.seed, probes)
     config, searched, chosen = search(
         case.model, case.train_images, case.train_labels, members, config,
-        [config.layer] if config.method in ("rr-clarc", "counterfactual") else list(case.concept_layers), stamp,
-        build,
+        [config.layer] if config.method in ("rr-clarc", "counterfactual") else list(case.concept_layers),
+        stamp if search_stamp is None else search_stamp, build,
         class_id=class_id, n_classes=n_classes, evidence=evidence,
     )
     if probe is not None:  # each measured candidate with its probe, matched by its settings (a candidate that failed has none)
@@ -307,6 +304,13 @@ def correct_case(
         share = recovered_share(truth_before, after)
         true_recovered, true_moves = None if math.isnan(share) else float(share), moves_recovered(truth_before, after)
     clean_ok = report.clean_change >= -MAX_CLEAN_LOSS - ROUNDING
+    search_recovered = None
+    if search_stamp is not None:
+        share = recovered_share(
+            evaluate(case.model, case.test_images, case.test_labels, class_id, search_stamp, relevance_samples=0),
+            evaluate(report.model, case.test_images, case.test_labels, class_id, search_stamp, relevance_samples=0),
+        )
+        search_recovered = None if math.isnan(share) else float(share)
     if config.method == "counterfactual":
         layer, estimator = f"{len(evidence)} masks{'' if evidence.overlay is None else ' + overlay'}", (
             f"lr {config.cf_learning_rate:g}, share {config.cf_paste_share:g}, {report.history.epochs} ep., "
@@ -330,6 +334,8 @@ def correct_case(
         "moves_recovered": moves, "true_moves_recovered": true_moves,
         "moved_before": moved_share(report.before), "true_moved_before": moved_share(truth_before or report.before),
         "moves_goal": moves is not None and moves >= GOAL_RECOVERED and clean_ok,
+        "search_recovered": search_recovered,
+        "search_goal": None if search_stamp is None else search_recovered is not None and search_recovered >= GOAL_RECOVERED and clean_ok,
         "seconds": seconds, "n_candidates": len(searched["candidates"]), "reaudit": audited,
         "members_kept": bool(getattr(report.history, "members_kept", True)), "unseen": unseen,
     }
@@ -429,6 +435,8 @@ def summary(rows: list[dict], methods: list[str]) -> None:
     rules = {
         "goal on its attack, flag gone, unseen members released (spray's verdict)": lambda row: row["goal"] and gone(row) and not unseen_held(row),
         "goal on its attack, flag gone (the verdict before the unseen members' check)": lambda row: row["goal"] and gone(row),
+        "goal on its attack and on the search's attack where it differs, flag gone, unseen members released (--search-attack overlay)":
+            lambda row: row["goal"] and row.get("search_goal") is not False and gone(row) and not unseen_held(row),
         "its attack's moves to the flagged class undone (>= 80 %, clean within 0.5 pt), flag gone (not spray's verdict: "
         "what it would say on moves instead of accuracy)": lambda row: row.get("moves_goal") and gone(row),
     }
@@ -486,6 +494,15 @@ def main() -> None:
     parser.add_argument("--attack-overlay-over-signature", action="store_true",
                         help="dev only, with --attack-overlay: the overlay also where the members share a signature, "
                              "in place of the signature's pastes")
+    parser.add_argument("--attack-overlay-only", action="store_true",
+                        help="dev only, with --attack-overlay: the overlay on every attacked image, no region pasted")
+    parser.add_argument(
+        "--search-attack", choices=("overlay", "verdict"), default="overlay",
+        help="with --attack evidence: 'overlay' (spray correct's): where the finding was confirmed as an overlay, the search "
+             "validates on the attack with the donors' median overlay in place of the signature's pastes, the goal column "
+             "stays on --attack's set, and every correction is also evaluated on the search's attack (the column 'search "
+             "attack'); 'verdict': the search validates on the goal column's attack (spray before draw 18)",
+    )
     parser.add_argument("--kinds", nargs="+", default=None, help="only the cases of these artifact kinds (e.g. frame watermark)")
     parser.add_argument("--fractions", type=float, nargs="+", default=None, help="only the cases of these fractions (e.g. 0.6 0.9)")
     parser.add_argument("--cf-learning-rate", type=float, default=None, help="dev only: try another fine-tuning learning rate")
@@ -540,7 +557,7 @@ def main() -> None:
         parser.error("--probe looks at the test images of every candidate: it is for the dev split and --methods cf only.")
     if args.extra and args.split != "dev":
         parser.error("--extra adds dev-split cases.")
-    specs = [] if args.extra == "only" else select(generate_cases(args.split, "full", args.draw), 30, 0, 0)
+    specs = [] if args.extra == "only" else select(generate_cases(args.split, "full", args.draw), CORRECTION_PLANTED, 0, 0)
     if args.extra:
         specs += extra_dev_cases()
     if args.kinds:
@@ -569,7 +586,7 @@ def main() -> None:
         members = np.asarray(sorted(finding["members"]), dtype=np.int64)
         in_target = finding["class"] == case.target_label
         layer = None
-        stamp, truth_before, attack_donors = true_stamp(case), None, np.zeros(0, dtype=np.int64)
+        stamp, truth_before, attack_donors, search_stamp = true_stamp(case), None, np.zeros(0, dtype=np.int64), None
         if args.attack in ("evidence", "cutout"):
             from bench.detection import explain
             from spray.correction.evaluate import evaluate
@@ -584,9 +601,13 @@ def main() -> None:
                 limit = EVIDENCE_DONORS if args.methods == "clarc" else donor_limit(len(members))
                 stamp, attack_donors = evidence_stamp(
                     case, members, int(finding["class"]), explain(case)[0], limit,
-                    args.attack_overlay and overlay_confirmed(finding.get("confirmation")),
-                    args.attack_overlay_statistic, args.attack_overlay_over_signature,
+                    args.attack_overlay and confirmed_as_overlay(finding.get("confirmation")),
+                    args.attack_overlay_statistic, args.attack_overlay_over_signature, args.attack_overlay_only,
                 )
+                if args.search_attack == "overlay" and confirmed_as_overlay(finding.get("confirmation")):
+                    search_stamp, _ = evidence_stamp(
+                        case, members, int(finding["class"]), explain(case)[0], limit, True, SEARCH_OVERLAY_STATISTIC, True,
+                    )
             if stamp is None:
                 for method in methods:
                     rows.append(base | {"method": method, "goal": False, "recovered": None, "clean_change": 0.0, "seconds": 0.0})
@@ -602,7 +623,7 @@ def main() -> None:
                 probe: list[dict] | None = None if args.probe is None else []
                 result = correct_case(
                     case, members, int(finding["class"]), METHODS[method], layer, stamp, truth_before, evidence, args.show_search, probe,
-                    None if args.no_reaudit else finding,
+                    None if args.no_reaudit else finding, search_stamp,
                 )
                 if probe is not None:
                     with args.probe.open("a") as out:
@@ -623,6 +644,7 @@ def main() -> None:
                   f"; moves {cell(result['moves_recovered'])} of {cell(result['moved_before'])}"
                   f"{'' if args.attack == 'stamp' else ' (true stamp ' + cell(result['true_moves_recovered']) + ' of ' + cell(result['true_moved_before']) + ')'} | "
                   f"{'yes' if result['goal'] else 'no'} | {reaudit_cell(result['reaudit'])} | {result['seconds']:.0f} |"
+                  f"{'' if result['search_recovered'] is None else ' search attack ' + format(result['search_recovered'], '.2f') + ','}"
                   f" {unseen_cell(result['unseen'])},"
                   f" members {'kept' if result['members_kept'] else 'out'}",
                   flush=True)

@@ -35,6 +35,7 @@ import numpy as np
 from torch import nn
 
 from spray.attribution.settings import AttributionSettings
+from spray.confirm.resolve import confirmed_as_overlay
 from spray.correction.config import AUTO_LAYER, CorrectionConfig
 from spray.correction.counterfactual import MAX_REST, Evidence, sampled_evidence
 from spray.correction.errors import CorrectionError
@@ -209,7 +210,9 @@ def correct_job(spec: JobSpec, flag: dict[str, Any], config: CorrectionConfig | 
         if inputs.planted is not None:
             plan = planted_evaluation(inputs.planted, inputs.display, inputs.labels, members)
         else:
-            plan = held_out_evaluation(spec, inputs.display, inputs.labels, members, class_id, config, folder)
+            plan = held_out_evaluation(
+                spec, inputs.display, inputs.labels, members, class_id, config, folder, overlay=confirmed_as_overlay(flag.get("confirmation")),
+            )
         space = inputs.space
         # the search and the correction ask for the flagged class's rows again and again: each is read once
         fit_images = (
@@ -220,8 +223,8 @@ def correct_job(spec: JobSpec, flag: dict[str, Any], config: CorrectionConfig | 
         if config.search:
             layers = [config.layer] if explicit_layer else cut_points(inputs.model, inputs.attribution.layers) or [config.layer]
             config, searched, chosen = search(
-                inputs.model, fit_images, plan.fit_labels, plan.artifact_rows, config, layers, space.stamp_inputs(plan.stamp),
-                build_correction,
+                inputs.model, fit_images, plan.fit_labels, plan.artifact_rows, config, layers,
+                space.stamp_inputs(plan.stamp if plan.search_stamp is None else plan.search_stamp), build_correction,
                 class_id=class_id, n_classes=inputs.n_classes, evidence=evidence,
             )
         report = correct_model(

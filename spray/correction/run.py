@@ -222,6 +222,8 @@ class EvaluationPlan:
     #: Rows of ``fit_images`` whose evidence the attacked set pastes (:mod:`spray.correction.attack`):
     #: counterfactual fine-tuning must not paste it too; None: the attack is no member's evidence
     attack_donors: np.ndarray | None = None
+    #: The attack the search validates on where it is not ``stamp`` (display images); None: ``stamp``
+    search_stamp: Stamp | None = None
 
 
 def correct_model(

@@ -24,6 +24,9 @@ accuracy.
   signature), half of them moved to a random place. The donors are at most half of the
   fitting members, and counterfactual fine-tuning never pastes their evidence
   (``EvaluationPlan.attack_donors``): the correction is not judged on what it was shown.
+  For a flag the causal test confirmed as an overlay, the search compares its candidates
+  on the same donors with their median overlay in place of the signature's pastes
+  (``EvaluationPlan.search_stamp``); the verdict stays on the attack above.
 
 The artifact's share of relevance in the evaluation is measured in one mask: the stamp
 function's, or for the evidence the region where the members' relevance exceeds their
@@ -209,6 +212,9 @@ class AttackSet:
     #: the flagged members (audited rows) whose evidence the attack pastes; empty for a stamp
     #: function
     donors: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
+    #: the attack the search validates on, where it differs from ``stamp`` (the evidence attack
+    #: of a flag confirmed as an overlay: :func:`evidence_attack_set`); None: ``stamp``
+    search_stamp: Stamp | None = field(default=None, repr=False)
 
 
 def read_audit_heatmaps(spec: JobSpec, rows: np.ndarray, n_samples: int) -> np.ndarray:
@@ -235,12 +241,15 @@ def _grid_name(pooled_size: tuple[int, int] | None) -> str:
 
 
 def evidence_attack_set(
-    spec: JobSpec, display: np.ndarray | RowImages, labels: np.ndarray, fit_rows: np.ndarray, members: np.ndarray, class_id: int, seed: int
+    spec: JobSpec, display: np.ndarray | RowImages, labels: np.ndarray, fit_rows: np.ndarray, members: np.ndarray, class_id: int, seed: int,
+    overlay: bool = False,
 ) -> AttackSet:
     """The flagged fitting ``members``' own evidence pasted (:mod:`spray.correction.attack`),
     with the region of their largest relevance excess as the relevance mask (None where they
-    exceed their class nowhere on the pooled grid)."""
-    from spray.correction.attack import donor_limit, evidence_attack
+    exceed their class nowhere on the pooled grid). ``overlay``: the flag was confirmed as an
+    overlay, and the search validates on the same donors with their median overlay in place
+    of the signature's pastes (:data:`spray.correction.attack.SEARCH_OVERLAY_STATISTIC`)."""
+    from spray.correction.attack import SEARCH_OVERLAY_STATISTIC, donor_limit, evidence_attack
 
     rest = np.setdiff1d(fit_rows[labels[fit_rows] == class_id], members)
     if len(rest) > MAX_REFERENCE_HEATMAPS:
@@ -251,9 +260,17 @@ def evidence_attack_set(
     def heatmaps(rows: np.ndarray) -> np.ndarray:
         return stored[np.searchsorted(read, rows)]
 
-    attack = evidence_attack(
-        members, rest, heatmaps, lambda rows: np.asarray(display[rows], dtype=np.float32), seed, donor_limit(len(members))
-    )
+    def images(rows: np.ndarray) -> np.ndarray:
+        return np.asarray(display[rows], dtype=np.float32)
+
+    attack = evidence_attack(members, rest, heatmaps, images, seed, donor_limit(len(members)))
+    searched = None
+    if overlay and not attack.empty:  # the same donors (the same draws), the overlay over the other classes' fitting images
+        others = fit_rows[labels[fit_rows] != class_id]
+        searched = evidence_attack(
+            members, rest, heatmaps, images, seed, donor_limit(len(members)), others, SEARCH_OVERLAY_STATISTIC, overlay_over_signature=True,
+        )
+        searched = searched if searched.overlay is not None else None
     if attack.empty:
         raise CorrectionError(
             "no flagged member has relevance outside where its class looks, so there is no evidence to paste for the attacked "
@@ -280,7 +297,13 @@ def evidence_attack_set(
         "signature_pixels": None if attack.signature is None else int(attack.signature.sum()),
         "n_reference": int(len(rest)),
     }
-    return AttackSet(attack.stamp, mask, facts, donors=attack.donors)
+    if searched is not None:
+        facts["search_description"] = (
+            f"the same donors' evidence on every other image, the donors' {SEARCH_OVERLAY_STATISTIC} overlay (what they add over "
+            "the other classes' images and the rest of their class) on the others: the flag was confirmed as an overlay, "
+            "which no pasted region holds whole"
+        )
+    return AttackSet(attack.stamp, mask, facts, donors=attack.donors, search_stamp=None if searched is None else searched.stamp)
 
 
 def function_attack(name: str, stamp: Stamp, probe: np.ndarray) -> AttackSet:
@@ -347,12 +370,13 @@ def default_layer(model: nn.Module, candidates: tuple[str, ...]) -> str:
 
 def _attack_set(
     spec: JobSpec, stamp_name: str, display: np.ndarray | RowImages, labels: np.ndarray, fit_rows: np.ndarray, test_rows: np.ndarray,
-    members: np.ndarray, class_id: int, seed: int,
+    members: np.ndarray, class_id: int, seed: int, overlay: bool = False,
 ) -> AttackSet:
-    """The stamping function ``stamp_name`` (``[correct] stamp``) when set, else the members' evidence; with its mask described."""
+    """The stamping function ``stamp_name`` (``[correct] stamp``) when set, else the members' evidence
+    (``overlay``: see :func:`evidence_attack_set`); with its mask described."""
     stamp = load_stamp(stamp_name, spec.base_dir)
     if stamp is None:
-        attack = evidence_attack_set(spec, display, labels, fit_rows, members, class_id, seed)
+        attack = evidence_attack_set(spec, display, labels, fit_rows, members, class_id, seed, overlay)
     else:
         others = test_rows[labels[test_rows] != class_id][:STAMP_PROBE_IMAGES]
         if len(others) == 0:
@@ -363,10 +387,12 @@ def _attack_set(
 
 
 def held_out_evaluation(
-    spec: JobSpec, display: np.ndarray | RowImages, labels: np.ndarray, members: np.ndarray, class_id: int, config: CorrectionConfig, folder: Path
+    spec: JobSpec, display: np.ndarray | RowImages, labels: np.ndarray, members: np.ndarray, class_id: int, config: CorrectionConfig, folder: Path,
+    overlay: bool = False,
 ) -> EvaluationPlan:
     """Split the audited ``display`` images (and ``labels``) for correcting the flag of class ``class_id``
     with ``members`` (sorted unique rows), and make the attacked set; see the module docstring.
+    ``overlay``: the flag was confirmed as an overlay (the search's attack, :func:`evidence_attack_set`).
 
     The picture of the attack's mask is written to ``folder`` (the correction's).
     ``display`` may be a :class:`~spray.correction.images.RowImages`: the fitting part then
@@ -377,7 +403,7 @@ def held_out_evaluation(
     test_rows = np.setdiff1d(held_rows, members)  # the flagged members' labels are in question: not "clean" (spray.correction.search)
     if fit_members.size == 0:
         raise CorrectionError(f"none of the flag's {members.size} member(s) falls outside the held-out part; lower [correct] held_out.")
-    attack = _attack_set(spec, config.stamp, display, labels, fit_rows, test_rows, fit_members, class_id, config.seed)
+    attack = _attack_set(spec, config.stamp, display, labels, fit_rows, test_rows, fit_members, class_id, config.seed, overlay)
     attack.facts["pictures"] = write_pictures(attack, folder)
     facts = {
         "held_out": {
@@ -392,4 +418,5 @@ def held_out_evaluation(
         test_images=display[test_rows], test_labels=labels[test_rows],
         artifact_rows=np.searchsorted(fit_rows, fit_members), stamp=attack.stamp, mask=attack.mask, facts=facts, fit_rows=fit_rows,
         unseen_rows=np.setdiff1d(members, fit_members), attack_donors=np.searchsorted(fit_rows, attack.donors),
+        search_stamp=attack.search_stamp,
     )

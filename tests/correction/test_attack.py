@@ -160,3 +160,13 @@ def test_the_overlay_can_take_the_signature_s_place():
     plain = np.full((6, 1, 16, 16), 0.1, dtype=np.float32)
     lifted = over.stamp(plain)[:, 0][:, diagonal] > 0.2
     assert lifted[1::2].mean(axis=1).min() > 0.6  # every other host: the watermark, not the tag alone
+    # overlay_only: the overlay on every host, no donor's region pasted
+    only = evidence_attack(members, rest, lambda rows: heatmaps[rows], lambda rows: images[rows], seed=4, hosts=hosts,
+                           overlay_statistic="median", overlay_over_signature=True, overlay_only=True)
+    stamped = only.stamp(plain)
+    assert np.array_equal(stamped[1::2], over.stamp(plain)[1::2])
+    assert (stamped[:, 0][:, diagonal] > 0.2).mean(axis=1).min() > 0.6
+    assert all(np.array_equal(image, stamped[0]) for image in stamped)  # alike hosts, alike attacked images: no region
+    # without an overlay to add there is nothing to put on every image: the regions stay
+    assert not evidence_attack(members, rest, lambda rows: heatmaps[rows], lambda rows: images[rows], seed=4,
+                               overlay_only=True).overlay_only

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 
 import numpy as np
@@ -344,3 +345,62 @@ def test_counterfactual_fine_tuning_fixes_the_user_job_and_ships_the_validated_c
     assert "counterfactual fine-tuning uses no CAV" in page and f"{report.history.epochs} epoch(s) at learning rate" in page and "of them hold their class with their evidence removed" in page
     assert "blurred against" in page and "of the rest of the class" in page
 
+
+
+def _as_overlay(flag: dict) -> dict:
+    """``flag`` as if the causal test had confirmed it at an overlay setting (its regions rejected)."""
+    settings = [
+        {"status": "rejected", "evidence": {"area": 0.3, "mass": 0.5}},
+        {"status": "confirmed", "evidence": {"area": 1.0, "mass": 1.0, "overlay": True, "reference": "hosts", "statistic": "median"}},
+    ]
+    return {**flag, "confirmation": {**(flag.get("confirmation") or {}), "settings": settings}}
+
+
+def test_a_flag_confirmed_as_an_overlay_is_searched_on_the_donors_median_overlay(
+    user_job: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The search validates on the same donors' evidence with their median overlay on every
+    other image (the verdict's attack keeps the signature there); a flag confirmed by a pasted
+    region is searched on the verdict's own attack."""
+    import spray.correction.job as correction_job
+    from spray.confirm.resolve import confirmed_as_overlay
+    from spray.correction.job import load_job_inputs
+    from spray.correction.user import held_out_evaluation
+
+    spec = load_job(user_job)
+    flag = _flag(user_job)
+    assert not confirmed_as_overlay(flag.get("confirmation")) and confirmed_as_overlay(_as_overlay(flag)["confirmation"])
+    members = np.unique(np.asarray(flag["member_rows"], dtype=np.int64))
+    config = job_config(spec)
+    with load_job_inputs(spec) as inputs:
+        plain = held_out_evaluation(spec, inputs.display, inputs.labels, members, 1, config, tmp_path / "a")
+        overlaid = held_out_evaluation(spec, inputs.display, inputs.labels, members, 1, config, tmp_path / "b", overlay=True)
+    assert plain.search_stamp is None and overlaid.search_stamp is not None
+    assert "search_description" in overlaid.facts["attack"] and "search_description" not in plain.facts["attack"]
+    assert np.array_equal(plain.attack_donors, overlaid.attack_donors)  # the same donors: the fine-tuning is kept from them alike
+    hosts = plain.test_images[plain.test_labels == 0][:8]
+    verdict, searched = plain.stamp(hosts), overlaid.search_stamp(hosts)
+    assert np.array_equal(verdict[0::2], searched[0::2])  # the donors' own evidence on every other image
+    # on the others the overlay in the signature's place: the patch's magenta (red and blue up, where the hosts are not)
+    added = searched[1::2] - hosts[1::2]
+    assert not np.array_equal(verdict[1::2], searched[1::2])
+    assert added[:, 0, PATCH[0], PATCH[1]].mean() > 0.2 and added[:, 2, PATCH[0], PATCH[1]].mean() > 0.2
+    assert abs(added[:, 1, PATCH[0], PATCH[1]].mean()) < 0.05 and abs(added[:, :, 10:, 10:]).mean() < 0.05  # little elsewhere
+
+    # spray correct hands the search the overlay attack for such a flag, and the verdict's attack to the evaluation
+    seen: dict[str, object] = {}
+
+    class Stop(Exception):
+        pass
+
+    def spying_search(model, images, labels, rows, config, layers, stamp, build, **kwargs):
+        seen["stamp"] = stamp
+        raise Stop
+
+    monkeypatch.setattr(correction_job, "search", spying_search)
+    for name, given in (("plain", flag), ("overlay", _as_overlay(flag))):
+        with pytest.raises(Stop):
+            correct_job(spec, given, dataclasses_replace(config, method="counterfactual"))
+        probe = np.clip(hosts[:4] * 0 + 0.5, 0, 1)
+        seen[name] = seen.pop("stamp")(probe)
+    assert not np.array_equal(seen["plain"], seen["overlay"])
