@@ -637,10 +637,9 @@ def tune(records: list[dict], ratios: tuple[float, ...], refine_from: Rule | Non
     return around(around(around(around(ranked(first), REFINE_GRID), OVERLAY_GRID), HOST_OVERLAY_GRID), MAJORITY_GRID)
 
 
-#: The constants judged on test draw 17 (the hosts' *median* overlay confirming at 0.5, a
-#: cluster under the threshold at 0.5 in every space; spray's defaults again after the
-#: concept spaces' own bar was withdrawn): printed beside the current rule with
-#: ``--previous``, a paired comparison on the same records (nothing is chosen from it).
+#: The constants judged on test draws 17 and 18 (the hosts' *median* overlay confirming at
+#: 0.5, a cluster under the threshold at 0.5 in every space): printed beside the current rule
+#: with ``--previous``, a paired comparison on the same records (nothing is chosen from it).
 PREVIOUS_RULE = Rule(
     1.5, 0.6, 0.2, 0.2, 0.85, f"0.3/0.5+0.5/0.9+{OVERLAY_HOSTS_MEDIAN}", 0.6, 0.4, 0.5, None, True, 0.5, 0.5, 3, False
 )
