@@ -47,7 +47,7 @@ and the bench keeps it to measure that (``bench/correction_q3.py --attack cutout
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -263,14 +263,14 @@ def evidence_attack_set(
     def images(rows: np.ndarray) -> np.ndarray:
         return np.asarray(display[rows], dtype=np.float32)
 
-    attack = evidence_attack(members, rest, heatmaps, images, seed, donor_limit(len(members)))
-    searched = None
-    if overlay and not attack.empty:  # the same donors (the same draws), the overlay over the other classes' fitting images
-        others = fit_rows[labels[fit_rows] != class_id]
-        searched = evidence_attack(
-            members, rest, heatmaps, images, seed, donor_limit(len(members)), others, SEARCH_OVERLAY_STATISTIC, overlay_over_signature=True,
-        )
-        searched = searched if searched.overlay is not None else None
+    # one draw of the donors serves both attacks: the search's adds their overlay over the other
+    # classes' fitting images (drawn last, so the donors, masks and signature are the verdict's)
+    others = fit_rows[labels[fit_rows] != class_id] if overlay else None
+    searched = evidence_attack(
+        members, rest, heatmaps, images, seed, donor_limit(len(members)), others, SEARCH_OVERLAY_STATISTIC, overlay_over_signature=True,
+    )
+    attack = replace(searched, overlay=None, bounds=None)
+    searched = searched if searched.overlay is not None else None
     if attack.empty:
         raise CorrectionError(
             "no flagged member has relevance outside where its class looks, so there is no evidence to paste for the attacked "
