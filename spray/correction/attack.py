@@ -62,8 +62,9 @@ OVERLAY_HOSTS = 512
 #: How the overlay of the search's attack (``spray correct`` for a flag confirmed as an
 #: overlay) sums up each group: the donors' median overlay in place of the signature's pastes
 #: is about as strong as the stamp on Q3's dev watermarks and textures, and a search choosing
-#: on it reaches the goal on the true stamp in 23 of 40 dev cases against 20; the verdict
-#: stays on the attack above (docs/correction.md, "The median overlay for the search").
+#: on it reaches the goal on the true stamp in 22 of 40 dev cases against 20, with no verdict
+#: changed; the verdict stays on the attack above (docs/correction.md, "The median overlay
+#: for the search").
 SEARCH_OVERLAY_STATISTIC = "median"
 
 
