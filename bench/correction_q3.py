@@ -85,7 +85,7 @@ from spray.confirm.resolve import confirmed_as_overlay  # noqa: E402
 from spray.correction.attack import EVIDENCE_DONORS, SEARCH_OVERLAY_STATISTIC, donor_limit  # noqa: E402
 from spray.correction.config import CorrectionConfig  # noqa: E402
 from spray.correction.errors import CorrectionError  # noqa: E402
-from spray.correction.outcome import ROUNDING, unseen_miss  # noqa: E402
+from spray.correction.outcome import FIXED, ROUNDING, UNVERIFIED, judge, unseen_miss  # noqa: E402
 from spray.correction.run import build_correction, correct_model  # noqa: E402
 from spray.correction.search import search  # noqa: E402
 
@@ -323,7 +323,12 @@ def correct_case(
         layer, estimator = config.layer, config.estimator
     audited = None if finding is None else reaudit(case, report.model, finding)
     unseen = unseen_members(case, report.model, members, class_id, config.seed)
+    outcome = judge(  # spray's verdict, with the bench's re-audit in place of spray's
+        recovered, report.clean_change, None if audited is None else {"flag_gone": audited["flag_gone"]}, GOAL_RECOVERED,
+        MAX_CLEAN_LOSS, unseen, attack_moves=report.attack_moves(), min_attack_moves=config.min_attack_moves,
+    )
     return {
+        "verdict": outcome.verdict, "weak_attack": any("does not exercise the artifact" in line for line in outcome.unchecked),
         "layer": layer, "estimator": estimator, "rr_lambda": config.rr_lambda if config.method == "rr-clarc" else None,
         "clean_before": report.before.clean_accuracy, "attacked_before": report.before.attacked_accuracy,
         "clean_after": report.after.clean_accuracy, "attacked_after": report.after.attacked_accuracy,
@@ -433,7 +438,10 @@ def summary(rows: list[dict], methods: list[str]) -> None:
         return unseen_miss(row.get("unseen"), GOAL_RECOVERED) is not None
 
     rules = {
-        "goal on its attack, flag gone, unseen members released (spray's verdict)": lambda row: row["goal"] and gone(row) and not unseen_held(row),
+        "spray's verdict (goal on its attack, flag gone, unseen members released, the attack moving enough images to test)":
+            lambda row: row.get("verdict") == FIXED,
+        "goal on its attack, flag gone, unseen members released (the verdict before the attack's floor)":
+            lambda row: row["goal"] and gone(row) and not unseen_held(row),
         "goal on its attack, flag gone (the verdict before the unseen members' check)": lambda row: row["goal"] and gone(row),
         "goal on its attack and on the search's attack where it differs, flag gone, unseen members released (--search-attack overlay)":
             lambda row: row["goal"] and row.get("search_goal") is not False and gone(row) and not unseen_held(row),
@@ -445,10 +453,14 @@ def summary(rows: list[dict], methods: list[str]) -> None:
         for name, fixed in rules.items() if verdicts else ():
             said_fixed = [row for row in verdicts if fixed(row)]
             broken = sum(not row["true_goal"] for row in said_fixed)
-            undersold = sum(bool(row["true_goal"]) for row in verdicts if not fixed(row))
+            # spray's verdict says "unverified" where its attack was too weak to test: not a claim either way
+            unverified = [row for row in verdicts if name.startswith("spray's") and row.get("verdict") == UNVERIFIED]
+            undersold = sum(bool(row["true_goal"]) for row in verdicts if not fixed(row) and row not in unverified)
+            weak = (f"; 'unverified' {len(unverified)} (the attack too weak to test), of them reaching the goal on the true "
+                    f"stamp {sum(bool(row['true_goal']) for row in unverified)}") if name.startswith("spray's") else ""
             print(f"\n{method}: {name}, against the true stamp: 'fixed' "
                   f"{len(said_fixed)}/{len(verdicts)}, of them missing the goal on the true stamp {broken} (a broken promise); "
-                  f"'not fixed' though the true stamp reaches the goal {undersold}")
+                  f"'not fixed' though the true stamp reaches the goal {undersold}{weak}")
     retested = [row for row in rows if row["method"] == methods[0] and (row.get("reaudit") or {}).get("retest") is not None]
     if retested:
         print("\n| re-audit of the corrected model | goal reached on the true stamp | goal missed on the true stamp |\n|---|---|---|")
@@ -643,7 +655,8 @@ def main() -> None:
                   f"{'' if args.attack == 'stamp' or result.get('true_recovered') is None else ' (true stamp ' + format(result['true_recovered'], '.2f') + ')'}"
                   f"; moves {cell(result['moves_recovered'])} of {cell(result['moved_before'])}"
                   f"{'' if args.attack == 'stamp' else ' (true stamp ' + cell(result['true_moves_recovered']) + ' of ' + cell(result['true_moved_before']) + ')'} | "
-                  f"{'yes' if result['goal'] else 'no'} | {reaudit_cell(result['reaudit'])} | {result['seconds']:.0f} |"
+                  f"{'yes' if result['goal'] else 'no'}{' (attack too weak: unverified)' if result['weak_attack'] else ''} | "
+                  f"{reaudit_cell(result['reaudit'])} | {result['seconds']:.0f} |"
                   f"{'' if result['search_recovered'] is None else ' search attack ' + format(result['search_recovered'], '.2f') + ','}"
                   f" {unseen_cell(result['unseen'])},"
                   f" members {'kept' if result['members_kept'] else 'out'}",

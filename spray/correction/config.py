@@ -79,6 +79,12 @@ class CorrectionConfig:
             of the fitting data (:mod:`spray.correction.search`); off: take them as set.
         goal_recovered, max_clean_loss: what a correction must reach to count as fixed (with the
             re-audit no longer finding the flag; see :mod:`spray.correction.outcome`).
+        min_attack_moves: the attacked set must move at least this share of the other classes'
+            held-out images into the flagged class in the original model (stamped less
+            unstamped), or its recovery is not checked and the verdict is at best
+            "unverified": an attack that does not exercise the artifact cannot tell a fix from
+            none. 0.3 is the held-out detection benchmark's bar for a model relying on its
+            artifact.
         seed: random state of every random choice (a job's ``[job] seed``).
     """
 
@@ -109,6 +115,11 @@ class CorrectionConfig:
     relevance_samples: int = setting(64, Range(0), doc="attacked images explained for the artifact's relevance share")
     goal_recovered: float = setting(0.8, Range(0.0, 1.0), doc="share of the attacked-accuracy loss a fix must recover")
     max_clean_loss: float = setting(0.005, Range(0.0, 1.0), doc="clean accuracy a fix may cost (0.005: half a point)")
+    min_attack_moves: float = setting(
+        0.3, Range(0.0, 1.0),
+        doc="share of the other classes' images the attacked set must move into the class before the correction for its "
+            "recovery to judge the fix (else: not checked, unverified)",
+    )
     search: bool = setting(True, doc="choose layer, CAV estimator and RR-ClArC strength on a validation split")
     torch_export: bool = setting(True, doc="export the corrected model as a torch.export program (model.pt2)")
     onnx: bool = setting(True, doc="also export it as ONNX when the onnx extra is installed")

@@ -19,6 +19,21 @@ Otherwise it is **not fixed**, and every unmet condition is named. When the numb
 goal but the re-audit was switched off (``[correct] reaudit = false``), nothing confirmed that
 the strategy is gone, and the verdict is **unverified**, never "fixed": a verdict is a promise.
 
+**An attack too weak to test anything.** The recovered share judges a correction only if the
+attacked set exercises the artifact in the original model. When it moves fewer than
+``[correct] min_attack_moves`` (default 0.3) of the other classes' held-out images into the
+flagged class (stamped less unstamped, before the correction), its accuracy loss is mostly
+what any pasted region costs (fragments of other objects), which no correction undoes, and
+its recovery says nothing either way: the recovery is **not checked**. The correction is then
+**unverified** unless another condition fails (those are real failures: it is **not fixed**).
+0.3 is the held-out detection benchmark's own bar for a model that relies on its artifact
+(stamping it moves at least 30 % of other classes' images), not a tuned constant. The same
+holds when the attack cost the original model no accuracy (nothing to recover) or the clean
+accuracy could not be measured. On the dev split of ``bench/correction_q3.py`` the evidence
+attack of 15 of the 40 relied-on cases moved fewer (5-29 %; 14 watermarks and a texture) with
+nothing else failing; 10 of their corrections reach the goal on the true stamp, where the weak
+attack had called them "not fixed" (``docs/correction.md``, "An attack too weak to test").
+
 ``spray correct`` exits with 0 (fixed), 1 (not fixed) or 3 (unverified), the codes of
 ``spray check`` for clean, flagged and incomplete.
 """
@@ -52,6 +67,11 @@ class Outcome:
     clean_change: float | None
     flag_gone: bool | None
     unmet: list[str] = field(default_factory=list)
+    #: What could not be checked (an attack too weak to test, an unmeasured share): never a pass
+    unchecked: list[str] = field(default_factory=list)
+    #: The share of the other classes' images the attacked set moved into the class before the
+    #: correction (stamped less unstamped); None: not measured
+    attack_moves: float | None = None
 
     @property
     def exit_code(self) -> int:
@@ -67,7 +87,9 @@ class Outcome:
                 f"outcome: fixed (recovered {self.recovered:.1%} >= {self.goal_recovered:.0%}, clean accuracy "
                 f"{_points(self.clean_change)}, the re-audit no longer finds the flag)"
             )
-        return f"outcome: {self.verdict}: " + "; ".join(self.unmet)
+        if self.verdict == NOT_FIXED and self.unchecked:
+            return "outcome: not fixed: " + "; ".join(self.unmet) + " (not checked: " + "; ".join(self.unchecked) + ")"
+        return f"outcome: {self.verdict}: " + "; ".join([*self.unmet, *self.unchecked])
 
 
 def _points(change: float | None) -> str:
@@ -92,25 +114,47 @@ def unseen_miss(check: dict[str, Any] | None, goal_recovered: float) -> str | No
     )
 
 
+def weak_attack(attack_moves: float | None, min_attack_moves: float, recovered: float | None) -> str | None:
+    """Why the attacked set cannot judge the recovery: it moved fewer than ``min_attack_moves``
+    of the other classes' images into the class before the correction; None when it moved
+    enough, or the share was not measured."""
+    attack_moves = _finite(attack_moves)
+    if attack_moves is None or attack_moves >= min_attack_moves - ROUNDING:
+        return None
+    measured = "" if recovered is None else f" (it recovered {recovered:.1%} of that attack's loss)"
+    return (
+        f"the attacked set moved only {attack_moves:.0%} of the other classes' held-out images into the class before the "
+        f"correction, under the {min_attack_moves:.0%} that shows a model relying on an artifact: it does not exercise the "
+        f"artifact, so it cannot tell whether the correction fixed it{measured}; give [correct] stamp a function that puts "
+        "the artifact on images, or lower [correct] min_attack_moves"
+    )
+
+
 def judge(
     recovered: float | None, clean_change: float | None, reaudit: dict[str, Any] | None, goal_recovered: float, max_clean_loss: float,
-    unseen: dict[str, Any] | None = None,
+    unseen: dict[str, Any] | None = None, attack_moves: float | None = None, min_attack_moves: float = 0.0,
 ) -> Outcome:
     """The :class:`Outcome` of a correction (see the module docstring for the rule).
 
     ``recovered``: share of the attacked-accuracy loss recovered (None or NaN when the
     attack cost nothing, so there was nothing to recover); ``clean_change``: clean accuracy
     after minus before; ``reaudit``: the re-audit's outcome (``flag_gone``), None when it did
-    not run; ``unseen``: the unseen members' check, None when it did not run.
+    not run; ``unseen``: the unseen members' check, None when it did not run;
+    ``attack_moves``: the share of the other classes' images the attacked set moved into the
+    class before the correction (None: not measured), which must reach ``min_attack_moves``
+    for the recovery to be checked (:func:`weak_attack`).
     """
     recovered, clean_change = _finite(recovered), _finite(clean_change)
-    unmet = []
-    if recovered is None:
-        unmet.append("the attack cost the original model no accuracy, so no recovery could be measured")
+    unmet, unchecked = [], []
+    weak = weak_attack(attack_moves, min_attack_moves, recovered)
+    if weak:
+        unchecked.append(weak)
+    elif recovered is None:
+        unchecked.append("the attack cost the original model no accuracy, so no recovery could be measured")
     elif recovered < goal_recovered - ROUNDING:
         unmet.append(f"recovered {recovered:.1%} of the attacked-accuracy loss, below the goal of {goal_recovered:.0%}")
     if clean_change is None:
-        unmet.append("the clean accuracy could not be measured")
+        unchecked.append("the clean accuracy could not be measured")
     elif clean_change < -max_clean_loss - ROUNDING:
         unmet.append(f"clean accuracy fell by {-100 * clean_change:.1f} pt, more than the {100 * max_clean_loss:.1f} pt allowed")
     flag_gone = None if reaudit is None else bool(reaudit.get("flag_gone"))
@@ -120,9 +164,13 @@ def judge(
     if held:
         unmet.append(held)
     facts = (goal_recovered, max_clean_loss, recovered, clean_change, flag_gone)
+    moves = _finite(attack_moves)
     if unmet:
-        return Outcome(NOT_FIXED, *facts, unmet)
+        return Outcome(NOT_FIXED, *facts, unmet, unchecked, moves)
     if flag_gone is None:
-        unmet = ["the numbers reach the goal, but no re-audit checked that the strategy is gone ([correct] reaudit = false)"]
-        return Outcome(UNVERIFIED, *facts, unmet)
-    return Outcome(FIXED, *facts)
+        numbers = "the numbers reach the goal" if not unchecked else "nothing else fails"
+        unmet = [f"{numbers}, but no re-audit checked that the strategy is gone ([correct] reaudit = false)"]
+        return Outcome(UNVERIFIED, *facts, unmet, unchecked, moves)
+    if unchecked:
+        return Outcome(UNVERIFIED, *facts, [], unchecked, moves)
+    return Outcome(FIXED, *facts, [], [], moves)

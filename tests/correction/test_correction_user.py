@@ -213,7 +213,10 @@ def test_spray_correct_on_the_user_job_writes_export_page_report_and_reaudit(use
     assert report["after"]["artifact_relevance"] < report["before"]["artifact_relevance"]
     assert report["after"]["gate_precision"] >= 0.9
     assert report["reaudit"]["flag_gone"] is True and (folder / report["reaudit"]["report"]).is_file()
-    assert (report["outcome"]["verdict"], report["outcome"]["unmet"]) == ("fixed", [])
+    assert (report["outcome"]["verdict"], report["outcome"]["unmet"], report["outcome"]["unchecked"]) == ("fixed", [], [])
+    # the attack exercised the artifact: it moved enough of the other classes' images into the class to test the fix
+    moved = report["before"]["attacked_to_class"] - report["before"]["clean_to_class"]
+    assert report["outcome"]["attack_moves"] == pytest.approx(moved) and moved >= report["config"]["min_attack_moves"] == 0.3
     # the flagged members held out of the correction are the class's own tagged objects: nothing to release, said so
     unseen = report["unseen_members"]
     assert unseen["applies"] is False and "class's own objects" in unseen["reason"] and unseen["n"] == held["n_flagged_held_out"] > 0
@@ -230,6 +233,7 @@ def test_spray_correct_on_the_user_job_writes_export_page_report_and_reaudit(use
     assert report["search"]["n_validation"] == len(np.setdiff1d(validation, np.searchsorted(fit, np.intersect1d(members, fit))))
     page = (folder / "index.html").read_text()
     assert '<div class="clear" id="outcome"><dt>outcome</dt><dd>fixed</dd></div>' in page
+    assert 'id="attack-moves"' in page and 'id="unchecked"' not in page
     # the attack's moves into the flagged class, apart from errors elsewhere: most stamped images before, few after
     assert report["before"]["attacked_to_class"] >= 0.3 > 0.1 >= report["after"]["attacked_to_class"]
     assert "attacked images given the flagged class" in page

@@ -27,7 +27,6 @@ def test_a_fix_needs_the_recovery_the_clean_accuracy_and_the_reaudit() -> None:
                                    "the re-audit still finds the flag"]),
         (0.95, -0.150, GONE, ["clean accuracy fell by 15.0 pt, more than the 0.5 pt allowed"]),  # P-ClArC's collapse
         (0.95, 0.0, PERSISTS, ["the re-audit still finds the flag"]),
-        (math.nan, 0.0, GONE, ["the attack cost the original model no accuracy, so no recovery could be measured"]),
         (0.79, 0.0, None, ["recovered 79.0% of the attacked-accuracy loss, below the goal of 80%"]),
     ],
 )
@@ -53,3 +52,33 @@ def test_good_numbers_without_a_reaudit_are_unverified_never_fixed() -> None:
 def test_the_goal_is_a_setting() -> None:
     assert judge(0.6, -0.01, GONE, goal_recovered=0.5, max_clean_loss=0.02).verdict == FIXED
     assert judge(0.6, -0.01, GONE, goal_recovered=0.7, max_clean_loss=0.02).verdict == NOT_FIXED
+
+
+def test_an_attack_too_weak_to_test_leaves_the_recovery_unchecked_never_not_fixed_or_fixed() -> None:
+    """An attacked set that moves few images into the class does not exercise the artifact:
+    its recovery is not evidence either way, so the verdict is "unverified" (exit 3)."""
+    missed = judge(0.3, 0.002, GONE, goal_recovered=0.8, max_clean_loss=0.005, attack_moves=0.1, min_attack_moves=0.3)
+    assert (missed.verdict, missed.exit_code, missed.unmet, missed.attack_moves) == (UNVERIFIED, EXIT_INCOMPLETE, [], 0.1)
+    assert "moved only 10% of the other classes' held-out images" in missed.describe()
+    assert "[correct] stamp" in missed.describe() and "recovered 30.0%" in missed.describe()
+    reached = judge(0.95, 0.0, GONE, goal_recovered=0.8, max_clean_loss=0.005, attack_moves=0.1, min_attack_moves=0.3)
+    assert reached.verdict == UNVERIFIED  # a weak attack's high recovery is no evidence of a fix either
+    strong = judge(0.3, 0.002, GONE, goal_recovered=0.8, max_clean_loss=0.005, attack_moves=0.3, min_attack_moves=0.3)
+    assert (strong.verdict, strong.unchecked) == (NOT_FIXED, [])  # at the floor, the recovery judges
+
+
+def test_a_real_failure_beside_a_weak_attack_is_still_not_fixed_and_says_what_was_not_checked() -> None:
+    outcome = judge(0.95, -0.02, PERSISTS, goal_recovered=0.8, max_clean_loss=0.005, attack_moves=0.05, min_attack_moves=0.3)
+    assert outcome.verdict == NOT_FIXED
+    assert outcome.unmet == ["clean accuracy fell by 2.0 pt, more than the 0.5 pt allowed", "the re-audit still finds the flag"]
+    assert outcome.describe().endswith(")") and "(not checked: the attacked set moved only 5%" in outcome.describe()
+
+
+def test_what_could_not_be_measured_is_unverified() -> None:
+    nothing_to_recover = judge(math.nan, 0.0, GONE, goal_recovered=0.8, max_clean_loss=0.005)
+    assert nothing_to_recover.verdict == UNVERIFIED
+    assert nothing_to_recover.unchecked == ["the attack cost the original model no accuracy, so no recovery could be measured"]
+    no_clean = judge(0.9, math.nan, GONE, goal_recovered=0.8, max_clean_loss=0.005)
+    assert (no_clean.verdict, no_clean.unchecked) == (UNVERIFIED, ["the clean accuracy could not be measured"])
+    without_reaudit = judge(0.3, 0.0, None, goal_recovered=0.8, max_clean_loss=0.005, attack_moves=0.1, min_attack_moves=0.3)
+    assert without_reaudit.verdict == UNVERIFIED and "nothing else fails, but no re-audit" in without_reaudit.describe()
