@@ -655,7 +655,7 @@ def main() -> None:
                   f"{'' if args.attack == 'stamp' or result.get('true_recovered') is None else ' (true stamp ' + format(result['true_recovered'], '.2f') + ')'}"
                   f"; moves {cell(result['moves_recovered'])} of {cell(result['moved_before'])}"
                   f"{'' if args.attack == 'stamp' else ' (true stamp ' + cell(result['true_moves_recovered']) + ' of ' + cell(result['true_moved_before']) + ')'} | "
-                  f"{'yes' if result['goal'] else 'no'}{' (attack too weak: unverified)' if result['weak_attack'] else ''} | "
+                  f"{'yes' if result['goal'] else 'no'} (spray: {result['verdict']}{', attack too weak' if result['weak_attack'] else ''}) | "
                   f"{reaudit_cell(result['reaudit'])} | {result['seconds']:.0f} |"
                   f"{'' if result['search_recovered'] is None else ' search attack ' + format(result['search_recovered'], '.2f') + ','}"
                   f" {unseen_cell(result['unseen'])},"

@@ -165,7 +165,7 @@ OVERLAY_STATISTIC_GRID = {
 #: confirmed only by the median overlay. On the 108 dev cases 0.6-0.8 tie with none; with
 #: the correction bench's 20 planted dev cases added (``--correction-cases``) every bar loses
 #: relied-on backdoors found only there, so spray keeps one bar (docs/analysis.md).
-CONCEPT_LOW_SCORE_GRID = {"concept_low_score_lift": (None, 0.6, 0.7, 0.8, 1.0)}
+CONCEPT_LOW_SCORE_GRID = {"concept_low_score_lift": (None, 0.5, 0.6, 0.7, 0.8, 1.0)}
 #: Planted dev cases ``bench/correction_q3.py --split dev`` spreads over the split (``--correction-cases``).
 CORRECTION_PLANTED = 30
 #: The stages ``--refine`` can score around spray's current defaults.
