@@ -168,3 +168,29 @@ def test_an_audit_into_a_folder_outside_the_job_is_refused(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="lies outside the output folder"):
         run_audit(spec, model=DemoNet(4), output=tmp_path / "elsewhere")
     assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "reports").exists()
+
+
+def test_correction_page_says_what_a_weak_attack_could_not_check_and_names_the_searchs_attack(tmp_path: Path) -> None:
+    """An attacked set that moved few images into the class: the page says "unverified", lists
+    the recovery as not checked with the share moved, and shows the search's own attack."""
+    folder = tmp_path / "job" / "correction" / "counterfactual"
+    report = _report(tmp_path)
+    report.before.attacked_to_class, report.before.clean_to_class = 0.12, 0.02  # the attack moved 10 % into the class
+    report.clean_change = 0.0  # nothing else fails
+    report.reaudit = {**match_flag(FLAG, _summary([(1, "heatmap", list(range(40)), 0.0, False)])), "report": None, "seconds": 1.0,
+                      "test_accuracy": 0.95, "artifact_check": None, "artifact_check_before": None, "compare": None}
+    report.evaluation_set = {
+        "held_out": {"n_fit": 300, "n_held_out": 100, "share": 0.25, "seed": 0, "n_flagged": 30, "n_flagged_held_out": 8,
+                     "n_evaluated": 92},
+        "attack": {"kind": "evidence", "description": "the flag's own evidence", "mask_pixels": 0,
+                   "search_description": f"the donors' median overlay {HOSTILE}"},
+    }
+    outcome = report.judge()
+    assert (outcome.verdict, outcome.attack_moves) == ("unverified", pytest.approx(0.1))
+    _, page = write_correction_files(report.to_dict(), folder, job="job")
+    html = page.read_text()
+    assert '<div class="alert" id="outcome"><dt>outcome</dt><dd>unverified</dd></div>' in html
+    unchecked = html[html.index('id="unchecked"'):]
+    assert "moved only 10% of the other classes&#39; held-out images" in unchecked and "[correct] stamp" in unchecked
+    assert 'id="attack-moves">Before the correction the attacked set moved 10.0%' in html
+    assert "<th>the search's attack</th>" in html and HOSTILE not in html and "&lt;script&gt;" in html
