@@ -27,7 +27,10 @@ what any pasted region costs (fragments of other objects), which no correction u
 its recovery says nothing either way: the recovery is **not checked**. The correction is then
 **unverified** unless another condition fails (those are real failures: it is **not fixed**).
 0.3 is the held-out detection benchmark's own bar for a model that relies on its artifact
-(stamping it moves at least 30 % of other classes' images), not a tuned constant. The same
+(stamping it moves at least 30 % of other classes' images), not a tuned constant. That bar
+also accepts a raise of P(class) by 0.2, which the evaluation does not measure yet: on test
+draws 19 and 20 a co-occurring patch whose true stamp moves only 29-39 % of images lost a
+right "fixed" to "unverified" for it. The same
 holds when the attack cost the original model no accuracy (nothing to recover) or the clean
 accuracy could not be measured. On the dev split of ``bench/correction_q3.py`` the evidence
 attack of 15 of the 40 relied-on cases moved fewer (5-29 %; 14 watermarks and a texture) with
