@@ -85,7 +85,7 @@ from spray.confirm.resolve import confirmed_as_overlay  # noqa: E402
 from spray.correction.attack import EVIDENCE_DONORS, SEARCH_OVERLAY_STATISTIC, donor_limit  # noqa: E402
 from spray.correction.config import CorrectionConfig  # noqa: E402
 from spray.correction.errors import CorrectionError  # noqa: E402
-from spray.correction.outcome import FIXED, ROUNDING, UNVERIFIED, judge, unseen_miss  # noqa: E402
+from spray.correction.outcome import FIXED, ROUNDING, UNVERIFIED, judge, unseen_miss, weak_attack  # noqa: E402
 from spray.correction.run import build_correction, correct_model  # noqa: E402
 from spray.correction.search import search  # noqa: E402
 
@@ -325,10 +325,11 @@ def correct_case(
     unseen = unseen_members(case, report.model, members, class_id, config.seed)
     outcome = judge(  # spray's verdict, with the bench's re-audit in place of spray's
         recovered, report.clean_change, None if audited is None else {"flag_gone": audited["flag_gone"]}, GOAL_RECOVERED,
-        MAX_CLEAN_LOSS, unseen, attack_moves=report.attack_moves(), min_attack_moves=config.min_attack_moves,
+        MAX_CLEAN_LOSS, unseen, attack_moves=report.before.moved_to_class, min_attack_moves=config.min_attack_moves,
     )
     return {
-        "verdict": outcome.verdict, "weak_attack": any("does not exercise the artifact" in line for line in outcome.unchecked),
+        "verdict": outcome.verdict,
+        "weak_attack": weak_attack(report.before.moved_to_class, config.min_attack_moves, recovered) is not None,
         "layer": layer, "estimator": estimator, "rr_lambda": config.rr_lambda if config.method == "rr-clarc" else None,
         "clean_before": report.before.clean_accuracy, "attacked_before": report.before.attacked_accuracy,
         "clean_after": report.after.clean_accuracy, "attacked_after": report.after.attacked_accuracy,
@@ -337,7 +338,7 @@ def correct_case(
         "true_recovered": true_recovered,
         "true_goal": true_recovered is not None and true_recovered >= GOAL_RECOVERED and clean_ok,
         "moves_recovered": moves, "true_moves_recovered": true_moves,
-        "moved_before": moved_share(report.before), "true_moved_before": moved_share(truth_before or report.before),
+        "moved_before": report.before.moved_to_class, "true_moved_before": (truth_before or report.before).moved_to_class,
         "moves_goal": moves is not None and moves >= GOAL_RECOVERED and clean_ok,
         "search_recovered": search_recovered,
         "search_goal": None if search_stamp is None else search_recovered is not None and search_recovered >= GOAL_RECOVERED and clean_ok,
@@ -346,21 +347,16 @@ def correct_case(
     }
 
 
-def moved_share(result) -> float | None:
-    """The other classes' images an attack moves into the flagged class (stamped less unstamped)."""
-    return None if result.attacked_to_class is None else float(result.attacked_to_class - result.clean_to_class)
-
-
 def moves_recovered(before, after) -> float | None:
     """The share of the attack's moves to the flagged class that a correction undid: the
-    attacked images given the class less the unstamped ones (``EvaluationResult.attacked_to_class``,
-    ``clean_to_class``), before and after. The attacked accuracy counts errors into other
-    classes too, which a pasted member's evidence (part of another object, in a backdoor) can
-    cause whatever the model learned about the artifact. None where the attack moved nothing."""
-    if before is None or after is None or before.attacked_to_class is None or after.attacked_to_class is None:
+    attacked images given the class less the unstamped ones (``EvaluationResult.moved_to_class``),
+    before and after. The attacked accuracy counts errors into other classes too, which a
+    pasted member's evidence (part of another object, in a backdoor) can cause whatever the
+    model learned about the artifact. None where the attack moved nothing."""
+    if before is None or after is None or before.moved_to_class is None or after.moved_to_class is None:
         return None
-    moved_before = moved_share(before)
-    return None if not moved_before > 0 else float(1.0 - moved_share(after) / moved_before)
+    moved_before = before.moved_to_class
+    return None if not moved_before > 0 else float(1.0 - after.moved_to_class / moved_before)
 
 
 def unseen_members(case: Case, corrected: torch.nn.Module, members: np.ndarray, class_id: int, seed: int) -> dict:

@@ -63,6 +63,15 @@ class EvaluationResult:
     attacked_to_class: float | None = None
     clean_to_class: float | None = None
 
+    @property
+    def moved_to_class(self) -> float | None:
+        """The other classes' images the attack moved into the artifact's class: the share
+        given it stamped less the share given it unstamped (None when not measured). The
+        verdict needs the original model's to reach ``[correct] min_attack_moves``."""
+        if self.attacked_to_class is None or self.clean_to_class is None:
+            return None
+        return float(self.attacked_to_class - self.clean_to_class)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values (NaN as None)."""
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}

@@ -91,16 +91,9 @@ class CorrectionReport:
         """Judge the correction (:mod:`spray.correction.outcome`) with what it knows now, and keep the verdict."""
         self.outcome = judge(
             self.recovered, self.clean_change, self.reaudit, self.config.goal_recovered, self.config.max_clean_loss, self.unseen,
-            attack_moves=self.attack_moves(), min_attack_moves=self.config.min_attack_moves,
+            attack_moves=self.before.moved_to_class, min_attack_moves=self.config.min_attack_moves,
         )
         return self.outcome
-
-    def attack_moves(self) -> float | None:
-        """The share of the other classes' held-out images the attacked set moved into the
-        flagged class before the correction, stamped less unstamped (None: not measured)."""
-        if self.before.attacked_to_class is None or self.before.clean_to_class is None:
-            return None
-        return float(self.before.attacked_to_class - self.before.clean_to_class)
 
     def table(self) -> str:
         """The before/after table as plain text."""

@@ -4,10 +4,11 @@ error, the share given the flagged class counts the moves the shortcut makes."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
-from spray.correction.evaluate import evaluate, format_table
+from spray.correction.evaluate import EvaluationResult, evaluate, format_table
 
 
 class FirstRow(nn.Module):
@@ -45,3 +46,9 @@ def test_errors_into_the_flagged_class_are_told_from_errors_elsewhere() -> None:
     assert shortcut.to_dict()["attacked_to_class"] == 1.0 and "attacked to class %" in format_table([shortcut])
     nothing = evaluate(FirstRow(), images[labels == 2], labels[labels == 2], 2, _stamp_pixel(2), relevance_samples=0)
     assert nothing.n_attacked == 0 and nothing.attacked_to_class is None and nothing.clean_to_class is None
+
+
+def test_the_moves_into_the_class_are_the_stamped_share_less_the_unstamped_one() -> None:
+    result = EvaluationResult("original", 0.9, 0.5, attacked_to_class=0.42, clean_to_class=0.02)
+    assert result.moved_to_class == pytest.approx(0.40)
+    assert EvaluationResult("original", 0.9, 0.9).moved_to_class is None  # nothing attacked: not measured
