@@ -326,10 +326,14 @@ def correct_case(
     outcome = judge(  # spray's verdict, with the bench's re-audit in place of spray's
         recovered, report.clean_change, None if audited is None else {"flag_gone": audited["flag_gone"]}, GOAL_RECOVERED,
         MAX_CLEAN_LOSS, unseen, attack_moves=report.before.moved_to_class, min_attack_moves=config.min_attack_moves,
+        attack_raise=report.before.raised_class_probability, min_attack_raise=config.min_attack_raise,
     )
     return {
         "verdict": outcome.verdict,
-        "weak_attack": weak_attack(report.before.moved_to_class, config.min_attack_moves, recovered) is not None,
+        "weak_attack": weak_attack(
+            outcome.attack_moves, config.min_attack_moves, recovered, outcome.attack_raise, config.min_attack_raise,
+        ) is not None,
+        "raised_before": outcome.attack_raise,
         "layer": layer, "estimator": estimator, "rr_lambda": config.rr_lambda if config.method == "rr-clarc" else None,
         "clean_before": report.before.clean_accuracy, "attacked_before": report.before.attacked_accuracy,
         "clean_after": report.after.clean_accuracy, "attacked_after": report.after.attacked_accuracy,
@@ -649,7 +653,7 @@ def main() -> None:
                   f"{100 * result['attacked_before']:.1f} -> {100 * result['attacked_after']:.1f} | "
                   f"{'n/a' if result['recovered'] is None else format(result['recovered'], '.2f')}"
                   f"{'' if args.attack == 'stamp' or result.get('true_recovered') is None else ' (true stamp ' + format(result['true_recovered'], '.2f') + ')'}"
-                  f"; moves {cell(result['moves_recovered'])} of {cell(result['moved_before'])}"
+                  f"; moves {cell(result['moves_recovered'])} of {cell(result['moved_before'])}, P raised {cell(result['raised_before'])}"
                   f"{'' if args.attack == 'stamp' else ' (true stamp ' + cell(result['true_moves_recovered']) + ' of ' + cell(result['true_moved_before']) + ')'} | "
                   f"{'yes' if result['goal'] else 'no'} (spray: {result['verdict']}{', attack too weak' if result['weak_attack'] else ''}) | "
                   f"{reaudit_cell(result['reaudit'])} | {result['seconds']:.0f} |"

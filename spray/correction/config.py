@@ -85,6 +85,10 @@ class CorrectionConfig:
             "unverified": an attack that does not exercise the artifact cannot tell a fix from
             none. 0.3 is the held-out detection benchmark's bar for a model relying on its
             artifact.
+        min_attack_raise: an attacked set that raises the other classes' images' mean
+            probability of the flagged class by at least this much in the original model tests
+            the recovery however few images it moves: the benchmark's other bar for reliance
+            (0.2).
         seed: random state of every random choice (a job's ``[job] seed``).
     """
 
@@ -119,6 +123,10 @@ class CorrectionConfig:
         0.3, Range(0.0, 1.0),
         doc="share of the other classes' images the attacked set must move into the class before the correction for its "
             "recovery to judge the fix (else: not checked, unverified)",
+    )
+    min_attack_raise: float = setting(
+        0.2, Range(0.0, 1.0),
+        doc="or the rise of the other classes' images' mean probability of the class that lets its recovery judge the fix",
     )
     search: bool = setting(True, doc="choose layer, CAV estimator and RR-ClArC strength on a validation split")
     torch_export: bool = setting(True, doc="export the corrected model as a torch.export program (model.pt2)")

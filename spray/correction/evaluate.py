@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.special import softmax
 from torch import nn
 
 from spray.attribution.select import make_explainer
@@ -47,7 +48,8 @@ class EvaluationResult:
     artifact's class, stamped and not (None when no image was attacked). Their difference is
     what the attack does through the shortcut; the attacked accuracy also counts errors into
     other classes, which a pasted evidence region (part of another object) can cause in any
-    model.
+    model. ``attacked_class_probability`` and ``clean_class_probability``: the mean softmax
+    probability of the artifact's class on the same images, stamped and not.
     """
 
     name: str
@@ -62,6 +64,8 @@ class EvaluationResult:
     seconds: float | None = None
     attacked_to_class: float | None = None
     clean_to_class: float | None = None
+    attacked_class_probability: float | None = None
+    clean_class_probability: float | None = None
 
     @property
     def moved_to_class(self) -> float | None:
@@ -71,6 +75,15 @@ class EvaluationResult:
         if self.attacked_to_class is None or self.clean_to_class is None:
             return None
         return float(self.attacked_to_class - self.clean_to_class)
+
+    @property
+    def raised_class_probability(self) -> float | None:
+        """The mean rise of P(artifact class) that stamping gave the other classes' images
+        (None when not measured): the other half of the bar ``[correct] min_attack_raise``,
+        for an attack that raises the class's probability without moving argmaxes."""
+        if self.attacked_class_probability is None or self.clean_class_probability is None:
+            return None
+        return float(self.attacked_class_probability - self.clean_class_probability)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values (NaN as None)."""
@@ -87,6 +100,11 @@ def attack(images: np.ndarray, labels: np.ndarray, artifact_class: int, stamp: S
             raise CorrectionError(f"the stamping function changed the shape {attacked[others].shape} to {stamped.shape}.")
         attacked[others] = stamped
     return attacked, others
+
+
+def class_probability(logits: np.ndarray, class_id: int) -> np.ndarray:
+    """Softmax probability of ``class_id`` per row of ``logits`` (N, n_classes)."""
+    return softmax(np.asarray(logits, dtype=np.float64), axis=1)[:, class_id]
 
 
 def recovered_share(before: EvaluationResult, after: EvaluationResult) -> float:
@@ -202,7 +220,8 @@ def evaluate(
         raise CorrectionError(f"unknown relevance target {relevance_target!r}; choose one of {list(RELEVANCE_TARGETS)}.")
     labels = np.asarray(labels)
     attacked, others = attack(images, labels, artifact_class, stamp)
-    clean_predicted, attacked_predicted = predict(model, images).argmax(1), predict(model, attacked).argmax(1)
+    clean_logits, attacked_logits = predict(model, images), predict(model, attacked)
+    clean_predicted, attacked_predicted = clean_logits.argmax(1), attacked_logits.argmax(1)
     result = EvaluationResult(
         name=name, clean_accuracy=float((clean_predicted == labels).mean()), attacked_accuracy=float((attacked_predicted == labels).mean()),
         n_clean=len(images), n_attacked=int(others.sum()),
@@ -210,6 +229,8 @@ def evaluate(
     if others.any():
         result.attacked_to_class = float((attacked_predicted[others] == artifact_class).mean())
         result.clean_to_class = float((clean_predicted[others] == artifact_class).mean())
+        result.attacked_class_probability = float(class_probability(attacked_logits[others], artifact_class).mean())
+        result.clean_class_probability = float(class_probability(clean_logits[others], artifact_class).mean())
     other_rows = np.flatnonzero(others)
     if mask is not None and relevance_samples > 0 and other_rows.size:
         rng = np.random.default_rng(random_state)

@@ -22,20 +22,20 @@ the strategy is gone, and the verdict is **unverified**, never "fixed": a verdic
 **An attack too weak to test anything.** The recovered share judges a correction only if the
 attacked set exercises the artifact in the original model. When it moves fewer than
 ``[correct] min_attack_moves`` (default 0.3) of the other classes' held-out images into the
-flagged class (stamped less unstamped, before the correction), its accuracy loss is mostly
-what any pasted region costs (fragments of other objects), which no correction undoes, and
-its recovery says nothing either way: the recovery is **not checked**. The correction is then
-**unverified** unless another condition fails (those are real failures: it is **not fixed**).
-0.3 is the held-out detection benchmark's own bar for a model that relies on its artifact
-(stamping it moves at least 30 % of other classes' images), not a tuned constant. That bar
-also accepts a raise of P(class) by 0.2, which the evaluation does not measure yet: on test
-draws 19 and 20 a co-occurring patch whose true stamp moves only 29-39 % of images lost a
-right "fixed" to "unverified" for it. The same
-holds when the attack cost the original model no accuracy (nothing to recover) or the clean
+flagged class (stamped less unstamped, before the correction) *and* raises their mean
+probability of the class by less than ``[correct] min_attack_raise`` (default 0.2), its
+accuracy loss is mostly what any pasted region costs (fragments of other objects), which no
+correction undoes, and its recovery says nothing either way: the recovery is **not
+checked**. The correction is then **unverified** unless another condition fails (those are
+real failures: it is **not fixed**). The two bars are the held-out detection benchmark's own
+definition of a model that relies on its artifact (stamping it moves at least 30 % of other
+classes' images, or raises P(target) by at least 0.2), not tuned constants. The same holds
+when the attack cost the original model no accuracy (nothing to recover) or the clean
 accuracy could not be measured. On the dev split of ``bench/correction_q3.py`` the evidence
-attack of 15 of the 40 relied-on cases moved fewer (5-29 %; 14 watermarks and a texture) with
-nothing else failing; 10 of their corrections reach the goal on the true stamp, where the weak
-attack had called them "not fixed" (``docs/correction.md``, "An attack too weak to test").
+attack of 15 of the 40 relied-on cases moved fewer (5-29 %; 14 watermarks and a texture)
+with nothing else failing; 10 of their corrections reach the goal on the true stamp, where
+the weak attack had called them "not fixed" (``docs/correction.md``, "An attack too weak to
+test").
 
 ``spray correct`` exits with 0 (fixed), 1 (not fixed) or 3 (unverified), the codes of
 ``spray check`` for clean, flagged and incomplete.
@@ -75,6 +75,9 @@ class Outcome:
     #: The share of the other classes' images the attacked set moved into the class before the
     #: correction (stamped less unstamped); None: not measured
     attack_moves: float | None = None
+    #: The mean rise of their probability of the class that the attacked set gave them before the
+    #: correction; None: not measured
+    attack_raise: float | None = None
 
     @property
     def exit_code(self) -> int:
@@ -117,25 +120,35 @@ def unseen_miss(check: dict[str, Any] | None, goal_recovered: float) -> str | No
     )
 
 
-def weak_attack(attack_moves: float | None, min_attack_moves: float, recovered: float | None) -> str | None:
-    """Why the attacked set cannot judge the recovery: it moved fewer than ``min_attack_moves``
-    of the other classes' images into the class before the correction; None when it moved
-    enough, or the share was not measured."""
-    attack_moves = _finite(attack_moves)
+def weak_attack(
+    attack_moves: float | None, min_attack_moves: float, recovered: float | None,
+    attack_raise: float | None = None, min_attack_raise: float | None = None,
+) -> str | None:
+    """Why the attacked set cannot judge the recovery: before the correction it moved fewer
+    than ``min_attack_moves`` of the other classes' images into the class, and raised their
+    mean probability of the class by less than ``min_attack_raise`` (where both are given);
+    None when it reached either bar, or the moves were not measured."""
+    attack_moves, attack_raise = _finite(attack_moves), _finite(attack_raise)
     if attack_moves is None or attack_moves >= min_attack_moves - ROUNDING:
         return None
+    raise_bar = attack_raise is not None and min_attack_raise is not None
+    if raise_bar and attack_raise >= min_attack_raise - ROUNDING:
+        return None
     measured = "" if recovered is None else f" (it recovered {recovered:.1%} of that attack's loss)"
+    raised = f" and raised their probability of the class by only {attack_raise:.2f} (under {min_attack_raise:.2f})" if raise_bar else ""
+    bars = "the bars" if raise_bar else "the bar"
     return (
         f"the attacked set moved only {attack_moves:.0%} of the other classes' held-out images into the class before the "
-        f"correction, under the {min_attack_moves:.0%} that shows a model relying on an artifact: it does not exercise the "
-        f"artifact, so it cannot tell whether the correction fixed it{measured}; give [correct] stamp a function that puts "
-        "the artifact on images, or lower [correct] min_attack_moves"
+        f"correction (under {min_attack_moves:.0%}){raised}, {bars} that show a model relying on an artifact: it does not "
+        f"exercise the artifact, so it cannot tell whether the correction fixed it{measured}; give [correct] stamp a function "
+        "that puts the artifact on images, or lower [correct] min_attack_moves"
     )
 
 
 def judge(
     recovered: float | None, clean_change: float | None, reaudit: dict[str, Any] | None, goal_recovered: float, max_clean_loss: float,
     unseen: dict[str, Any] | None = None, attack_moves: float | None = None, min_attack_moves: float = 0.0,
+    attack_raise: float | None = None, min_attack_raise: float | None = None,
 ) -> Outcome:
     """The :class:`Outcome` of a correction (see the module docstring for the rule).
 
@@ -144,12 +157,13 @@ def judge(
     after minus before; ``reaudit``: the re-audit's outcome (``flag_gone``), None when it did
     not run; ``unseen``: the unseen members' check, None when it did not run;
     ``attack_moves``: the share of the other classes' images the attacked set moved into the
-    class before the correction (None: not measured), which must reach ``min_attack_moves``
+    class before the correction (None: not measured), which must reach ``min_attack_moves``,
+    or ``attack_raise`` (the mean rise of their probability of the class) ``min_attack_raise``,
     for the recovery to be checked (:func:`weak_attack`).
     """
     recovered, clean_change = _finite(recovered), _finite(clean_change)
     unmet, unchecked = [], []
-    weak = weak_attack(attack_moves, min_attack_moves, recovered)
+    weak = weak_attack(attack_moves, min_attack_moves, recovered, attack_raise, min_attack_raise)
     if weak:
         unchecked.append(weak)
     elif recovered is None:
@@ -167,13 +181,13 @@ def judge(
     if held:
         unmet.append(held)
     facts = (goal_recovered, max_clean_loss, recovered, clean_change, flag_gone)
-    moves = _finite(attack_moves)
+    strength = (_finite(attack_moves), _finite(attack_raise))
     if unmet:
-        return Outcome(NOT_FIXED, *facts, unmet, unchecked, moves)
+        return Outcome(NOT_FIXED, *facts, unmet, unchecked, *strength)
     if flag_gone is None:
         numbers = "the numbers reach the goal" if not unchecked else "nothing else fails"
         unmet = [f"{numbers}, but no re-audit checked that the strategy is gone ([correct] reaudit = false)"]
-        return Outcome(UNVERIFIED, *facts, unmet, unchecked, moves)
+        return Outcome(UNVERIFIED, *facts, unmet, unchecked, *strength)
     if unchecked:
-        return Outcome(UNVERIFIED, *facts, [], unchecked, moves)
-    return Outcome(FIXED, *facts, [], [], moves)
+        return Outcome(UNVERIFIED, *facts, [], unchecked, *strength)
+    return Outcome(FIXED, *facts, [], [], *strength)

@@ -92,6 +92,7 @@ class CorrectionReport:
         self.outcome = judge(
             self.recovered, self.clean_change, self.reaudit, self.config.goal_recovered, self.config.max_clean_loss, self.unseen,
             attack_moves=self.before.moved_to_class, min_attack_moves=self.config.min_attack_moves,
+            attack_raise=self.before.raised_class_probability, min_attack_raise=self.config.min_attack_raise,
         )
         return self.outcome
 

@@ -217,6 +217,8 @@ def test_spray_correct_on_the_user_job_writes_export_page_report_and_reaudit(use
     # the attack exercised the artifact: it moved enough of the other classes' images into the class to test the fix
     moved = report["before"]["attacked_to_class"] - report["before"]["clean_to_class"]
     assert report["outcome"]["attack_moves"] == pytest.approx(moved) and moved >= report["config"]["min_attack_moves"] == 0.3
+    raised = report["before"]["attacked_class_probability"] - report["before"]["clean_class_probability"]
+    assert report["outcome"]["attack_raise"] == pytest.approx(raised) and raised > 0 and report["config"]["min_attack_raise"] == 0.2
     # the flagged members held out of the correction are the class's own tagged objects: nothing to release, said so
     unseen = report["unseen_members"]
     assert unseen["applies"] is False and "class's own objects" in unseen["reason"] and unseen["n"] == held["n_flagged_held_out"] > 0

@@ -52,3 +52,19 @@ def test_the_moves_into_the_class_are_the_stamped_share_less_the_unstamped_one()
     result = EvaluationResult("original", 0.9, 0.5, attacked_to_class=0.42, clean_to_class=0.02)
     assert result.moved_to_class == pytest.approx(0.40)
     assert EvaluationResult("original", 0.9, 0.9).moved_to_class is None  # nothing attacked: not measured
+
+
+def test_an_attack_that_raises_the_class_probability_without_moving_argmaxes_is_measured() -> None:
+    images, labels = _images()
+    # 0.9 on class 2's pixel stays under the label's 1.0: no image moves, but P(class 2) rises
+    nudged = evaluate(FirstRow(), images, labels, 2, _stamp_pixel(2), relevance_samples=0)
+    weak = evaluate(FirstRow(), images, labels, 2, lambda x: np.where(np.arange(4) == 2, 0.9, x).astype(np.float32), relevance_samples=0)
+    e = np.e
+    unstamped, stamped = 1 / (e + 3), e**0.9 / (e + e**0.9 + 2)
+    assert weak.moved_to_class == 0.0 and weak.attacked_accuracy == 1.0
+    assert weak.clean_class_probability == pytest.approx(unstamped)
+    assert weak.attacked_class_probability == pytest.approx(stamped)
+    assert weak.raised_class_probability == pytest.approx(stamped - unstamped) and 0.1 < stamped - unstamped < 0.2
+    assert nudged.raised_class_probability > weak.raised_class_probability  # the full stamp (2.0) raises it more
+    assert EvaluationResult("original", 0.9, 0.9).raised_class_probability is None  # nothing attacked: not measured
+    assert weak.to_dict()["attacked_class_probability"] == pytest.approx(stamped)

@@ -67,6 +67,21 @@ def test_an_attack_too_weak_to_test_leaves_the_recovery_unchecked_never_not_fixe
     assert (strong.verdict, strong.unchecked) == (NOT_FIXED, [])  # at the floor, the recovery judges
 
 
+def test_an_attack_that_raises_the_class_probability_enough_is_strong_enough_to_judge() -> None:
+    """The benchmark's definition of reliance has two bars: moves of 30 %, or a raise of
+    P(class) by 0.2. An attack that reaches either exercises the artifact."""
+    bars = dict(goal_recovered=0.8, max_clean_loss=0.005, attack_moves=0.2, min_attack_moves=0.3, min_attack_raise=0.2)
+    raised = judge(0.95, 0.0, GONE, attack_raise=0.25, **bars)
+    assert (raised.verdict, raised.attack_moves, raised.attack_raise, raised.unchecked) == (FIXED, 0.2, 0.25, [])
+    missed = judge(0.5, 0.0, GONE, attack_raise=0.25, **bars)
+    assert missed.verdict == NOT_FIXED and missed.unmet == ["recovered 50.0% of the attacked-accuracy loss, below the goal of 80%"]
+    flat = judge(0.95, 0.0, GONE, attack_raise=0.15, **bars)
+    assert (flat.verdict, flat.attack_raise) == (UNVERIFIED, 0.15)
+    assert "moved only 20%" in flat.describe() and "raised their probability of the class by only 0.15 (under 0.20)" in flat.describe()
+    unmeasured = judge(0.95, 0.0, GONE, attack_raise=None, **bars)
+    assert unmeasured.verdict == UNVERIFIED and "raised their probability" not in unmeasured.describe()  # the moves alone decide
+
+
 def test_a_real_failure_beside_a_weak_attack_is_still_not_fixed_and_says_what_was_not_checked() -> None:
     outcome = judge(0.95, -0.02, PERSISTS, goal_recovered=0.8, max_clean_loss=0.005, attack_moves=0.05, min_attack_moves=0.3)
     assert outcome.verdict == NOT_FIXED

@@ -176,6 +176,7 @@ def test_correction_page_says_what_a_weak_attack_could_not_check_and_names_the_s
     folder = tmp_path / "job" / "correction" / "counterfactual"
     report = _report(tmp_path)
     report.before.attacked_to_class, report.before.clean_to_class = 0.12, 0.02  # the attack moved 10 % into the class
+    report.before.attacked_class_probability, report.before.clean_class_probability = 0.15, 0.05  # and raised P(class) by 0.10
     report.clean_change = 0.0  # nothing else fails
     report.reaudit = {**match_flag(FLAG, _summary([(1, "heatmap", list(range(40)), 0.0, False)])), "report": None, "seconds": 1.0,
                       "test_accuracy": 0.95, "artifact_check": None, "artifact_check_before": None, "compare": None}
@@ -186,11 +187,13 @@ def test_correction_page_says_what_a_weak_attack_could_not_check_and_names_the_s
                    "search_description": f"the donors' median overlay {HOSTILE}"},
     }
     outcome = report.judge()
-    assert (outcome.verdict, outcome.attack_moves) == ("unverified", pytest.approx(0.1))
+    assert (outcome.verdict, outcome.attack_moves, outcome.attack_raise) == ("unverified", pytest.approx(0.1), pytest.approx(0.1))
     _, page = write_correction_files(report.to_dict(), folder, job="job")
     html = page.read_text()
     assert '<div class="alert" id="outcome"><dt>outcome</dt><dd>unverified</dd></div>' in html
     unchecked = html[html.index('id="unchecked"'):]
     assert "moved only 10% of the other classes&#39; held-out images" in unchecked and "[correct] stamp" in unchecked
     assert 'id="attack-moves">Before the correction the attacked set moved 10.0%' in html
+    assert "raised their mean probability of it by 0.10 (its recovery judges the fix from 30.0% moved or a raise of 0.20)" in html
+    assert "raised their probability of the class by only 0.10 (under 0.20)" in unchecked
     assert "<th>the search's attack</th>" in html and HOSTILE not in html and "&lt;script&gt;" in html
