@@ -35,7 +35,8 @@ accuracy could not be measured. On the dev split of ``bench/correction_q3.py`` t
 attack of 15 of the 40 relied-on cases moved fewer (5-29 %; 14 watermarks and a texture)
 with nothing else failing; 10 of their corrections reach the goal on the true stamp, where
 the weak attack had called them "not fixed" (``docs/correction.md``, "An attack too weak to
-test").
+test"). An evidence attack's raise tracks its moves (within 0.08 on dev), so the second bar
+decides little: two dev verdicts, one each way, and none on test draw 21.
 
 ``spray correct`` exits with 0 (fixed), 1 (not fixed) or 3 (unverified), the codes of
 ``spray check`` for clean, flagged and incomplete.
