@@ -38,7 +38,7 @@ from spray.confirm.run import RECORDS_VERSION, confirm_analyses
 from spray.data.base import SourceImages
 from spray.data.open import AuditData, PlantedArtifact, open_data
 from spray.jobs import JobSpec
-from spray.models.demo import predict
+from spray.models.demo import predict, softmax_probabilities
 from spray.models.open import held_out_accuracy, open_model
 from spray.report.atlas import build_concept_atlas
 from spray.report.context import ArtifactCheck, ReportContext
@@ -86,8 +86,8 @@ def artifact_check(model: torch.nn.Module, planted: PlantedArtifact) -> Artifact
     it already) and measure the prediction shift towards its class."""
     test, target_class = planted.test, planted.class_index
     others = test.images[(test.labels != target_class) & ~test.stamped]
-    before = torch.softmax(torch.from_numpy(predict(model, others)), 1).numpy()
-    after = torch.softmax(torch.from_numpy(predict(model, planted.stamp(others))), 1).numpy()
+    before = softmax_probabilities(predict(model, others))
+    after = softmax_probabilities(predict(model, planted.stamp(others)))
     return ArtifactCheck(
         target_class=target_class,
         n_images=len(others),

@@ -26,13 +26,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.special import softmax
 from torch import nn
 
 from spray.attribution.select import make_explainer
 from spray.attribution.settings import AttributionSettings
 from spray.correction.clarc import ClarcModel, CorrectionError
-from spray.models.demo import predict
+from spray.models.demo import predict, softmax_probabilities
 
 Stamp = Callable[[np.ndarray], np.ndarray]
 RELEVANCE_TARGETS: tuple[str, ...] = ("artifact", "predicted", "label")
@@ -100,11 +99,6 @@ def attack(images: np.ndarray, labels: np.ndarray, artifact_class: int, stamp: S
             raise CorrectionError(f"the stamping function changed the shape {attacked[others].shape} to {stamped.shape}.")
         attacked[others] = stamped
     return attacked, others
-
-
-def class_probability(logits: np.ndarray, class_id: int) -> np.ndarray:
-    """Softmax probability of ``class_id`` per row of ``logits`` (N, n_classes)."""
-    return softmax(np.asarray(logits, dtype=np.float64), axis=1)[:, class_id]
 
 
 def recovered_share(before: EvaluationResult, after: EvaluationResult) -> float:
@@ -229,8 +223,8 @@ def evaluate(
     if others.any():
         result.attacked_to_class = float((attacked_predicted[others] == artifact_class).mean())
         result.clean_to_class = float((clean_predicted[others] == artifact_class).mean())
-        result.attacked_class_probability = float(class_probability(attacked_logits[others], artifact_class).mean())
-        result.clean_class_probability = float(class_probability(clean_logits[others], artifact_class).mean())
+        result.attacked_class_probability = float(softmax_probabilities(attacked_logits[others])[:, artifact_class].mean())
+        result.clean_class_probability = float(softmax_probabilities(clean_logits[others])[:, artifact_class].mean())
     other_rows = np.flatnonzero(others)
     if mask is not None and relevance_samples > 0 and other_rows.size:
         rng = np.random.default_rng(random_state)

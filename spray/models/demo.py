@@ -100,6 +100,11 @@ def predict(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.n
     return np.concatenate(outputs)
 
 
+def softmax_probabilities(logits: np.ndarray) -> np.ndarray:
+    """Softmax probabilities (N, n_classes) of :func:`predict`'s logits."""
+    return torch.softmax(torch.from_numpy(np.asarray(logits)), 1).numpy()
+
+
 def train_demo_model(
     images: np.ndarray, labels: np.ndarray, n_classes: int, config: TrainConfig
 ) -> DemoNet:
